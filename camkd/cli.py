@@ -1,0 +1,132 @@
+"""The `camkd` command line: each command parses options and calls one importable function."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from camkd.errors import CamkdError
+
+app = typer.Typer(
+    name="camkd",
+    help="Confidence-Aware Multi-Teacher Knowledge Distillation from cached teacher outputs.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+# Options shared across commands (huggingface_hub style aliases).
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="cifar100, cifar10, fashion-mnist or synthetic.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset in torchvision's layout.")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the dataset if missing (needs network).")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training samples.", min=1)]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the augmentation views, sample order and init.")]
+DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-exact reruns).")]
+AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast and channels-last on CUDA.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CamkdError(f"expected comma-separated integers like 150,180,210, got '{text}'") from None
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn CamkdError (and Ctrl-C) into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CamkdError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; finished epochs are kept, rerun with --resume to continue", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+@app.command("train-teacher")
+@friendly
+def train_teacher_cmd(
+    arch: Annotated[str, typer.Option("--arch", "-m", help="Model name, e.g. resnet32x4 (see `camkd models`).")],
+    dataset: DatasetOpt,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+    trial: Annotated[int, typer.Option("--trial", help="Trial number (part of the default --out).")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 240,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Default 0.05 (0.01 for MobileNetV2/ShuffleV1/V2).")] = None,
+    lr_decay_epochs: Annotated[str, typer.Option("--lr-decay-epochs", help="Epochs after which lr x 0.1.")] = "150,180,210",
+    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov")] = False,
+    limit: LimitOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/teachers/ARCH_DATASET_trial_T).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")] = False,
+    deterministic: DeterministicOpt = False,
+    amp: AmpOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a teacher with the reference's recipe on seeded augmentation views."""
+    from camkd.train import TrainConfig, train_teacher
+
+    cfg = TrainConfig(
+        arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, trial=trial,
+        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_int_list(lr_decay_epochs), nesterov=nesterov,
+        limit=limit, device=device.value, seed=seed, out=str(out) if out else None, resume=resume,
+        deterministic=deterministic, amp=amp, progress=not quiet,
+    )
+    s = train_teacher(cfg)
+    typer.echo(f"{s['arch']}: best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), last {s['last_top1']:.2f}%, "
+               f"{s['seconds']:.0f}s -> {s['out']}")
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the model zoo."""
+    from camkd.models import list_models
+
+    typer.echo("\n".join(list_models()))
+
+
+@app.command("demo")
+@friendly
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Teacher epochs.")] = 2,
+    limit: LimitOpt = 20000,
+    device: DeviceOpt = DeviceChoice.auto,
+    quiet: QuietOpt = False,
+) -> None:
+    """The main job on the embedded default (fashion-mnist): train small teachers and report them."""
+    from camkd.demo import run_demo
+
+    typer.echo(run_demo(out=out, data_dir=data_dir, epochs=epochs, limit=limit, device=device.value, progress=not quiet))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
