@@ -1,0 +1,118 @@
+"""train-teacher: learns, resumes bit-identically, refuses bad input with one line and exit 2."""
+
+import json
+
+import pytest
+import torch
+
+from camkd.checkpoint import load_checkpoint, sha256_file
+from camkd.train import TrainConfig, train_teacher
+
+SMALL = dict(arch="resnet8", dataset="synthetic", batch_size=32, lr=0.05, synthetic_samples=384, progress=False, deterministic=True)
+
+
+def test_learns_well_above_chance(tmp_path):
+    s = train_teacher(TrainConfig(**SMALL, epochs=3, out=str(tmp_path / "run")))
+    assert s["best_top1"] > 60.0  # 10 classes: chance is 10%
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pth")
+    meta = ckpt["meta"]
+    assert meta["arch"] == "resnet8" and meta["num_classes"] == 10 and meta["in_channels"] == 3 and meta["image_size"] == 32
+    assert meta["dataset"] == "synthetic" and len(meta["dataset_fingerprint"]) == 64
+    assert meta["options"]["epochs"] == 3 and meta["accuracy"] == s["best_top1"]
+    for name in ("best.pth", "last.pth"):
+        digest = (tmp_path / "run" / f"{name}.sha256").read_text().split()[0]
+        assert digest == sha256_file(tmp_path / "run" / name)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train_teacher(TrainConfig(**SMALL, epochs=3, out=str(tmp_path / "a")))
+    train_teacher(TrainConfig(**SMALL, epochs=1, out=str(tmp_path / "b")))  # "interrupted" after epoch 1
+    resumed = train_teacher(TrainConfig(**SMALL, epochs=3, out=str(tmp_path / "b"), resume=True))
+    a = load_checkpoint(tmp_path / "a" / "last.pth")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pth")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["last_top1"] == resumed["last_top1"]
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_one_channel_28px_and_limit(tmp_path):
+    from camkd.datasets import load_dataset
+
+    assert load_dataset("fashion-mnist", "train", limit=64).images.shape == (64, 1, 28, 28)
+    s = train_teacher(TrainConfig(arch="resnet8", dataset="fashion-mnist", limit=64, epochs=1, batch_size=32,
+                                  progress=False, out=str(tmp_path / "f")))
+    meta = load_checkpoint(tmp_path / "f" / "last.pth")["meta"]
+    assert meta["in_channels"] == 1 and meta["image_size"] == 28 and meta["num_train"] == 64
+    assert 0.0 <= s["last_top1"] <= 100.0
+
+
+# ---- bad input: one line, exit code 2, no traceback -------------------------------------------
+
+def assert_clean_error(result, pattern):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    msg = [l for l in result.output.splitlines() if l.strip()]
+    assert len(msg) == 1 and msg[0].startswith("error: "), result.output
+    assert pytest.importorskip("re").search(pattern, msg[0]), msg[0]
+
+
+def base_args(tmp_path, *extra):
+    return ["train-teacher", "--dataset", "synthetic", "--epochs", "1", "--quiet", "--out", tmp_path / "r", *extra]
+
+
+def test_unknown_arch_lists_names(cli, tmp_path):
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet9")), r"unknown arch 'resnet9'.*resnet32x4.*vgg8")
+
+
+def test_unknown_dataset_lists_names(cli, tmp_path):
+    r = cli("train-teacher", "--arch", "resnet8", "--dataset", "imagenet", "--out", tmp_path / "r")
+    assert_clean_error(r, r"unknown dataset 'imagenet'.*cifar100.*fashion-mnist")
+
+
+def test_missing_dataset_files(cli, tmp_path):
+    r = cli("train-teacher", "--arch", "resnet8", "--dataset", "cifar100", "--data-dir", tmp_path, "--out", tmp_path / "r")
+    assert_clean_error(r, r"cifar-100-python.*not found|not found.*--download")
+
+
+def test_unwritable_out(cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = cli("train-teacher", "--arch", "resnet8", "--dataset", "synthetic", "--out", tmp_path / "file" / "sub")
+    assert_clean_error(r, r"cannot write to --out")
+
+
+def test_cuda_absent(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--device", "cuda")), r"no CUDA device")
+
+
+def test_resume_with_other_arch_refused(cli, tmp_path):
+    train_teacher(TrainConfig(**SMALL, epochs=1, out=str(tmp_path / "r")))
+    r = cli(*base_args(tmp_path, "--arch", "wrn_16_1", "--resume"))
+    assert_clean_error(r, r"made with arch='resnet8'.*'wrn_16_1'")
+
+
+def test_existing_run_without_resume_refused(cli, tmp_path):
+    train_teacher(TrainConfig(**SMALL, epochs=1, out=str(tmp_path / "r")))
+    before = (tmp_path / "r" / "last.pth").read_bytes()
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8")), r"already holds a run.*--resume")
+    assert (tmp_path / "r" / "last.pth").read_bytes() == before  # finished work untouched
+
+
+def test_garbage_checkpoint_refused(cli, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "last.pth").write_bytes(b"not a checkpoint at all")
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--resume")), r"not a readable torch checkpoint")
+    torch.save({"weights": [1, 2]}, tmp_path / "r" / "last.pth")
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--resume")), r"not a camkd or reference checkpoint")
+
+
+def test_cli_trains_and_prints_summary(cli, tmp_path):
+    r = cli(*base_args(tmp_path, "--arch", "resnet8", "--limit", "128", "--batch-size", "32"))
+    assert r.exit_code == 0, r.output
+    assert "resnet8: best top-1" in r.output and (tmp_path / "r" / "best.pth").exists()
