@@ -100,6 +100,72 @@ def train_teacher_cmd(
                f"{s['seconds']:.0f}s -> {s['out']}")
 
 
+class DtypeChoice(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH (reference).")]
+
+
+@app.command("cache-teachers")
+@friendly
+def cache_teachers_cmd(
+    teacher: TeacherOpt,
+    dataset: DatasetOpt,
+    views: Annotated[int, typer.Option("--views", "-V", min=1, help="Augmentation views to cache (epoch e uses view e mod V).")],
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = False,
+    limit: LimitOpt = None,
+    seed: SeedOpt = 0,
+    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", help="none, penultimate, hint:L (repeatable).")] = None,
+    dtype: Annotated[DtypeChoice, typer.Option("--dtype")] = DtypeChoice.float16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    device: DeviceOpt = DeviceChoice.auto,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Store path (default cache/DATASET_ARCHS_sSEED.zarr).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run trained teachers once over seeded views and write their outputs to a Zarr store (resumable)."""
+    from camkd.store.report import format_cache_summary
+    from camkd.store.writer import CacheConfig, cache_teachers
+
+    cfg = CacheConfig(teachers=teacher, dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download,
+                      limit=limit, views=views, seed=seed, features=features or [], dtype=dtype.value,
+                      batch_size=batch_size, device=device.value, out=str(out) if out else None, overwrite=overwrite,
+                      progress=not quiet)
+    typer.echo(format_cache_summary(cache_teachers(cfg)))
+
+
+@app.command("cache-info")
+@friendly
+def cache_info_cmd(store: Annotated[Path, typer.Argument(help="Path of a camkd store.")]) -> None:
+    """Show a store's provenance, arrays, sizes and completeness."""
+    from camkd.store.info import cache_info
+
+    typer.echo(cache_info(store))
+
+
+@app.command("cache-verify")
+@friendly
+def cache_verify_cmd(
+    store: Annotated[Path, typer.Argument(help="Path of a camkd store.")],
+    teacher: TeacherOpt,
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = 256,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = DeviceChoice.auto,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+) -> None:
+    """Recompute a random sample with the teachers, check completeness and that every chunk decodes (exit 1 if not)."""
+    from camkd.store.verify import cache_verify
+
+    report = cache_verify(store, teacher, sample=sample, seed=seed, data_dir=str(data_dir) if data_dir else None,
+                          device=device.value)
+    typer.echo("\n".join(report.lines))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""

@@ -1,0 +1,228 @@
+"""Reading a teacher store for distillation: whole views in memory, features streamed in blocks.
+
+Never per-sample zarr reads: logits of a view come in one read; features either whole
+(within a memory budget) or as contiguous row blocks in a seeded shuffled order,
+shuffled within a window of blocks in memory, the next window prefetched by a thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from camkd.errors import CamkdError
+from camkd.models import create_model
+from camkd.store import layout as L
+from camkd.views import hash_counter
+
+
+@dataclass
+class Expect:
+    """What the caller needs of a store; open_store checks each and says how to fix a mismatch."""
+
+    dataset_fingerprint: str | None = None
+    dataset_name: str | None = None
+    augmentation: dict | None = None
+    num_classes: int | None = None
+    layers: tuple[str, ...] = ()
+
+
+class TeacherStore:
+    """A validated camkd store opened read-only."""
+
+    def __init__(self, group: zarr.Group, path: Path) -> None:
+        self.g, self.path = group, path
+        self.attrs: dict = group.attrs[L.ATTRS_KEY]
+        self.n: int = self.attrs["dataset"]["n"]
+        self.views: int = self.attrs["views"]
+        self.num_teachers: int = len(self.attrs["teachers"])
+        self.num_classes: int = self.attrs["dataset"]["num_classes"]
+        self.block_rows: int = self.attrs["block_rows"]
+        self.layers: dict[str, dict] = self.attrs["features"]
+
+    # -- small arrays, read whole ------------------------------------------------------------
+    def _read(self, name: str, sel=slice(None), what: str = "") -> np.ndarray:
+        try:
+            return np.asarray(self.g[name][sel])
+        except Exception as e:  # zarr raises codec / IO errors of several types
+            raise CamkdError(f"{self.path}: array '{name}' {what}cannot be read ({type(e).__name__}: {str(e)[:100]}); "
+                             "run 'camkd cache-verify' and rewrite the store with cache-teachers --overwrite") from None
+
+    def labels(self) -> np.ndarray:
+        return self._read("labels")
+
+    def aug(self, view: int) -> np.ndarray:
+        return self._read("aug", view, f"view {view} ")
+
+    def progress(self) -> np.ndarray:
+        return self._read("progress")
+
+    def missing_blocks(self) -> list[tuple[int, int]]:
+        p = self.progress()
+        return [(int(v), int(b)) for v, b in zip(*np.nonzero(p == 0))]
+
+    def logits(self, view: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """One view's logits [N, K, C] in the stored dtype, in one read."""
+        return torch.from_numpy(self._read("logits", view, f"view {view} ")).to(device)
+
+    def heads(self, device: torch.device | str = "cpu") -> list[nn.Module]:
+        """Each teacher's classifier head rebuilt from the stored weights, frozen, eval mode."""
+        out = []
+        in_ch = self.attrs["dataset"]["in_channels"]
+        for t, meta in enumerate(self.attrs["teachers"]):
+            head = create_model(meta["arch"], num_classes=meta["num_classes"], in_channels=in_ch).get_head()
+            state = {key: torch.from_numpy(self._read(L.head_path(t, key))) for key in head.state_dict()}
+            head.load_state_dict(state)
+            out.append(head.eval().requires_grad_(False).to(device))
+        return out
+
+    def feature_shapes(self, layer: str) -> list[tuple[int, ...]]:
+        return [tuple(s) for s in self.layers[layer]["shapes"]]
+
+    def feature_bytes_per_view(self, layers: tuple[str, ...]) -> int:
+        item = np.dtype(L.DTYPES[self.attrs["dtype"]]).itemsize
+        return sum(self.n * int(np.prod(s)) * item for layer in layers for s in self.feature_shapes(layer))
+
+    def features(self, layer: str, view: int, rows: slice = slice(None)) -> list[np.ndarray]:
+        """Per-teacher features of ``rows`` (a contiguous range) in ``view``."""
+        what = f"view {view} rows {rows.start or 0}:{rows.stop if rows.stop is not None else self.n} "
+        return [self._read(L.feature_path(layer, t), (view, rows), what) for t in range(self.num_teachers)]
+
+
+def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:
+    """Open and validate a store; each mismatch is a one-line CamkdError that says how to fix it."""
+    path = Path(path)
+    if not path.exists():
+        raise CamkdError(f"store {path} not found; create it with 'camkd cache-teachers --out {path} ...'")
+    try:
+        g = zarr.open_group(str(path), mode="r")
+        attrs = g.attrs.get(L.ATTRS_KEY)
+    except Exception:
+        raise CamkdError(f"{path} is not a camkd store (no readable Zarr group); create it with 'camkd cache-teachers'") from None
+    if not isinstance(attrs, dict) or "format_version" not in attrs:
+        raise CamkdError(f"{path} is a Zarr group but not a camkd store; create one with 'camkd cache-teachers'")
+    if attrs["format_version"] != L.FORMAT_VERSION:
+        raise CamkdError(f"{path} has store format {attrs['format_version']}; this camkd reads {L.FORMAT_VERSION}; re-cache")
+    store = TeacherStore(g, path)
+    if expect is not None:
+        _check(store, expect)
+    return store
+
+
+def _check(store: TeacherStore, e: Expect) -> None:
+    ds = store.attrs["dataset"]
+    fix = "re-cache with 'camkd cache-teachers' for this data, or pass the same --dataset/--limit as when caching"
+    if e.dataset_name is not None and ds["name"] != e.dataset_name:
+        raise CamkdError(f"{store.path} caches dataset '{ds['name']}', not '{e.dataset_name}'; {fix}")
+    if e.dataset_fingerprint is not None and ds["fingerprint"] != e.dataset_fingerprint:
+        raise CamkdError(f"{store.path} was cached from other data (fingerprint {ds['fingerprint'][:12]}, now "
+                         f"{e.dataset_fingerprint[:12]}; N {ds['n']}); the dataset or --limit changed; {fix}")
+    if e.num_classes is not None and store.num_classes != e.num_classes:
+        raise CamkdError(f"{store.path} has {store.num_classes} classes, the student needs {e.num_classes}; {fix}")
+    if e.augmentation is not None and store.attrs["augmentation"] != e.augmentation:
+        raise CamkdError(f"{store.path} was cached with augmentation {store.attrs['augmentation']}, asked "
+                         f"{e.augmentation}; use the store's --seed or re-cache")
+    for layer in e.layers:
+        if layer not in store.layers:
+            opt = "penultimate" if layer == "penultimate" else f"hint:{layer[4:]}"
+            raise CamkdError(f"{store.path} holds no '{layer}' features; re-cache with 'camkd cache-teachers ... --features {opt}'")
+    missing = store.missing_blocks()
+    if missing:
+        v, b = missing[0]
+        raise CamkdError(f"{store.path} is incomplete ({len(missing)} blocks missing, first: view {v} block {b}); "
+                         "rerun the same cache-teachers command to finish it")
+
+
+# -- epoch plans and streaming ---------------------------------------------------------------------
+
+def epoch_windows(n: int, *, seed: int, epoch: int, block_rows: int, window_blocks: int | None) -> list[np.ndarray]:
+    """The sample order of one epoch, as windows of indices (a pure function of its arguments).
+
+    window_blocks None: one window, a full permutation (features in memory or none).
+    Otherwise: blocks of ``block_rows`` contiguous rows in a seeded shuffled order, grouped
+    ``window_blocks`` at a time, and the rows of each group shuffled among themselves.
+    """
+    key = int(hash_counter(seed, epoch, np.zeros(1, dtype=np.int64), 11)[0] >> np.uint64(1))
+    rng = np.random.default_rng(key)
+    if window_blocks is None:
+        return [rng.permutation(n).astype(np.int64)]
+    nb = L.num_blocks(n, block_rows)
+    order = rng.permutation(nb)
+    windows = []
+    for w in range(0, nb, window_blocks):
+        rows = np.concatenate([np.arange(*L.block_slice(int(b), n, block_rows).indices(n)) for b in order[w : w + window_blocks]])
+        windows.append(rows[rng.permutation(len(rows))].astype(np.int64))
+    return windows
+
+
+def _window_blocks(rows: np.ndarray, block_rows: int) -> list[int]:
+    return sorted(set((rows // block_rows).tolist()))
+
+
+class FeatureStream:
+    """Yields (indices, {layer: [per-teacher float tensors]}) windows, prefetching the next window in a thread."""
+
+    def __init__(self, store: TeacherStore, layers: tuple[str, ...], view: int, windows: list[np.ndarray],
+                 *, prefetch: int = 1) -> None:
+        self.store, self.layers, self.view, self.windows = store, layers, view, windows
+        self.q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self.thread = threading.Thread(target=self._produce, daemon=True)
+        self.stop = threading.Event()
+
+    def _load(self, rows: np.ndarray) -> dict[str, list[np.ndarray]]:
+        br, n = self.store.block_rows, self.store.n
+        out = {}
+        for layer in self.layers:
+            per_teacher = [[] for _ in range(self.store.num_teachers)]
+            starts = []
+            for b in _window_blocks(rows, br):
+                sl = L.block_slice(b, n, br)
+                starts.append(sl.start)
+                for t, arr in enumerate(self.store.features(layer, self.view, sl)):
+                    per_teacher[t].append(arr)
+            # map each requested row to its position in the concatenated contiguous blocks
+            blocks = _window_blocks(rows, br)
+            offsets = np.zeros(max(blocks) + 1, dtype=np.int64)
+            pos = 0
+            for b in blocks:
+                offsets[b] = pos
+                pos += L.block_slice(b, n, br).stop - L.block_slice(b, n, br).start
+            where = offsets[rows // br] + rows % br
+            out[layer] = [np.concatenate(p)[where] for p in per_teacher]
+        return out
+
+    def _produce(self) -> None:
+        try:
+            for rows in self.windows:
+                if self.stop.is_set():
+                    return
+                self.q.put((rows, self._load(rows)))
+            self.q.put(None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self.q.put(e)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, list[np.ndarray]]]]:
+        self.thread.start()
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
+            while self.thread.is_alive():
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    self.thread.join(timeout=0.05)
