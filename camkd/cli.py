@@ -166,6 +166,53 @@ def cache_verify_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("distill")
+@friendly
+def distill_cmd(
+    arch: Annotated[str, typer.Option("--arch", "-m", help="Student model, e.g. vgg8.")],
+    cache: Annotated[Optional[Path], typer.Option("--cache", "-c", help="Teacher store made by cache-teachers.")] = None,
+    method: Annotated[str, typer.Option("--method", help="ce, kd, avg, ebkd, aekd, fitnet or camkd.")] = "camkd",
+    gamma: Annotated[float, typer.Option("-r", "--gamma", help="Weight of the cross-entropy term.")] = 1.0,
+    alpha: Annotated[float, typer.Option("-a", "--alpha", help="Weight of the logit distillation term.")] = 1.0,
+    beta: Annotated[Optional[float], typer.Option("-b", "--beta", help="Weight of the feature term (default: camkd 50, fitnet 100).")] = None,
+    kd_t: Annotated[float, typer.Option("--kd-T", help="Distillation temperature.")] = 4.0,
+    aekd_c: Annotated[float, typer.Option("--aekd-C", help="AEKD's C (nu = 1/(C*K)).")] = 0.6,
+    hint_layer: Annotated[int, typer.Option("--hint-layer", help="FitNet hint layer index.")] = 2,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 240,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Default 0.05 (0.01 for MobileNetV2/ShuffleV1/V2).")] = None,
+    lr_decay_epochs: Annotated[str, typer.Option("--lr-decay-epochs")] = "150,180,210",
+    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov")] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = DeviceChoice.auto,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/students/ARCH_METHOD_MODE_sSEED).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")] = False,
+    online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the store.")] = False,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="With --online: teacher checkpoints.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="With --online and no --cache: the dataset.")] = None,
+    data_dir: DataDirOpt = None,
+    limit: LimitOpt = None,
+    feature_memory_mb: Annotated[float, typer.Option("--feature-memory-mb", help="Hold a view's features in memory up to this size; stream beyond.")] = 4096.0,
+    deterministic: DeterministicOpt = False,
+    amp: AmpOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
+    from camkd.distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        arch=arch, method=method, cache=str(cache) if cache else None, gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t,
+        aekd_C=aekd_c, hint_layer=hint_layer, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_decay_epochs=_int_list(lr_decay_epochs), nesterov=nesterov, seed=seed, device=device.value,
+        out=str(out) if out else None, resume=resume, online=online, teachers=teacher or [], dataset=dataset,
+        data_dir=str(data_dir) if data_dir else None, limit=limit, feature_memory_mb=feature_memory_mb,
+        deterministic=deterministic, amp=amp, progress=not quiet,
+    )
+    s = distill(cfg)
+    typer.echo(f"{s['arch']} ({s['method']}, {s['mode']}): best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), "
+               f"last {s['last_top1']:.2f}%, {s['seconds']:.0f}s -> {s['out']}")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""
