@@ -213,6 +213,39 @@ def distill_cmd(
                f"last {s['last_top1']:.2f}%, {s['seconds']:.0f}s -> {s['out']}")
 
 
+bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("speed")
+@friendly
+def bench_speed_cmd(
+    student: Annotated[str, typer.Option("--student")] = "vgg8",
+    teacher: Annotated[str, typer.Option("--teacher-arch")] = "resnet32x4",
+    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1)] = 3,
+    samples: Annotated[int, typer.Option("--samples", min=64)] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 3,
+    no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
+    device: DeviceOpt = DeviceChoice.auto,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default bench/results/speed-<device>.json).")] = None,
+) -> None:
+    """Throughput of the student alone, cached and online distillation, caching and the reader."""
+    import json
+
+    from camkd.bench.speed import SpeedConfig, run_speed, to_markdown
+
+    r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
+                              batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online))
+    path = out or Path("bench/results") / f"speed-{r['device'].split(':')[0]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=2))
+    md = to_markdown(r)
+    path.with_suffix(".md").write_text(md + "\n")
+    typer.echo(md)
+    typer.echo(f"\n-> {path} and {path.with_suffix('.md')}")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""
@@ -226,8 +259,8 @@ def models_cmd() -> None:
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),
     data_dir: DataDirOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Teacher epochs.")] = 2,
-    limit: LimitOpt = 20000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Teacher and student epochs.")] = 3,
+    limit: LimitOpt = 10000,
     device: DeviceOpt = DeviceChoice.auto,
     quiet: QuietOpt = False,
 ) -> None:

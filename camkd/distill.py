@@ -24,7 +24,7 @@ from camkd.datasets.base import Normalization
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
 from camkd.loop import MetricsFile, default_lr, evaluate, lr_at, make_sgd, set_lr
-from camkd.methods import StudentOut, create_method
+from camkd.methods import StudentOut, create_method, required_layers
 from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.store import Expect, open_store
@@ -91,15 +91,18 @@ class _Setup:
     store_identity: dict
 
 
+def _synthetic_opts(ds: dict) -> dict:
+    """The synthetic dataset's options, read back from a store's dataset attrs."""
+    return {"num_samples": ds["n"], "num_classes": ds["num_classes"], "image_size": ds["image_size"], "channels": ds["in_channels"]}
+
+
 def _setup_cached(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dict]:
     store = open_store(cfg.cache)
     a = store.attrs
     ds = a["dataset"]
     if cfg.dataset and cfg.dataset != ds["name"]:
         raise CamkdError(f"{cfg.cache} caches dataset '{ds['name']}', not '{cfg.dataset}'; use a store made for {cfg.dataset}")
-    opts = {}
-    if ds["name"] == "synthetic":
-        opts = {"num_samples": ds["n"], "num_classes": ds["num_classes"], "image_size": ds["image_size"], "channels": ds["in_channels"]}
+    opts = _synthetic_opts(ds) if ds["name"] == "synthetic" else {}
     train = load_dataset(ds["name"], "train", data_dir=cfg.data_dir, limit=ds["n"] if ds["name"] != "synthetic" else None, **opts)
     test_opts = {k: v for k, v in opts.items() if k != "num_samples"}
     test = load_dataset(ds["name"], "test", data_dir=cfg.data_dir, **test_opts)
@@ -135,10 +138,10 @@ def _setup_online(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
         block_rows = 1
     opts = {}
     if name == "synthetic":
-        opts = {"num_samples": n or cfg.synthetic_samples}
+        opts = _synthetic_opts(ds) if cfg.cache else {"num_samples": n or cfg.synthetic_samples}
         opts = {k: v for k, v in opts.items() if v}
     train = load_dataset(name, "train", data_dir=cfg.data_dir, limit=n if name != "synthetic" else None, **opts)
-    test = load_dataset(name, "test", data_dir=cfg.data_dir)
+    test = load_dataset(name, "test", data_dir=cfg.data_dir, **{k: v for k, v in opts.items() if k != "num_samples"})
     for t in teachers:
         if t.num_classes != train.num_classes or t.in_channels != train.in_channels:
             raise CamkdError(f"teacher {t.path} ({t.num_classes} classes, {t.in_channels} channels) does not fit {name}")
@@ -180,6 +183,8 @@ def distill(cfg: DistillConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
     s_shapes = _student_shapes(model, train, device)
+    needed = required_layers(cfg.method, beta=cfg.beta, hint_layer=cfg.hint_layer)
+    check_layers(extra["shapes"], needed, "the teachers' feature list" if cfg.online else str(cfg.cache))
     method = create_method(cfg.method, num_classes=train.num_classes, num_teachers=extra["num_teachers"],
                            student_feat_shapes=s_shapes, teacher_feat_shapes=extra["shapes"], gamma=cfg.gamma,
                            alpha=cfg.alpha, beta=cfg.beta, kd_T=cfg.kd_T, aekd_C=cfg.aekd_C, hint_layer=cfg.hint_layer).to(device)

@@ -46,6 +46,7 @@ class TrainConfig:
     amp: bool = False
     progress: bool = True
     synthetic_samples: int | None = None
+    synthetic_classes: int | None = None
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / "teachers" / f"{self.arch}_{self.dataset}_trial_{self.trial}"
@@ -53,7 +54,10 @@ class TrainConfig:
 
 def load_split(cfg, split: str, device: torch.device) -> Dataset:
     """A split of the configured dataset on ``device`` (limit applies to the training split only)."""
-    opts = {"num_samples": cfg.synthetic_samples} if cfg.dataset == "synthetic" and cfg.synthetic_samples else {}
+    opts = {}
+    if cfg.dataset == "synthetic":
+        opts = {"num_samples": getattr(cfg, "synthetic_samples", None), "num_classes": getattr(cfg, "synthetic_classes", None)}
+        opts = {k: v for k, v in opts.items() if v}
     ds = load_dataset(cfg.dataset, split, data_dir=cfg.data_dir, download=cfg.download,
                       limit=cfg.limit if split == "train" else None, **opts)
     ds.fingerprint  # computed on CPU, before the move

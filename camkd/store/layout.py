@@ -27,13 +27,16 @@ def head_path(k: int, key: str) -> str:
     return f"heads/{teacher_key(k)}/{key}"
 
 
-def plan_block_rows(bytes_per_row: int, batch_size: int) -> int:
-    """Rows per writer unit: a power of two in [64, 8192] near BLOCK_TARGET_BYTES, at least one batch."""
+def plan_block_rows(bytes_per_row: int, batch_size: int, n: int) -> int:
+    """Rows per writer unit: a power of two in [64, 8192] near BLOCK_TARGET_BYTES, at least one batch,
+    and no larger than needed to hold all ``n`` rows (a partial chunk is stored whole)."""
     rows = MIN_BLOCK_ROWS
     while rows * 2 <= MAX_BLOCK_ROWS and rows * 2 * bytes_per_row <= BLOCK_TARGET_BYTES:
         rows *= 2
     while rows < batch_size and rows < MAX_BLOCK_ROWS:
         rows *= 2
+    while rows > MIN_BLOCK_ROWS and rows // 2 >= n:
+        rows //= 2
     return rows
 
 

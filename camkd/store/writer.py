@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import queue
+import re
 import shutil
 import threading
 import time
@@ -51,6 +52,7 @@ class CacheConfig:
     overwrite: bool = False
     progress: bool = True
     synthetic_samples: int | None = None
+    synthetic_classes: int | None = None
 
     def out_path(self, teachers: list[Teacher]) -> Path:
         if self.out:
@@ -78,6 +80,10 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b \
+                and all(isinstance(x, dict) for x in a + b):  # e.g. teachers: name the field that differs
+            for i, (x, y) in enumerate(zip(a, b)):
+                out += _differences(x, y, f"{prefix}{key}.{i}.")
         elif a != b:
             out.append(f"{prefix}{key} (store: {_short(a)}, now: {_short(b)})")
     return out
@@ -100,7 +106,7 @@ def _create(path: Path, ident: dict, cfg: CacheConfig, teachers: list[Teacher], 
     n, k, c = len(train), len(teachers), train.num_classes
     np_dtype = L.DTYPES[cfg.dtype]
     itemsize = np.dtype(np_dtype).itemsize
-    block = L.plan_block_rows(_bytes_per_row(k, c, itemsize, shapes), cfg.batch_size)
+    block = L.plan_block_rows(_bytes_per_row(k, c, itemsize, shapes), cfg.batch_size, n)
     nblocks = L.num_blocks(n, block)
     g = zarr.open_group(str(path), mode="w")
     crc = [Crc32cCodec()]
@@ -150,6 +156,9 @@ def _append_views(g: zarr.Group, views: int) -> None:
         a.resize((views,) + a.shape[1:])
     attrs["views"] = views
     g.attrs[L.ATTRS_KEY] = attrs
+
+
+_PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 
 
 class _BlockWriter(threading.Thread):
@@ -246,7 +255,7 @@ def cache_teachers(cfg: CacheConfig) -> dict:
 
 def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, device) -> zarr.Group:
     if path.exists() and cfg.overwrite:
-        if not (path / "zarr.json").exists() and any(path.iterdir()):
+        if not path.is_dir() or (not (path / "zarr.json").exists() and any(path.iterdir())):
             raise CamkdError(f"{path} exists and is not a Zarr store; refusing to delete it even with --overwrite")
         shutil.rmtree(path)
     if path.exists():
@@ -257,6 +266,9 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         diff = _differences(old, ident)
         if diff:
             raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}; use --overwrite to replace it or another --out")
+        for f in path.rglob("*.partial"):  # zarr's temporary files of a write that a kill interrupted
+            if _PARTIAL.fullmatch(f.name):
+                f.unlink(missing_ok=True)
         if cfg.views > attrs["views"]:
             log(f"extending {path} from {attrs['views']} to {cfg.views} views")
             _append_views(g, cfg.views)
@@ -267,14 +279,26 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         raise CamkdError(f"cannot create {path.parent}: {e.strerror}") from None
     test = load_split(cfg, "test", device)
     test_acc = [evaluate(t.model, test)["top1"] for t in teachers]
-    return _create(path, ident, cfg, teachers, train, layers, shapes, test_acc)
+    # built under a temporary name and renamed when whole: a run killed while creating leaves no half store
+    tmp = path.with_name(f".{path.name}.camkd-creating")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        _create(tmp, ident, cfg, teachers, train, layers, shapes, test_acc)
+        tmp.rename(path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CamkdError(f"cannot create {path}: {what}") from None
+    return zarr.open_group(str(path), mode="r+")
 
 
 def _open_existing(path: Path) -> zarr.Group:
     try:
         g = zarr.open_group(str(path), mode="r+")
     except Exception:
-        raise CamkdError(f"{path} exists and is not a camkd store; choose another --out or add --overwrite") from None
+        hint = " or add --overwrite" if (path / "zarr.json").exists() else ""  # --overwrite deletes only Zarr stores
+        raise CamkdError(f"{path} exists and is not a camkd store; choose another --out{hint}") from None
     attrs = g.attrs.get(L.ATTRS_KEY)
     if not isinstance(attrs, dict) or "format_version" not in attrs:
         raise CamkdError(f"{path} is a Zarr group but not a camkd store; choose another --out or add --overwrite")
@@ -348,10 +372,10 @@ def _io_error(e: OSError, path: Path) -> CamkdError:
 def summarize(g: zarr.Group, path: Path, rows_done: int, elapsed: float) -> dict:
     """Per-view teacher accuracy from the stored logits, sizes per array."""
     attrs = g.attrs[L.ATTRS_KEY]
-    labels = np.asarray(g["labels"][:])
+    labels = _read(g, path, "labels", slice(None), "")
     acc = []
     for v in range(attrs["views"]):
-        logits = np.asarray(g["logits"][v])
+        logits = _read(g, path, "logits", v, f"view {v} ")
         acc.append([float((logits[:, t].argmax(-1) == labels).mean() * 100) for t in range(logits.shape[1])])
     sizes = array_sizes(path, g)
     n, views = len(labels), attrs["views"]
@@ -360,6 +384,14 @@ def summarize(g: zarr.Group, path: Path, rows_done: int, elapsed: float) -> dict
             "teachers": [t["arch"] for t in attrs["teachers"]], "store_bytes": _dir_size(path),
             "bytes_per_sample_view": {name: size / (n * views) for name, size in sizes.items()
                                       if name in ("logits", "aug") or name.startswith("features/")}}
+
+
+def _read(g: zarr.Group, path: Path, name: str, sel, what: str) -> np.ndarray:
+    try:
+        return np.asarray(g[name][sel])
+    except Exception as e:  # a corrupt chunk of a finished block: zarr raises codec / IO errors of several types
+        raise CamkdError(f"{path}: array '{name}' {what}cannot be read ({type(e).__name__}: {str(e)[:100]}); "
+                         "run 'camkd cache-verify', then rewrite the store with --overwrite") from None
 
 
 def array_sizes(path: Path, g: zarr.Group) -> dict[str, int]:

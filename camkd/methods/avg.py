@@ -1,0 +1,32 @@
+"""``avg`` (AVER-MKD): the mean over teachers of the per-teacher KD loss.
+
+Reference: CA-MKD ``helper/loops.py``, ``ensemble_method == "AVERAGE_LOSS"``:
+``torch.stack([DistillKL(s, t_k) for k]).mean(0)``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from camkd.methods.base import Diagnostics, Losses, Method, StudentOut, TeacherOut, register_method
+from camkd.methods.functional import cross_entropy, distill_kl
+
+
+def avg_mkd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> Tensor:
+    """``(1/K) sum_k KL_T(s || t_k)`` with each KL summed over classes, times T^2, divided by B."""
+    return distill_kl(student_logits, teacher_logits, T=T).mean()
+
+
+@register_method("avg")
+class AverMKD(Method):
+    """gamma * CE + alpha * mean_k DistillKL(s, t_k)."""
+
+    def forward(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
+    ) -> tuple[Losses, Diagnostics]:
+        self.check_inputs(student, teachers, labels)
+        losses = {
+            "ce": self.gamma * cross_entropy(student.logits, labels),
+            "kd": self.alpha * avg_mkd_loss(student.logits, teachers.logits, T=self.kd_T),
+        }
+        return losses, {"teacher_weights": self.uniform_weights()}

@@ -1,0 +1,258 @@
+"""The distillation-method contract, its inputs, and the one method registry.
+
+A method turns the student's outputs, the teachers' (live or cached) outputs and
+the labels into named loss terms, each already multiplied by its coefficient, so
+the training loop only sums them.  Trainable parts of a method (per-teacher
+Embeds, ConvRegs) are submodules of the :class:`Method`; the loop optimizes
+``method.parameters()`` together with the student, as the reference's
+``trainable_list`` does.
+
+Adding a method is one file (a pure loss function at the top, then a thin
+``@register_method("name")`` subclass) plus one import line in
+``camkd/methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from camkd.errors import CamkdError
+
+Shape = tuple[int, ...]
+Losses = dict[str, Tensor]
+Diagnostics = dict[str, float | list[float]]
+
+
+@dataclass
+class StudentOut:
+    """The student's outputs for one batch."""
+
+    logits: Tensor  # [B, C] float32
+    feats: list[Tensor] = field(default_factory=list)  # the student's ``is_feat`` list
+
+
+@dataclass
+class TeacherOut:
+    """The K teachers' outputs for the same batch (from the cache or run live)."""
+
+    logits: Tensor  # [B, K, C] float32
+    # layer name -> per-teacher [B, c, h, w]; names: "penultimate" (teacher feats[-2])
+    # and "hint<L>" (teacher feats[L])
+    features: dict[str, list[Tensor]] = field(default_factory=dict)
+    # each teacher's frozen classifier head (maps its feats[-2] to logits)
+    heads: list[nn.Module] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Everything :func:`create_method` knows; each method reads what it needs."""
+
+    num_classes: int
+    num_teachers: int
+    student_feat_shapes: tuple[Shape, ...]
+    teacher_feat_shapes: dict[str, tuple[Shape, ...]]
+    gamma: float
+    alpha: float
+    beta: float | None  # None: the method's reference default
+    kd_T: float
+    aekd_C: float
+    hint_layer: int
+
+
+class Method(nn.Module):
+    """Base class of a distillation method (see the module docstring)."""
+
+    name: str = ""
+    default_beta: float = 0.0  # the reference's ``-b`` for this method
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__()
+        self.num_classes = cfg.num_classes
+        self.num_teachers = cfg.num_teachers
+        self.gamma = float(cfg.gamma)
+        self.alpha = float(cfg.alpha)
+        self.beta = float(self.default_beta if cfg.beta is None else cfg.beta)
+        self.kd_T = float(cfg.kd_T)
+
+    def required_features(self) -> tuple[str, ...]:
+        """Teacher feature layers this method reads from ``TeacherOut.features``."""
+        return type(self).features_needed(beta=self.beta, hint_layer=getattr(self, "hint_layer", 2))
+
+    @classmethod
+    def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
+        """The feature layers an instance built with these options needs (known before building it)."""
+        return ()
+
+    def forward(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
+    ) -> tuple[Losses, Diagnostics]:
+        """Return (losses already scaled by their coefficients, diagnostics)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- helpers
+    def check_inputs(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> None:
+        """Cheap shape checks (metadata only, no device sync)."""
+        s, t = student.logits, teachers.logits
+        if s.dim() != 2 or s.shape[1] != self.num_classes:
+            raise CamkdError(
+                f"{self.name}: student logits must be [B, {self.num_classes}], got {list(s.shape)}"
+            )
+        if self.uses_teachers() and (
+            t.dim() != 3 or t.shape[0] != s.shape[0] or t.shape[1:] != (self.num_teachers, s.shape[1])
+        ):
+            raise CamkdError(
+                f"{self.name}: teacher logits must be [B, K={self.num_teachers}, C={s.shape[1]}]"
+                f" with B={s.shape[0]}, got {list(t.shape)}"
+            )
+        if labels.shape != (s.shape[0],):
+            raise CamkdError(f"{self.name}: labels must be [B={s.shape[0]}], got {list(labels.shape)}")
+
+    def uses_teachers(self) -> bool:
+        return True
+
+    def uniform_weights(self) -> list[float]:
+        return [1.0 / self.num_teachers] * self.num_teachers
+
+
+MethodClass = type[Method]
+_REGISTRY: dict[str, MethodClass] = {}
+
+
+def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
+    """Class decorator: register a :class:`Method` subclass under ``name``."""
+
+    def deco(cls: MethodClass) -> MethodClass:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    """All registered method names, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    # importing the package registers the built-in methods (no-op once imported)
+    import camkd.methods  # noqa: F401
+
+
+def _positive_int(what: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise CamkdError(f"{what} must be a positive integer, got {v!r}")
+    return v
+
+
+def _finite(what: str, v: object, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise CamkdError(f"{what} must be a finite number, got {v!r}")
+    if positive and v <= 0:
+        raise CamkdError(f"{what} must be > 0, got {v!r}")
+    if not positive and v < 0:
+        raise CamkdError(f"{what} must be >= 0, got {v!r}")
+    return float(v)
+
+
+def required_layers(name: str, *, beta: float | None = None, hint_layer: int = 2) -> tuple[str, ...]:
+    """Teacher feature layers method ``name`` needs with these options, before it is built."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
+    cls = _REGISTRY[name]
+    return cls.features_needed(beta=float(cls.default_beta if beta is None else beta), hint_layer=hint_layer)
+
+
+def create_method(
+    name: str,
+    *,
+    num_classes: int,
+    num_teachers: int,
+    student_feat_shapes: list[tuple[int, ...]],
+    teacher_feat_shapes: dict[str, list[tuple[int, ...]]],
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    beta: float | None = None,
+    kd_T: float = 4.0,
+    aekd_C: float = 0.6,
+    hint_layer: int = 2,
+) -> Method:
+    """Build the method ``name``.
+
+    ``student_feat_shapes``: the shapes (without batch) of the student's feats list;
+    ``teacher_feat_shapes``: layer name -> per-teacher shapes (without batch) for the
+    layers the method needs.  ``beta=None`` picks the method's reference default
+    (camkd 50, fitnet 100; unused elsewhere).
+    """
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
+    if isinstance(hint_layer, bool) or not isinstance(hint_layer, int):
+        raise CamkdError(f"hint_layer must be an integer, got {hint_layer!r}")
+    cfg = MethodConfig(
+        num_classes=_positive_int("num_classes", num_classes),
+        num_teachers=_positive_int("num_teachers", num_teachers),
+        student_feat_shapes=tuple(tuple(int(d) for d in s) for s in student_feat_shapes),
+        teacher_feat_shapes={
+            k: tuple(tuple(int(d) for d in s) for s in v) for k, v in teacher_feat_shapes.items()
+        },
+        gamma=_finite("gamma", gamma),
+        alpha=_finite("alpha", alpha),
+        beta=None if beta is None else _finite("beta", beta),
+        kd_T=_finite("kd_T", kd_T, positive=True),
+        aekd_C=_finite("aekd_C", aekd_C, positive=True),
+        hint_layer=hint_layer,
+    )
+    return _REGISTRY[name](cfg)
+
+
+# --------------------------------------------------------------- shape helpers
+def teacher_shapes(cfg: MethodConfig, layer: str, method: str) -> tuple[Shape, ...]:
+    """The K per-teacher shapes of ``layer``, each checked to be a (C, H, W) map."""
+    shapes = cfg.teacher_feat_shapes.get(layer)
+    if shapes is None:
+        raise CamkdError(f"{method} needs teacher features {layer!r}, which were not given")
+    if len(shapes) != cfg.num_teachers:
+        raise CamkdError(
+            f"{method}: teacher features {layer!r} have {len(shapes)} shapes for {cfg.num_teachers} teachers"
+        )
+    for k, s in enumerate(shapes):
+        if len(s) != 3 or min(s) < 1:
+            raise CamkdError(
+                f"{method}: teacher {k} feature {layer!r} has shape {s}; a (C, H, W) feature map is needed"
+            )
+    return shapes
+
+
+def student_shape(cfg: MethodConfig, index: int, method: str) -> Shape:
+    """The student's feats[index] shape, checked to be a (C, H, W) map."""
+    n = len(cfg.student_feat_shapes)
+    if not -n <= index < n:
+        raise CamkdError(f"{method}: the student has {n} feature outputs, so feats[{index}] does not exist")
+    s = cfg.student_feat_shapes[index]
+    if len(s) != 3 or min(s) < 1:
+        raise CamkdError(
+            f"{method}: student feats[{index}] has shape {s}; a (C, H, W) feature map is needed"
+        )
+    return s
+
+
+__all__ = [
+    "Diagnostics",
+    "Losses",
+    "Method",
+    "MethodConfig",
+    "StudentOut",
+    "TeacherOut",
+    "create_method",
+    "list_methods",
+    "register_method",
+]

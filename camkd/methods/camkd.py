@@ -1,0 +1,148 @@
+"""``camkd``: Confidence-Aware Multi-Teacher KD (Zhang, Chen, Wang, ICASSP 2022).
+
+Reference: CA-MKD ``helper/loops.py`` (``ensemble_method == "CAMKD"``,
+``distill == "inter"``), ``distiller_zoo/CAMKD.py``, ``distiller_zoo/KD.py``
+(``DistillKL(is_ca=True)``) and ``models/util.py`` (``CalWeight``, ``Embed``).
+
+Logit level (paper Eq. 2-3):
+    w_kb = (1 - softmax_k(CE(z_kb, y_b))) / (K - 1)
+    loss_kd = sum_{k,b} w_kb KL_T(s_b || t_kb) / (B K)      (KL summed over classes, x T^2)
+
+Intermediate level (paper Eq. 4-6): the student's last feature map ``feats[-2]`` is
+resized to teacher k's penultimate map (adaptive average pooling when it is at
+least as large in both dims, else bilinear), mapped by ``Embed_k`` (1x1 conv with
+bias, BN, ReLU) to the teacher's channels, and sent through teacher k's frozen
+classifier head; the CE of that output against the label gives ``v_kb`` as above,
+*not* detached (gradients reach the embeds through the weights too), and
+
+    loss_inter = sum_{k,b} v_kb MSE_b(Embed_k(f_s), f_t,k) / (B K)  (MSE_b: mean over c, h, w)
+
+Total ``gamma CE + alpha loss_kd + beta loss_inter``; the beta term is 0 in epoch 1
+(the reference's loop).  K == 1: weights 1 (the reference divides by K - 1 = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camkd.errors import CamkdError
+from camkd.methods.base import (
+    Diagnostics,
+    Losses,
+    Method,
+    MethodConfig,
+    StudentOut,
+    TeacherOut,
+    register_method,
+    student_shape,
+    teacher_shapes,
+)
+from camkd.methods.functional import confidence_weights, cross_entropy, kl_per_sample
+
+
+def camkd_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, T: float
+) -> tuple[Tensor, Tensor]:
+    """(``sum_{k,b} w_kb KL_T,kb / (B K)``, weights [B, K]); the weights use the teachers' CE."""
+    t = teacher_logits.float()
+    B, K, C = t.shape
+    ce = F.cross_entropy(t.reshape(B * K, C), labels.repeat_interleave(K), reduction="none")
+    w = confidence_weights(ce.view(B, K))
+    kl = kl_per_sample(student_logits, t, T=T)  # [B, K]
+    return (w * kl).sum() / (B * K), w
+
+
+def camkd_inter_loss(
+    embedded: list[Tensor], teacher_feats: list[Tensor], head_logits: list[Tensor], labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(``sum_{k,b} v_kb MSE_b / (B K)``, weights [B, K]).
+
+    ``v`` comes from the CE of ``head_logits`` and is not detached.
+
+    ``embedded[k]`` is Embed_k of the resized student map, ``teacher_feats[k]`` the
+    teacher's penultimate map and ``head_logits[k]`` = teacher k's head applied to
+    ``embedded[k]``.
+    """
+    ce = torch.stack([F.cross_entropy(h.float(), labels, reduction="none") for h in head_logits], 1)
+    v = confidence_weights(ce)  # [B, K]
+    pairs = zip(embedded, teacher_feats, strict=True)
+    mse = torch.stack([(e.float() - f.float()).pow(2).flatten(1).mean(1) for e, f in pairs], 1)  # [B, K]
+    B, K = mse.shape
+    return (v * mse).sum() / (B * K), v
+
+
+class Embed(nn.Module):
+    """CA-MKD ``Embed`` (``convs=False``): 1x1 conv (with bias), BatchNorm, ReLU."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim_in, dim_out, kernel_size=1)
+        self.bn = nn.BatchNorm2d(dim_out)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """CA-MKD ``CalWeight``: adaptive avg-pool down (or identity), else bilinear up."""
+    h, w = x.shape[-2:]
+    if (h, w) == size:
+        return x
+    if h >= size[0] and w >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@register_method("camkd")
+class CAMKD(Method):
+    """gamma * CE + alpha * confidence-weighted KD + beta * confidence-weighted feature MSE (from epoch 2)."""
+
+    default_beta = 50.0
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__(cfg)
+        self.embeds = nn.ModuleList()
+        self.t_sizes: list[tuple[int, int]] = []
+        if self.beta > 0:
+            s_c = student_shape(cfg, -2, "camkd")[0]
+            for t_c, t_h, t_w in teacher_shapes(cfg, "penultimate", "camkd"):
+                self.embeds.append(Embed(s_c, t_c))
+                self.t_sizes.append((t_h, t_w))
+
+    @classmethod
+    def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
+        return ("penultimate",) if beta > 0 else ()
+
+    def forward(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
+    ) -> tuple[Losses, Diagnostics]:
+        self.check_inputs(student, teachers, labels)
+        kd, w = camkd_kd_loss(student.logits, teachers.logits, labels, T=self.kd_T)
+        losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
+        diags: Diagnostics = {"teacher_weights": w.detach().mean(0).tolist()}
+        if self.beta > 0:
+            if epoch <= 1:
+                losses["inter"] = student.logits.new_zeros((), dtype=torch.float32)
+            else:
+                inter, v = self._inter(student, teachers, labels)
+                losses["inter"] = self.beta * inter
+                diags["inter_weights"] = v.detach().mean(0).tolist()
+        return losses, diags
+
+    def _inter(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
+        f_t = teachers.features.get("penultimate")
+        if f_t is None or len(f_t) != self.num_teachers or len(teachers.heads) != self.num_teachers:
+            raise CamkdError("camkd needs the teachers' 'penultimate' features and heads for all teachers")
+        f_s = student.feats[-2]
+        resized: dict[tuple[int, int], Tensor] = {}
+        embedded, head_logits = [], []
+        for embed, size, head in zip(self.embeds, self.t_sizes, teachers.heads, strict=True):
+            if size not in resized:  # each teacher gets the original map resized once
+                resized[size] = resize_to(f_s, size)
+            e = embed(resized[size])
+            embedded.append(e)
+            head_logits.append(head(e))
+        return camkd_inter_loss(embedded, f_t, head_logits, labels)
