@@ -233,7 +233,7 @@ def bench_speed_cmd(
     """Throughput of the student alone, cached and online distillation, caching and the reader."""
     import json
 
-    from camkd.bench.speed import SpeedConfig, run_speed, to_markdown
+    from camkd.bench.speed import SpeedConfig, plot, run_speed, to_markdown
 
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online))
@@ -242,8 +242,45 @@ def bench_speed_cmd(
     path.write_text(json.dumps(r, indent=2))
     md = to_markdown(r)
     path.with_suffix(".md").write_text(md + "\n")
+    plot(r, path.with_suffix(".png"))
     typer.echo(md)
-    typer.echo(f"\n-> {path} and {path.with_suffix('.md')}")
+    typer.echo(f"\n-> {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+
+
+@bench_app.command("accuracy")
+@friendly
+def bench_accuracy_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    teacher_arch: Annotated[str, typer.Option("--teacher-arch")] = "resnet20",
+    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1)] = 3,
+    student: Annotated[str, typer.Option("--student")] = "resnet8",
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1)] = 8,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = 6,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Training samples (0: all).")] = 10000,
+    seeds: Annotated[int, typer.Option("--seeds", min=1)] = 3,
+    methods: Annotated[str, typer.Option("--methods")] = "ce,kd,avg,ebkd,aekd,fitnet,camkd",
+    device: DeviceOpt = DeviceChoice.auto,
+    work: Annotated[Path, typer.Option("--work", help="Folder for teachers, store and runs (reruns resume).")] = Path("bench/accuracy-run"),
+    out: Annotated[Path, typer.Option("--out", help="JSON result (with .md and .png beside it).")] = Path("bench/results/accuracy.json"),
+) -> None:
+    """Top-1 of every method and the student alone over seeds; camkd from the store vs --online."""
+    import json
+
+    from camkd.bench.accuracy import AccuracyConfig, plot, run_accuracy, to_markdown
+
+    cfg = AccuracyConfig(dataset=dataset, data_dir=str(data_dir) if data_dir else None, teacher_arch=teacher_arch,
+                         num_teachers=num_teachers, student=student, teacher_epochs=teacher_epochs, epochs=epochs,
+                         limit=limit or None, seeds=seeds, methods=[m for m in methods.split(",") if m], device=device.value,
+                         out=str(work))
+    r = run_accuracy(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2))
+    md = to_markdown(r)
+    out.with_suffix(".md").write_text(md + "\n")
+    plot(r, out.with_suffix(".png"))
+    typer.echo(md)
+    typer.echo(f"\n-> {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 
 @app.command("models")

@@ -216,3 +216,23 @@ def to_markdown(r: dict) -> str:
     for k, v in r["bytes_per_sample_view"]["float16"].items():
         lines.append(f"| {k} | {v:.0f} | {r['bytes_per_sample_view']['float32'].get(k, float('nan')):.0f} |")
     return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    """Training throughput bars: the limit, cached and online."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = r["train_images_per_s"]
+    names = list(med)
+    colors = ["gray" if n == "ce" else ("tab:red" if n.startswith("online ") else "tab:blue") for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.barh(names, [med[n] for n in names], color=colors)
+    ax.invert_yaxis()
+    ax.set_xlabel("training images/s (gray: student alone; blue: from the store; red: --online)")
+    ax.set_title(f"{r['config']['student']} from {r['config']['num_teachers']} x {r['config']['teacher']} on {r['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,668 @@
+"""The teacher-output store: round trip, plain-zarr readability, resume after kill -9, appended
+views, refusals, corruption, cache-verify, streaming reads and disk full.
+
+Real Zarr stores on disk, synthetic data, two tiny teachers trained once per module, CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from camkd.checkpoint import sha256_file
+from camkd.cli import app
+from camkd.datasets import load_dataset
+from camkd.errors import CamkdError
+from camkd.models import create_model
+from camkd.store import Expect, open_store
+from camkd.store import layout as L
+from camkd.store.reader import FeatureStream, epoch_windows
+from camkd.store.writer import CacheConfig, cache_teachers
+from camkd.train import TrainConfig, train_teacher
+from camkd.views import AugSpec, augment, view_params
+
+N_RT = 320  # round-trip store: 2 teachers x (penultimate + hint2) float32 -> blocks of 256 rows: 256 + 64 per view
+RT = dict(dataset="synthetic", limit=N_RT, views=2, seed=3, features=["penultimate", "hint:2"], dtype="float32",
+          batch_size=160, device="cpu", progress=False)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def arrays(path: Path) -> dict[str, zarr.Array]:
+    """Every array of a store, by its path, through plain zarr."""
+    out = {}
+
+    def walk(g, prefix=""):
+        for name, node in g.members():
+            if isinstance(node, zarr.Group):
+                walk(node, f"{prefix}{name}/")
+            else:
+                out[f"{prefix}{name}"] = node
+
+    walk(zarr.open_group(str(path), mode="r"))
+    return out
+
+
+def assert_stores_equal(a: Path, b: Path) -> None:
+    """Same attrs, same arrays, every array equal bit for bit (same dtype, shape, values)."""
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert dict(ga.attrs) == dict(gb.attrs)
+    xa, xb = arrays(a), arrays(b)
+    assert xa.keys() == xb.keys()
+    for name in xa:
+        u, v = np.asarray(xa[name][...]), np.asarray(xb[name][...])
+        assert u.dtype == v.dtype and u.shape == v.shape, name
+        assert np.array_equal(u.view(np.uint8), v.view(np.uint8)), f"{name} differs"
+
+
+def snapshot(path: Path) -> dict[str, tuple[str, int]]:
+    """Content hash and mtime of every file under ``path``: proves a store was not touched."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(path))] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+    return out
+
+
+def clone(src: Path, dst: Path) -> Path:
+    """A cheap copy (hard links); zarr replaces files on write, and `rewrite` unlinks first."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def rewrite(f: Path, data: bytes) -> None:
+    f.unlink()
+    f.write_bytes(data)
+
+
+def chunk_file(store: Path, array: str, view: int, row_chunk: int) -> Path:
+    """The file of (view, row chunk/shard) of an array (default 'c/' key encoding, '/' separator)."""
+    meta = zarr.open_array(str(store / array), mode="r").metadata
+    ndim = len(meta.shape)
+    f = store / array / "c" / str(view) / str(row_chunk) / "/".join(["0"] * (ndim - 2))
+    assert f.is_file(), f
+    return f
+
+
+def assert_clean_error(result, pattern: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    msg = [line for line in result.output.splitlines() if line.strip()]
+    assert len(msg) == 1 and msg[0].startswith("error: "), result.output
+    assert re.search(pattern, msg[0]), msg[0]
+    return msg[0]
+
+
+def recompute(ckpt: Path, n: int, seed: int, view: int, idx: np.ndarray):
+    """An independent forward pass: checkpoint -> model, augmented batch, (features, logits)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = create_model(state["meta"]["arch"], num_classes=10, in_channels=3)
+    model.load_state_dict(state["model"])
+    model.eval()
+    data = load_dataset("synthetic", "train", limit=n)
+    x, _ = augment(data.images, torch.from_numpy(idx), AugSpec(seed=seed, norm=data.norm), view=view)
+    with torch.no_grad():
+        feats, logits = model(x, is_feat=True)
+    return feats, logits
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("teachers")
+    out = {}
+    for arch in ("resnet8", "wrn_16_1"):
+        train_teacher(TrainConfig(arch=arch, dataset="synthetic", synthetic_samples=64, epochs=1, batch_size=32,
+                                  lr=0.05, progress=False, device="cpu", out=str(root / arch)))
+        out[arch] = root / arch / "best.pth"
+    return out
+
+
+@pytest.fixture(scope="module")
+def rt(teachers, tmp_path_factory):
+    """The round-trip store: resnet8 + wrn_16_1, V=2, penultimate + hint:2, float32, N=320 (made in-process)."""
+    path = tmp_path_factory.mktemp("rt") / "s.zarr"
+    summary = cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"]), str(teachers["wrn_16_1"])], out=str(path), **RT))
+    return path, summary
+
+
+@pytest.fixture(scope="module")
+def small(teachers, tmp_path_factory):
+    """A store made by the CLI, and the arguments that made it."""
+    path = tmp_path_factory.mktemp("small") / "s.zarr"
+    args = ["-d", "synthetic", "--limit", "128", "-V", "1", "-f", "penultimate", "--dtype", "float16", "--device", "cpu",
+            "-q", "--out", str(path)]
+    r = CliRunner().invoke(app, ["cache-teachers", "-t", str(teachers["resnet8"]), *args])
+    assert r.exit_code == 0, r.output
+    return path, args
+
+
+def _replace_opt(args, opt, value):
+    args = list(args)
+    if opt in args:
+        args[args.index(opt) + 1] = value
+    else:
+        args += [opt, value]
+    return args
+
+
+def rt_teacher_args(teachers):
+    return ["-t", teachers["resnet8"], "-t", teachers["wrn_16_1"]]
+
+
+# ---- 1. round trip -------------------------------------------------------------------------------
+
+def test_round_trip_equals_independent_recomputation(rt, teachers):
+    path, summary = rt
+    assert summary["rows_computed"] == 2 * N_RT and summary["n"] == N_RT and summary["views"] == 2
+    store = open_store(path, expect=Expect(layers=("penultimate", "hint2"), num_classes=10))
+    assert store.block_rows == 256 and store.progress().shape == (2, 2) and store.progress().all()
+    data = load_dataset("synthetic", "train", limit=N_RT)
+    assert np.array_equal(store.labels(), data.labels.numpy())
+    spec = AugSpec(seed=RT["seed"], norm=data.norm)
+    idx = np.array([0, 5, 99, 100, 255, 256, 300, 319])
+    heads = store.heads()
+    for v in range(2):
+        assert np.array_equal(store.aug(v), view_params(spec, v, np.arange(N_RT)).numpy())
+        logits = store.logits(v).numpy()
+        assert logits.shape == (N_RT, 2, 10) and logits.dtype == np.float32
+        pen, hint = store.features("penultimate", v), store.features("hint2", v)
+        for k, arch in enumerate(("resnet8", "wrn_16_1")):
+            feats, ref = recompute(teachers[arch], N_RT, RT["seed"], v, idx)
+            np.testing.assert_allclose(logits[idx, k], ref.numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(pen[k][idx], feats[-2].numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(hint[k][idx], feats[2].numpy(), rtol=1e-4, atol=1e-4)
+            # the stored head turns stored penultimate features into the stored logits
+            with torch.no_grad():
+                from_head = heads[k](torch.from_numpy(pen[k])).numpy()
+            np.testing.assert_allclose(from_head, logits[:, k], rtol=1e-4, atol=1e-4)
+    assert store.feature_shapes("penultimate") == [(64, 8, 8), (64, 8, 8)]
+    assert store.feature_shapes("hint2") == [(32, 16, 16), (32, 16, 16)]
+
+
+# ---- 2. plain zarr -------------------------------------------------------------------------------
+
+def test_readable_with_plain_zarr(rt, teachers):
+    path, _ = rt
+    g = zarr.open_group(str(path), mode="r")
+    assert g.metadata.zarr_format == 3
+    a = g.attrs["camkd"]
+    for key in ("format_version", "dataset", "augmentation", "teachers", "dtype", "views", "features", "camkd_version"):
+        assert key in a, key
+    assert a["format_version"] == L.FORMAT_VERSION and a["dtype"] == "float32" and a["views"] == 2
+    ds = load_dataset("synthetic", "train", limit=N_RT)
+    assert a["dataset"]["name"] == "synthetic" and a["dataset"]["n"] == N_RT and a["dataset"]["fingerprint"] == ds.fingerprint
+    assert a["augmentation"]["seed"] == RT["seed"] and a["augmentation"]["padding"] == 4
+    assert [t["arch"] for t in a["teachers"]] == ["resnet8", "wrn_16_1"]
+    assert [t["sha256"] for t in a["teachers"]] == [sha256_file(teachers["resnet8"]), sha256_file(teachers["wrn_16_1"])]
+    assert all(0 <= t["test_accuracy"] <= 100 for t in a["teachers"])
+    assert set(a["features"]) == {"penultimate", "hint2"} and a["features"]["hint2"]["index"] == 2
+    expected_dims = {"labels": 1, "aug": 3, "logits": 4, "progress": 2}
+    found = arrays(path)
+    for name, arr in found.items():
+        dims = arr.metadata.dimension_names
+        assert dims is not None and len(dims) == arr.ndim and all(dims), name
+        if name in expected_dims:
+            assert arr.ndim == expected_dims[name], name
+        if name.startswith("features/"):
+            assert dims == ("view", "sample", "channel", "height", "width")
+    assert found["logits"].metadata.dimension_names == ("view", "sample", "teacher", "class")
+    assert {f"features/{l}/t{k}" for l in ("penultimate", "hint2") for k in (0, 1)} <= found.keys()
+    assert {"heads/t0/fc.weight", "heads/t0/fc.bias", "heads/t1/fc.weight", "heads/t1/fc.bias"} <= found.keys()
+    # features are sharded per writer block, chunks of at most ~4 MB
+    hint = found["features/hint2/t0"]
+    assert hint.shards == (1, 256, 32, 16, 16) and hint.chunks[1] * 32 * 16 * 16 * 4 <= L.CHUNK_TARGET_BYTES
+
+
+# ---- 3. bit-identical resume after SIGKILL -------------------------------------------------------
+
+def _progress(path: Path):
+    try:
+        return np.asarray(zarr.open_array(str(path / "progress"), mode="r")[...])
+    except Exception:  # not created yet
+        return None
+
+
+def cache_cmd(teachers, out: Path, views: int = 2) -> list[str]:
+    """resnet8 with penultimate + hint:1 in float32: ~80 KB a row -> blocks of 256 rows, per view 256 + 128 (~30 MB)."""
+    return [sys.executable, "-m", "camkd.cli", "cache-teachers", "-t", str(teachers["resnet8"]), "-d", "synthetic",
+            "--limit", "384", "-V", str(views), "-f", "penultimate", "-f", "hint:1", "--dtype", "float32",
+            "--batch-size", "128", "--device", "cpu", "-q", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teachers, tmp_path_factory):
+    """Stores written by one uninterrupted `cache_cmd` subprocess, by number of views (made on first use)."""
+    made = {}
+
+    def get(views: int) -> Path:
+        if views not in made:
+            out = tmp_path_factory.mktemp("uninterrupted") / f"v{views}.zarr"
+            r = subprocess.run(cache_cmd(teachers, out, views), capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+            made[views] = out
+        return made[views]
+
+    return get
+
+
+def test_resume_after_sigkill_is_bit_identical(teachers, uninterrupted, tmp_path):
+    views = 2
+    for attempt in range(5):
+        if attempt == 3:
+            views = 6  # it kept finishing before the kill: more work
+        killed = tmp_path / f"killed{attempt}.zarr"
+        proc = subprocess.Popen(cache_cmd(teachers, killed, views), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            flags = _progress(killed)
+            if flags is not None and 0 < flags.sum() < flags.size:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait()
+        after = _progress(killed)
+        if proc.returncode == -signal.SIGKILL and after is not None and 0 < after.sum() < after.size:
+            break
+    else:
+        pytest.fail("could not kill cache-teachers while it was writing")
+    print(f"killed at attempt {attempt} with {int(after.sum())}/{after.size} blocks flagged")
+    resumed = subprocess.run(cache_cmd(teachers, killed, views), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    # only the blocks without a flag were computed (256 and 128 rows, alternating)
+    m = re.search(r"cached (\d+) sample-views", resumed.stdout)
+    assert int(m.group(1)) == sum(rows for rows, f in zip([256, 128] * views, after.reshape(-1)) if not f)
+    assert_stores_equal(killed, uninterrupted(views))
+    assert not list(killed.rglob("*.partial")), "temporary files of the killed write left in the store"
+
+
+def test_interrupted_while_creating_resumes(cli, teachers, small, tmp_path, monkeypatch):
+    """Stopped half-way through creating the store, the same command must still go on (not refuse a half store)."""
+    path, args = small
+    out = tmp_path / "s.zarr"
+    args = ["cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(out))]
+    real, calls = zarr.Group.create_array, []
+
+    def dies_on_third_array(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill leaves: some arrays made, no attrs
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_on_third_array)
+    assert cli(*args).exit_code == 130
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    assert len(calls) == 3 and not out.exists()
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert_stores_equal(out, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temporary folder left
+
+
+def test_rerun_removes_temporary_files_of_a_killed_write(cli, teachers, small, tmp_path):
+    path, args = small
+    copy = clone(path, tmp_path / "s.zarr")
+    junk = copy / "features" / "penultimate" / "t0" / "c" / "0" / ("0." + "ab" * 16 + ".partial")
+    junk.write_bytes(b"half a shard")
+    r = cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(copy)))
+    assert r.exit_code == 0 and "cached 0 sample-views" in r.output, r.output
+    assert not junk.exists()
+    assert_stores_equal(copy, path)
+
+
+# ---- 4. appending views --------------------------------------------------------------------------
+
+def test_more_views_append_without_recomputing(teachers, tmp_path):
+    base = dict(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=128, features=["penultimate"],
+                dtype="float16", batch_size=128, device="cpu", progress=False, seed=1)
+    path = tmp_path / "grow.zarr"
+    s1 = cache_teachers(CacheConfig(**base, views=1, out=str(path)))
+    assert s1["rows_computed"] == 128
+    view0 = {f: (f.stat().st_mtime_ns, f.read_bytes()) for name in ("aug", "logits", "features/penultimate/t0", "progress")
+             for f in (path / name / "c" / "0").rglob("*") if f.is_file()}
+    assert len(view0) >= 4
+    time.sleep(0.01)
+    s3 = cache_teachers(CacheConfig(**base, views=3, out=str(path)))
+    assert s3["rows_computed"] == 2 * 128 and s3["views"] == 3
+    for f, (mtime, data) in view0.items():
+        assert f.stat().st_mtime_ns == mtime and f.read_bytes() == data, f  # view 0 not rewritten
+    fresh = tmp_path / "fresh.zarr"
+    cache_teachers(CacheConfig(**base, views=3, out=str(fresh)))
+    assert_stores_equal(path, fresh)
+    # asking for fewer views than stored computes nothing and keeps all
+    s = cache_teachers(CacheConfig(**base, views=2, out=str(path)))
+    assert s["rows_computed"] == 0 and s["views"] == 3
+
+
+# ---- 5. refusals ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, pattern", [
+    (("--limit", "100"), r"made differently: .*dataset\.fingerprint.*dataset\.n \(store: 128, now: 100\).*--overwrite"),
+    (("--seed", "7"), r"augmentation\.seed \(store: 0, now: 7\)"),
+    (("--dtype", "float32"), r"dtype \(store: float16, now: float32\)"),
+    (("-f", "hint:2"), r"features\.hint2 \(store: None"),
+])
+def test_refuses_other_options_naming_the_difference(cli, teachers, small, change, pattern):
+    path, args = small
+    before = snapshot(path)
+    new = args + list(change) if change[0] == "-f" else _replace_opt(args, *change)
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), pattern)
+    assert snapshot(path) == before
+
+
+def test_refuses_other_layers_dropped(cli, teachers, small):
+    path, args = small
+    before = snapshot(path)
+    new = [a for i, a in enumerate(args) if a != "penultimate" and not (a == "-f" and args[i + 1] == "penultimate")]
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), r"features\.penultimate \(store: \{")
+    assert snapshot(path) == before
+
+
+def test_refuses_other_teachers(cli, teachers, small, tmp_path):
+    path, args = small
+    before = snapshot(path)
+    assert_clean_error(cli("cache-teachers", "-t", teachers["wrn_16_1"], *args), r"teachers.*wrn_16_1")
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], "-t", teachers["wrn_16_1"], *args), r"teachers")
+    # same arch and file name, other weights: the message must name the checkpoint digest
+    ckpt = torch.load(teachers["resnet8"], map_location="cpu", weights_only=True)
+    ckpt["model"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
+    other = tmp_path / "other" / teachers["resnet8"].name
+    other.parent.mkdir()
+    torch.save(ckpt, other)
+    msg = assert_clean_error(cli("cache-teachers", "-t", other, *args), r"sha256")
+    assert sha256_file(other)[:12] in msg and sha256_file(teachers["resnet8"])[:12] in msg, msg
+    assert snapshot(path) == before
+
+
+def test_overwrite_replaces(cli, teachers, small, tmp_path):
+    path, args = small
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    args = _replace_opt(_replace_opt(args, "--out", str(copy)), "--seed", "7")
+    r = cli("cache-teachers", "-t", teachers["resnet8"], *args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert open_store(copy).attrs["augmentation"]["seed"] == 7 and open_store(copy).progress().all()
+
+
+def test_refuses_path_that_is_no_store(cli, teachers, small, tmp_path):
+    _, args = small
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(folder))),
+                       r"folder exists and is not a camkd store; choose another --out$")
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(folder)), "--overwrite"),
+                       r"folder exists and is not a Zarr store; refusing to delete it even with --overwrite")
+    assert (folder / "notes.txt").read_text() == "mine"
+    a_file = tmp_path / "file.zarr"
+    a_file.write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(a_file)), *extra),
+                           r"file\.zarr exists and is not a (camkd|Zarr) store")
+        assert a_file.read_text() == "mine"
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w").create_array("x", shape=(3,), dtype="i4")
+    before = snapshot(plain)
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(plain))),
+                       r"plain\.zarr is a Zarr group but not a camkd store.*--overwrite")
+    assert snapshot(plain) == before
+    with pytest.raises(CamkdError, match="not a camkd store"):
+        open_store(plain)
+    with pytest.raises(CamkdError, match="not a camkd store"):
+        open_store(folder)
+
+
+def test_refuses_bad_teacher_checkpoints(cli, teachers, small, tmp_path):
+    path, args = small
+    before = snapshot(path)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage, not a checkpoint")
+    assert_clean_error(cli("cache-teachers", "-t", bad, *args), r"bad\.pth is not a readable torch checkpoint")
+    assert_clean_error(cli("cache-teachers", "-t", tmp_path / "missing.pth", *args), r"missing\.pth not found")
+    # a reference checkpoint {'model': state_dict} of a 5-class resnet8
+    five = tmp_path / "five.pth"
+    torch.save({"model": create_model("resnet8", num_classes=5, in_channels=3).state_dict()}, five)
+    assert_clean_error(cli("cache-teachers", "-t", f"resnet8={five}", *args), r"five\.pth has 5 classes but synthetic has 10")
+    assert_clean_error(cli("cache-teachers", "-t", f"wrn_16_1={teachers['resnet8']}", *args), r"does not fit arch 'wrn_16_1'")
+    assert_clean_error(cli("cache-teachers", "-t", five, *args), r"names no arch.*ARCH=PATH")
+    assert snapshot(path) == before
+
+
+# ---- 6. corrupted and truncated chunks -----------------------------------------------------------
+
+def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path):
+    path, _ = rt
+    bad = clone(path, tmp_path / "bad.zarr")
+    f = chunk_file(bad, "logits", 1, 0)  # view 1, rows 0:256 (one chunk per block)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    rewrite(f, bytes(data))
+    f = chunk_file(bad, "features/hint2/t1", 0, 1)  # view 0, second block (rows 256:320), a shard
+    rewrite(f, f.read_bytes()[: len(f.read_bytes()) // 2])
+    store = open_store(bad)
+    store.logits(0)  # untouched view reads
+    with pytest.raises(CamkdError, match=r"array 'logits' view 1 cannot be read.*cache-verify"):
+        store.logits(1)
+    store.features("hint2", 0, slice(0, 256))
+    with pytest.raises(CamkdError, match=r"array 'features/hint2/t1' view 0 rows 256:320 cannot be read"):
+        store.features("hint2", 0, slice(256, 320))
+    r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert "CORRUPT" in r.output and "logits view 1 rows 0:256" in r.output, r.output
+    assert "features/hint2/t1 view 0 rows 256:320" in r.output, r.output
+    # re-running the same cache-teachers command on it: a clean error, not a traceback
+    args = ["-d", "synthetic", "--limit", str(N_RT), "-V", "2", "-f", "penultimate", "-f", "hint:2", "--dtype", "float32",
+            "--seed", str(RT["seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
+    assert_clean_error(cli("cache-teachers", *rt_teacher_args(teachers), *args), r"'logits' view 1")
+
+
+def test_chunk_truncated_to_nothing_is_reported(cli, rt, teachers, tmp_path):
+    """A zero-length chunk file (what a crash can leave on some filesystems) decodes as fill values in zarr."""
+    path, _ = rt
+    bad = clone(path, tmp_path / "empty.zarr")
+    rewrite(chunk_file(bad, "features/penultimate/t0", 1, 0), b"")
+    r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "8", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert "features/penultimate/t0 view 1 rows 0:256" in r.output, r.output
+
+
+# ---- 7. cache-verify ----------------------------------------------------------------------------
+
+def test_verify_passes_on_good_store(cli, rt, teachers):
+    path, _ = rt
+    r = cli("cache-verify", path, *rt_teacher_args(teachers), "--sample", "48", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    out = r.output.splitlines()
+    assert out[-1] == "OK" and "every chunk decodes" in out and out[0].startswith("complete")
+    diffs = {line.split(":")[0]: float(line.split("largest difference ")[1].split()[0]) for line in out if "largest difference" in line}
+    assert set(diffs) == {"logits"} | {f"features/{l}/t{k}" for l in ("penultimate", "hint2") for k in (0, 1)}
+    assert max(diffs.values()) < 1e-3
+
+
+def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path):
+    path, _ = rt
+    bad = clone(path, tmp_path / "tampered.zarr")
+    g = zarr.open_group(str(bad), mode="r+")
+    logits = np.asarray(g["logits"][0])
+    g["logits"][0] = logits + np.float32(0.01)  # valid checksums, wrong values
+    r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert "MISMATCH: logits view 0" in r.output and r.output.splitlines()[-1] == "FAILED", r.output
+    g["logits"][0] = logits
+    g["aug"][1, 0:320] = np.asarray(g["aug"][1])[::-1]
+    r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
+    assert r.exit_code == 1 and "augmentation parameters of view 1" in r.output, r.output
+    # the teachers must be the store's
+    r = cli("cache-verify", path, "-t", teachers["wrn_16_1"], "-t", teachers["resnet8"], "--device", "cpu")
+    assert_clean_error(r, r"differ from the store's")
+    # incomplete
+    g["aug"][1] = np.asarray(zarr.open_group(str(path), mode="r")["aug"][1])
+    g["progress"][1, 1] = 0
+    r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--device", "cpu")
+    assert r.exit_code == 1 and "INCOMPLETE: 1 blocks missing (first: view 1 block 1)" in r.output, r.output
+
+
+def test_verify_store_made_with_limit(cli, small, teachers):
+    """The CLI caches synthetic data with --limit (first N of the default set); verify must find the same data."""
+    path, _ = small
+    r = cli("cache-verify", path, "-t", teachers["resnet8"], "--sample", "16", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+
+
+# ---- 8. reader: epoch plans and streaming --------------------------------------------------------
+
+def test_epoch_windows_cover_each_index_once():
+    n, br = 1000, 64  # 16 blocks, the last one partial
+    for wb in (1, 3, 16, None):
+        plans = []
+        for epoch in range(3):
+            windows = epoch_windows(n, seed=5, epoch=epoch, block_rows=br, window_blocks=wb)
+            flat = np.concatenate(windows)
+            assert np.array_equal(np.sort(flat), np.arange(n))
+            assert all(w.dtype == np.int64 for w in windows)
+            if wb is not None:
+                assert len(windows) == -(-L.num_blocks(n, br) // wb)
+                for w in windows:  # a window is made of whole blocks, at most wb of them
+                    blocks = set((w // br).tolist())
+                    assert len(blocks) <= wb
+                    assert len(w) == sum(L.block_slice(b, n, br).stop - L.block_slice(b, n, br).start for b in blocks)
+            plans.append(flat)
+            again = np.concatenate(epoch_windows(n, seed=5, epoch=epoch, block_rows=br, window_blocks=wb))
+            assert np.array_equal(flat, again)  # a pure function of its arguments
+        assert not np.array_equal(plans[0], plans[1]) and not np.array_equal(plans[1], plans[2])
+        other_seed = np.concatenate(epoch_windows(n, seed=6, epoch=0, block_rows=br, window_blocks=wb))
+        assert not np.array_equal(plans[0], other_seed)
+
+
+@pytest.mark.parametrize("window_blocks", [1, 2])
+def test_feature_stream_yields_every_row_once(rt, window_blocks):
+    path, _ = rt
+    store = open_store(path)
+    layers = ("penultimate", "hint2")
+    whole = {layer: store.features(layer, 1) for layer in layers}
+    windows = epoch_windows(store.n, seed=0, epoch=4, block_rows=store.block_rows, window_blocks=window_blocks)
+    seen = []
+    for idx, feats in FeatureStream(store, layers, 1, windows, prefetch=1):
+        seen.append(idx)
+        for layer in layers:
+            assert len(feats[layer]) == 2
+            for t in range(2):
+                assert np.array_equal(feats[layer][t], whole[layer][t][idx])
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(store.n))
+    assert len(seen) == len(windows)
+
+
+def test_feature_stream_stops_early_and_reports_errors(rt, tmp_path):
+    path, _ = rt
+    store = open_store(path)
+    windows = epoch_windows(store.n, seed=0, epoch=0, block_rows=store.block_rows, window_blocks=1)
+    stream = FeatureStream(store, ("hint2",), 0, windows)
+    for _ in stream:
+        break  # leaving early stops the producer thread
+    assert not stream.thread.is_alive()
+    bad = clone(path, tmp_path / "bad.zarr")
+    f = chunk_file(bad, "features/hint2/t0", 0, 0)
+    rewrite(f, f.read_bytes()[:100])
+    with pytest.raises(CamkdError, match=r"features/hint2/t0' view 0 rows 0:256"):
+        for _ in FeatureStream(open_store(bad), ("hint2",), 0, windows):
+            pass
+
+
+# ---- 9. open_store expectations ----------------------------------------------------------------
+
+def test_open_store_expectations(rt, tmp_path):
+    path, _ = rt
+    fp = open_store(path).attrs["dataset"]["fingerprint"]
+    aug = open_store(path).attrs["augmentation"]
+    open_store(path, expect=Expect(dataset_fingerprint=fp, dataset_name="synthetic", augmentation=aug, num_classes=10,
+                                   layers=("penultimate", "hint2")))
+    with pytest.raises(CamkdError, match=r"other data \(fingerprint .*the dataset or --limit changed"):
+        open_store(path, expect=Expect(dataset_fingerprint=load_dataset("synthetic", "train", limit=100).fingerprint))
+    with pytest.raises(CamkdError, match=r"has 10 classes, the student needs 5"):
+        open_store(path, expect=Expect(num_classes=5))
+    with pytest.raises(CamkdError, match=r"caches dataset 'synthetic', not 'cifar100'"):
+        open_store(path, expect=Expect(dataset_name="cifar100"))
+    with pytest.raises(CamkdError, match=r"augmentation .*--seed"):
+        open_store(path, expect=Expect(augmentation=dict(aug, seed=0)))
+    with pytest.raises(CamkdError, match=r"no 'hint3' features; re-cache with .*--features hint:3"):
+        open_store(path, expect=Expect(layers=("penultimate", "hint3")))
+    with pytest.raises(CamkdError, match=r"not found; create it with 'camkd cache-teachers"):
+        open_store(tmp_path / "nowhere.zarr")
+    partial = clone(path, tmp_path / "partial.zarr")
+    zarr.open_group(str(partial), mode="r+")["progress"][0, 1] = 0
+    open_store(partial)  # opening without expectations works (cache-info)
+    with pytest.raises(CamkdError, match=r"incomplete \(1 blocks missing, first: view 0 block 1\); rerun the same cache-teachers"):
+        open_store(partial, expect=Expect())
+
+
+def test_cache_info(cli, rt):
+    path, _ = rt
+    r = cli("cache-info", path)
+    assert r.exit_code == 0, r.output
+    assert "N=320" in r.output and "complete   4/4 blocks" in r.output and "features/hint2/t1" in r.output
+    assert "[view,sample,teacher,class]" in r.output
+
+
+# ---- 10. disk full ------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 40 MB tmpfs (needs root / CAP_SYS_ADMIN; skipped where mounting is not permitted)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("no mount command here")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_is_clean_and_resumable(teachers, uninterrupted, tiny_disk):
+    # ~30 MB a view (see cache_cmd): the 40 MB disk fills while view 1 is written
+    path = tiny_disk / "s.zarr"
+    r = subprocess.run(cache_cmd(teachers, path), capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert re.fullmatch(r"error: disk full while writing .*s\.zarr; finished blocks are kept, free space and rerun the same command to resume", lines[0]), lines[0]
+    flags = _progress(path)
+    assert flags is not None and flags[0].all() and not flags[1].all()
+    # every flagged block is whole and equal to the uninterrupted run's
+    ref = uninterrupted(2)
+    got, want = arrays(path), arrays(ref)
+    for v, b in zip(*np.nonzero(flags)):
+        rows = L.block_slice(int(b), 384, 256)
+        for name in ("aug", "logits", "features/penultimate/t0", "features/hint1/t0"):
+            assert np.array_equal(np.asarray(got[name][v, rows]), np.asarray(want[name][v, rows])), (name, v, b)
+    assert not list(path.rglob("*.partial"))
+    subprocess.run(["mount", "-o", "remount,size=200m", str(tiny_disk)], check=True)
+    r = subprocess.run(cache_cmd(teachers, path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert_stores_equal(path, ref)
+
+
+def test_disk_full_while_creating(cli, teachers, small, tiny_disk):
+    _, args = small
+    subprocess.run(["mount", "-o", "remount,size=8k", str(tiny_disk)], check=True)
+    path = tiny_disk / "s.zarr"
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(path))),
+                       rf"^error: cannot create {re.escape(str(path))}: disk full$")
+    assert not list(tiny_disk.iterdir())
