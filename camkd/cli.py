@@ -58,7 +58,7 @@ def friendly(fn: Callable) -> Callable:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; finished epochs are kept, rerun with --resume to continue", err=True)
+            typer.echo("interrupted; finished work is kept: rerun the same command (train-teacher/distill: add --resume) to continue", err=True)
             raise typer.Exit(code=130) from None
 
     return wrapper
@@ -223,9 +223,9 @@ def bench_speed_cmd(
     student: Annotated[str, typer.Option("--student")] = "vgg8",
     teacher: Annotated[str, typer.Option("--teacher-arch")] = "resnet32x4",
     num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1)] = 3,
-    samples: Annotated[int, typer.Option("--samples", min=64)] = 512,
+    samples: Annotated[int, typer.Option("--samples", min=64)] = 384,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
-    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 2,
     no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
     device: DeviceOpt = DeviceChoice.auto,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default bench/results/speed-<device>.json).")] = None,

@@ -8,7 +8,6 @@ store's augmentation parameters on the first batch of each view.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.store import Expect, open_store
 from camkd.targets import CachedTargets, OnlineTargets, check_layers, plan_windows
-from camkd.teachers import load_teacher, parse_layer
+from camkd.teachers import load_teacher
 from camkd.views import AugSpec, augment
 
 
@@ -87,7 +86,6 @@ class _Setup:
     test: Dataset
     spec: AugSpec
     views: int
-    targets: CachedTargets | OnlineTargets
     store_identity: dict
 
 
@@ -113,7 +111,7 @@ def _setup_cached(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
     if spec.to_dict() != AugSpec(seed=aug["seed"], norm=train.norm).to_dict():
         raise CamkdError(f"{cfg.cache} used a normalization other than {train.name}'s; re-cache with this camkd")
     shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
-    return _Setup(train.to(device), test.to(device), spec, store.views, None, {"teachers": a["teachers"], "dataset": ds}), \
+    return _Setup(train.to(device), test.to(device), spec, store.views, {"teachers": [t["sha256"] for t in a["teachers"]]}), \
         {"store": store, "shapes": shapes, "num_teachers": store.num_teachers}
 
 
@@ -152,7 +150,7 @@ def _setup_online(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
     index = {"penultimate": -2}
     index.update({f"hint{i}": i for i in range(len(tf[0])) if all(f[i].ndim == 4 for f in tf)})
     shapes = {name_: [tuple(f[i].shape[1:]) for f in tf] for name_, i in index.items() if all(f[i].ndim == 4 for f in tf)}
-    return _Setup(train.to(device), test.to(device), spec, views, None, {"teachers": [t.sha256 for t in teachers]}), \
+    return _Setup(train.to(device), test.to(device), spec, views, {"teachers": [t.sha256 for t in teachers]}), \
         {"teachers": teachers, "shapes": shapes, "index": index, "num_teachers": len(teachers), "block_rows": block_rows}
 
 
@@ -215,7 +213,9 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.resume:
         ckpt = load_checkpoint(last_path)
         meta = ckpt.get("meta") or {}
-        for key, want in (("arch", model.arch), ("method", cfg.method), ("dataset_fingerprint", train.fingerprint)):
+        checks = (("arch", model.arch), ("method", cfg.method), ("dataset_fingerprint", train.fingerprint),
+                  ("teachers", setup.store_identity.get("teachers")))
+        for key, want in checks:
             if meta.get(key) != want:
                 raise CamkdError(f"--resume: {last_path} was made with {key}={meta.get(key)!r}, this run has {want!r}; "
                                  "use the same options or another --out")

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import camkd
@@ -43,9 +42,9 @@ class SpeedConfig:
     teacher: str = "resnet32x4"
     num_teachers: int = 3
     num_classes: int = 100
-    samples: int = 512
+    samples: int = 384
     batch_size: int = 64
-    repeats: int = 3
+    repeats: int = 2
     device: str = "auto"
     out: str | None = None
     methods: list[tuple[str, float | None]] | None = None

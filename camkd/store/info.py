@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from camkd.store.reader import open_store
 from camkd.store.writer import _walk_arrays, array_sizes

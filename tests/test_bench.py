@@ -1,0 +1,47 @@
+"""Smoke runs of both benchmarks at tiny sizes, so the benchmark code cannot rot.
+
+They check the outputs' structure and that every ratio is a finite positive number, not the
+targets (speed is measured by the benchmark itself, side by side, never by a timed test).
+"""
+
+import json
+import math
+
+from PIL import Image
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, float | int) and math.isfinite(x) and x > 0
+
+
+def test_bench_speed_smoke(cli, tmp_path):
+    out = tmp_path / "speed.json"
+    r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "2", "--samples", "64",
+            "--batch-size", "16", "--repeats", "1", "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert set(res) >= {"machine", "cache", "reader", "train_images_per_s", "cached_over_ce", "cached_over_online", "bytes_per_sample_view"}
+    names = {"kd", "avg", "ebkd", "aekd", "fitnet", "camkd(beta=0)", "camkd+features"}
+    assert set(res["cached_over_ce"]) == names and set(res["cached_over_online"]) == names
+    for v in list(res["cached_over_ce"].values()) + list(res["cached_over_online"].values()) + [res["cache"]["ratio"]]:
+        assert finite_positive(v)
+    for v in res["reader"].values():
+        assert finite_positive(v["samples_per_s"]) and finite_positive(v["MB_per_s"])
+    b16, b32 = res["bytes_per_sample_view"]["float16"], res["bytes_per_sample_view"]["float32"]
+    assert b32["logits"] > b16["logits"] > 0  # float32 is stored at twice the bytes (plus checksums)
+    assert "| ce (the limit) |" in out.with_suffix(".md").read_text()
+    assert Image.open(out.with_suffix(".png")).size[0] > 100
+
+
+def test_bench_accuracy_smoke(tmp_path):
+    from camkd.bench.accuracy import AccuracyConfig, plot, run_accuracy, to_markdown
+
+    r = run_accuracy(AccuracyConfig(dataset="synthetic", synthetic_samples=96, teacher_arch="resnet8", num_teachers=2,
+                                    student="resnet8", teacher_epochs=1, epochs=1, seeds=2, methods=["ce", "camkd"],
+                                    batch_size=16, limit=None, device="cpu", out=str(tmp_path / "work")))
+    assert set(r["table"]) == {"ce", "camkd", "camkd --online"}
+    assert len(r["table"]["ce"]["runs"]) == 2 and all(0 <= x <= 100 for x in r["table"]["ce"]["runs"])
+    assert r["cache_vs_online"]["abs_diff"] < 1e-9  # float32 store: the same student either way
+    assert "| camkd |" in to_markdown(r)
+    plot(r, tmp_path / "acc.png")
+    assert Image.open(tmp_path / "acc.png").size[0] > 100
