@@ -19,7 +19,6 @@ from torch import nn
 import camkd
 from camkd.checkpoint import atomic_save, check_writable, load_checkpoint
 from camkd.datasets import Dataset, load_dataset
-from camkd.datasets.base import Normalization
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
 from camkd.loop import MetricsFile, default_lr, evaluate, lr_at, make_sgd, set_lr
@@ -27,6 +26,7 @@ from camkd.methods import StudentOut, create_method, required_layers
 from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.store import Expect, open_store
+from camkd.store.reader import load_cached_data
 from camkd.targets import CachedTargets, OnlineTargets, check_layers, plan_windows
 from camkd.teachers import load_teacher
 from camkd.views import AugSpec, augment
@@ -89,27 +89,14 @@ class _Setup:
     store_identity: dict
 
 
-def _synthetic_opts(ds: dict) -> dict:
-    """The synthetic dataset's options, read back from a store's dataset attrs."""
-    return {"num_samples": ds["n"], "num_classes": ds["num_classes"], "image_size": ds["image_size"], "channels": ds["in_channels"]}
-
-
 def _setup_cached(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dict]:
     store = open_store(cfg.cache)
     a = store.attrs
     ds = a["dataset"]
     if cfg.dataset and cfg.dataset != ds["name"]:
         raise CamkdError(f"{cfg.cache} caches dataset '{ds['name']}', not '{cfg.dataset}'; use a store made for {cfg.dataset}")
-    opts = _synthetic_opts(ds) if ds["name"] == "synthetic" else {}
-    train = load_dataset(ds["name"], "train", data_dir=cfg.data_dir, limit=ds["n"] if ds["name"] != "synthetic" else None, **opts)
-    test_opts = {k: v for k, v in opts.items() if k != "num_samples"}
-    test = load_dataset(ds["name"], "test", data_dir=cfg.data_dir, **test_opts)
-    aug = a["augmentation"]
-    spec = AugSpec(seed=aug["seed"], norm=Normalization(tuple(aug["normalization"]["mean"]), tuple(aug["normalization"]["std"])),
-                   padding=aug["padding"])
+    train, test, spec = load_cached_data(store, data_dir=cfg.data_dir)
     open_store(cfg.cache, Expect(dataset_fingerprint=train.fingerprint, num_classes=train.num_classes, augmentation=spec.to_dict()))
-    if spec.to_dict() != AugSpec(seed=aug["seed"], norm=train.norm).to_dict():
-        raise CamkdError(f"{cfg.cache} used a normalization other than {train.name}'s; re-cache with this camkd")
     shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
     return _Setup(train.to(device), test.to(device), spec, store.views, {"teachers": [t["sha256"] for t in a["teachers"]]}), \
         {"store": store, "shapes": shapes, "num_teachers": store.num_teachers}
@@ -122,28 +109,23 @@ def _setup_online(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
     if cfg.cache:  # take data, views and augmentation from the store, without reading its outputs
         store = open_store(cfg.cache)
         a = store.attrs
-        ds = a["dataset"]
-        name, n, views, aug_seed = ds["name"], ds["n"], a["views"], a["augmentation"]["seed"]
         if [t.sha256 for t in teachers] != [t["sha256"] for t in a["teachers"]]:
             raise CamkdError(f"--teacher checkpoints differ from the ones {cfg.cache} was made with; pass the same ones in order")
-        block_rows = store.block_rows
+        train, test, spec = load_cached_data(store, data_dir=cfg.data_dir)
+        views, block_rows, name = a["views"], store.block_rows, train.name
     else:
         if not cfg.dataset:
             raise CamkdError("--online without --cache needs --dataset")
-        name, n = cfg.dataset, cfg.limit
+        name = cfg.dataset
+        opts = {"num_samples": cfg.synthetic_samples} if name == "synthetic" and cfg.synthetic_samples else {}
+        train = load_dataset(name, "train", data_dir=cfg.data_dir, limit=cfg.limit, **opts)
+        test = load_dataset(name, "test", data_dir=cfg.data_dir)
         views = cfg.views or cfg.epochs
-        aug_seed = cfg.aug_seed if cfg.aug_seed is not None else cfg.seed
+        spec = AugSpec(seed=cfg.aug_seed if cfg.aug_seed is not None else cfg.seed, norm=train.norm)
         block_rows = 1
-    opts = {}
-    if name == "synthetic":
-        opts = _synthetic_opts(ds) if cfg.cache else {"num_samples": n or cfg.synthetic_samples}
-        opts = {k: v for k, v in opts.items() if v}
-    train = load_dataset(name, "train", data_dir=cfg.data_dir, limit=n if name != "synthetic" else None, **opts)
-    test = load_dataset(name, "test", data_dir=cfg.data_dir, **{k: v for k, v in opts.items() if k != "num_samples"})
     for t in teachers:
         if t.num_classes != train.num_classes or t.in_channels != train.in_channels:
             raise CamkdError(f"teacher {t.path} ({t.num_classes} classes, {t.in_channels} channels) does not fit {name}")
-    spec = AugSpec(seed=aug_seed, norm=train.norm)
     x = torch.zeros((1,) + tuple(train.images.shape[1:]), device=device)
     with torch.inference_mode():
         tf = [t.model(x, is_feat=True)[0] for t in teachers]

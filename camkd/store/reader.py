@@ -18,10 +18,11 @@ import torch
 import zarr
 from torch import nn
 
+from camkd.datasets import Dataset, Normalization, load_dataset
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import layout as L
-from camkd.views import hash_counter
+from camkd.views import AugSpec, hash_counter
 
 
 @dataclass
@@ -139,6 +140,31 @@ def _check(store: TeacherStore, e: Expect) -> None:
         v, b = missing[0]
         raise CamkdError(f"{store.path} is incomplete ({len(missing)} blocks missing, first: view {v} block {b}); "
                          "rerun the same cache-teachers command to finish it")
+
+
+def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tuple[Dataset, Dataset, AugSpec]:
+    """The training split a store was made from (checked by fingerprint), its test split, and its augmentation."""
+    ds = store.attrs["dataset"]
+    candidates: list[dict] = [{}]
+    test_opts: dict = {}
+    if ds["name"] == "synthetic":
+        # a set of exactly n samples (synthetic_samples), or the first n of the default set (--limit)
+        test_opts = dict(num_classes=ds["num_classes"], image_size=ds["image_size"], channels=ds["in_channels"])
+        candidates = [dict(test_opts, num_samples=ds["n"]), test_opts]
+    for opts in candidates:
+        train = load_dataset(ds["name"], ds["split"], data_dir=data_dir, limit=ds["n"], **opts)
+        if train.fingerprint == ds["fingerprint"]:
+            break
+    if train.fingerprint != ds["fingerprint"]:
+        raise CamkdError(f"{store.path} was cached from other data than {ds['name']} here (fingerprint {ds['fingerprint'][:12]}, "
+                         f"N {ds['n']}); the dataset changed since caching: give the same --data-dir or re-cache")
+    test = load_dataset(ds["name"], "test", data_dir=data_dir, **test_opts)
+    aug = store.attrs["augmentation"]
+    norm = Normalization(tuple(aug["normalization"]["mean"]), tuple(aug["normalization"]["std"]))
+    spec = AugSpec(seed=aug["seed"], norm=norm, padding=aug["padding"], recipe=aug["recipe"])
+    if spec.to_dict() != AugSpec(seed=aug["seed"], norm=train.norm).to_dict():
+        raise CamkdError(f"{store.path} was cached with augmentation {aug}, which this camkd does not replay; re-cache")
+    return train, test, spec
 
 
 # -- epoch plans and streaming ---------------------------------------------------------------------

@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camkd.datasets import load_dataset
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.store import layout as L
-from camkd.store.reader import open_store
+from camkd.store.reader import load_cached_data, open_store
 from camkd.store.writer import _walk_arrays
 from camkd.teachers import load_teacher, run_teachers
-from camkd.views import AugSpec, augment, view_params
-from camkd.datasets.base import Normalization
+from camkd.views import augment, view_params
 
 
 @dataclass
@@ -89,23 +87,8 @@ def cache_verify(path: str | Path, teachers: list[str], *, sample: int = 256, se
     if [t.sha256 for t in loaded] != shas:
         raise CamkdError(f"the --teacher checkpoints differ from the store's (sha256 {[s[:12] for s in shas]}); "
                          "pass the same checkpoints in the same order")
-    ds = a["dataset"]
-    candidates = [{}]
-    if ds["name"] == "synthetic":
-        # a set of exactly n samples (synthetic_samples), or the first n of the default set (--limit)
-        shape = dict(num_classes=ds["num_classes"], image_size=ds["image_size"], channels=ds["in_channels"])
-        candidates = [dict(shape, num_samples=ds["n"]), shape]
-    for opts in candidates:
-        train = load_dataset(ds["name"], ds["split"], data_dir=data_dir, limit=ds["n"], **opts)
-        if train.fingerprint == ds["fingerprint"]:
-            break
-    if train.fingerprint != ds["fingerprint"]:
-        raise CamkdError(f"the dataset on this machine differs from the one cached (fingerprint {ds['fingerprint'][:12]}); "
-                         "give the same --data-dir")
+    train, _, spec = load_cached_data(store, data_dir=data_dir)
     train = train.to(dev)
-    aug = a["augmentation"]
-    spec = AugSpec(seed=aug["seed"], norm=Normalization(tuple(aug["normalization"]["mean"]), tuple(aug["normalization"]["std"])),
-                   padding=aug["padding"])
     rng = np.random.default_rng(seed)
     pairs = sorted({(int(rng.integers(store.views)), int(rng.integers(store.n))) for _ in range(sample)})
     layers = {name: spec_["index"] for name, spec_ in a["features"].items()}
