@@ -480,6 +480,16 @@ def test_chunk_truncated_to_nothing_is_reported(cli, rt, teachers, tmp_path):
     assert "features/penultimate/t0 view 1 rows 0:256" in r.output, r.output
 
 
+def test_deleted_chunk_file_is_reported(cli, rt, teachers, tmp_path):
+    """Every chunk is written (write_empty_chunks), so a missing file is damage, not a fill-value chunk."""
+    path, _ = rt
+    bad = clone(path, tmp_path / "deleted.zarr")
+    chunk_file(bad, "logits", 0, 1).unlink()
+    r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "8", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert "logits view 0 rows 256:320 (chunk file missing)" in r.output, r.output
+
+
 # ---- 7. cache-verify ----------------------------------------------------------------------------
 
 def test_verify_passes_on_good_store(cli, rt, teachers):

@@ -30,17 +30,24 @@ def _tolerance(dtype: str, ref: np.ndarray) -> np.ndarray:
 
 
 def _empty_chunk_files(root: Path, name: str, arr) -> list[str]:
-    """Zero-length chunk files: zarr reads an empty shard as fill values, so a truncation to nothing would pass."""
+    """Missing or zero-length chunk files of a view x sample array.
+
+    zarr reads a missing or empty chunk as fill values, so a deleted or truncated-to-nothing file
+    would pass a decode check. The writer stores every chunk (write_empty_chunks), so each
+    (view, chunk) of a flagged store must have a non-empty file.
+    """
     base = Path(root) / name / "c"
-    if not base.is_dir():
-        return []
     step = (arr.shards or arr.chunks)[1]
+    tail = ("0",) * (arr.ndim - 2)
     out = []
-    for f in sorted(base.rglob("*")):
-        parts = f.relative_to(base).parts
-        if f.is_file() and all(p.isdigit() for p in parts) and f.stat().st_size == 0:
-            v, c = int(parts[0]), int(parts[1])
-            out.append(f"{name} view {v} rows {c * step}:{min((c + 1) * step, arr.shape[1])} (empty chunk file)")
+    for v in range(arr.shape[0]):
+        for c in range((arr.shape[1] + step - 1) // step):
+            f = base.joinpath(str(v), str(c), *tail)
+            rows = f"{name} view {v} rows {c * step}:{min((c + 1) * step, arr.shape[1])}"
+            if not f.is_file():
+                out.append(f"{rows} (chunk file missing)")
+            elif f.stat().st_size == 0:
+                out.append(f"{rows} (empty chunk file)")
     return out
 
 

@@ -116,7 +116,8 @@ def _create(path: Path, ident: dict, cfg: CacheConfig, teachers: list[Teacher], 
         chunks = (1, rows) + tuple(shape[2:])
         shards = (1, block) + tuple(shape[2:]) if rows < block else None
         return g.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=crc,
-                              dimension_names=dims, fill_value=fill)
+                              dimension_names=dims, fill_value=fill,
+                              config={"write_empty_chunks": True})
 
     g.create_array("labels", data=train.labels.cpu().numpy().astype(np.int64), chunks=(min(n, 1 << 18),),
                    compressors=crc, dimension_names=("sample",))
