@@ -47,10 +47,14 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CamkdError(f"checkpoint {path} not found")
+    if path.stat().st_size == 0:
+        raise CamkdError(f"checkpoint {path} is empty (0 bytes); it was cut off while being written: use best.pth or retrain")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CamkdError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        kind = "it holds Python objects other than tensors and plain data" if "Weights only load failed" in str(e) \
+            else "the file is truncated or not a torch file"
+        raise CamkdError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: {kind})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CamkdError(f"{path} is not a camkd or reference checkpoint (expected a dict with a 'model' state_dict)")
     if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):

@@ -58,7 +58,7 @@ def friendly(fn: Callable) -> Callable:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; finished work is kept: rerun the same command (train-teacher/distill: add --resume) to continue", err=True)
+            typer.echo("interrupted; finished work is kept: rerun the same command to continue (train-teacher/distill: add --resume once an epoch has finished)", err=True)
             raise typer.Exit(code=130) from None
 
     return wrapper
@@ -113,7 +113,7 @@ TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher 
 def cache_teachers_cmd(
     teacher: TeacherOpt,
     dataset: DatasetOpt,
-    views: Annotated[int, typer.Option("--views", "-V", min=1, help="Augmentation views to cache (epoch e uses view e mod V).")],
+    views: Annotated[int, typer.Option("--views", "-V", min=1, help="Augmentation views to cache (epoch e uses view (e - 1) mod V).")],
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
     limit: LimitOpt = None,
@@ -301,7 +301,7 @@ def demo_cmd(
     device: DeviceOpt = DeviceChoice.auto,
     quiet: QuietOpt = False,
 ) -> None:
-    """The main job on the embedded default (fashion-mnist): train small teachers and report them."""
+    """The main job on fashion-mnist: train small teachers, cache them, distill students (camkd, avg), print accuracies."""
     from camkd.demo import run_demo
 
     typer.echo(run_demo(out=out, data_dir=data_dir, epochs=epochs, limit=limit, device=device.value, progress=not quiet))

@@ -21,7 +21,7 @@ from camkd.checkpoint import atomic_save, check_writable, load_checkpoint
 from camkd.datasets import Dataset, load_dataset
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
-from camkd.loop import MetricsFile, default_lr, evaluate, lr_at, make_sgd, set_lr
+from camkd.loop import MetricsFile, check_batch_size, default_lr, evaluate, lr_at, make_sgd, set_lr
 from camkd.methods import StudentOut, create_method, required_layers
 from camkd.models import create_model
 from camkd.progress import Bar, log
@@ -158,8 +158,12 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.resume and not last_path.exists():
         raise CamkdError(f"--resume: no checkpoint {last_path}; run without --resume to start")
 
+    if cfg.cache and cfg.limit is not None:
+        raise CamkdError("--limit applies only to --online without --cache: a store fixes the training samples "
+                         "(cache a subset with 'cache-teachers --limit N')")
     setup, extra = (_setup_online if cfg.online else _setup_cached)(cfg, device)
     train, test = setup.train, setup.test
+    check_batch_size(cfg.batch_size, len(train), drop_last=True)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
     s_shapes = _student_shapes(model, train, device)

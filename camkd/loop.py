@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from camkd.datasets import Dataset
+from camkd.errors import CamkdError
 from camkd.views import hash_counter, normalize
 
 SMALL_LR_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -39,6 +40,13 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The shuffled sample order of ``epoch``: a pure function of (seed, epoch), on CPU."""
     g = torch.Generator().manual_seed(int(hash_counter(seed, epoch, np.zeros(1, dtype=np.int64), 7)[0] >> np.uint64(1)))
     return torch.randperm(n, generator=g)
+
+
+def check_batch_size(batch_size: int, n: int, *, drop_last: bool) -> None:
+    """An epoch must have at least one trainable batch."""
+    if n < 2 or (drop_last and batch_size > n):
+        raise CamkdError(f"--batch-size {batch_size} is larger than the {n} training samples, so no step would run; "
+                         "lower --batch-size" + ("" if n >= 2 else " or raise --limit"))
 
 
 def batches(order: torch.Tensor, batch_size: int, *, drop_last: bool) -> Iterator[torch.Tensor]:

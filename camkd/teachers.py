@@ -70,9 +70,14 @@ def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
     model = create_model(arch, num_classes=num_classes, in_channels=in_channels)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CamkdError(f"{path} does not fit arch '{arch}': {first[:160]}") from None
+    except RuntimeError:
+        own = set(model.state_dict())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+        named = f" (the checkpoint says it is {meta['arch']})" if meta.get("arch") and meta.get("arch") != arch else ""
+        detail = f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "keys match but shapes differ"
+        if unexpected:
+            detail += f", {len(unexpected)} unexpected (e.g. {unexpected[0]})"
+        raise CamkdError(f"{path} does not fit arch '{arch}'{named}: {detail}; give the right ARCH=PATH") from None
     model.eval().requires_grad_(False).to(device)
     return Teacher(arch=model.arch, path=path, sha256=sha256_file(path), num_classes=num_classes,
                    in_channels=in_channels, model=model)

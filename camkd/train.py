@@ -14,7 +14,7 @@ from camkd.checkpoint import atomic_save, check_writable, load_checkpoint
 from camkd.datasets import Dataset, load_dataset
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
-from camkd.loop import MetricsFile, batches, default_lr, epoch_order, evaluate, lr_at, make_sgd, set_lr
+from camkd.loop import MetricsFile, batches, check_batch_size, default_lr, epoch_order, evaluate, lr_at, make_sgd, set_lr
 from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.views import AugSpec, augment
@@ -100,6 +100,9 @@ def train_teacher(cfg: TrainConfig) -> dict:
     train, test = load_split(cfg, "train", device), load_split(cfg, "test", device)
     if cfg.batch_size < 2:
         raise CamkdError("--batch-size must be at least 2 (BatchNorm)")
+    check_batch_size(cfg.batch_size, len(train), drop_last=False)
+    if cfg.limit is not None and cfg.limit > len(train):
+        log(f"--limit {cfg.limit} is more than the {len(train)} samples of {train.name}; using all {len(train)}")
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
     if device.type == "cuda" and cfg.amp:

@@ -138,3 +138,13 @@ def test_nan_loss_stops_and_keeps_checkpoint(stores, tmp_path):
 def test_unknown_method_lists_names(stores, tmp_path):
     with pytest.raises(CamkdError, match="unknown method 'foo'.*camkd"):
         run(tmp_path, "m", method="foo", cache=stores["float32"])
+
+
+def test_batch_larger_than_store_refused(stores, tmp_path):
+    with pytest.raises(CamkdError, match=r"--batch-size 5000 is larger than the 512 training samples"):
+        run(tmp_path, "b", method="kd", cache=stores["float16"], batch_size=5000)
+
+
+def test_limit_with_a_store_refused(stores, tmp_path):
+    with pytest.raises(CamkdError, match=r"--limit applies only to --online without --cache"):
+        run(tmp_path, "l", method="kd", cache=stores["float16"], limit=100)

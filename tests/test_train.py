@@ -116,3 +116,18 @@ def test_cli_trains_and_prints_summary(cli, tmp_path):
     r = cli(*base_args(tmp_path, "--arch", "resnet8", "--limit", "128", "--batch-size", "32"))
     assert r.exit_code == 0, r.output
     assert "resnet8: best top-1" in r.output and (tmp_path / "r" / "best.pth").exists()
+
+
+def test_empty_checkpoint_refused(cli, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "last.pth").write_bytes(b"")
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--resume")), r"is empty \(0 bytes\)")
+
+
+def test_batch_larger_than_data_refused(cli, tmp_path):
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--limit", "1")), r"no step would run")
+
+
+def test_missing_data_dir_is_not_silently_replaced(cli, tmp_path):
+    r = cli("train-teacher", "--arch", "resnet8", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "nope", "--out", tmp_path / "r")
+    assert_clean_error(r, r"--data-dir .*nope does not exist")
