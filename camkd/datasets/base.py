@@ -106,8 +106,8 @@ def load_dataset(
 
     if name not in DATASETS:
         raise CamkdError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files")
+    if data_dir is not None and not download and not Path(data_dir).is_dir():
+        raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files (or add --download)")
     if split not in ("train", "test"):
         raise CamkdError(f"unknown split '{split}'; choose train or test")
     ds = DATASETS[name](split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
