@@ -71,3 +71,14 @@ def check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise CamkdError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable folder") from None
+
+
+def prepare_run_dir(out: Path, *, resume: bool) -> tuple[Path, Path]:
+    """Check a run folder before any work: writable, and holding a run exactly when resuming. Returns (last, best)."""
+    check_writable(out)
+    last_path, best_path = out / "last.pth", out / "best.pth"
+    if last_path.exists() and not resume:
+        raise CamkdError(f"{out} already holds a run (last.pth); add --resume to continue it or choose another --out")
+    if resume and not last_path.exists():
+        raise CamkdError(f"--resume: no checkpoint {last_path}; run without --resume to start")
+    return last_path, best_path

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import camkd
-from camkd.checkpoint import atomic_save, check_writable, load_checkpoint
+from camkd.checkpoint import atomic_save, load_checkpoint, prepare_run_dir
 from camkd.datasets import Dataset, load_dataset
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
@@ -151,12 +151,7 @@ def distill(cfg: DistillConfig) -> dict:
     if cfg.cache is None and not cfg.online:
         raise CamkdError("give --cache STORE (made by cache-teachers), or --online with --teacher CKPT ...")
     out = cfg.out_dir()
-    check_writable(out)
-    last_path, best_path = out / "last.pth", out / "best.pth"
-    if last_path.exists() and not cfg.resume:
-        raise CamkdError(f"{out} already holds a run (last.pth); add --resume to continue it or choose another --out")
-    if cfg.resume and not last_path.exists():
-        raise CamkdError(f"--resume: no checkpoint {last_path}; run without --resume to start")
+    last_path, best_path = prepare_run_dir(out, resume=cfg.resume)
 
     if cfg.cache and cfg.limit is not None:
         raise CamkdError("--limit applies only to --online without --cache: a store fixes the training samples "

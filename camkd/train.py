@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import camkd
-from camkd.checkpoint import atomic_save, check_writable, load_checkpoint
+from camkd.checkpoint import atomic_save, load_checkpoint, prepare_run_dir
 from camkd.datasets import Dataset, load_dataset
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
@@ -90,12 +90,7 @@ def train_teacher(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     set_deterministic(cfg.deterministic)
     out = cfg.out_dir()
-    check_writable(out)
-    last_path, best_path = out / "last.pth", out / "best.pth"
-    if last_path.exists() and not cfg.resume:
-        raise CamkdError(f"{out} already holds a run (last.pth); add --resume to continue it or choose another --out")
-    if cfg.resume and not last_path.exists():
-        raise CamkdError(f"--resume: no checkpoint {last_path}; run without --resume to start")
+    last_path, best_path = prepare_run_dir(out, resume=cfg.resume)
 
     train, test = load_split(cfg, "train", device), load_split(cfg, "test", device)
     if cfg.batch_size < 2:
