@@ -26,7 +26,7 @@ from camkd.methods import StudentOut, create_method, required_layers
 from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.store import Expect, open_store
-from camkd.store.reader import load_cached_data
+from camkd.store.reader import check_expect, load_cached_data
 from camkd.targets import CachedTargets, OnlineTargets, check_layers, plan_windows
 from camkd.teachers import load_teacher
 from camkd.views import AugSpec, augment
@@ -96,7 +96,7 @@ def _setup_cached(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
     if cfg.dataset and cfg.dataset != ds["name"]:
         raise CamkdError(f"{cfg.cache} caches dataset '{ds['name']}', not '{cfg.dataset}'; use a store made for {cfg.dataset}")
     train, test, spec = load_cached_data(store, data_dir=cfg.data_dir)
-    open_store(cfg.cache, Expect(dataset_fingerprint=train.fingerprint, num_classes=train.num_classes, augmentation=spec.to_dict()))
+    check_expect(store, Expect(dataset_fingerprint=train.fingerprint, num_classes=train.num_classes, augmentation=spec.to_dict()))
     shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
     return _Setup(train.to(device), test.to(device), spec, store.views, {"teachers": [t["sha256"] for t in a["teachers"]]}), \
         {"store": store, "shapes": shapes, "num_teachers": store.num_teachers}
@@ -116,7 +116,7 @@ def _setup_online(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
     else:
         if not cfg.dataset:
             raise CamkdError("--online without --cache needs --dataset")
-        name = cfg.dataset
+        name, store = cfg.dataset, None
         opts = {"num_samples": cfg.synthetic_samples} if name == "synthetic" and cfg.synthetic_samples else {}
         train = load_dataset(name, "train", data_dir=cfg.data_dir, limit=cfg.limit, **opts)
         test = load_dataset(name, "test", data_dir=cfg.data_dir)
@@ -133,7 +133,8 @@ def _setup_online(cfg: DistillConfig, device: torch.device) -> tuple[_Setup, dic
     index.update({f"hint{i}": i for i in range(len(tf[0])) if all(f[i].ndim == 4 for f in tf)})
     shapes = {name_: [tuple(f[i].shape[1:]) for f in tf] for name_, i in index.items() if all(f[i].ndim == 4 for f in tf)}
     return _Setup(train.to(device), test.to(device), spec, views, {"teachers": [t.sha256 for t in teachers]}), \
-        {"teachers": teachers, "shapes": shapes, "index": index, "num_teachers": len(teachers), "block_rows": block_rows}
+        {"teachers": teachers, "shapes": shapes, "index": index, "num_teachers": len(teachers), "block_rows": block_rows,
+         "store": store}
 
 
 def _student_shapes(model: nn.Module, train: Dataset, device: torch.device) -> list[tuple[int, ...]]:
@@ -167,19 +168,16 @@ def distill(cfg: DistillConfig) -> dict:
     method = create_method(cfg.method, num_classes=train.num_classes, num_teachers=extra["num_teachers"],
                            student_feat_shapes=s_shapes, teacher_feat_shapes=extra["shapes"], gamma=cfg.gamma,
                            alpha=cfg.alpha, beta=cfg.beta, kd_T=cfg.kd_T, aekd_C=cfg.aekd_C, hint_layer=cfg.hint_layer).to(device)
-    layers = tuple(method.required_features())
+    layers = needed
     if cfg.online:
-        check_layers(extra["shapes"], layers, "the teachers' feature list")
         block_rows = extra["block_rows"]
         targets = OnlineTargets(extra["teachers"], layers, extra["index"])
         window_blocks = None
-        if cfg.cache and layers:
-            store = open_store(cfg.cache)
-            if store.feature_bytes_per_view(layers) > cfg.feature_memory_mb * 2**20:
-                window_blocks = cfg.window_blocks  # follow the cached run's streamed order exactly
+        store = extra.get("store")
+        if store is not None and layers and store.feature_bytes_per_view(layers) > cfg.feature_memory_mb * 2**20:
+            window_blocks = cfg.window_blocks  # follow the cached run's streamed order exactly
     else:
         store = extra["store"]
-        check_layers(store.layers, layers, str(store.path))
         block_rows = store.block_rows
         targets = CachedTargets(store, layers, device, memory_budget_mb=cfg.feature_memory_mb, window_blocks=cfg.window_blocks)
         window_blocks = targets.window_blocks

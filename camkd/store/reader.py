@@ -114,11 +114,12 @@ def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:
         raise CamkdError(f"{path} has store format {attrs['format_version']}; this camkd reads {L.FORMAT_VERSION}; re-cache")
     store = TeacherStore(g, path)
     if expect is not None:
-        _check(store, expect)
+        check_expect(store, expect)
     return store
 
 
-def _check(store: TeacherStore, e: Expect) -> None:
+def check_expect(store: TeacherStore, e: Expect) -> None:
+    """Validate an open store against what the caller needs (see open_store)."""
     ds = store.attrs["dataset"]
     fix = "re-cache with 'camkd cache-teachers' for this data, or pass the same --dataset/--limit as when caching"
     if e.dataset_name is not None and ds["name"] != e.dataset_name:
@@ -204,24 +205,20 @@ class FeatureStream:
         self.stop = threading.Event()
 
     def _load(self, rows: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """Read the window's blocks contiguously, then pick its rows in the window's (shuffled) order."""
         br, n = self.store.block_rows, self.store.n
+        blocks = _window_blocks(rows, br)
+        slices = [L.block_slice(b, n, br) for b in blocks]
+        # position of each requested row in the concatenation of the window's blocks
+        offsets = np.zeros(max(blocks) + 1, dtype=np.int64)
+        offsets[blocks] = np.cumsum([0] + [sl.stop - sl.start for sl in slices[:-1]])
+        where = offsets[rows // br] + rows % br
         out = {}
         for layer in self.layers:
-            per_teacher = [[] for _ in range(self.store.num_teachers)]
-            starts = []
-            for b in _window_blocks(rows, br):
-                sl = L.block_slice(b, n, br)
-                starts.append(sl.start)
+            per_teacher: list[list[np.ndarray]] = [[] for _ in range(self.store.num_teachers)]
+            for sl in slices:
                 for t, arr in enumerate(self.store.features(layer, self.view, sl)):
                     per_teacher[t].append(arr)
-            # map each requested row to its position in the concatenated contiguous blocks
-            blocks = _window_blocks(rows, br)
-            offsets = np.zeros(max(blocks) + 1, dtype=np.int64)
-            pos = 0
-            for b in blocks:
-                offsets[b] = pos
-                pos += L.block_slice(b, n, br).stop - L.block_slice(b, n, br).start
-            where = offsets[rows // br] + rows % br
             out[layer] = [np.concatenate(p)[where] for p in per_teacher]
         return out
 
