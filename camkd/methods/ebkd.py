@@ -10,31 +10,45 @@ summed over classes and times T^2.  The weights sum to K - 1 over teachers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from camkd.methods.base import Diagnostics, Losses, Method, StudentOut, TeacherOut, register_method
 from camkd.methods.functional import cross_entropy, kl_per_sample
 
 
-def ebkd_weights(teacher_logits: Tensor) -> Tensor:
-    """[B, K] weights ``1 - H_k / sum_j H_j`` from the teachers' entropies at T = 1.
+def teacher_entropies(teacher_logits: Tensor) -> Tensor:
+    """[B, K] float64 entropies ``H = -sum_c p_c log p_c`` of ``softmax(z)`` at T = 1.
 
-    Entropies are computed from log-probabilities (finite where the reference's
-    ``p * log(p)`` gives NaN for p = 0).  K == 1: weight 1 (the reference routes a
-    single teacher to AVERAGE_LOSS, i.e. plain KD).  If every teacher has zero
-    entropy on a sample, the ratio is taken as 1/K (weights (K-1)/K each) instead
-    of the reference's 0/0.
+    From log-probabilities in float64, with the top class's ``log p = -log1p(S)``
+    (``S`` = the other classes' mass relative to the top one) so that it is not
+    rounded to 0: exact to float64 round-off for logit margins up to ~700, where
+    float32 ``p * log p`` underflows beyond margins ~85 (and loses ~1/margin
+    relatively from the top class's term well before that).
     """
-    t = teacher_logits.float()
-    K = t.shape[1]
+    d = teacher_logits.double()
+    d = d - d.amax(-1, keepdim=True)
+    top = d.argmax(-1, keepdim=True)
+    rest = d.scatter(-1, top, float("-inf")).exp().sum(-1, keepdim=True)  # S
+    logp = d - torch.log1p(rest)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def ebkd_weights(teacher_logits: Tensor) -> Tensor:
+    """[B, K] float32 weights ``1 - H_k / sum_j H_j`` from the teachers' entropies at T = 1.
+
+    The weights of a sample sum to K - 1.  K == 1: weight 1 (the reference routes a
+    single teacher to AVERAGE_LOSS, i.e. plain KD).  If every teacher's entropy on a
+    sample is exactly 0 even in float64 (margins beyond ~745, or a single class),
+    the reference divides 0 by 0; we take the ratio as 1/K (each weight (K-1)/K),
+    the limit of K equally confident teachers, so the sum stays K - 1.
+    """
+    K = teacher_logits.shape[1]
     if K == 1:
-        return torch.ones(t.shape[:2], dtype=t.dtype, device=t.device)
-    logp = F.log_softmax(t, dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)  # [B, K]
+        return teacher_logits.new_ones(teacher_logits.shape[:2], dtype=torch.float32)
+    ent = teacher_entropies(teacher_logits)
     total = ent.sum(1, keepdim=True)
-    ratio = torch.where(total > 0, ent / total.clamp_min(torch.finfo(t.dtype).tiny), 1.0 / K)
-    return 1.0 - ratio
+    ratio = torch.where(total > 0, ent / total, 1.0 / K)  # no clamp: a subnormal total divides fine
+    return (1.0 - ratio).float()
 
 
 def ebkd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> tuple[Tensor, Tensor]:
