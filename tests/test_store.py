@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,15 +25,15 @@ from typer.testing import CliRunner
 
 from camkd.checkpoint import sha256_file
 from camkd.cli import app
-from camkd.datasets import load_dataset
+from camkd.data import load_dataset
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import Expect, open_store
 from camkd.store import layout as L
-from camkd.store.reader import FeatureStream, epoch_windows
+from camkd.data.order import epoch_order as epoch_windows
+from camkd.store.reader import FeatureStream
 from camkd.store.writer import CacheConfig, cache_teachers
-from camkd.train import TrainConfig, train_teacher
-from camkd.views import AugSpec, augment, view_params
+from camkd.data.views import AugSpec, augment, view_params
 
 N_RT = 320  # round-trip store: 2 teachers x (penultimate + hint2) float32 -> blocks of 256 rows: 256 + 64 per view
 RT = dict(dataset="synthetic", limit=N_RT, views=2, seed=3, features=["penultimate", "hint:2"], dtype="float32",
@@ -123,12 +124,15 @@ def recompute(ckpt: Path, n: int, seed: int, view: int, idx: np.ndarray):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict[str, Path]:
+    """Two seeded, untrained camkd checkpoints (the store does not care how good a teacher is)."""
     root = tmp_path_factory.mktemp("teachers")
     out = {}
-    for arch in ("resnet8", "wrn_16_1"):
-        train_teacher(TrainConfig(arch=arch, dataset="synthetic", synthetic_samples=64, epochs=1, batch_size=32,
-                                  lr=0.05, progress=False, device="cpu", out=str(root / arch)))
+    for seed, arch in enumerate(("resnet8", "wrn_16_1")):
+        torch.manual_seed(seed)
+        model = create_model(arch, num_classes=10, in_channels=3)
+        (root / arch).mkdir()
         out[arch] = root / arch / "best.pth"
+        torch.save({"model": model.state_dict(), "meta": {"arch": arch, "num_classes": 10, "in_channels": 3}}, out[arch])
     return out
 
 
@@ -367,7 +371,7 @@ def test_refuses_other_options_naming_the_difference(cli, teachers, small, chang
 def test_refuses_other_layers_dropped(cli, teachers, small):
     path, args = small
     before = snapshot(path)
-    new = [a for i, a in enumerate(args) if a != "penultimate" and not (a == "-f" and args[i + 1] == "penultimate")]
+    new = _replace_opt(args, "-f", "none")
     assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), r"features\.penultimate \(store: \{")
     assert snapshot(path) == before
 
@@ -462,8 +466,11 @@ def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path):
         store.features("hint2", 0, slice(256, 320))
     r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
     assert r.exit_code == 1, r.output
-    assert "CORRUPT" in r.output and "logits view 1 rows 0:256" in r.output, r.output
+    assert "CORRUPT" in r.output and "logits view 1 rows 0:256 (a chunk fails its checksum)" in r.output, r.output
     assert "features/hint2/t1 view 0 rows 256:320" in r.output, r.output
+    assert not re.search(r"[A-Z]\w+Error", r.output), r.output  # what is known, not exception class names
+    verdict = r.output.splitlines()[-1]
+    assert verdict.startswith("verdict: CORRUPT — 2 written blocks are damaged") and "--repair" in verdict, verdict
     # re-running the same cache-teachers command on it: a clean error, not a traceback
     args = ["-d", "synthetic", "--limit", str(N_RT), "-V", "2", "-f", "penultimate", "-f", "hint:2", "--dtype", "float32",
             "--seed", str(RT["seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
@@ -497,7 +504,7 @@ def test_verify_passes_on_good_store(cli, rt, teachers):
     r = cli("cache-verify", path, *rt_teacher_args(teachers), "--sample", "48", "--device", "cpu")
     assert r.exit_code == 0, r.output
     out = r.output.splitlines()
-    assert out[-1] == "OK" and "every chunk decodes" in out and out[0].startswith("complete")
+    assert out[-1] == "verdict: OK" and "every written chunk passes its checksum" in out and out[0].startswith("complete")
     diffs = {line.split(":")[0]: float(line.split("largest difference ")[1].split()[0]) for line in out if "largest difference" in line}
     assert set(diffs) == {"logits"} | {f"features/{l}/t{k}" for l in ("penultimate", "hint2") for k in (0, 1)}
     assert max(diffs.values()) < 1e-3
@@ -511,7 +518,7 @@ def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path):
     g["logits"][0] = logits + np.float32(0.01)  # valid checksums, wrong values
     r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
     assert r.exit_code == 1, r.output
-    assert "MISMATCH: logits view 0" in r.output and r.output.splitlines()[-1] == "FAILED", r.output
+    assert "MISMATCH: logits view 0" in r.output and r.output.splitlines()[-1].startswith("verdict: FAILED"), r.output
     g["logits"][0] = logits
     g["aug"][1, 0:320] = np.asarray(g["aug"][1])[::-1]
     r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
@@ -582,8 +589,8 @@ def test_feature_stream_stops_early_and_reports_errors(rt, tmp_path):
     windows = epoch_windows(store.n, seed=0, epoch=0, block_rows=store.block_rows, window_blocks=1)
     stream = FeatureStream(store, ("hint2",), 0, windows)
     for _ in stream:
-        break  # leaving early stops the producer thread
-    assert not stream.thread.is_alive()
+        break  # leaving early stops the prefetch thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("camkd-prefetch")]
     bad = clone(path, tmp_path / "bad.zarr")
     f = chunk_file(bad, "features/hint2/t0", 0, 0)
     rewrite(f, f.read_bytes()[:100])

@@ -23,7 +23,7 @@ import torch
 
 import camkd
 from camkd.checkpoint import atomic_save
-from camkd.datasets import load_dataset
+from camkd.data import load_dataset
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.models import create_model
@@ -31,7 +31,7 @@ from camkd.progress import log
 from camkd.store import open_store
 from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.teachers import load_teacher, run_teachers
-from camkd.views import AugSpec, augment
+from camkd.data.views import AugSpec, augment
 
 METHODS = [("kd", None), ("avg", None), ("ebkd", None), ("aekd", None), ("fitnet", None), ("camkd", 0.0), ("camkd", None)]
 
@@ -167,7 +167,8 @@ def _run(cfg: SpeedConfig, device: torch.device, methods, work: Path) -> dict:
 def _reader_speed(store, repeats: int) -> dict:
     out = {}
     t_logit, t_feat, t_stream = [], [], []
-    from camkd.store.reader import FeatureStream, epoch_windows
+    from camkd.data.order import epoch_order as epoch_windows
+    from camkd.store.reader import FeatureStream
 
     for _ in range(repeats):
         t0 = time.perf_counter()

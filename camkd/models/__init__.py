@@ -6,6 +6,7 @@ Importing this package registers every architecture; use :func:`create_model`.
 from __future__ import annotations
 
 from camkd.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn
+from camkd.models.registry import _resolve as resolve_arch  # noqa: F401 - checks a name, raises CamkdError
 from camkd.models.registry import (
     CifarModel,
     ClassifierHead,
@@ -21,6 +22,7 @@ __all__ = [
     "list_models",
     "mobilenetv2",
     "register_model",
+    "resolve_arch",
     "resnet",
     "shufflenetv1",
     "shufflenetv2",

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import zarr
+from zarr.core.sync import sync  # zarr's own bridge to its async Store API
+
+from camkd.data.order import block_slice  # noqa: F401 - the store's blocks are the order's blocks
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "camkd"
@@ -52,5 +56,44 @@ def num_blocks(n: int, block_rows: int) -> int:
     return (n + block_rows - 1) // block_rows
 
 
-def block_slice(b: int, n: int, block_rows: int) -> slice:
-    return slice(b * block_rows, min((b + 1) * block_rows, n))
+# -- stored objects (chunks, or shards where an array is sharded) -----------------------------------
+# Each view x sample array stores one object per (view, row block): a shard when its chunks are
+# smaller than a block, else one chunk of exactly a block.
+
+def object_rows(arr: zarr.Array) -> int:
+    """Rows along the sample axis held by one stored object (a shard, or a chunk if unsharded)."""
+    return (arr.shards or arr.chunks)[1]
+
+
+def block_object_keys(arr: zarr.Array, view: int, rows: slice) -> list[str]:
+    """Store keys of the objects that hold ``rows`` of ``view``, from the array's own chunk key encoding."""
+    step = object_rows(arr)
+    tail = (0,) * (arr.ndim - 2)
+    return [object_key(arr, (view, c) + tail) for c in range(rows.start // step, (rows.stop - 1) // step + 1)]
+
+
+def object_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """The store key of the object at ``coords`` of the array's shard grid (its chunk grid if unsharded)."""
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{arr.store_path.path}/{key}" if arr.store_path.path else key
+
+
+def object_size(arr: zarr.Array, key: str) -> int | None:
+    """Bytes of a stored object, None if it does not exist (zarr would read it as fill values)."""
+    try:
+        return int(sync(arr.store.getsize(key)))
+    except FileNotFoundError:
+        return None
+
+
+def delete_object(arr: zarr.Array, key: str) -> None:
+    sync(arr.store.delete(key))
+
+
+def read_failure(e: BaseException) -> str:
+    """What is known about a chunk that zarr could not read, in words (no exception class names, no bytes)."""
+    if isinstance(e, OSError):
+        return f"cannot be read from disk ({e.strerror or 'I/O error'})"
+    if "checksum" in str(e).lower():
+        return "fails its checksum"
+    return "cannot be decoded"

@@ -7,8 +7,8 @@ shuffled within a window of blocks in memory, the next window prefetched by a th
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,11 +18,11 @@ import torch
 import zarr
 from torch import nn
 
-from camkd.datasets import Dataset, Normalization, load_dataset
+from camkd.data import Dataset, Normalization, load_dataset
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import layout as L
-from camkd.views import AugSpec, hash_counter
+from camkd.data.views import AugSpec
 
 
 @dataclass
@@ -54,8 +54,8 @@ class TeacherStore:
         try:
             return np.asarray(self.g[name][sel])
         except Exception as e:  # zarr raises codec / IO errors of several types
-            raise CamkdError(f"{self.path}: array '{name}' {what}cannot be read ({type(e).__name__}: {str(e)[:100]}); "
-                             "run 'camkd cache-verify' and rewrite the store with cache-teachers --overwrite") from None
+            raise CamkdError(f"{self.path}: array '{name}' {what}cannot be read (a chunk {L.read_failure(e)}); "
+                             f"run 'camkd cache-verify {self.path} --repair', then rerun the same cache-teachers command") from None
 
     def labels(self) -> np.ndarray:
         return self._read("labels")
@@ -170,39 +170,21 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tup
 
 # -- epoch plans and streaming ---------------------------------------------------------------------
 
-def epoch_windows(n: int, *, seed: int, epoch: int, block_rows: int, window_blocks: int | None) -> list[np.ndarray]:
-    """The sample order of one epoch, as windows of indices (a pure function of its arguments).
-
-    window_blocks None: one window, a full permutation (features in memory or none).
-    Otherwise: blocks of ``block_rows`` contiguous rows in a seeded shuffled order, grouped
-    ``window_blocks`` at a time, and the rows of each group shuffled among themselves.
-    """
-    key = int(hash_counter(seed, epoch, np.zeros(1, dtype=np.int64), 11)[0] >> np.uint64(1))
-    rng = np.random.default_rng(key)
-    if window_blocks is None:
-        return [rng.permutation(n).astype(np.int64)]
-    nb = L.num_blocks(n, block_rows)
-    order = rng.permutation(nb)
-    windows = []
-    for w in range(0, nb, window_blocks):
-        rows = np.concatenate([np.arange(*L.block_slice(int(b), n, block_rows).indices(n)) for b in order[w : w + window_blocks]])
-        windows.append(rows[rng.permutation(len(rows))].astype(np.int64))
-    return windows
-
-
 def _window_blocks(rows: np.ndarray, block_rows: int) -> list[int]:
     return sorted(set((rows // block_rows).tolist()))
 
 
 class FeatureStream:
-    """Yields (indices, {layer: [per-teacher float tensors]}) windows, prefetching the next window in a thread."""
+    """Yields (indices, {layer: [per-teacher arrays]}) windows, loading the next ``prefetch`` windows on a thread.
+
+    At most 1 + ``prefetch`` windows are in memory; a read error re-raises in the consumer; leaving the
+    loop early cancels what is queued and waits for the one read in progress.
+    """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], view: int, windows: list[np.ndarray],
                  *, prefetch: int = 1) -> None:
         self.store, self.layers, self.view, self.windows = store, layers, view, windows
-        self.q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        self.thread = threading.Thread(target=self._produce, daemon=True)
-        self.stop = threading.Event()
+        self.prefetch = max(prefetch, 1)
 
     def _load(self, rows: np.ndarray) -> dict[str, list[np.ndarray]]:
         """Read the window's blocks contiguously, then pick its rows in the window's (shuffled) order."""
@@ -219,33 +201,24 @@ class FeatureStream:
             for sl in slices:
                 for t, arr in enumerate(self.store.features(layer, self.view, sl)):
                     per_teacher[t].append(arr)
-            out[layer] = [np.concatenate(p)[where] for p in per_teacher]
+            out[layer] = [(p[0] if len(p) == 1 else np.concatenate(p))[where] for p in per_teacher]
         return out
 
-    def _produce(self) -> None:
-        try:
-            for rows in self.windows:
-                if self.stop.is_set():
-                    return
-                self.q.put((rows, self._load(rows)))
-            self.q.put(None)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            self.q.put(e)
-
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, list[np.ndarray]]]]:
-        self.thread.start()
-        try:
-            while True:
-                item = self.q.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.stop.set()
-            while self.thread.is_alive():
-                try:
-                    self.q.get_nowait()
-                except queue.Empty:
-                    self.thread.join(timeout=0.05)
+        pending: deque[tuple[np.ndarray, Future]] = deque()
+        windows = iter(self.windows)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-prefetch") as pool:
+            try:
+                while True:
+                    while len(pending) <= self.prefetch:
+                        rows = next(windows, None)
+                        if rows is None:
+                            break
+                        pending.append((rows, pool.submit(self._load, rows)))
+                    if not pending:
+                        return
+                    rows, fut = pending.popleft()
+                    yield rows, fut.result()
+            finally:
+                for _, fut in pending:
+                    fut.cancel()

@@ -91,6 +91,18 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return wrap
 
 
+def dataset_names() -> list[str]:
+    from camkd.data import cifar, fashion_mnist, synthetic  # noqa: F401 - importing the loaders fills DATASETS
+
+    return sorted(DATASETS)
+
+
+def check_dataset(name: str) -> None:
+    """Refuse an unknown dataset name before anything is loaded."""
+    if name not in dataset_names():
+        raise CamkdError(f"unknown dataset '{name}'; choose one of: {', '.join(dataset_names())}")
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -101,14 +113,20 @@ def load_dataset(
     **options,
 ) -> Dataset:
     """Load ``split`` ('train' or 'test') of dataset ``name`` into memory (CPU)."""
-    # importing the loaders fills DATASETS
-    from camkd.datasets import cifar, fashion_mnist, synthetic  # noqa: F401
-
-    if name not in DATASETS:
-        raise CamkdError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(DATASETS))}")
+    check_dataset(name)
     if data_dir is not None and not download and not Path(data_dir).is_dir():
         raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files (or add --download)")
     if split not in ("train", "test"):
         raise CamkdError(f"unknown split '{split}'; choose train or test")
     ds = DATASETS[name](split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
     return ds.limit(limit)
+
+
+def load_split(
+    name: str, split: str, *, device: torch.device | str = "cpu", data_dir: str | Path | None = None,
+    download: bool = False, limit: int | None = None, **options,
+) -> Dataset:
+    """:func:`load_dataset` then one move to ``device``; the fingerprint is computed on the CPU copy first."""
+    ds = load_dataset(name, split, data_dir=data_dir, download=download, limit=limit if split == "train" else None, **options)
+    ds.fingerprint  # noqa: B018 - computed on CPU, before the move
+    return ds.to(device)

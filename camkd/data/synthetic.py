@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camkd.datasets.base import Dataset, Normalization, register_dataset
+from camkd.data.base import Dataset, Normalization, register_dataset
 
 SYNTH_NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

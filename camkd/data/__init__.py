@@ -6,6 +6,6 @@ Names: ``cifar100``, ``cifar10``, ``fashion-mnist``, ``synthetic``.
 
 from __future__ import annotations
 
-from camkd.datasets.base import DATASETS, Dataset, Normalization, load_dataset
+from camkd.data.base import DATASETS, Dataset, Normalization, check_dataset, dataset_names, load_dataset, load_split
 
-__all__ = ["DATASETS", "Dataset", "Normalization", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "Normalization", "check_dataset", "dataset_names", "load_dataset", "load_split"]

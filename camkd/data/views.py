@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from camkd.datasets.base import Normalization
+from camkd.data.base import Normalization
 
 RECIPE = "crop-pad4-zero+hflip0.5+normalize"
-PARAM_FIELDS = ("dx", "dy", "flip")  # crop offset in the padded image (columns, rows) and the flip bit
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -100,11 +99,14 @@ def apply_params(images: torch.Tensor, params: torch.Tensor, padding: int = 4) -
     return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
 
-def augment(images: torch.Tensor, indices: torch.Tensor, spec: AugSpec, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(images: torch.Tensor, indices: np.ndarray | torch.Tensor, spec: AugSpec, view: int, *,
+            on_device: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The training batch of samples ``indices`` of the whole uint8 set ``images`` in ``view``.
 
+    ``on_device``: the same indices already on the images' device (saves a second copy).
     Returns (normalized float32 images on the images' device, the int16 params used, on CPU).
     """
     params = view_params(spec, view, indices)
-    batch = images[indices.to(images.device)]
-    return normalize(apply_params(batch, params, spec.padding), spec.norm), params
+    if on_device is None:
+        on_device = torch.as_tensor(indices).to(images.device)
+    return normalize(apply_params(images[on_device], params, spec.padding), spec.norm), params

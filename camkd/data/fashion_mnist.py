@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camkd.datasets.base import Dataset, Normalization, register_dataset
+from camkd.data.base import Dataset, Normalization, register_dataset
 from camkd.errors import CamkdError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

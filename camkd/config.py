@@ -1,0 +1,49 @@
+"""The small parts every job's options are composed of; each default is stated here once.
+
+A job config (``TrainConfig``, ``DistillConfig``) holds one of each part plus its own few
+fields; the CLI takes its defaults from these dataclasses, and every checkpoint saves the
+whole config, so a run folder says how it was made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    """Which training data: a dataset name, where its files are, and how much of it."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    limit: int | None = None  # the first N training samples
+    options: dict = field(default_factory=dict)  # loader options, e.g. synthetic's num_samples
+
+
+@dataclass
+class OptimConfig:
+    """The reference's recipe: SGD, step learning-rate decay, 240 epochs of batch 64."""
+
+    epochs: int = 240
+    batch_size: int = 64  # the global batch
+    lr: float | None = None  # None: 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [150, 180, 210])
+    lr_decay_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    drop_last: bool = True  # drop an epoch's trailing partial batch (a batch of one is always dropped)
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes: its folder, device, the init-and-order seed, output."""
+
+    out: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    seed: int = 0  # model init and sample order (the augmentation views have their own seed)
+    deterministic: bool = False
+    amp: bool = False
+    progress: bool = True

@@ -1,0 +1,83 @@
+"""A run folder: checked before any work, created when the run starts, resumable.
+
+It holds ``last.pth`` (model, method, optimizer, meta, best), ``best.pth`` (model, method,
+meta), each written atomically with a ``.sha256`` sidecar, and ``metrics.jsonl`` (one JSON
+line per epoch). Only the process that owns the run (rank 0 under torchrun) writes here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from camkd.checkpoint import atomic_save, load_checkpoint
+from camkd.errors import CamkdError
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+class RunFolder:
+    """The folder of one training run (teacher or student)."""
+
+    def __init__(self, path: str | Path, *, resume: bool) -> None:
+        self.path, self.resume = Path(path), resume
+        self.last, self.best = self.path / "last.pth", self.path / "best.pth"
+        self.metrics = self.path / "metrics.jsonl"
+
+    def check(self) -> None:
+        """Before any work: the folder can be written, and it holds a run exactly when resuming. Creates nothing."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CamkdError(f"--out {self.path} is a file, not a folder; choose another --out")
+        base = _nearest_existing(self.path)
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise CamkdError(f"cannot write to --out {self.path}: {base} is not writable; choose a writable folder")
+        if self.last.exists() and not self.resume:
+            raise CamkdError(f"{self.path} already holds a run (last.pth); add --resume to continue it or choose another --out")
+        if self.resume and not self.last.exists():
+            raise CamkdError(f"--resume: no checkpoint {self.last}; run without --resume to start")
+
+    def start(self, resume_epoch: int | None) -> None:
+        """Create the folder and the metrics file (on resume: drop lines past the checkpoint's epoch)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if resume_epoch is None or not self.metrics.exists():
+                self.metrics.write_text("")
+                return
+            keep = [line for line in self.metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("epoch", 0) <= resume_epoch]
+            self.metrics.write_text("".join(line + "\n" for line in keep))
+        except OSError as e:
+            raise CamkdError(f"cannot write to --out {self.path}: {e.strerror or e}; choose a writable folder") from None
+
+    def load_last(self, identity: dict) -> dict:
+        """The last checkpoint, refused unless it was made with the same ``identity`` (arch, data, teachers, ...)."""
+        ckpt = load_checkpoint(self.last)
+        meta = ckpt.get("meta") or {}
+        for key, want in identity.items():
+            if meta.get(key) != want:
+                raise CamkdError(f"--resume: {self.last} was made with {key}={_short(meta.get(key))}, this run has "
+                                 f"{_short(want)}; use the same options or another --out")
+        if "optimizer" not in ckpt:
+            raise CamkdError(f"--resume: {self.last} holds no optimizer state; it is not a camkd last checkpoint")
+        return ckpt
+
+    def write_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self, state: dict, *, is_best: bool) -> None:
+        """``last.pth`` always (with optimizer), ``best.pth`` when this epoch is the best so far (without)."""
+        if is_best:
+            atomic_save({k: v for k, v in state.items() if k not in ("optimizer", "best")}, self.best)
+        atomic_save(state, self.last)
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."

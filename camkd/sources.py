@@ -1,0 +1,157 @@
+"""Where teacher outputs come from during training, behind one small protocol.
+
+* :class:`NoTeachers`: teacher training and the student alone (``ce``, the speed limit);
+* :class:`StoreTeachers`: a store made by ``cache-teachers`` (no teacher runs);
+* :class:`LiveTeachers`: the teachers re-run on every batch (``--online``, the reference's way).
+
+Each source decides its own streaming (``window_blocks``: None when everything it serves is in
+memory), cuts an epoch's order into batches, and turns a batch into a :class:`TeacherOut`.
+The training loop (fit.py) has no mode branches: it asks the source.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from camkd.errors import CamkdError
+from camkd.methods import TeacherOut
+from camkd.store.reader import FeatureStream, TeacherStore
+from camkd.teachers import Teacher, run_teachers
+
+Streamed = dict[str, list[np.ndarray]]
+
+
+class TeacherSource(Protocol):
+    num_teachers: int
+    block_rows: int  # rows of one streamed block (1: no blocks)
+    window_blocks: int | None  # blocks per shuffle window, None: the order is one full permutation
+
+    def batches(self, view: int, windows: list[np.ndarray], batch_size: int, *, drop_last: bool) -> Iterator[tuple[np.ndarray, Any]]:
+        """(indices, opaque per-batch data) in the epoch's order."""
+
+    def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor) -> None:
+        """Called on a view's first batch with the augmentation parameters the loop replayed."""
+
+    def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
+        """The teachers' outputs for the batch (indices on the device, augmented images)."""
+
+
+def batch_stream(windows: Iterator[tuple[np.ndarray, Streamed]], batch_size: int, *, drop_last: bool) -> Iterator[tuple[np.ndarray, Streamed]]:
+    """Cut windows of (indices, per-row features) into batches; a trailing batch is kept only if
+    ``drop_last`` is false and it has at least 2 rows (BatchNorm cannot train on one)."""
+    cur_idx = np.zeros(0, dtype=np.int64)
+    cur_feat: Streamed = {}
+    pos = 0
+    for rows, feats in windows:
+        if cur_feat:
+            cur_feat = {name: [np.concatenate([a[pos:], b]) for a, b in zip(cur_feat[name], feats[name])] for name in feats}
+        else:
+            cur_feat = dict(feats)
+        cur_idx = np.concatenate([cur_idx[pos:], rows])
+        pos = 0
+        while len(cur_idx) - pos >= batch_size:
+            yield cur_idx[pos : pos + batch_size], {name: [a[pos : pos + batch_size] for a in per] for name, per in cur_feat.items()}
+            pos += batch_size
+    if not drop_last and len(cur_idx) - pos >= 2:
+        yield cur_idx[pos:], {name: [a[pos:] for a in per] for name, per in cur_feat.items()}
+
+
+def _in_memory(windows: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Streamed]]:
+    return ((w, {}) for w in windows)
+
+
+class NoTeachers:
+    """No teacher outputs: teacher training, and the student trained alone with ``ce``."""
+
+    num_teachers, block_rows, window_blocks = 0, 1, None
+
+    def batches(self, view, windows, batch_size, *, drop_last):
+        return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
+
+    def check_view(self, view, idx, params) -> None:
+        pass
+
+    def targets(self, idx, x, data) -> TeacherOut:
+        return TeacherOut(logits=x.new_zeros((x.shape[0], 0, 0)))
+
+
+class StoreTeachers:
+    """Teacher outputs read from a store: a view's logits on the device in one read, its features
+    whole when they fit ``memory_budget_mb``, otherwise streamed in windows of contiguous blocks."""
+
+    def __init__(self, store: TeacherStore, layers: tuple[str, ...], device: torch.device, *, memory_budget_mb: float,
+                 window_blocks: int = 4) -> None:
+        self.store, self.layers, self.device = store, layers, device
+        self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
+        self.heads = store.heads(device)
+        fits = store.feature_bytes_per_view(layers) <= memory_budget_mb * 2**20
+        self.window_blocks: int | None = None if (not layers or fits) else window_blocks
+        self._view = -1
+        self._logits: torch.Tensor | None = None
+        self._feats: dict[str, list[torch.Tensor]] = {}
+
+    def _begin_view(self, view: int) -> None:
+        if view == self._view:
+            return
+        self._logits = self.store.logits(view, self.device)
+        self._feats = {}
+        if self.window_blocks is None:
+            for layer in self.layers:
+                self._feats[layer] = [torch.from_numpy(a).to(self.device) for a in self.store.features(layer, view)]
+        self._view = view
+
+    def batches(self, view, windows, batch_size, *, drop_last):
+        self._begin_view(view)
+        source = _in_memory(windows) if self.window_blocks is None else iter(FeatureStream(self.store, self.layers, view, windows))
+        return batch_stream(source, batch_size, drop_last=drop_last)
+
+    def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor) -> None:
+        if not np.array_equal(self.store.aug(view)[idx], params.numpy()):
+            raise CamkdError(f"{self.store.path}: the stored augmentation of view {view} differs from its seeded replay; "
+                             "the store was made by an incompatible camkd; re-cache")
+
+    def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Streamed) -> TeacherOut:
+        logits = self._logits[idx].float()
+        if self.window_blocks is None:
+            feats = {layer: [f[idx].float() for f in per] for layer, per in self._feats.items()}
+        else:
+            feats = {layer: [torch.from_numpy(a).to(self.device, non_blocking=True).float() for a in per] for layer, per in data.items()}
+        return TeacherOut(logits=logits, features=feats, heads=self.heads)
+
+
+class LiveTeachers:
+    """Teacher outputs computed on every batch (kept for the cache == online proof and comparisons).
+
+    ``block_rows``/``window_blocks`` follow the store it replays when one is given, so the order
+    is the cached run's exactly.
+    """
+
+    def __init__(self, teachers: list[Teacher], layers: tuple[str, ...], layer_index: dict[str, int], *,
+                 block_rows: int = 1, window_blocks: int | None = None) -> None:
+        self.teachers, self.layers = teachers, layers
+        self.num_teachers, self.block_rows, self.window_blocks = len(teachers), block_rows, window_blocks
+        self.layer_index = {name: layer_index[name] for name in layers}
+        self.heads = [t.model.get_head() for t in teachers]
+
+    def batches(self, view, windows, batch_size, *, drop_last):
+        return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
+
+    def check_view(self, view, idx, params) -> None:
+        pass
+
+    def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
+        logits, feats = run_teachers(self.teachers, x, self.layer_index)
+        feats = {k: [f.clone() for f in v] for k, v in feats.items()}  # out of inference mode, usable by autograd ops
+        return TeacherOut(logits=logits.clone(), features=feats, heads=self.heads)
+
+
+def check_layers(available: dict[str, list], needed: tuple[str, ...], where: str) -> None:
+    """Every feature layer the method needs is served by the source."""
+    for layer in needed:
+        if layer not in available:
+            opt = "penultimate" if layer == "penultimate" else f"hint:{layer[4:]}"
+            raise CamkdError(f"{where} holds no '{layer}' features, which this method needs; "
+                             f"re-cache with 'camkd cache-teachers ... --features {opt}'")
