@@ -24,7 +24,8 @@ free) and a ridge of 1e-9 * I makes it positive definite, so the answer is
 unique: where ``w^T G w`` has many minimisers (e.g. identical teachers) we return
 the one of least norm in the limit (uniform for identical teachers), where libsvm
 returns whichever its initial point gives.
-If every g_k is zero (G = 0) the weights are uniform.
+If every g_k is zero (G = 0) the weights are uniform.  Everything runs in torch on
+the logits' device (float64), without reading anything back to the host.
 """
 
 from __future__ import annotations
@@ -32,34 +33,25 @@ from __future__ import annotations
 import functools
 import itertools
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from camkd.errors import CamkdError
-from camkd.methods.base import (
-    Diagnostics,
-    Losses,
-    Method,
-    MethodConfig,
-    StudentOut,
-    TeacherOut,
-    register_method,
-)
-from camkd.methods.functional import cross_entropy, distill_kl
+from camkd.methods.base import LogitMethod, MethodConfig, register_method
+from camkd.methods.functional import distill_kl
 
 MAX_TEACHERS = 8  # the exact solver enumerates 3^K faces (6561 tiny systems at K = 8)
 
 
 @functools.lru_cache(maxsize=None)
-def _faces(K: int) -> tuple[np.ndarray, np.ndarray]:
-    """All assignments of each coordinate to {lower bound, upper bound, free}: (free, upper) masks."""
-    pats = np.array(list(itertools.product((0, 1, 2), repeat=K)), dtype=np.int64).reshape(-1, K)
-    return pats == 2, pats == 1
+def _faces(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """All assignments of each coordinate to {lower bound, upper bound, free}: (free, upper) masks [3^K, K]."""
+    pats = torch.tensor(list(itertools.product((0, 1, 2), repeat=K)), dtype=torch.int64).reshape(-1, K)
+    return (pats == 2).to(device), (pats == 1).to(device)
 
 
-def capped_simplex_qp(G: np.ndarray, upper: float) -> np.ndarray:
-    """Exact minimiser of ``w^T G w`` over ``{sum w = 1, 0 <= w <= upper}`` (float64).
+def capped_simplex_qp(G: Tensor, upper: float) -> Tensor:
+    """Exact minimiser [K] of ``w^T G w`` over ``{sum w = 1, 0 <= w <= upper}`` (float64, on G's device).
 
     ``G`` [K, K] symmetric positive definite; ``upper * K >= 1`` so the set is not
     empty.  The minimiser lies in the relative interior of some face (each
@@ -67,52 +59,48 @@ def capped_simplex_qp(G: np.ndarray, upper: float) -> np.ndarray:
     ``G_F w + lambda 1 = 0`` (free rows), ``w_i = bound`` (fixed rows), ``sum w = 1``.
     All faces are solved in one batched call; of the candidates inside the box the
     one with the least objective is returned (a convex problem: no sign checks of
-    the multipliers are needed once all faces are compared).  numpy, not torch:
-    torch's batched CPU solve costs milliseconds for these 4x4 systems.
+    the multipliers are needed once all faces are compared).  A vertex (no free
+    coordinate) gets a 1 in the multiplier's diagonal slot, which makes its system
+    nonsingular without changing ``w`` (the bounds); its sum is checked below.
     """
-    G = np.asarray(G, dtype=np.float64)
     K = G.shape[0]
     if K == 1:
-        return np.ones(1)
-    free, up = _faces(K)
+        return G.new_ones(1)
+    free, up = _faces(K, G.device)
     P = free.shape[0]
-    A = np.zeros((P, K + 1, K + 1))
-    A[:, :K, :K] = np.where(free[:, :, None], G[None], np.eye(K)[None])
-    A[:, :K, K] = free
+    vertex = ~free.any(1)
+    A = G.new_zeros(P, K + 1, K + 1)
+    A[:, :K, :K] = torch.where(free[:, :, None], G, torch.eye(K, dtype=G.dtype, device=G.device))
+    A[:, :K, K] = free.to(G.dtype)
     A[:, K, :K] = 1.0
-    b = np.zeros((P, K + 1))
-    b[:, :K] = up * upper
+    A[:, K, K] = vertex.to(G.dtype)
+    b = G.new_zeros(P, K + 1)
+    b[:, :K] = up.to(G.dtype) * upper
     b[:, K] = 1.0
-    has_free = free.any(1)
-    sol = np.zeros((P, K + 1))
-    # faces with a free coordinate: the KKT matrix is nonsingular for positive definite G
-    sol[has_free] = np.linalg.solve(A[has_free], b[has_free][..., None])[..., 0]
-    # vertices (no free coordinate): w is fixed; the sum constraint is checked below
-    sol[~has_free, :K] = b[~has_free, :K]
-    w = sol[:, :K]
+    sol, _ = torch.linalg.solve_ex(A, b.unsqueeze(-1))  # solve_ex: no error check, no host sync
+    w = torch.where(vertex[:, None], b[:, :K], sol[:, :K, 0])
     tol = 1e-7  # the solves are accurate far below this; it only absorbs round-off at the bounds
-    ok = (w >= -tol).all(1) & (w <= upper + tol).all(1) & (np.abs(w.sum(1) - 1.0) <= tol)
-    if not ok.any():  # only with non-finite input (NaN logits): fall back to uniform
-        return np.full(K, 1.0 / K)
-    obj = np.einsum("pi,ij,pj->p", w, G, w)
-    best = np.clip(w[int(np.argmin(np.where(ok, obj, np.inf)))], 0.0, upper)
-    return best / best.sum()
+    ok = (w >= -tol).all(1) & (w <= upper + tol).all(1) & ((w.sum(1) - 1.0).abs() <= tol)
+    obj = torch.einsum("pi,ij,pj->p", w, G, w)
+    best = w[torch.argmin(torch.where(ok, obj, torch.inf))].clamp(0.0, upper)
+    # no candidate inside the box only with non-finite input (NaN logits): uniform
+    return torch.where(ok.any(), best / best.sum(), torch.full_like(best, 1.0 / K))
 
 
 def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C: float) -> Tensor:
-    """Detached [K] teacher weights (nonnegative, summing to 1) for one batch; see the module docstring."""
+    """Detached float32 [K] teacher weights (nonnegative, summing to 1) for one batch; see the module docstring."""
     with torch.no_grad():
         s = torch.softmax(student_logits.float() / T, dim=-1).unsqueeze(1)  # [B, 1, C]
         t = torch.softmax(teacher_logits.float() / T, dim=-1)  # [B, K, C]
-        g = (s - t).mean(0).cpu().double()  # [K, C]: batch-mean gradient up to the factor T/B
-        G = (g @ g.T).numpy()
-    K = G.shape[0]
-    scale = float(np.trace(G)) / K
-    # scale-free, plus a tiny ridge: positive definite, least-norm minimiser in the limit
-    G = G / scale + 1e-9 * np.eye(K) if scale > 1e-150 else np.eye(K)
-    upper = min(max(C, 1.0 / K), 1.0)  # u = 1/(K nu), nu = 1/(C K) clamped to [1/K, 1]
-    w = capped_simplex_qp(G, upper)
-    return torch.as_tensor(w, dtype=torch.float32).to(student_logits.device)
+        g = (s - t).mean(0).double()  # [K, C]: batch-mean gradient up to the factor T/B
+        G = g @ g.T
+        K = G.shape[0]
+        scale = G.diagonal().sum() / K
+        eye = torch.eye(K, dtype=G.dtype, device=G.device)
+        # scale-free, plus a tiny ridge: positive definite, least-norm minimiser in the limit
+        G = torch.where(scale > 1e-150, G / scale + 1e-9 * eye, eye)
+        upper = min(max(C, 1.0 / K), 1.0)  # u = 1/(K nu), nu = 1/(C K) clamped to [1/K, 1]
+        return capped_simplex_qp(G, upper).float()
 
 
 def aekd_loss(
@@ -125,7 +113,7 @@ def aekd_loss(
 
 
 @register_method("aekd")
-class AEKD(Method):
+class AEKD(LogitMethod):
     """gamma * CE + alpha * AEKD-weighted KD (weights from the nu-SVM in gradient space)."""
 
     def __init__(self, cfg: MethodConfig) -> None:
@@ -136,10 +124,5 @@ class AEKD(Method):
             )
         self.C = float(cfg.aekd_C)
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
-        self.check_inputs(student, teachers, labels)
-        kd, w = aekd_loss(student.logits, teachers.logits, T=self.kd_T, C=self.C)
-        losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
-        return losses, {"teacher_weights": w.tolist()}
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return aekd_loss(student_logits, teacher_logits, T=self.kd_T, C=self.C)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from camkd.methods.base import Diagnostics, Losses, Method, StudentOut, TeacherOut, register_method
-from camkd.methods.functional import cross_entropy, distill_kl
+from camkd.methods.base import LogitMethod, register_method
+from camkd.methods.functional import distill_kl
 
 
 def avg_mkd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> Tensor:
@@ -18,15 +18,8 @@ def avg_mkd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) ->
 
 
 @register_method("avg")
-class AverMKD(Method):
+class AverMKD(LogitMethod):
     """gamma * CE + alpha * mean_k DistillKL(s, t_k)."""
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
-        self.check_inputs(student, teachers, labels)
-        losses = {
-            "ce": self.gamma * cross_entropy(student.logits, labels),
-            "kd": self.alpha * avg_mkd_loss(student.logits, teachers.logits, T=self.kd_T),
-        }
-        return losses, {"teacher_weights": self.uniform_weights()}
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return avg_mkd_loss(student_logits, teacher_logits, T=self.kd_T), self.uniform_weights(student_logits)

@@ -18,13 +18,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from camkd.errors import CamkdError
+from camkd.methods.functional import cross_entropy
 
 Shape = tuple[int, ...]
 Losses = dict[str, Tensor]
-Diagnostics = dict[str, float | list[float]]
+# Detached tensors on the logits' device, never read on the host by a method (no
+# sync per step).  "teacher_weights": float32 [K], each teacher's share of this
+# batch's teacher term (sums to 1); every method that uses teachers sets it.
+# camkd from epoch 2 also sets "inter_weights" (float32 [K], sums to 1).
+Diagnostics = dict[str, Tensor]
 
 
 @dataclass
@@ -114,8 +120,46 @@ class Method(nn.Module):
     def uses_teachers(self) -> bool:
         return True
 
-    def uniform_weights(self) -> list[float]:
-        return [1.0 / self.num_teachers] * self.num_teachers
+    def uniform_weights(self, like: Tensor) -> Tensor:
+        """Equal shares [K] (float32) on ``like``'s device."""
+        return torch.full((self.num_teachers,), 1.0 / self.num_teachers, device=like.device)
+
+
+class LogitMethod(Method):
+    """``gamma CE + alpha kd_term`` (+ ``beta feature_term`` from epoch 2, if the method has one).
+
+    A subclass gives :meth:`kd_term` (its pure KD loss and the teachers' shares) and,
+    for a feature-level term, ``feature_loss`` (the loss's name) and
+    :meth:`feature_term`.  As in the reference's loop, every ``-b`` term is 0 in epoch 1.
+    """
+
+    feature_loss: str = ""  # name of the beta term; "" for none
+
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(unscaled KD loss, the teachers' shares [K] of this batch, summing to 1)."""
+        raise NotImplementedError
+
+    def feature_term(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor
+    ) -> tuple[Tensor, Diagnostics]:
+        """(unscaled feature loss, extra diagnostics)."""
+        raise NotImplementedError
+
+    def forward(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
+    ) -> tuple[Losses, Diagnostics]:
+        self.check_inputs(student, teachers, labels)
+        kd, shares = self.kd_term(student.logits, teachers.logits, labels)
+        losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
+        diags: Diagnostics = {"teacher_weights": shares.detach().float()}
+        if self.feature_loss and self.beta > 0:
+            if epoch <= 1:
+                losses[self.feature_loss] = student.logits.new_zeros((), dtype=torch.float32)
+            else:
+                term, extra = self.feature_term(student, teachers, labels)
+                losses[self.feature_loss] = self.beta * term
+                diags.update(extra)
+        return losses, diags
 
 
 MethodClass = type[Method]
@@ -244,15 +288,3 @@ def student_shape(cfg: MethodConfig, index: int, method: str) -> Shape:
         )
     return s
 
-
-__all__ = [
-    "Diagnostics",
-    "Losses",
-    "Method",
-    "MethodConfig",
-    "StudentOut",
-    "TeacherOut",
-    "create_method",
-    "list_methods",
-    "register_method",
-]

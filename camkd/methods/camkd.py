@@ -30,8 +30,7 @@ from torch import Tensor, nn
 from camkd.errors import CamkdError
 from camkd.methods.base import (
     Diagnostics,
-    Losses,
-    Method,
+    LogitMethod,
     MethodConfig,
     StudentOut,
     TeacherOut,
@@ -39,7 +38,7 @@ from camkd.methods.base import (
     student_shape,
     teacher_shapes,
 )
-from camkd.methods.functional import confidence_weights, cross_entropy, kl_per_sample
+from camkd.methods.functional import confidence_weights, kl_per_sample
 
 
 def camkd_kd_loss(
@@ -97,10 +96,11 @@ def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 @register_method("camkd")
-class CAMKD(Method):
+class CAMKD(LogitMethod):
     """gamma * CE + alpha * confidence-weighted KD + beta * confidence-weighted feature MSE (from epoch 2)."""
 
     default_beta = 50.0
+    feature_loss = "inter"
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
@@ -116,23 +116,13 @@ class CAMKD(Method):
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
         return ("penultimate",) if beta > 0 else ()
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
-        self.check_inputs(student, teachers, labels)
-        kd, w = camkd_kd_loss(student.logits, teachers.logits, labels, T=self.kd_T)
-        losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
-        diags: Diagnostics = {"teacher_weights": w.detach().mean(0).tolist()}
-        if self.beta > 0:
-            if epoch <= 1:
-                losses["inter"] = student.logits.new_zeros((), dtype=torch.float32)
-            else:
-                inter, v = self._inter(student, teachers, labels)
-                losses["inter"] = self.beta * inter
-                diags["inter_weights"] = v.detach().mean(0).tolist()
-        return losses, diags
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        kd, w = camkd_kd_loss(student_logits, teacher_logits, labels, T=self.kd_T)
+        return kd, w.detach().mean(0)
 
-    def _inter(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def feature_term(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor
+    ) -> tuple[Tensor, Diagnostics]:
         f_t = teachers.features.get("penultimate")
         if f_t is None or len(f_t) != self.num_teachers or len(teachers.heads) != self.num_teachers:
             raise CamkdError("camkd needs the teachers' 'penultimate' features and heads for all teachers")
@@ -145,4 +135,5 @@ class CAMKD(Method):
             e = embed(resized[size])
             embedded.append(e)
             head_logits.append(head(e))
-        return camkd_inter_loss(embedded, f_t, head_logits, labels)
+        inter, v = camkd_inter_loss(embedded, f_t, head_logits, labels)
+        return inter, {"inter_weights": v.detach().mean(0)}

@@ -15,7 +15,7 @@ def ce_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
 
 @register_method("ce")
 class CE(Method):
-    """Cross-entropy only; teachers are ignored (their diagnostics are empty)."""
+    """Cross-entropy only; teachers are ignored (no diagnostics: no ``teacher_weights`` key)."""
 
     def uses_teachers(self) -> bool:
         return False

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from camkd.methods.base import Diagnostics, Losses, Method, StudentOut, TeacherOut, register_method
-from camkd.methods.functional import cross_entropy, kl_per_sample
+from camkd.methods.base import LogitMethod, register_method
+from camkd.methods.functional import kl_per_sample
 
 
 def teacher_entropies(teacher_logits: Tensor) -> Tensor:
@@ -60,15 +60,10 @@ def ebkd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> tu
 
 
 @register_method("ebkd")
-class EBKD(Method):
+class EBKD(LogitMethod):
     """gamma * CE + alpha * entropy-weighted KD."""
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
-        self.check_inputs(student, teachers, labels)
-        kd, w = ebkd_loss(student.logits, teachers.logits, T=self.kd_T)
-        losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
-        # reported as shares summing to 1 (the raw weights sum to K - 1)
-        share = w.mean(0) / w.mean(0).sum()
-        return losses, {"teacher_weights": share.tolist()}
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        kd, w = ebkd_loss(student_logits, teacher_logits, T=self.kd_T)
+        mean = w.mean(0)
+        return kd, mean / mean.sum()  # shares summing to 1 (the raw weights sum to K - 1)

@@ -23,8 +23,7 @@ from camkd.errors import CamkdError
 from camkd.methods.avg import avg_mkd_loss
 from camkd.methods.base import (
     Diagnostics,
-    Losses,
-    Method,
+    LogitMethod,
     MethodConfig,
     Shape,
     StudentOut,
@@ -33,7 +32,6 @@ from camkd.methods.base import (
     student_shape,
     teacher_shapes,
 )
-from camkd.methods.functional import cross_entropy
 
 
 def fitnet_hint_loss(regressed: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
@@ -90,16 +88,16 @@ class ConvReg(nn.Module):
 
 
 @register_method("fitnet")
-class FitNetMKD(Method):
+class FitNetMKD(LogitMethod):
     """gamma CE + alpha AVER-MKD + beta mean_k HintLoss(reg_k(f_s[L]), f_t,k[L]); beta term from epoch 2."""
 
     default_beta = 100.0
+    feature_loss = "hint"
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
         self.hint_layer = cfg.hint_layer
         self.layer = f"hint{cfg.hint_layer}"
-        self.hint_layer = cfg.hint_layer
         self.regressors = nn.ModuleList()
         if self.beta > 0:
             s = student_shape(cfg, cfg.hint_layer, "fitnet")
@@ -110,22 +108,14 @@ class FitNetMKD(Method):
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
         return (f"hint{hint_layer}",) if beta > 0 else ()
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
-        self.check_inputs(student, teachers, labels)
-        losses = {
-            "ce": self.gamma * cross_entropy(student.logits, labels),
-            "kd": self.alpha * avg_mkd_loss(student.logits, teachers.logits, T=self.kd_T),
-        }
-        if self.beta > 0:
-            if epoch <= 1:
-                losses["hint"] = student.logits.new_zeros((), dtype=torch.float32)
-            else:
-                f_t = teachers.features.get(self.layer)
-                if f_t is None or len(f_t) != self.num_teachers:
-                    raise CamkdError(f"fitnet needs teacher features {self.layer!r} for all teachers")
-                f_s = student.feats[self.hint_layer]
-                regressed = [reg(f_s) for reg in self.regressors]
-                losses["hint"] = self.beta * fitnet_hint_loss(regressed, f_t)
-        return losses, {"teacher_weights": self.uniform_weights()}
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return avg_mkd_loss(student_logits, teacher_logits, T=self.kd_T), self.uniform_weights(student_logits)
+
+    def feature_term(
+        self, student: StudentOut, teachers: TeacherOut, labels: Tensor
+    ) -> tuple[Tensor, Diagnostics]:
+        f_t = teachers.features.get(self.layer)
+        if f_t is None or len(f_t) != self.num_teachers:
+            raise CamkdError(f"fitnet needs teacher features {self.layer!r} for all teachers")
+        f_s = student.feats[self.hint_layer]
+        return fitnet_hint_loss([reg(f_s) for reg in self.regressors], f_t), {}

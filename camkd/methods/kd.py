@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from camkd.methods.base import Diagnostics, Losses, Method, StudentOut, TeacherOut, register_method
-from camkd.methods.functional import cross_entropy, distill_kl
+from camkd.methods.base import LogitMethod, register_method
+from camkd.methods.functional import distill_kl
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> Tensor:
@@ -17,15 +17,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> Tens
 
 
 @register_method("kd")
-class KD(Method):
+class KD(LogitMethod):
     """gamma * CE + alpha * KD(student, mean teacher logits)."""
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
-        self.check_inputs(student, teachers, labels)
-        losses = {
-            "ce": self.gamma * cross_entropy(student.logits, labels),
-            "kd": self.alpha * kd_loss(student.logits, teachers.logits, T=self.kd_T),
-        }
-        return losses, {"teacher_weights": self.uniform_weights()}
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return kd_loss(student_logits, teacher_logits, T=self.kd_T), self.uniform_weights(student_logits)
