@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,13 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        kind = "it holds Python objects other than tensors and plain data" if "Weights only load failed" in str(e) \
-            else "torch cannot read it: it is truncated, damaged or not a torch file"
-        raise CamkdError(f"{path} is not a readable checkpoint ({kind}); use another checkpoint or retrain") from None
+        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] != b"\x80":  # neither torch's zip nor a pickle
+            kind = "it is not a torch file"
+        elif "Weights only load failed" in str(e) and "Unsupported" in str(e):
+            kind = "it holds Python objects other than tensors and plain data"
+        else:
+            kind = "it is truncated or damaged"
+        raise CamkdError(f"{path} is not a readable torch checkpoint ({kind}); use another checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CamkdError(f"{path} is not a camkd or reference checkpoint (expected a dict with a 'model' state_dict)")
     if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):

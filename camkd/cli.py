@@ -1,4 +1,8 @@
-"""The `camkd` command line: each command parses options and calls one importable function."""
+"""The `camkd` command line: each command parses options and calls one importable function.
+
+Every input error is one line on stderr starting with ``error:`` and exit code 2: our own
+(CamkdError) and the parser's (bad range, missing option, unknown choice) alike.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +13,92 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
+try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+    from typer import _click as click
+except ImportError:  # pragma: no cover
+    import click
+
+from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
+
+
+class OneLineErrors(TyperGroup):
+    """Print the parser's usage errors as one ``error:`` line (exit 2) instead of a boxed block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.ClickException as e:
+            where = f"; see 'camkd {e.ctx.info_name} --help'" if getattr(e, "ctx", None) and e.ctx.parent else \
+                "; see 'camkd --help'"
+            msg = e.format_message().replace("Value error, ", "").rstrip(".")
+            click.echo(f"error: {msg[0].lower() + msg[1:] if msg else msg}{where}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     name="camkd",
+    cls=OneLineErrors,
     help="Confidence-Aware Multi-Teacher Knowledge Distillation from cached teacher outputs.",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(name: str, values: list[str]) -> type[Enum]:
+    """A str Enum built from a registry, so the parser validates and --help lists the names."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
+
+def _registries() -> tuple[type[Enum], type[Enum], type[Enum]]:
+    from camkd.data import dataset_names
+    from camkd.methods import list_methods
+    from camkd.store.layout import DTYPES
+
+    return _choices("Dataset", dataset_names()), _choices("Method", list_methods()), _choices("Dtype", list(DTYPES))
+
+
+DatasetChoice, MethodChoice, DtypeChoice = _registries()
+DeviceChoice = _choices("Device", ["auto", "cpu", "cuda"])
+
+def _teacher_optim() -> OptimConfig:
+    from camkd.train import teacher_optim
+
+    return teacher_optim()
+
+
+_O, _R, _TO = OptimConfig(), RunConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
 
 # Options shared across commands (huggingface_hub style aliases).
-DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="cifar100, cifar10, fashion-mnist or synthetic.")]
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset in torchvision's layout.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files (torchvision's layout).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the dataset if missing (needs network).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training samples.", min=1)]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the augmentation views, sample order and init.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the model's init and the sample order.")]
 DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-exact reruns).")]
 AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast and channels-last on CUDA.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise CamkdError(f"expected comma-separated integers like 150,180,210, got '{text}'") from None
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch size.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate [default: 0.05; 0.01 for "
+                                                  "MobileNetV2/ShuffleV1/V2].")]
+DecayOpt = Annotated[list[int], typer.Option("--lr-decay-epochs", min=1, help="Epoch after which lr x 0.1 (repeat).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
+TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH "
+                                               "(reference); repeat for each teacher.")]
+OldSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
 
 
 def friendly(fn: Callable) -> Callable:
@@ -58,30 +112,41 @@ def friendly(fn: Callable) -> Callable:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; finished work is kept: rerun the same command to continue (train-teacher/distill: add --resume once an epoch has finished)", err=True)
+            typer.echo("interrupted; finished work is kept: rerun the same command to continue "
+                       "(train-teacher/distill: add --resume once an epoch has finished)", err=True)
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+def _renamed(old: str, new: str, value) -> None:
+    if value is not None:
+        raise CamkdError(f"{old} is now {new} here (it only ever set that seed); use {new} {value}")
+
+
+def _str(p: Path | None) -> str | None:
+    return str(p) if p is not None else None
 
 
 @app.command("train-teacher")
 @friendly
 def train_teacher_cmd(
     arch: Annotated[str, typer.Option("--arch", "-m", help="Model name, e.g. resnet32x4 (see `camkd models`).")],
-    dataset: DatasetOpt,
+    dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Training data.")],
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
     trial: Annotated[int, typer.Option("--trial", help="Trial number (part of the default --out).")] = 0,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 240,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Default 0.05 (0.01 for MobileNetV2/ShuffleV1/V2).")] = None,
-    lr_decay_epochs: Annotated[str, typer.Option("--lr-decay-epochs", help="Epochs after which lr x 0.1.")] = "150,180,210",
-    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov")] = False,
+    epochs: EpochsOpt = _TO.epochs,
+    batch_size: BatchOpt = _TO.batch_size,
+    lr: LrOpt = None,
+    lr_decay_epochs: DecayOpt = _TO.lr_decay_epochs,
+    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _TO.nesterov,
     limit: LimitOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
-    seed: SeedOpt = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/teachers/ARCH_DATASET_trial_T).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")] = False,
+    seed: SeedOpt = _R.seed,
+    aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: --seed].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: runs/teachers/ARCH_DATASET_trial_T].")] = None,
+    resume: ResumeOpt = False,
     deterministic: DeterministicOpt = False,
     amp: AmpOpt = False,
     quiet: QuietOpt = False,
@@ -90,39 +155,39 @@ def train_teacher_cmd(
     from camkd.train import TrainConfig, train_teacher
 
     cfg = TrainConfig(
-        arch=arch, dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download, trial=trial,
-        epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_int_list(lr_decay_epochs), nesterov=nesterov,
-        limit=limit, device=device.value, seed=seed, out=str(out) if out else None, resume=resume,
-        deterministic=deterministic, amp=amp, progress=not quiet,
+        arch=arch, trial=trial, aug_seed=aug_seed,
+        data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
+                          nesterov=nesterov, drop_last=_TO.drop_last),
+        run=RunConfig(out=_str(out), resume=resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
+                      progress=not quiet),
     )
     s = train_teacher(cfg)
     typer.echo(f"{s['arch']}: best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), last {s['last_top1']:.2f}%, "
                f"{s['seconds']:.0f}s -> {s['out']}")
 
 
-class DtypeChoice(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH (reference).")]
-
-
 @app.command("cache-teachers")
 @friendly
 def cache_teachers_cmd(
     teacher: TeacherOpt,
-    dataset: DatasetOpt,
-    views: Annotated[int, typer.Option("--views", "-V", min=1, help="Augmentation views to cache (epoch e uses view (e - 1) mod V).")],
+    dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="The data the teachers run over.")],
+    views: Annotated[int, typer.Option("--views", "-V", min=1, help="Augmentation views to cache (epoch e uses view "
+                                       "(e - 1) mod V).")],
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
     limit: LimitOpt = None,
-    seed: SeedOpt = 0,
-    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", help="none, penultimate, hint:L (repeatable).")] = None,
-    dtype: Annotated[DtypeChoice, typer.Option("--dtype")] = DtypeChoice.float16,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    aug_seed: Annotated[int, typer.Option("--aug-seed", help="Seed of the augmentation views.")] = 0,
+    seed: OldSeedOpt = None,
+    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", help="Teacher features to store: "
+                        "penultimate (what camkd needs), hint:L, or none (repeat) [default: penultimate].")] = None,
+    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = DtypeChoice.float16,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Teacher batch [default: 64 on CPU, "
+                                                      "256 on CUDA].")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the teachers' test accuracy (not recorded).")] = False,
     device: DeviceOpt = DeviceChoice.auto,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Store path (default cache/DATASET_ARCHS_sSEED.zarr).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Store path [default: "
+                                                "cache/DATASET_ARCHS_sSEED.zarr].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -130,10 +195,11 @@ def cache_teachers_cmd(
     from camkd.store.report import format_cache_summary
     from camkd.store.writer import CacheConfig, cache_teachers
 
-    cfg = CacheConfig(teachers=teacher, dataset=dataset, data_dir=str(data_dir) if data_dir else None, download=download,
-                      limit=limit, views=views, seed=seed, features=features or [], dtype=dtype.value,
-                      batch_size=batch_size, device=device.value, out=str(out) if out else None, overwrite=overwrite,
-                      progress=not quiet)
+    _renamed("--seed", "--aug-seed", seed)
+    kw = {"features": features} if features else {}
+    cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
+                      views=views, seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
+                      out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, **kw)
     typer.echo(format_cache_summary(cache_teachers(cfg)))
 
 
@@ -150,17 +216,22 @@ def cache_info_cmd(store: Annotated[Path, typer.Argument(help="Path of a camkd s
 @friendly
 def cache_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Path of a camkd store.")],
-    teacher: TeacherOpt,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="The store's teacher checkpoints, in "
+                       "order: also recompute a sample with them.")] = None,
     sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = 256,
+    sample_seed: Annotated[int, typer.Option("--sample-seed", help="Seed of the random sample.")] = 0,
+    seed: OldSeedOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Mark corrupt blocks unwritten, so rerunning cache-teachers "
+                                         "recomputes exactly those.")] = False,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
 ) -> None:
-    """Recompute a random sample with the teachers, check completeness and that every chunk decodes (exit 1 if not)."""
+    """Check completeness and every chunk's checksum; with -t also recompute a sample (exit 1 if not OK)."""
     from camkd.store.verify import cache_verify
 
-    report = cache_verify(store, teacher, sample=sample, seed=seed, data_dir=str(data_dir) if data_dir else None,
-                          device=device.value)
+    _renamed("--seed", "--sample-seed", seed)
+    report = cache_verify(store, teacher or [], sample=sample, seed=sample_seed, data_dir=_str(data_dir),
+                          device=device.value, repair=repair)
     typer.echo("\n".join(report.lines))
     if not report.ok:
         raise typer.Exit(code=1)
@@ -169,118 +240,124 @@ def cache_verify_cmd(
 @app.command("distill")
 @friendly
 def distill_cmd(
-    arch: Annotated[str, typer.Option("--arch", "-m", help="Student model, e.g. vgg8.")],
+    arch: Annotated[str, typer.Option("--arch", "-m", help="Student model, e.g. vgg8 (see `camkd models`).")],
     cache: Annotated[Optional[Path], typer.Option("--cache", "-c", help="Teacher store made by cache-teachers.")] = None,
-    method: Annotated[str, typer.Option("--method", help="ce, kd, avg, ebkd, aekd, fitnet or camkd.")] = "camkd",
+    method: Annotated[MethodChoice, typer.Option("--method", help="Distillation method.")] = MethodChoice.camkd,
     gamma: Annotated[float, typer.Option("-r", "--gamma", help="Weight of the cross-entropy term.")] = 1.0,
     alpha: Annotated[float, typer.Option("-a", "--alpha", help="Weight of the logit distillation term.")] = 1.0,
-    beta: Annotated[Optional[float], typer.Option("-b", "--beta", help="Weight of the feature term (default: camkd 50, fitnet 100).")] = None,
+    beta: Annotated[Optional[float], typer.Option("-b", "--beta", help="Weight of the feature term [default: camkd 50, "
+                                                  "fitnet 100].")] = None,
     kd_t: Annotated[float, typer.Option("--kd-T", help="Distillation temperature.")] = 4.0,
     aekd_c: Annotated[float, typer.Option("--aekd-C", help="AEKD's C (nu = 1/(C*K)).")] = 0.6,
     hint_layer: Annotated[int, typer.Option("--hint-layer", help="FitNet hint layer index.")] = 2,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 240,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Default 0.05 (0.01 for MobileNetV2/ShuffleV1/V2).")] = None,
-    lr_decay_epochs: Annotated[str, typer.Option("--lr-decay-epochs")] = "150,180,210",
-    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov")] = True,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
-    seed: SeedOpt = 0,
+    epochs: EpochsOpt = _O.epochs,
+    lr: LrOpt = None,
+    lr_decay_epochs: DecayOpt = _O.lr_decay_epochs,
+    nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _O.nesterov,
+    batch_size: BatchOpt = _O.batch_size,
+    seed: SeedOpt = _R.seed,
     device: DeviceOpt = DeviceChoice.auto,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/students/ARCH_METHOD_MODE_sSEED).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")] = False,
-    online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the store.")] = False,
-    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="With --online: teacher checkpoints.")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="With --online and no --cache: the dataset.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: "
+                                                "runs/students/ARCH_METHOD_MODE_sSEED].")] = None,
+    resume: ResumeOpt = False,
+    online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the "
+                                         "store.")] = False,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="With --online: teacher checkpoints "
+                                                         "(repeat).")] = None,
+    dataset: Annotated[Optional[DatasetChoice], typer.Option("--dataset", "-d", help="With --online and no --cache: the "
+                                                             "data.")] = None,
+    aug_seed: Annotated[int, typer.Option("--aug-seed", help="With --online and no --cache: seed of the views (a store "
+                                          "fixes its own).")] = 0,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
-    feature_memory_mb: Annotated[float, typer.Option("--feature-memory-mb", help="Hold a view's features in memory up to this size; stream beyond.")] = 4096.0,
+    feature_memory_mb: Annotated[float, typer.Option("--feature-memory-mb", min=0.0, help="Hold a view's features in "
+                                 "memory up to this size; stream beyond.")] = 4096.0,
     deterministic: DeterministicOpt = False,
     amp: AmpOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
-    from camkd.distill import DistillConfig, distill
+    from camkd.distill import DistillConfig, LossConfig, distill
 
     cfg = DistillConfig(
-        arch=arch, method=method, cache=str(cache) if cache else None, gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t,
-        aekd_C=aekd_c, hint_layer=hint_layer, epochs=epochs, batch_size=batch_size, lr=lr,
-        lr_decay_epochs=_int_list(lr_decay_epochs), nesterov=nesterov, seed=seed, device=device.value,
-        out=str(out) if out else None, resume=resume, online=online, teachers=teacher or [], dataset=dataset,
-        data_dir=str(data_dir) if data_dir else None, limit=limit, feature_memory_mb=feature_memory_mb,
-        deterministic=deterministic, amp=amp, progress=not quiet,
+        arch=arch, method=method.value, cache=_str(cache), online=online, teachers=teacher or [], aug_seed=aug_seed,
+        feature_memory_mb=feature_memory_mb,
+        loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
+                          nesterov=nesterov),
+        run=RunConfig(out=_str(out), resume=resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
+                      progress=not quiet),
+        data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
     )
     s = distill(cfg)
     typer.echo(f"{s['arch']} ({s['method']}, {s['mode']}): best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), "
                f"last {s['last_top1']:.2f}%, {s['seconds']:.0f}s -> {s['out']}")
 
 
-bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in one run.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in one run.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("speed")
 @friendly
 def bench_speed_cmd(
-    student: Annotated[str, typer.Option("--student")] = "vgg8",
-    teacher: Annotated[str, typer.Option("--teacher-arch")] = "resnet32x4",
-    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1)] = 3,
-    samples: Annotated[int, typer.Option("--samples", min=64)] = 384,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2)] = 64,
-    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 2,
+    student: Annotated[str, typer.Option("--student", help="Student model.")] = "vgg8",
+    teacher: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = "resnet32x4",
+    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = 3,
+    samples: Annotated[int, typer.Option("--samples", min=64, help="Training samples (CIFAR-100-shaped, synthetic).")] = 384,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved rounds per measurement.")] = 2,
+    threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, help="CPU threads to measure at (repeat) "
+                                                         "[default: 1 and 2].")] = None,
     no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
     device: DeviceOpt = DeviceChoice.auto,
-    out: Annotated[Optional[Path], typer.Option("--out", help="JSON file (default bench/results/speed-<device>.json).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
+                                                "beside it); without it nothing is written.")] = None,
 ) -> None:
     """Throughput of the student alone, cached and online distillation, caching and the reader."""
-    import json
-
-    from camkd.bench.speed import SpeedConfig, plot, run_speed, to_markdown
+    from camkd.bench.speed import SpeedConfig, run_speed, save, to_markdown
 
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
-                              batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online))
-    path = out or Path("bench/results") / f"speed-{r['device'].split(':')[0]}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(r, indent=2))
-    md = to_markdown(r)
-    path.with_suffix(".md").write_text(md + "\n")
-    plot(r, path.with_suffix(".png"))
-    typer.echo(md)
-    typer.echo(f"\n-> {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+                              batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
+                              threads=threads or [1, 2]))
+    typer.echo(to_markdown(r))
+    if out is not None:
+        typer.echo(f"\n-> {', '.join(save(r, out))}")
 
 
 @bench_app.command("accuracy")
 @friendly
 def bench_accuracy_cmd(
-    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "fashion-mnist",
+    dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Data.")] = DatasetChoice.fashion_mnist,
     data_dir: DataDirOpt = None,
-    teacher_arch: Annotated[str, typer.Option("--teacher-arch")] = "resnet20",
-    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1)] = 3,
-    student: Annotated[str, typer.Option("--student")] = "resnet8",
-    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1)] = 8,
+    teacher_arch: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = "resnet20",
+    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = 3,
+    student: Annotated[str, typer.Option("--student", help="Student model.")] = "resnet8",
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 8,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = 6,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Training samples (0: all).")] = 10000,
-    seeds: Annotated[int, typer.Option("--seeds", min=1)] = 3,
-    methods: Annotated[str, typer.Option("--methods")] = "ce,kd,avg,ebkd,aekd,fitnet,camkd",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per method.")] = 3,
+    methods: Annotated[Optional[list[MethodChoice]], typer.Option("--method", help="Methods to run (repeat) "
+                                                                  "[default: all].")] = None,
     device: DeviceOpt = DeviceChoice.auto,
-    work: Annotated[Path, typer.Option("--work", help="Folder for teachers, store and runs (reruns resume).")] = Path("bench/accuracy-run"),
-    out: Annotated[Path, typer.Option("--out", help="JSON result (with .md and .png beside it).")] = Path("bench/results/accuracy.json"),
+    work: Annotated[Path, typer.Option("--work", help="Folder for teachers, store and runs (reruns resume).")] =
+    Path("bench/accuracy-run"),
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
+                                                "beside it); without it nothing is written.")] = None,
 ) -> None:
     """Top-1 of every method and the student alone over seeds; camkd from the store vs --online."""
-    import json
+    from camkd.bench.accuracy import AccuracyConfig, run_accuracy, save, to_markdown
+    from camkd.methods import list_methods
 
-    from camkd.bench.accuracy import AccuracyConfig, plot, run_accuracy, to_markdown
-
-    cfg = AccuracyConfig(dataset=dataset, data_dir=str(data_dir) if data_dir else None, teacher_arch=teacher_arch,
+    cfg = AccuracyConfig(dataset=dataset.value, data_dir=_str(data_dir), teacher_arch=teacher_arch,
                          num_teachers=num_teachers, student=student, teacher_epochs=teacher_epochs, epochs=epochs,
-                         limit=limit or None, seeds=seeds, methods=[m for m in methods.split(",") if m], device=device.value,
-                         out=str(work))
+                         limit=limit or None, seeds=seeds, methods=[m.value for m in methods] if methods else list_methods(),
+                         device=device.value, out=str(work))
     r = run_accuracy(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(r, indent=2))
-    md = to_markdown(r)
-    out.with_suffix(".md").write_text(md + "\n")
-    plot(r, out.with_suffix(".png"))
-    typer.echo(md)
-    typer.echo(f"\n-> {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
+    typer.echo(to_markdown(r))
+    if out is not None:
+        typer.echo(f"\n-> {', '.join(save(r, out))}")
 
 
 @app.command("models")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig, distill
 from camkd.progress import log
 from camkd.store.writer import CacheConfig, cache_teachers
-from camkd.train import TrainConfig, train_teacher
+from camkd.train import TrainConfig, teacher_optim, train_teacher
 
 DEMO_TEACHERS = ("resnet20", "resnet14", "wrn_16_1")
 DEMO_STUDENT = "resnet8"
@@ -32,9 +33,11 @@ def run_demo(*, out: Path, data_dir: Path | None, epochs: int, limit: int | None
     rows, ckpts = [], []
     for trial, arch in enumerate(DEMO_TEACHERS):
         run_dir = out / "teachers" / arch
-        cfg = TrainConfig(arch=arch, dataset="fashion-mnist", data_dir=dd, epochs=epochs, batch_size=64, lr=0.05,
-                          lr_decay_epochs=_last_epoch_decay(epochs), limit=limit, device=device, seed=trial, out=str(run_dir),
-                          resume=(run_dir / "last.pth").exists(), progress=progress)
+        optim = teacher_optim()
+        optim.epochs, optim.lr, optim.lr_decay_epochs = epochs, 0.05, _last_epoch_decay(epochs)
+        cfg = TrainConfig(arch=arch, data=DataConfig(dataset="fashion-mnist", data_dir=dd, limit=limit), optim=optim,
+                          run=RunConfig(out=str(run_dir), resume=(run_dir / "last.pth").exists(), device=device, seed=trial,
+                                        progress=progress))
         log(f"[demo] teacher {arch}: {epochs} epochs on {limit or 'all'} fashion-mnist images")
         s = train_teacher(cfg)
         rows.append((f"teacher {arch}", s["last_top1"]))
@@ -48,9 +51,10 @@ def run_demo(*, out: Path, data_dir: Path | None, epochs: int, limit: int | None
     for method in DEMO_METHODS:
         log(f"[demo] student {DEMO_STUDENT} with {method} from the store")
         run_dir = out / "students" / method
-        s = distill(DistillConfig(arch=DEMO_STUDENT, method=method, cache=str(store), data_dir=dd, epochs=s_epochs,
-                                  lr=0.05, lr_decay_epochs=_last_epoch_decay(s_epochs), device=device, out=str(run_dir),
-                                  resume=(run_dir / "last.pth").exists(), progress=progress))
+        s = distill(DistillConfig(arch=DEMO_STUDENT, method=method, cache=str(store), data=DataConfig(dataset=None, data_dir=dd),
+                                  optim=OptimConfig(epochs=s_epochs, lr=0.05, lr_decay_epochs=_last_epoch_decay(s_epochs)),
+                                  run=RunConfig(out=str(run_dir), resume=(run_dir / "last.pth").exists(), device=device,
+                                                progress=progress)))
         rows.append((f"student {DEMO_STUDENT} ({method}, from cache)", s["last_top1"]))
     lines = ["| model | test top-1 % |", "|---|---|"] + [f"| {name} | {acc:.2f} |" for name, acc in rows]
     lines.append(f"\n{time.perf_counter() - t0:.0f} s in all; runs and store in {out}")

@@ -1,6 +1,10 @@
-import pytest
-import torch
-from typer.testing import CliRunner
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as camkd does for its commands
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 torch.set_num_threads(2)
 

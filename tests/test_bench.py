@@ -17,12 +17,13 @@ def finite_positive(x) -> bool:
 def test_bench_speed_smoke(cli, tmp_path):
     out = tmp_path / "speed.json"
     r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "2", "--samples", "64",
-            "--batch-size", "16", "--repeats", "1", "--device", "cpu", "--out", out)
+            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--device", "cpu", "--out", out)
     assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())
-    assert set(res) >= {"machine", "cache", "reader", "train_images_per_s", "cached_over_ce", "cached_over_online", "bytes_per_sample_view"}
+    res = json.loads(out.read_text())["by_threads"]["1"]
+    assert set(res) >= {"cache", "reader", "train_images_per_s", "cached_over_ce", "cached_over_online", "bytes_per_sample_view"}
     names = {"kd", "avg", "ebkd", "aekd", "fitnet", "camkd(beta=0)", "camkd+features"}
-    assert set(res["cached_over_ce"]) == names and set(res["cached_over_online"]) == names
+    assert set(res["cached_over_ce"]) == names and set(res["cached_over_online"]) == {"avg", "camkd+features"}
+    assert res["cache"]["best_inference_batch"] in (32, 64, 128, 256)
     for v in list(res["cached_over_ce"].values()) + list(res["cached_over_online"].values()) + [res["cache"]["ratio"]]:
         assert finite_positive(v)
     for v in res["reader"].values():
@@ -36,7 +37,7 @@ def test_bench_speed_smoke(cli, tmp_path):
 def test_bench_accuracy_smoke(tmp_path):
     from camkd.bench.accuracy import AccuracyConfig, plot, run_accuracy, to_markdown
 
-    r = run_accuracy(AccuracyConfig(dataset="synthetic", synthetic_samples=96, teacher_arch="resnet8", num_teachers=2,
+    r = run_accuracy(AccuracyConfig(dataset="synthetic", data_options={"num_samples": 96}, teacher_arch="resnet8", num_teachers=2,
                                     student="resnet8", teacher_epochs=1, epochs=1, seeds=2, methods=["ce", "camkd"],
                                     batch_size=16, limit=None, device="cpu", out=str(tmp_path / "work")))
     assert set(r["table"]) == {"ce", "camkd", "camkd --online"}
@@ -45,3 +46,12 @@ def test_bench_accuracy_smoke(tmp_path):
     assert "| camkd |" in to_markdown(r)
     plot(r, tmp_path / "acc.png")
     assert Image.open(tmp_path / "acc.png").size[0] > 100
+
+
+def test_bench_writes_nothing_without_out(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "1", "--samples", "64",
+            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--no-online", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "| ce (the limit) |" in r.output
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from camkd.datasets import load_dataset
+from camkd.data import load_dataset
 from camkd.errors import CamkdError
 
 
@@ -67,7 +67,7 @@ def test_fashion_mnist_real_files():
 
 
 def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
-    import camkd.datasets.fashion_mnist as fm
+    import camkd.data.fashion_mnist as fm
 
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
     with pytest.raises(CamkdError, match="apt-get install -y dataset-fashion-mnist"):

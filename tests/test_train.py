@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from camkd.checkpoint import load_checkpoint, sha256_file
-from camkd.train import TrainConfig, train_teacher
+from camkd.train import train_teacher
+from configs import train_cfg
 
 SMALL = dict(arch="resnet8", dataset="synthetic", batch_size=32, lr=0.05, synthetic_samples=384, progress=False, deterministic=True)
 
 
 def test_learns_well_above_chance(tmp_path):
-    s = train_teacher(TrainConfig(**SMALL, epochs=3, out=str(tmp_path / "run")))
+    s = train_teacher(train_cfg(**SMALL, epochs=3, out=str(tmp_path / "run")))
     assert s["best_top1"] > 60.0  # 10 classes: chance is 10%
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
@@ -20,16 +21,16 @@ def test_learns_well_above_chance(tmp_path):
     meta = ckpt["meta"]
     assert meta["arch"] == "resnet8" and meta["num_classes"] == 10 and meta["in_channels"] == 3 and meta["image_size"] == 32
     assert meta["dataset"] == "synthetic" and len(meta["dataset_fingerprint"]) == 64
-    assert meta["options"]["epochs"] == 3 and meta["accuracy"] == s["best_top1"]
+    assert meta["options"]["optim"]["epochs"] == 3 and meta["accuracy"] == s["best_top1"]
     for name in ("best.pth", "last.pth"):
         digest = (tmp_path / "run" / f"{name}.sha256").read_text().split()[0]
         assert digest == sha256_file(tmp_path / "run" / name)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = train_teacher(TrainConfig(**SMALL, epochs=3, out=str(tmp_path / "a")))
-    train_teacher(TrainConfig(**SMALL, epochs=1, out=str(tmp_path / "b")))  # "interrupted" after epoch 1
-    resumed = train_teacher(TrainConfig(**SMALL, epochs=3, out=str(tmp_path / "b"), resume=True))
+    full = train_teacher(train_cfg(**SMALL, epochs=3, out=str(tmp_path / "a")))
+    train_teacher(train_cfg(**SMALL, epochs=1, out=str(tmp_path / "b")))  # "interrupted" after epoch 1
+    resumed = train_teacher(train_cfg(**SMALL, epochs=3, out=str(tmp_path / "b"), resume=True))
     a = load_checkpoint(tmp_path / "a" / "last.pth")["model"]
     b = load_checkpoint(tmp_path / "b" / "last.pth")["model"]
     assert a.keys() == b.keys()
@@ -41,10 +42,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_one_channel_28px_and_limit(tmp_path):
-    from camkd.datasets import load_dataset
+    from camkd.data import load_dataset
 
     assert load_dataset("fashion-mnist", "train", limit=64).images.shape == (64, 1, 28, 28)
-    s = train_teacher(TrainConfig(arch="resnet8", dataset="fashion-mnist", limit=64, epochs=1, batch_size=32,
+    s = train_teacher(train_cfg(arch="resnet8", dataset="fashion-mnist", limit=64, epochs=1, batch_size=32,
                                   progress=False, out=str(tmp_path / "f")))
     meta = load_checkpoint(tmp_path / "f" / "last.pth")["meta"]
     assert meta["in_channels"] == 1 and meta["image_size"] == 28 and meta["num_train"] == 64
@@ -71,7 +72,47 @@ def test_unknown_arch_lists_names(cli, tmp_path):
 
 def test_unknown_dataset_lists_names(cli, tmp_path):
     r = cli("train-teacher", "--arch", "resnet8", "--dataset", "imagenet", "--out", tmp_path / "r")
-    assert_clean_error(r, r"unknown dataset 'imagenet'.*cifar100.*fashion-mnist")
+    assert_clean_error(r, r"--dataset.*'imagenet' is not one of.*cifar100.*fashion-mnist")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (("--epochs", "-1"), r"invalid value for '--epochs'"),
+    (("--batch-size", "1"), r"invalid value for '--batch-size'"),
+    (("--lr-decay-epochs", "150,180"), r"invalid value for '--lr-decay-epochs'"),
+    (("--device", "tpu"), r"invalid value for '--device'"),
+])
+def test_range_and_choice_errors_are_one_line(cli, tmp_path, args, pattern):
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", *args)), pattern)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_option_is_one_line(cli, tmp_path):
+    assert_clean_error(cli("train-teacher", "--dataset", "synthetic"), r"missing option '--arch'")
+    assert_clean_error(cli("cache-teachers", "--dataset", "synthetic", "-V", "1"), r"missing option '--teacher'")
+
+
+def test_names_are_checked_before_the_data_loads(cli, tmp_path, monkeypatch):
+    import camkd.data.base as base
+
+    def no_loading(*a, **k):
+        raise AssertionError("the dataset was loaded before the names were checked")
+
+    monkeypatch.setattr(base, "load_dataset", no_loading)
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet9")), r"unknown arch 'resnet9'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_failed_run_leaves_no_folder(cli, tmp_path):
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--limit", "1")), r"no step would run")
+    assert not (tmp_path / "r").exists()
+
+
+def test_data_dir_without_the_dataset_is_an_error(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli("train-teacher", "--arch", "resnet8", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "empty",
+            "--out", tmp_path / "r")
+    assert_clean_error(r, r"fashion-mnist train files .* not found in .*empty.*drop --data-dir")
 
 
 def test_missing_dataset_files(cli, tmp_path):
@@ -92,13 +133,13 @@ def test_cuda_absent(cli, tmp_path):
 
 
 def test_resume_with_other_arch_refused(cli, tmp_path):
-    train_teacher(TrainConfig(**SMALL, epochs=1, out=str(tmp_path / "r")))
+    train_teacher(train_cfg(**SMALL, epochs=1, out=str(tmp_path / "r")))
     r = cli(*base_args(tmp_path, "--arch", "wrn_16_1", "--resume"))
     assert_clean_error(r, r"made with arch='resnet8'.*'wrn_16_1'")
 
 
 def test_existing_run_without_resume_refused(cli, tmp_path):
-    train_teacher(TrainConfig(**SMALL, epochs=1, out=str(tmp_path / "r")))
+    train_teacher(train_cfg(**SMALL, epochs=1, out=str(tmp_path / "r")))
     before = (tmp_path / "r" / "last.pth").read_bytes()
     assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8")), r"already holds a run.*--resume")
     assert (tmp_path / "r" / "last.pth").read_bytes() == before  # finished work untouched

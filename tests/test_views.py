@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from camkd.datasets import load_dataset
-from camkd.views import AugSpec, apply_params, augment, normalize, view_params
+from camkd.data import load_dataset
+from camkd.data.views import AugSpec, apply_params, augment, normalize, view_params
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from camkd.bench.speed import machine
+from camkd.bench.common import machine
+from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig, distill
+from camkd.methods import list_methods
 from camkd.progress import log
 from camkd.store.writer import CacheConfig, cache_teachers
-from camkd.train import TrainConfig, train_teacher
-
-ALL_METHODS = ["ce", "kd", "avg", "ebkd", "aekd", "fitnet", "camkd"]
+from camkd.train import TrainConfig, teacher_optim, train_teacher
 
 
 @dataclass
@@ -37,11 +37,11 @@ class AccuracyConfig:
     seeds: int = 3
     batch_size: int = 64
     lr: float = 0.05
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[str] = field(default_factory=list_methods)
     device: str = "auto"
     out: str = "bench/accuracy-run"
     dtype: str = "float32"
-    synthetic_samples: int | None = None  # for the smoke test
+    data_options: dict = field(default_factory=dict)  # dataset loader options (e.g. synthetic's num_samples)
 
 
 def _decay(epochs: int) -> list[int]:
@@ -49,23 +49,36 @@ def _decay(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * f)) for f in (0.625, 0.75, 0.875)}) if epochs >= 4 else []
 
 
+def _synthetic(cfg: AccuracyConfig) -> dict:
+    opts = cfg.data_options
+    return {"synthetic_samples": opts.get("num_samples")} if cfg.dataset == "synthetic" and opts.get("num_samples") else {}
+
+
+def _history(run_dir: Path) -> list[dict]:
+    """Every epoch's record of a run, also those of earlier (resumed) invocations."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def run_accuracy(cfg: AccuracyConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit or None, device=cfg.device, progress=False)
-    synth = {"synthetic_samples": cfg.synthetic_samples} if cfg.dataset == "synthetic" else {}
+    data = DataConfig(dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit or None, options=cfg.data_options)
     teachers, teacher_acc = [], []
     for k in range(cfg.num_teachers):
         run_dir = out / "teachers" / f"{cfg.teacher_arch}_{k}"
-        s = train_teacher(TrainConfig(arch=cfg.teacher_arch, epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                      lr_decay_epochs=_decay(cfg.teacher_epochs), seed=k, out=str(run_dir),
-                                      resume=(run_dir / "last.pth").exists(), **common, **synth))
+        optim = teacher_optim()
+        optim.epochs, optim.batch_size, optim.lr = cfg.teacher_epochs, cfg.batch_size, cfg.lr
+        optim.lr_decay_epochs = _decay(cfg.teacher_epochs)
+        s = train_teacher(TrainConfig(arch=cfg.teacher_arch, data=data, optim=optim,
+                                      run=RunConfig(out=str(run_dir), resume=(run_dir / "last.pth").exists(),
+                                                    device=cfg.device, seed=k, progress=False)))
         teachers.append(str(run_dir / "last.pth"))
         teacher_acc.append(s["last_top1"])
         log(f"[bench] teacher {k}: {s['last_top1']:.2f}%")
     store = out / "teachers.zarr"
-    cache_teachers(CacheConfig(teachers=teachers, views=cfg.epochs, features=["penultimate", "hint:2"], dtype=cfg.dtype,
-                               out=str(store), **common, **synth))
+    cache_teachers(CacheConfig(teachers=teachers, dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit or None,
+                               views=cfg.epochs, features=["penultimate", "hint:2"], dtype=cfg.dtype, out=str(store),
+                               device=cfg.device, progress=False, **_synthetic(cfg)))
     curves: dict[str, list[list[float]]] = {}
     finals: dict[str, list[float]] = {}
     runs = [(m, seed, False) for seed in range(cfg.seeds) for m in cfg.methods]
@@ -74,12 +87,14 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
     for method, seed, online in runs:
         name = method + (" --online" if online else "")
         run_dir = out / "students" / f"{method}{'_online' if online else ''}_s{seed}"
-        dc = DistillConfig(arch=cfg.student, method=method, cache=str(store), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, lr_decay_epochs=_decay(cfg.epochs), seed=seed, device=cfg.device, out=str(run_dir),
-                           resume=(run_dir / "last.pth").exists(), online=online, teachers=teachers if online else [],
-                           data_dir=cfg.data_dir, progress=False)
+        dc = DistillConfig(arch=cfg.student, method=method, cache=str(store), online=online,
+                           teachers=teachers if online else [], data=DataConfig(dataset=None, data_dir=cfg.data_dir),
+                           optim=OptimConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                             lr_decay_epochs=_decay(cfg.epochs)),
+                           run=RunConfig(seed=seed, device=cfg.device, out=str(run_dir),
+                                         resume=(run_dir / "last.pth").exists(), progress=False))
         s = distill(dc)
-        curve = [json.loads(line)["test_top1"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curve = [rec["test_top1"] for rec in _history(run_dir)]
         curves.setdefault(name, []).append(curve)
         finals.setdefault(name, []).append(s["last_top1"])
         log(f"[bench] {name} seed {seed}: {s['last_top1']:.2f}%")
@@ -127,3 +142,10 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save(r: dict, path: Path) -> list[str]:
+    """The result as JSON, its table as Markdown and its plot as PNG beside it; returns the paths."""
+    from camkd.bench.common import write_result
+
+    return write_result(r, path, to_markdown(r), plot)

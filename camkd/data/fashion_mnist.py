@@ -17,11 +17,10 @@ _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test
 
 
 def _candidates(data_dir: Path | None) -> list[Path]:
-    dirs = []
+    """Where to look: the folder the user named (never anything else), or Debian's copy."""
     if data_dir is not None:
-        dirs += [data_dir, data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist"]
-    dirs.append(DEBIAN_DIR)
-    return dirs
+        return [data_dir, data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist"]
+    return [DEBIAN_DIR]
 
 
 def _find(stem: str, dirs: list[Path]) -> Path | None:
@@ -66,8 +65,9 @@ def fashion_mnist(*, split: str, data_dir: Path | None, download: bool = False) 
                 raise CamkdError(f"downloading fashion-mnist into {root} failed: {e}") from None
             return fashion_mnist(split=split, data_dir=root, download=False)
         raise CamkdError(
-            f"fashion-mnist {split} files ({img_stem}[.gz]) not found in {', '.join(map(str, dirs))}; "
-            "install them with 'apt-get install -y dataset-fashion-mnist' or give --data-dir"
+            f"fashion-mnist {split} files ({img_stem}[.gz]) not found in {', '.join(map(str, dirs))}"
+            + ("; put them there, or drop --data-dir to use Debian's copy (apt-get install -y dataset-fashion-mnist)"
+               if data_dir is not None else "; install them with 'apt-get install -y dataset-fashion-mnist' or give --data-dir")
         )
     images = read_idx(img_path)
     labels = read_idx(lbl_path).astype(np.int64)
