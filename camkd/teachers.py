@@ -29,10 +29,11 @@ class Teacher:
     num_classes: int
     in_channels: int
     model: nn.Module
+    spec: str = ""  # the --teacher argument as given
 
     @property
-    def name(self) -> str:
-        return f"{self.arch}:{self.path.name}"
+    def short_sha(self) -> str:
+        return self.sha256[:12]
 
 
 def parse_teacher_spec(spec: str) -> tuple[str | None, Path]:
@@ -71,16 +72,43 @@ def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
-        own = set(model.state_dict())
-        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
         named = f" (the checkpoint says it is {meta['arch']})" if meta.get("arch") and meta.get("arch") != arch else ""
-        detail = f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "keys match but shapes differ"
-        if unexpected:
-            detail += f", {len(unexpected)} unexpected (e.g. {unexpected[0]})"
-        raise CamkdError(f"{path} does not fit arch '{arch}'{named}: {detail}; give the right ARCH=PATH") from None
+        raise CamkdError(f"{path} does not fit arch '{arch}'{named}: {state_dict_mismatch(model.state_dict(), state)}; "
+                         "give the right ARCH=PATH") from None
     model.eval().requires_grad_(False).to(device)
     return Teacher(arch=model.arch, path=path, sha256=sha256_file(path), num_classes=num_classes,
-                   in_channels=in_channels, model=model)
+                   in_channels=in_channels, model=model, spec=spec)
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """What differs between a model's state_dict and a checkpoint's: missing, unexpected and reshaped keys."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    reshaped = sorted(k for k in set(own) & set(given)
+                      if hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(own[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} keys with other shapes (e.g. {k}: checkpoint {list(given[k].shape)}, "
+                     f"model {list(own[k].shape)})")
+    return ", ".join(parts) or "the weights do not load"
+
+
+def load_teachers(specs: list[str], device: torch.device | str = "cpu") -> list[Teacher]:
+    """Every teacher of ``specs``, refusing the same checkpoint twice (it would double-weight that teacher)."""
+    teachers: list[Teacher] = []
+    for spec in specs:
+        t = load_teacher(spec, device=device)
+        for i, other in enumerate(teachers):
+            if other.sha256 == t.sha256:
+                raise CamkdError(f"teachers {i + 1} and {len(teachers) + 1} are the same checkpoint (sha256 {t.short_sha}): "
+                                 f"{other.spec}, {t.spec}; give each teacher once")
+        teachers.append(t)
+    return teachers
 
 
 def parse_layer(text: str) -> tuple[str, int] | None:

@@ -356,7 +356,7 @@ def test_more_views_append_without_recomputing(teachers, tmp_path):
 
 @pytest.mark.parametrize("change, pattern", [
     (("--limit", "100"), r"made differently: .*dataset\.fingerprint.*dataset\.n \(store: 128, now: 100\).*--overwrite"),
-    (("--seed", "7"), r"augmentation\.seed \(store: 0, now: 7\)"),
+    (("--aug-seed", "7"), r"augmentation\.seed \(store: 0, now: 7\)"),
     (("--dtype", "float32"), r"dtype \(store: float16, now: float32\)"),
     (("-f", "hint:2"), r"features\.hint2 \(store: None"),
 ])
@@ -396,7 +396,7 @@ def test_overwrite_replaces(cli, teachers, small, tmp_path):
     path, args = small
     copy = tmp_path / "copy.zarr"
     shutil.copytree(path, copy)
-    args = _replace_opt(_replace_opt(args, "--out", str(copy)), "--seed", "7")
+    args = _replace_opt(_replace_opt(args, "--out", str(copy)), "--aug-seed", "7")
     r = cli("cache-teachers", "-t", teachers["resnet8"], *args, "--overwrite")
     assert r.exit_code == 0, r.output
     assert open_store(copy).attrs["augmentation"]["seed"] == 7 and open_store(copy).progress().all()
@@ -435,7 +435,7 @@ def test_refuses_bad_teacher_checkpoints(cli, teachers, small, tmp_path):
     before = snapshot(path)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage, not a checkpoint")
-    assert_clean_error(cli("cache-teachers", "-t", bad, *args), r"bad\.pth is not a readable torch checkpoint")
+    assert_clean_error(cli("cache-teachers", "-t", bad, *args), r"bad\.pth is not a readable (torch )?checkpoint")
     assert_clean_error(cli("cache-teachers", "-t", tmp_path / "missing.pth", *args), r"missing\.pth not found")
     # a reference checkpoint {'model': state_dict} of a 5-class resnet8
     five = tmp_path / "five.pth"
@@ -473,7 +473,7 @@ def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path):
     assert verdict.startswith("verdict: CORRUPT — 2 written blocks are damaged") and "--repair" in verdict, verdict
     # re-running the same cache-teachers command on it: a clean error, not a traceback
     args = ["-d", "synthetic", "--limit", str(N_RT), "-V", "2", "-f", "penultimate", "-f", "hint:2", "--dtype", "float32",
-            "--seed", str(RT["seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
+            "--aug-seed", str(RT["seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
     assert_clean_error(cli("cache-teachers", *rt_teacher_args(teachers), *args), r"'logits' view 1")
 
 
@@ -683,3 +683,178 @@ def test_disk_full_while_creating(cli, teachers, small, tiny_disk):
     assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(path))),
                        rf"^error: cannot create {re.escape(str(path))}: disk full$")
     assert not list(tiny_disk.iterdir())
+
+
+# ---- 11. verify: unfinished is not corrupt; repair; no teachers ----------------------------------
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_verify_unfinished_store_is_incomplete_not_corrupt(cli, rt, teachers, tmp_path):
+    """What kill -9 leaves: a block without its flag and without its chunk files. That is work to do, not damage."""
+    path, _ = rt
+    part = clone(path, tmp_path / "part.zarr")
+    zarr.open_group(str(part), mode="r+")["progress"][1, 1] = 0
+    for name in ("aug", "logits", "features/hint2/t0", "features/penultimate/t1"):
+        chunk_file(part, name, 1, 1).unlink()
+    r = cli("cache-verify", part, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
+    assert r.exit_code == 1, r.output
+    assert "INCOMPLETE: 1 blocks missing (first: view 1 block 1)" in r.output, r.output
+    assert "CORRUPT" not in r.output and "missing)" not in r.output, r.output
+    assert "largest difference" in r.output  # the written blocks were still checked against the teachers
+    assert r.output.splitlines()[-1] == "verdict: INCOMPLETE — rerun the same cache-teachers command to finish", r.output
+
+
+def test_verify_without_teachers_checks_checksums_only(rt, tmp_path):
+    from camkd.store.verify import cache_verify
+
+    path, _ = rt
+    for teachers_given in (None, []):
+        rep = cache_verify(path, teachers_given)
+        assert rep.ok and rep.lines[-1] == "verdict: OK", rep.lines
+        assert any("recomputation skipped: it needs the teachers" in line for line in rep.lines), rep.lines
+    bad = clone(path, tmp_path / "bad.zarr")
+    f = chunk_file(bad, "logits", 0, 0)
+    rewrite(f, f.read_bytes()[:-3] + b"xyz")
+    rep = cache_verify(bad, None)
+    assert not rep.ok and rep.corrupt_blocks == [(0, 0)] and rep.lines[-1].startswith("verdict: CORRUPT"), rep.lines
+
+
+def test_repair_then_resume_is_byte_identical(rt, teachers, tmp_path):
+    """verify --repair clears exactly the damaged blocks; the same cache-teachers run recomputes only them,
+    and every file of the store is then byte-identical to the undamaged store."""
+    from camkd.store.verify import cache_verify
+
+    path, _ = rt
+    bad = clone(path, tmp_path / "bad.zarr")
+    f = chunk_file(bad, "features/hint2/t1", 0, 1)  # a shard of the last, partial block: zarr would read it to merge
+    rewrite(f, f.read_bytes()[: len(f.read_bytes()) // 2])
+    f = chunk_file(bad, "logits", 1, 0)  # a flipped byte in a whole-block chunk
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    rewrite(f, bytes(data))
+    chunk_file(bad, "features/penultimate/t0", 1, 0).unlink()  # a lost file of the same block
+    before = cache_verify(bad, None)
+    assert not before.ok and before.corrupt_blocks == [(0, 1), (1, 0)], before.lines
+    rep = cache_verify(bad, None, repair=True)
+    assert rep.repaired and rep.corrupt_blocks == [(0, 1), (1, 0)], rep.lines
+    assert rep.lines[-1] == "verdict: REPAIRED — rerun the same cache-teachers command to recompute those 2 blocks", rep.lines
+    flags = open_store(bad).progress()
+    assert flags.tolist() == [[1, 0], [0, 1]]
+    after = cache_verify(bad, None)  # now only unfinished, not corrupt
+    assert after.corrupt_blocks == [] and after.lines[-1].startswith("verdict: INCOMPLETE"), after.lines
+    s = cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"]), str(teachers["wrn_16_1"])], out=str(bad), **RT))
+    assert s["rows_computed"] == 64 + 256
+    assert files(bad) == files(path)
+    assert cache_verify(bad, None).ok
+
+
+# ---- 12. teachers: duplicates, provenance, mismatch messages -------------------------------------
+
+def test_same_teacher_twice_is_refused(cli, teachers, small, tmp_path):
+    from camkd.teachers import load_teachers
+
+    path, args = small
+    a = str(teachers["resnet8"])
+    copy = tmp_path / "copy.pth"
+    shutil.copy(a, copy)
+    with pytest.raises(CamkdError, match=r"^teachers 1 and 3 are the same checkpoint \(sha256 [0-9a-f]{12}\): "
+                                         rf"{re.escape(a)}, resnet8={re.escape(str(copy))}; give each teacher once$"):
+        load_teachers([a, str(teachers["wrn_16_1"]), f"resnet8={copy}"])
+    assert_clean_error(cli("cache-teachers", "-t", a, "-t", a, *_replace_opt(args, "--out", str(tmp_path / "d.zarr"))),
+                       r"teachers 1 and 2 are the same checkpoint")
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_state_dict_mismatch_says_what_differs(tmp_path):
+    from camkd.teachers import load_teacher
+
+    state = create_model("resnet8", num_classes=10, in_channels=1).state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    ckpt = tmp_path / "gray.pth"
+    torch.save({"model": state, "meta": {"arch": "resnet8", "num_classes": 10, "in_channels": 3}}, ckpt)
+    with pytest.raises(CamkdError) as e:
+        load_teacher(str(ckpt))
+    msg = str(e.value)
+    assert "1 unexpected keys (e.g. extra.weight)" in msg, msg
+    assert "1 keys with other shapes (e.g. conv1.weight: checkpoint [16, 1, 3, 3], model [16, 3, 3, 3])" in msg, msg
+    assert "keys match" not in msg and "missing" not in msg, msg
+
+
+def test_provenance_records_path_and_digest_but_identity_does_not(cli, teachers, tmp_path):
+    base = dict(dataset="synthetic", limit=64, views=1, features=["none"], device="cpu", progress=False)
+    path = tmp_path / "p.zarr"
+    cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"])], out=str(path), **base))
+    meta = open_store(path).attrs["teachers"][0]
+    assert meta["path"] == str(teachers["resnet8"]) and meta["checkpoint"] == "best.pth"
+    info = cli("cache-info", path).output
+    assert f"teacher t0 resnet8 {teachers['resnet8']} sha256 {sha256_file(teachers['resnet8'])[:12]} test top-1" in info, info
+    # the same weights under another name and folder continue the same store
+    moved = tmp_path / "elsewhere" / "renamed.pth"
+    moved.parent.mkdir()
+    shutil.copy(teachers["resnet8"], moved)
+    s = cache_teachers(CacheConfig(teachers=[str(moved)], out=str(path), **dict(base, views=2)))
+    assert s["rows_computed"] == 64
+    assert open_store(path).attrs["teachers"][0]["path"] == str(teachers["resnet8"])  # provenance of the creation
+
+
+# ---- 13. defaults, evaluation, report ------------------------------------------------------------
+
+def test_defaults_store_penultimate_and_evaluate_with_a_small_batch(teachers, tmp_path, monkeypatch):
+    import camkd.store.writer as W
+
+    calls = []
+    real = W.evaluate
+    monkeypatch.setattr(W, "evaluate", lambda model, data, **kw: calls.append(kw) or real(model, data, **kw))
+    cfg = CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu", progress=False,
+                      out=str(tmp_path / "d.zarr"))
+    assert cfg.features == ["penultimate"] and cfg.batch_size is None and cfg.evaluate
+    assert W.batch_size_for(cfg, torch.device("cpu")) == 64 and W.batch_size_for(cfg, torch.device("cuda")) == 256
+    s = cache_teachers(cfg)
+    assert calls == [{"batch_size": 64}]
+    assert s["layers"] == ["penultimate"] and list(open_store(tmp_path / "d.zarr").layers) == ["penultimate"]
+
+
+def test_no_eval_records_no_accuracy(cli, teachers, tmp_path, monkeypatch):
+    import camkd.store.writer as W
+
+    def never(*a, **k):
+        raise AssertionError("evaluated although evaluate=False")
+
+    monkeypatch.setattr(W, "evaluate", never)
+    monkeypatch.setattr(W, "_load", lambda cfg, split, device, real=W._load: (never() if split == "test" else real(cfg, split, device)))
+    path = tmp_path / "n.zarr"
+    cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu",
+                               progress=False, evaluate=False, out=str(path)))
+    a = open_store(path).attrs
+    assert "test_accuracy" not in a["teachers"][0] and "teacher_test_accuracy" not in a
+    info = cli("cache-info", path).output
+    assert "test accuracy not evaluated" in info, info
+
+
+def test_summary_names_the_methods_a_store_serves(rt, teachers, tmp_path):
+    from camkd.methods import list_methods
+    from camkd.store.report import format_cache_summary
+
+    _, summary = rt
+    text = format_cache_summary(summary)
+    assert f"serves --method {', '.join(list_methods())}" in text.splitlines()[-1], text
+    s = cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu",
+                                   progress=False, evaluate=False, features=["none"], out=str(tmp_path / "n.zarr")))
+    last = format_cache_summary(s).splitlines()[-1]
+    assert "camkd (needs penultimate: -f penultimate)" in last and "fitnet (needs hint2: -f hint:2)" in last, last
+    assert last.startswith("serves --method ") and "kd" in last.split(";")[0], last
+
+
+def test_sizes_count_shards_and_show_per_sample_view(cli, rt):
+    from camkd.store.writer import array_sizes
+
+    path, _ = rt
+    sizes = array_sizes(zarr.open_group(str(path), mode="r"))
+    for name in ("features/hint2/t0", "logits", "labels"):  # sharded, one chunk per block, plain
+        on_disk = sum(f.stat().st_size for f in (path / name).rglob("*") if f.is_file())
+        assert sizes[name] == on_disk > 0, name
+    r = cli("cache-info", path)
+    line = next(x for x in r.output.splitlines() if x.startswith("per sample-view"))
+    assert "logits" in line and "features/hint2/t0" in line, line

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from camkd.store.reader import open_store
-from camkd.store.writer import _walk_arrays, array_sizes
+from camkd.store.writer import array_sizes, bytes_per_sample_view, walk_arrays
 
 
 def _human(n: float) -> str:
@@ -15,6 +14,14 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def teacher_line(t: int, meta: dict) -> str:
+    """A teacher's provenance: arch, checkpoint path as given when caching, short sha256, test accuracy."""
+    where = meta.get("path") or meta.get("checkpoint", "?")  # stores written before 'path' was recorded
+    acc = meta.get("test_accuracy")
+    acc_text = f"test top-1 {acc:.2f}%" if acc is not None else "test accuracy not evaluated"
+    return f"teacher t{t} {meta['arch']} {where} sha256 {meta['sha256'][:12]} {acc_text}"
 
 
 def cache_info(path: str | Path) -> str:
@@ -28,20 +35,21 @@ def cache_info(path: str | Path) -> str:
         f"views      {a['views']} (seed {a['augmentation']['seed']}, {a['augmentation']['recipe']})",
         f"dtype      {a['dtype']}, block {a['block_rows']} rows",
     ]
-    for t, meta in enumerate(a["teachers"]):
-        acc = meta.get("test_accuracy")
-        lines.append(f"teacher t{t} {meta['arch']} {meta['checkpoint']} sha256 {meta['sha256'][:12]} "
-                     f"test top-1 {acc:.2f}%" if acc is not None else f"teacher t{t} {meta['arch']} {meta['checkpoint']}")
+    lines += [teacher_line(t, meta) for t, meta in enumerate(a["teachers"])]
     for layer, spec in a["features"].items():
         lines.append(f"features   {layer} (feat[{spec['index']}]) shapes {[tuple(s) for s in spec['shapes']]}")
-    sizes = array_sizes(store.path, store.g)
+    if not a["features"]:
+        lines.append("features   none")
+    sizes = array_sizes(store.g)
     lines.append("arrays:")
-    for name, arr in sorted(_walk_arrays(store.g), key=lambda item: item[0]):
+    for name, arr in sorted(walk_arrays(store.g), key=lambda item: item[0]):
         dims = ",".join(arr.metadata.dimension_names or ())
         lines.append(f"  {name:<34} {str(arr.shape):<24} {str(arr.dtype):<8} [{dims}] {_human(sizes[name])}")
     prog = store.progress()
     done = int(prog.sum())
     lines.append(f"complete   {done}/{prog.size} blocks" + ("" if done == prog.size else
                  f" (views complete: {int((prog.all(axis=1)).sum())}/{prog.shape[0]}; rerun cache-teachers to finish)"))
+    per = bytes_per_sample_view(sizes, store.n, store.views)
+    lines.append(f"per sample-view {_human(sum(per.values()))} (" + ", ".join(f"{k} {_human(v)}" for k, v in per.items()) + ")")
     lines.append(f"size       {_human(sum(sizes.values()))}")
     return "\n".join(lines)

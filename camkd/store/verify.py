@@ -1,26 +1,51 @@
-"""`camkd cache-verify`: recompute a random sample of (view, index) pairs and check every chunk decodes."""
+"""`camkd cache-verify`: completeness, every written chunk's checksum, and a recomputed random sample.
+
+Blocks whose progress flag is not set are unfinished work (the same cache-teachers command
+writes them), never corruption; only flagged blocks are checked. ``repair`` clears the flags
+of the corrupt blocks and deletes their damaged objects, so that the same cache-teachers
+command recomputes exactly those blocks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
+from camkd.data.views import augment, view_params
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.store import layout as L
-from camkd.store.reader import load_cached_data, open_store
-from camkd.store.writer import _walk_arrays
-from camkd.teachers import load_teacher, run_teachers
-from camkd.views import augment, view_params
+from camkd.store.reader import TeacherStore, load_cached_data, open_store
+from camkd.store.writer import walk_arrays
+from camkd.teachers import load_teachers, run_teachers
+
+RERUN = "rerun the same cache-teachers command"
 
 
 @dataclass
 class VerifyReport:
     ok: bool
     lines: list[str]
+    corrupt_blocks: list[tuple[int, int]] = field(default_factory=list)  # (view, block), repaired or not
+    repaired: bool = False
+
+
+@dataclass
+class _Damage:
+    array: str
+    view: int | None  # None: an array outside the view x block grid (labels, heads)
+    block: int | None
+    rows: str
+    reason: str
+    keys: list[str] = field(default_factory=list)  # stored objects to delete on repair
+
+    def __str__(self) -> str:
+        where = f" view {self.view} rows {self.rows}" if self.view is not None else ""
+        return f"{self.array}{where} ({self.reason})"
 
 
 def _tolerance(dtype: str, ref: np.ndarray) -> np.ndarray:
@@ -29,67 +54,148 @@ def _tolerance(dtype: str, ref: np.ndarray) -> np.ndarray:
     return eps * np.abs(ref) + 1e-4 * (1.0 + np.abs(ref))
 
 
-def _empty_chunk_files(root: Path, name: str, arr) -> list[str]:
-    """Missing or zero-length chunk files of a view x sample array.
-
-    zarr reads a missing or empty chunk as fill values, so a deleted or truncated-to-nothing file
-    would pass a decode check. The writer stores every chunk (write_empty_chunks), so each
-    (view, chunk) of a flagged store must have a non-empty file.
-    """
-    base = Path(root) / name / "c"
-    step = (arr.shards or arr.chunks)[1]
-    tail = ("0",) * (arr.ndim - 2)
-    out = []
-    for v in range(arr.shape[0]):
-        for c in range((arr.shape[1] + step - 1) // step):
-            f = base.joinpath(str(v), str(c), *tail)
-            rows = f"{name} view {v} rows {c * step}:{min((c + 1) * step, arr.shape[1])}"
-            if not f.is_file():
-                out.append(f"{rows} (chunk file missing)")
-            elif f.stat().st_size == 0:
-                out.append(f"{rows} (empty chunk file)")
-    return out
+def _is_view_array(arr: zarr.Array) -> bool:
+    dims = arr.metadata.dimension_names
+    return arr.ndim >= 2 and bool(dims) and tuple(dims[:2]) == ("view", "sample")
 
 
-def cache_verify(path: str | Path, teachers: list[str], *, sample: int = 256, seed: int = 0, data_dir: str | None = None,
-                 device: str = "auto") -> VerifyReport:
-    store = open_store(path)
-    a = store.attrs
-    lines, ok = [], True
-    # 1. completeness
-    missing = store.missing_blocks()
-    if missing:
-        ok = False
-        lines.append(f"INCOMPLETE: {len(missing)} blocks missing (first: view {missing[0][0]} block {missing[0][1]})")
-    else:
-        lines.append(f"complete: all {store.views} views x {L.num_blocks(store.n, store.block_rows)} blocks")
-    # 2. every chunk decodes (crc32c per chunk), read block by block
+def _flags(store: TeacherStore) -> tuple[np.ndarray, list[_Damage]]:
+    """Progress flags; a flag chunk that does not decode counts as unset (and as damage to delete on repair)."""
+    arr = store.g["progress"]
+    try:
+        return np.asarray(arr[...]) != 0, []
+    except Exception:  # noqa: BLE001 - read flag by flag to find the bad ones
+        pass
+    flags = np.zeros(arr.shape, dtype=bool)
     bad = []
-    for name, arr in _walk_arrays(store.g):
-        if arr.ndim >= 2 and arr.metadata.dimension_names and arr.metadata.dimension_names[:2] == ("view", "sample"):
+    for v in range(arr.shape[0]):
+        for b in range(arr.shape[1]):
+            try:
+                flags[v, b] = bool(arr[v, b])
+            except Exception as e:  # noqa: BLE001
+                bad.append(_Damage("progress", v, b, f"block {b}", f"flag {L.read_failure(e)}", [L.object_key(arr, (v, b))]))
+    return flags, bad
+
+
+def _check_block(name: str, arr: zarr.Array, v: int, b: int, rows: slice) -> _Damage | None:
+    """One flagged block of a view x sample array: its objects exist, are non-empty, and decode.
+
+    zarr reads a missing or empty object as fill values, so a deleted or truncated-to-nothing file
+    would pass a decode check; the writer stores every chunk (write_empty_chunks), so every object of
+    a flagged block must be there.
+    """
+    keys = L.block_object_keys(arr, v, rows)
+    span = f"{rows.start}:{rows.stop}"
+    for key in keys:
+        size = L.object_size(arr, key)
+        if size is None:
+            return _Damage(name, v, b, span, "chunk file missing", keys)
+        if size == 0:
+            return _Damage(name, v, b, span, "empty chunk file", keys)
+    try:
+        np.asarray(arr[v, rows])
+    except Exception as e:  # noqa: BLE001 - zarr raises codec / IO errors of several types
+        return _Damage(name, v, b, span, f"a chunk {L.read_failure(e)}", keys)
+    return None
+
+
+def _scan(store: TeacherStore, flags: np.ndarray) -> list[_Damage]:
+    nb = flags.shape[1]
+    bad = []
+    for name, arr in walk_arrays(store.g):
+        if name == "progress":
+            continue
+        if _is_view_array(arr):
             for v in range(arr.shape[0]):
-                for b in range(L.num_blocks(store.n, store.block_rows)):
-                    sl = L.block_slice(b, store.n, store.block_rows)
-                    try:
-                        np.asarray(arr[v, sl])
-                    except Exception as e:  # noqa: BLE001
-                        bad.append(f"{name} view {v} rows {sl.start}:{sl.stop} ({type(e).__name__})")
-            bad += _empty_chunk_files(store.path, name, arr)
+                for b in range(nb):
+                    if flags[v, b]:
+                        damage = _check_block(name, arr, v, b, L.block_slice(b, store.n, store.block_rows))
+                        if damage:
+                            bad.append(damage)
         else:
             try:
                 np.asarray(arr[...])
             except Exception as e:  # noqa: BLE001
-                bad.append(f"{name} ({type(e).__name__})")
-    if bad:
-        ok = False
-        lines.append(f"CORRUPT: {len(bad)} unreadable blocks: " + "; ".join(bad[:5]))
+                bad.append(_Damage(name, None, None, "", f"a chunk {L.read_failure(e)}"))
+    return bad
+
+
+def _repair(path: Path, bad: list[_Damage]) -> None:
+    """Delete the damaged objects and clear the flags of their blocks (objects first: a crash in between
+    leaves a flagged block with a missing object, which the next verify reports again)."""
+    g = zarr.open_group(str(path), mode="r+")
+    for d in bad:
+        arr = g[d.array]
+        for key in d.keys:
+            if L.object_size(arr, key) is not None:
+                L.delete_object(arr, key)
+    prog = g["progress"]
+    for v, b in sorted({(d.view, d.block) for d in bad}):
+        prog[v, b] = 0
+
+
+def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = 256, seed: int = 0,
+                 data_dir: str | None = None, device: str = "auto", repair: bool = False) -> VerifyReport:
+    """Check a store; with ``teachers`` also recompute ``sample`` random (view, index) pairs of flagged blocks."""
+    store = open_store(path)
+    a = store.attrs
+    lines: list[str] = []
+    # 1. completeness: unflagged blocks are work still to do, not damage
+    flags, bad = _flags(store)
+    unflagged = [(int(v), int(b)) for v, b in zip(*np.nonzero(~flags))]
+    if unflagged:
+        v, b = unflagged[0]
+        lines.append(f"INCOMPLETE: {len(unflagged)} blocks missing (first: view {v} block {b}); "
+                     "not written yet, which is not damage")
     else:
-        lines.append("every chunk decodes")
-    if bad or missing:
-        return VerifyReport(ok, lines)
-    # 3. recompute a sample
+        lines.append(f"complete: all {store.views} views x {flags.shape[1]} blocks")
+    # 2. every object of every flagged block exists and passes its checksum
+    bad += _scan(store, flags)
+    whole = [d for d in bad if d.view is None]  # written once at creation: no block to recompute
+    blocks = sorted({(d.view, d.block) for d in bad if d.view is not None})
+    if bad:
+        lines.append(f"CORRUPT: {len(bad)} unreadable blocks: " + "; ".join(str(d) for d in bad[:5])
+                     + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    else:
+        lines.append("every written chunk passes its checksum")
+    report = VerifyReport(ok=not bad and not unflagged, lines=lines, corrupt_blocks=blocks)
+    if whole:
+        lines.append(f"verdict: CORRUPT — {', '.join(d.array for d in whole)} cannot be recomputed block by block; "
+                     "rewrite the store with cache-teachers --overwrite")
+        return report
+    if bad:
+        if repair:
+            _repair(store.path, [d for d in bad if d.view is not None])
+            report.repaired = True
+            lines.append(f"repaired: cleared the progress flags of {len(blocks)} blocks and deleted their damaged chunks")
+            lines.append(f"verdict: REPAIRED — {RERUN} to recompute those {len(blocks)} blocks")
+        else:
+            lines.append(f"verdict: CORRUPT — {len(blocks)} written blocks are damaged; run 'camkd cache-verify {store.path} "
+                         f"--repair', then {RERUN} to recompute only them (no need to delete the store)")
+        return report
+    # 3. recompute a sample of the written blocks
+    if not teachers:
+        lines.append("recomputation skipped: it needs the teachers (-t CKPT for each, in the store's order)")
+    elif flags.any():
+        mismatch = _recompute(store, teachers, flags, lines, sample=sample, seed=seed, data_dir=data_dir, device=device)
+        if mismatch:
+            report.ok = False
+            lines.append("verdict: FAILED — stored outputs differ from what the teachers compute; rewrite the store with "
+                         "cache-teachers --overwrite")
+            return report
+    if unflagged:
+        lines.append(f"verdict: INCOMPLETE — {RERUN} to finish")
+    else:
+        lines.append("verdict: OK")
+    return report
+
+
+def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: list[str], *, sample: int, seed: int,
+               data_dir: str | None, device: str) -> bool:
+    """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
+    a = store.attrs
     dev = resolve_device(device)
-    loaded = [load_teacher(s, device=dev) for s in teachers]
+    loaded = load_teachers(specs, device=dev)
     shas = [t["sha256"] for t in a["teachers"]]
     if [t.sha256 for t in loaded] != shas:
         raise CamkdError(f"the --teacher checkpoints differ from the store's (sha256 {[s[:12] for s in shas]}); "
@@ -97,14 +203,22 @@ def cache_verify(path: str | Path, teachers: list[str], *, sample: int = 256, se
     train, _, spec = load_cached_data(store, data_dir=data_dir)
     train = train.to(dev)
     rng = np.random.default_rng(seed)
-    pairs = sorted({(int(rng.integers(store.views)), int(rng.integers(store.n))) for _ in range(sample)})
+    written = np.nonzero(flags)
+    pairs = set()
+    for _ in range(sample):
+        j = int(rng.integers(len(written[0])))
+        v, b = int(written[0][j]), int(written[1][j])
+        rows = L.block_slice(b, store.n, store.block_rows)
+        pairs.add((v, int(rng.integers(rows.start, rows.stop))))
+    pairs = sorted(pairs)
     layers = {name: spec_["index"] for name, spec_ in a["features"].items()}
     worst: dict[str, float] = {}
+    mismatch = False
     for v in sorted({p[0] for p in pairs}):
         idx = np.array([i for vv, i in pairs if vv == v], dtype=np.int64)
         stored_aug = np.asarray(store.g["aug"].oindex[v, idx])
         if not np.array_equal(stored_aug, view_params(spec, v, idx).numpy()):
-            ok = False
+            mismatch = True
             lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
         x, _ = augment(train.images, torch.from_numpy(idx), spec, view=v)
         logits, feats = run_teachers(loaded, x, layers)
@@ -117,9 +231,8 @@ def cache_verify(path: str | Path, teachers: list[str], *, sample: int = 256, se
             diff = np.abs(ref - got)
             worst[name] = max(worst.get(name, 0.0), float(diff.max()))
             if (diff > _tolerance(a["dtype"], ref)).any():
-                ok = False
+                mismatch = True
                 lines.append(f"MISMATCH: {name} view {v} differs by up to {float(diff.max()):.3g} (beyond {a['dtype']} resolution)")
     for name, w in worst.items():
         lines.append(f"{name}: largest difference {w:.3g} over {len(pairs)} (view, index) pairs")
-    lines.append("OK" if ok else "FAILED")
-    return VerifyReport(ok, lines)
+    return mismatch

@@ -2,7 +2,9 @@
 
 The unit of work is a (view, row block): the teachers run over the block's batches, a
 background thread writes the block (one shard per array, so no two writes share a shard)
-and only then sets the block's progress flag. A killed run resumes at the first block
+and only then sets the block's progress flag. Teacher outputs go straight into two per-block
+buffers allocated once (one filled while the other is written), so a run allocates no
+per-batch host arrays. A killed run resumes at the first block
 without a flag; completed blocks are never recomputed, and because every block is computed
 from the same batches, the finished store is bit-identical to an uninterrupted run.
 """
@@ -10,11 +12,11 @@ from the same batches, the finished store is bit-identical to an uninterrupted r
 from __future__ import annotations
 
 import errno
-import queue
 import re
 import shutil
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +26,14 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 import camkd
-from camkd.datasets import Dataset
+from camkd.data import Dataset, load_split
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
-from camkd.loop import evaluate
+from camkd.evaluate import evaluate
 from camkd.progress import Bar, log
 from camkd.store import layout as L
-from camkd.teachers import Teacher, load_teacher, parse_layer, run_teachers
-from camkd.train import load_split
-from camkd.views import AugSpec, augment
+from camkd.teachers import Teacher, load_teachers, parse_layer, run_teachers
+from camkd.data.views import AugSpec, augment
 
 
 @dataclass
@@ -44,15 +45,16 @@ class CacheConfig:
     limit: int | None = None
     views: int = 1
     seed: int = 0
-    features: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=lambda: ["penultimate"])  # what camkd (the default method) needs
     dtype: str = "float16"
-    batch_size: int = 256
+    batch_size: int | None = None  # None: per device (DEFAULT_BATCH)
     device: str = "auto"
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
     synthetic_samples: int | None = None
     synthetic_classes: int | None = None
+    evaluate: bool = True  # measure each teacher's test accuracy when creating the store
 
     def out_path(self, teachers: list[Teacher]) -> Path:
         if self.out:
@@ -61,14 +63,28 @@ class CacheConfig:
         return Path("cache") / f"{self.dataset}_{archs}_s{self.seed}.zarr"
 
 
+# teacher batch per device type: large enough to keep the device busy, small enough that the
+# activations of one batch are reused by the allocator instead of mapped and unmapped each batch
+DEFAULT_BATCH = {"cpu": 64, "cuda": 256}
+IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the same weights from anywhere continue a store
+
+
+def batch_size_for(cfg: CacheConfig, device: torch.device) -> int:
+    if cfg.batch_size is not None:
+        if cfg.batch_size < 1:
+            raise CamkdError("--batch-size must be at least 1")
+        return cfg.batch_size
+    return DEFAULT_BATCH.get(device.type, 256)
+
+
 def _identity(cfg: CacheConfig, teachers: list[Teacher], train: Dataset, spec: AugSpec, layers: dict, shapes: dict) -> dict:
-    """Everything that must match for a store to be continued (not the number of views)."""
+    """Everything that must match for a store to be continued (not the number of views, not checkpoint paths)."""
     return {
         "format_version": L.FORMAT_VERSION,
         "dataset": {"name": train.name, "split": train.split, "n": len(train), "fingerprint": train.fingerprint,
                     "num_classes": train.num_classes, "in_channels": train.in_channels, "image_size": train.image_size},
         "augmentation": spec.to_dict(),
-        "teachers": [{"arch": t.arch, "checkpoint": t.path.name, "sha256": t.sha256, "num_classes": t.num_classes} for t in teachers],
+        "teachers": [{"arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes} for t in teachers],
         "dtype": cfg.dtype,
         "features": {name: {"index": idx, "shapes": [list(s) for s in shapes[name]]} for name, idx in layers.items()},
     }
@@ -101,12 +117,18 @@ def _bytes_per_row(k: int, c: int, itemsize: int, shapes: dict) -> int:
     return total
 
 
+def _provenance(teachers: list[Teacher]) -> list[dict]:
+    """What the store records of each teacher: its identity plus where it was read from."""
+    return [{"arch": t.arch, "checkpoint": t.path.name, "path": str(t.path), "sha256": t.sha256,
+             "num_classes": t.num_classes} for t in teachers]
+
+
 def _create(path: Path, ident: dict, cfg: CacheConfig, teachers: list[Teacher], train: Dataset, layers: dict,
-            shapes: dict, test_acc: list[float]) -> zarr.Group:
+            shapes: dict, test_acc: list[float] | None, batch: int) -> zarr.Group:
     n, k, c = len(train), len(teachers), train.num_classes
     np_dtype = L.DTYPES[cfg.dtype]
     itemsize = np.dtype(np_dtype).itemsize
-    block = L.plan_block_rows(_bytes_per_row(k, c, itemsize, shapes), cfg.batch_size, n)
+    block = L.plan_block_rows(_bytes_per_row(k, c, itemsize, shapes), batch, n)
     nblocks = L.num_blocks(n, block)
     g = zarr.open_group(str(path), mode="w")
     crc = [Crc32cCodec()]
@@ -134,15 +156,17 @@ def _create(path: Path, ident: dict, cfg: CacheConfig, teachers: list[Teacher], 
     g.create_array("progress", shape=(cfg.views, nblocks), dtype=np.uint8, chunks=(1, 1), fill_value=0,
                    dimension_names=("view", "block"))
     attrs = dict(ident)
+    attrs["teachers"] = _provenance(teachers)
     attrs.update({
         "views": cfg.views, "block_rows": block, "camkd_version": camkd.__version__,
-        "teacher_test_accuracy": test_acc,
         "arrays": {"labels": "[N] int64", "aug": "[V, N, 3] int16 (dx, dy, flip)", "logits": "[V, N, K, C]",
                    "features/<layer>/t<k>": "[V, N, c, h, w] per teacher", "heads/t<k>/<param>": "teacher k's classifier head",
                    "progress": "[V, blocks] uint8, 1 = block durable"},
     })
-    for t, acc in enumerate(test_acc):
-        attrs["teachers"][t]["test_accuracy"] = acc
+    if test_acc is not None:  # not evaluated (--no-eval): no accuracy recorded
+        attrs["teacher_test_accuracy"] = test_acc
+        for t, acc in enumerate(test_acc):
+            attrs["teachers"][t]["test_accuracy"] = acc
     g.attrs[L.ATTRS_KEY] = attrs
     return g
 
@@ -162,47 +186,65 @@ def _append_views(g: zarr.Group, views: int) -> None:
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 
 
-class _BlockWriter(threading.Thread):
-    """Writes finished blocks in the background, then flags them done; errors surface in the main thread."""
+class _Block:
+    """Host buffers of one row block (aug, logits, per-layer per-teacher features), filled in place batch by batch."""
+
+    def __init__(self, rows: int, k: int, c: int, np_dtype, layers: dict, shapes: dict) -> None:
+        self.aug = np.empty((rows, 3), dtype=np.int16)
+        self.logits = np.empty((rows, k, c), dtype=np_dtype)
+        self.feats = {name: [np.empty((rows,) + tuple(s), dtype=np_dtype) for s in shapes[name]] for name in layers}
+        self.pending: Future | None = None  # the write of the block these buffers hold
+
+    def put(self, s: int, params: torch.Tensor, logits: torch.Tensor, feats: dict[str, list[torch.Tensor]]) -> None:
+        """Copy one batch's outputs into rows s: (dtype conversion and device-to-host copy in one pass, no temporaries)."""
+        e = s + len(logits)
+        torch.from_numpy(self.aug[s:e]).copy_(params)
+        torch.from_numpy(self.logits[s:e]).copy_(logits)
+        for name, per_teacher in feats.items():
+            for buf, f in zip(self.feats[name], per_teacher):
+                torch.from_numpy(buf[s:e]).copy_(f)
+
+
+class _Writer:
+    """Writes finished blocks on one background thread (concurrent.futures); errors re-raise in the caller.
+
+    A block's progress flag is set in the same task after all its arrays are written. After a
+    failed write no later block is written, so a flag never follows a failure.
+    """
 
     def __init__(self, g: zarr.Group, layer_names: list[str], k: int) -> None:
-        super().__init__(daemon=True)
         self.g, self.layer_names, self.k = g, layer_names, k
-        self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.written = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-writer")
+        self.failed = threading.Event()
 
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue
-            v, b, rows, aug, logits, feats = item
-            try:
-                self.g["aug"][v, rows] = aug
-                self.g["logits"][v, rows] = logits
-                for name in self.layer_names:
-                    for t in range(self.k):
-                        self.g[L.feature_path(name, t)][v, rows] = feats[name][t]
-                self.g["progress"][v, b] = 1  # only after every array of the block is written
-                self.written += 1
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
-                self.error = e
+    def submit(self, v: int, b: int, rows: slice, blk: _Block) -> None:
+        blk.pending = self.pool.submit(self._write, v, b, rows, blk)
 
-    def put(self, item) -> None:
-        self.check()
-        self.q.put(item)
+    def _write(self, v: int, b: int, rows: slice, blk: _Block) -> None:
+        if self.failed.is_set():
+            return
+        m = rows.stop - rows.start
+        try:
+            self.g["aug"][v, rows] = blk.aug[:m]
+            self.g["logits"][v, rows] = blk.logits[:m]
+            for name in self.layer_names:
+                for t in range(self.k):
+                    self.g[L.feature_path(name, t)][v, rows] = blk.feats[name][t][:m]
+            self.g["progress"][v, b] = 1  # only after every array of the block is written
+        except BaseException:
+            self.failed.set()
+            raise
 
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def close(self) -> None:
+        """Finish the writes already handed over (finished blocks stay), then stop the thread."""
+        self.pool.shutdown(wait=True)
 
-    def finish(self) -> None:
-        self.q.put(None)
-        self.join()
-        self.check()
+
+def _wait(blk: _Block) -> None:
+    """Block until the buffers' previous write is done (re-raising its error), so they can be refilled."""
+    if blk.pending is not None:
+        fut, blk.pending = blk.pending, None
+        fut.result()
 
 
 def _feature_shapes(teachers: list[Teacher], train: Dataset, layers: dict, device: torch.device) -> dict:
@@ -220,6 +262,12 @@ def _feature_shapes(teachers: list[Teacher], train: Dataset, layers: dict, devic
     return shapes
 
 
+def _load(cfg: CacheConfig, split: str, device: torch.device) -> Dataset:
+    opts = {"num_samples": cfg.synthetic_samples, "num_classes": cfg.synthetic_classes} if cfg.dataset == "synthetic" else {}
+    return load_split(cfg.dataset, split, device=device, data_dir=cfg.data_dir, download=cfg.download, limit=cfg.limit,
+                      **{k: v for k, v in opts.items() if v})
+
+
 def _check_teachers(teachers: list[Teacher], train: Dataset) -> None:
     for t in teachers:
         if t.num_classes != train.num_classes:
@@ -227,6 +275,16 @@ def _check_teachers(teachers: list[Teacher], train: Dataset) -> None:
                              "use teachers trained on this dataset")
         if t.in_channels != train.in_channels:
             raise CamkdError(f"teacher {t.path} takes {t.in_channels}-channel images but {train.name} has {train.in_channels}")
+
+
+def parse_layers(texts: list[str]) -> dict[str, int]:
+    """--features values -> {layer name: feature index}; 'none' adds nothing."""
+    layers = {}
+    for text in texts:
+        parsed = parse_layer(text)
+        if parsed is not None:
+            layers[parsed[0]] = parsed[1]
+    return layers
 
 
 def cache_teachers(cfg: CacheConfig) -> dict:
@@ -238,23 +296,35 @@ def cache_teachers(cfg: CacheConfig) -> dict:
     if cfg.dtype not in L.DTYPES:
         raise CamkdError(f"unknown --dtype '{cfg.dtype}'; choose float16 or float32")
     device = resolve_device(cfg.device)
-    layers = {}
-    for text in cfg.features:
-        parsed = parse_layer(text)
-        if parsed is not None:
-            layers[parsed[0]] = parsed[1]
-    teachers = [load_teacher(s, device=device) for s in cfg.teachers]
-    train = load_split(cfg, "train", device)
+    batch = batch_size_for(cfg, device)
+    layers = parse_layers(cfg.features)
+    teachers = load_teachers(cfg.teachers, device=device)
+    train = _load(cfg, "train", device)
     _check_teachers(teachers, train)
     spec = AugSpec(seed=cfg.seed, norm=train.norm)
     shapes = _feature_shapes(teachers, train, layers, device)
     ident = _identity(cfg, teachers, train, spec, layers, shapes)
     path = cfg.out_path(teachers)
-    g = _open_or_create(path, ident, cfg, teachers, train, layers, shapes, device)
-    return _fill(g, path, cfg, teachers, train, spec, layers, device)
+    g = _open_or_create(path, ident, cfg, teachers, train, layers, shapes, device, batch)
+    return _fill(g, path, cfg, teachers, train, spec, layers, shapes, batch)
 
 
-def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, device) -> zarr.Group:
+def _test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.device, batch: int) -> list[float] | None:
+    """Each teacher's top-1 on the test split (recorded in the store), or None with evaluate=False."""
+    if not cfg.evaluate:
+        return None
+    test = _load(cfg, "test", device)
+    if cfg.progress:
+        log(f"evaluating {len(teachers)} teachers on the {test.name} test split ({len(test)} images; --no-eval skips this)")
+    out = []
+    with Bar("evaluating", len(teachers) * len(test), enabled=cfg.progress) as bar:
+        for t, teacher in enumerate(teachers):
+            out.append(evaluate(teacher.model, test, batch_size=batch)["top1"])
+            bar.update(len(test), f"teacher {t + 1}/{len(teachers)}")
+    return out
+
+
+def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, device, batch: int) -> zarr.Group:
     if path.exists() and cfg.overwrite:
         if not path.is_dir() or (not (path / "zarr.json").exists() and any(path.iterdir())):
             raise CamkdError(f"{path} exists and is not a Zarr store; refusing to delete it even with --overwrite")
@@ -263,7 +333,7 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         g = _open_existing(path)
         attrs = g.attrs[L.ATTRS_KEY]
         old = {k: attrs.get(k) for k in ident}
-        old["teachers"] = [{k: t.get(k) for k in ("arch", "checkpoint", "sha256", "num_classes")} for t in attrs["teachers"]]
+        old["teachers"] = [{k: t.get(k) for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
         diff = _differences(old, ident)
         if diff:
             raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}; use --overwrite to replace it or another --out")
@@ -278,14 +348,13 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CamkdError(f"cannot create {path.parent}: {e.strerror}") from None
-    test = load_split(cfg, "test", device)
-    test_acc = [evaluate(t.model, test)["top1"] for t in teachers]
+    test_acc = _test_accuracy(cfg, teachers, device, batch)
     # built under a temporary name and renamed when whole: a run killed while creating leaves no half store
     tmp = path.with_name(f".{path.name}.camkd-creating")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        _create(tmp, ident, cfg, teachers, train, layers, shapes, test_acc)
+        _create(tmp, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
         tmp.rename(path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -308,60 +377,49 @@ def _open_existing(path: Path) -> zarr.Group:
     return g
 
 
-def _fill(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict, device) -> dict:
+def _fill(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
+          shapes: dict, batch: int) -> dict:
     attrs = g.attrs[L.ATTRS_KEY]
     n, k, block, views = len(train), len(teachers), attrs["block_rows"], attrs["views"]
-    np_dtype = L.DTYPES[cfg.dtype]
-    t_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     done = np.asarray(g["progress"][:])
     todo = [(v, b) for v in range(views) for b in range(done.shape[1]) if not done[v, b]]
     todo_rows = sum(L.block_slice(b, n, block).stop - L.block_slice(b, n, block).start for _, b in todo)
     if done.any() and todo:
         log(f"resuming {path}: {int(done.sum())} of {done.size} blocks already written")
-    writer = _BlockWriter(g, list(layers), k)
-    writer.start()
     t0 = time.perf_counter()
-    try:
-        with Bar("caching", todo_rows, enabled=cfg.progress) as bar:
-            for v, b in todo:
-                rows = L.block_slice(b, n, block)
-                m = rows.stop - rows.start
-                logits_buf = np.empty((m, k, train.num_classes), dtype=np_dtype)
-                aug_buf = np.empty((m, 3), dtype=np.int16)
-                feat_buf = {name: [None] * k for name in layers}
-                parts: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in range(k)] for name in layers}
-                for s in range(0, m, cfg.batch_size):
-                    idx = torch.arange(rows.start + s, rows.start + min(s + cfg.batch_size, m))
-                    x, params = augment(train.images, idx, spec, view=v)
-                    logits, feats = run_teachers(teachers, x, layers)
-                    logits_buf[s : s + len(idx)] = logits.to(t_dtype).cpu().numpy()
-                    aug_buf[s : s + len(idx)] = params.numpy()
-                    for name in layers:
-                        for t in range(k):
-                            parts[name][t].append(feats[name][t].to(t_dtype).cpu().numpy())
-                    bar.update(len(idx), f"view {v + 1}/{views} {bar.rate():.0f} samples/s")
-                for name in layers:
-                    feat_buf[name] = [np.concatenate(p) for p in parts[name]]
-                writer.put((v, b, rows, aug_buf, logits_buf, feat_buf))
-        writer.finish()
-    except OSError as e:
-        writer.error = writer.error or e
-        _drain(writer)
-        raise _io_error(e, path) from None
-    except KeyboardInterrupt:
-        _drain(writer)
-        raise
+    if todo:
+        _compute(g, path, cfg, teachers, train, spec, layers, shapes, batch, todo, todo_rows)
     elapsed = time.perf_counter() - t0
     return summarize(g, path, todo_rows, elapsed)
 
 
-def _drain(writer: _BlockWriter) -> None:
-    """Let the writer finish what it holds (finished blocks stay), then stop it."""
+def _compute(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
+             shapes: dict, batch: int, todo: list[tuple[int, int]], todo_rows: int) -> None:
+    """Run the teachers over the unfinished blocks; block i is computed while block i - 1 is written."""
+    n, k, block, views = len(train), len(teachers), g.attrs[L.ATTRS_KEY]["block_rows"], g.attrs[L.ATTRS_KEY]["views"]
+    rows_max = min(block, n)
+    buffers = [_Block(rows_max, k, train.num_classes, L.DTYPES[cfg.dtype], layers, shapes) for _ in range(2)]
+    writer = _Writer(g, list(layers), k)
     try:
-        writer.q.put(None, timeout=60)
-        writer.join(timeout=120)
-    except queue.Full:
-        pass
+        with Bar("caching", todo_rows, enabled=cfg.progress) as bar:
+            for i, (v, b) in enumerate(todo):
+                blk = buffers[i % 2]
+                _wait(blk)
+                rows = L.block_slice(b, n, block)
+                m = rows.stop - rows.start
+                for s in range(0, m, batch):
+                    idx = torch.arange(rows.start + s, rows.start + min(s + batch, m))
+                    x, params = augment(train.images, idx, spec, view=v)
+                    logits, feats = run_teachers(teachers, x, layers)
+                    blk.put(s, params, logits, feats)
+                    bar.update(len(idx), f"view {v + 1}/{views}")
+                writer.submit(v, b, rows, blk)
+            for blk in buffers:
+                _wait(blk)
+    except OSError as e:
+        raise _io_error(e, path) from None
+    finally:
+        writer.close()
 
 
 def _io_error(e: OSError, path: Path) -> CamkdError:
@@ -370,47 +428,46 @@ def _io_error(e: OSError, path: Path) -> CamkdError:
     return CamkdError(f"cannot write {path}: {e.strerror or e}; finished blocks are kept, rerun the same command to resume")
 
 
+VIEW_ARRAYS_PREFIXES = ("aug", "logits", "features/")
+
+
 def summarize(g: zarr.Group, path: Path, rows_done: int, elapsed: float) -> dict:
-    """Per-view teacher accuracy from the stored logits, sizes per array."""
+    """Per-view teacher accuracy from the stored logits, sizes per array, the layers the store holds."""
     attrs = g.attrs[L.ATTRS_KEY]
     labels = _read(g, path, "labels", slice(None), "")
     acc = []
     for v in range(attrs["views"]):
         logits = _read(g, path, "logits", v, f"view {v} ")
         acc.append([float((logits[:, t].argmax(-1) == labels).mean() * 100) for t in range(logits.shape[1])])
-    sizes = array_sizes(path, g)
+    sizes = array_sizes(g)
     n, views = len(labels), attrs["views"]
     return {"path": str(path), "views": views, "n": n, "rows_computed": rows_done, "seconds": elapsed,
             "samples_per_s": rows_done / max(elapsed, 1e-9), "view_accuracy": acc,
-            "teachers": [t["arch"] for t in attrs["teachers"]], "store_bytes": _dir_size(path),
-            "bytes_per_sample_view": {name: size / (n * views) for name, size in sizes.items()
-                                      if name in ("logits", "aug") or name.startswith("features/")}}
+            "teachers": [t["arch"] for t in attrs["teachers"]], "store_bytes": sum(sizes.values()),
+            "layers": sorted(attrs["features"]),
+            "bytes_per_sample_view": bytes_per_sample_view(sizes, n, views)}
+
+
+def bytes_per_sample_view(sizes: dict[str, int], n: int, views: int) -> dict[str, float]:
+    """Stored bytes of each per-view array divided by N x V (what one more view or sample costs)."""
+    return {name: size / max(n * views, 1) for name, size in sizes.items() if name.startswith(VIEW_ARRAYS_PREFIXES)}
 
 
 def _read(g: zarr.Group, path: Path, name: str, sel, what: str) -> np.ndarray:
     try:
         return np.asarray(g[name][sel])
     except Exception as e:  # a corrupt chunk of a finished block: zarr raises codec / IO errors of several types
-        raise CamkdError(f"{path}: array '{name}' {what}cannot be read ({type(e).__name__}: {str(e)[:100]}); "
-                         "run 'camkd cache-verify', then rewrite the store with --overwrite") from None
+        raise CamkdError(f"{path}: array '{name}' {what}cannot be read (a chunk {L.read_failure(e)}); "
+                         f"run 'camkd cache-verify {path} --repair', then rerun the same cache-teachers command") from None
 
 
-def array_sizes(path: Path, g: zarr.Group) -> dict[str, int]:
-    """Bytes on disk of every array (its folder's files)."""
-    out = {}
-    for name, _ in _walk_arrays(g):
-        out[name] = _dir_size(path / name)
-    return out
+def array_sizes(g: zarr.Group) -> dict[str, int]:
+    """Bytes stored of every array (zarr's nbytes_stored: every object under the array, shards whole, metadata)."""
+    return {name: arr.nbytes_stored() for name, arr in walk_arrays(g)}
 
 
-def _walk_arrays(g: zarr.Group, prefix: str = ""):
-    for name, node in g.members():
-        full = f"{prefix}{name}"
-        if isinstance(node, zarr.Group):
-            yield from _walk_arrays(node, full + "/")
-        else:
-            yield full, node
-
-
-def _dir_size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+def walk_arrays(g: zarr.Group):
+    """(path, array) of every array in the group, at any depth."""
+    for name, node in g.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            yield name, node
