@@ -15,10 +15,11 @@ from typing import Annotated, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
-    from typer import _click as click
+try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); older releases use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
 except ImportError:  # pragma: no cover
-    import click
+    from click.exceptions import Abort, ClickException, NoArgsIsHelpError
 
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
@@ -30,17 +31,17 @@ class OneLineErrors(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as e:
-            click.echo(e.ctx.get_help() if e.ctx else str(e))
+        except NoArgsIsHelpError as e:
+            typer.echo(e.ctx.get_help() if e.ctx else str(e))
             sys.exit(0)
-        except click.ClickException as e:
+        except ClickException as e:
             where = f"; see 'camkd {e.ctx.info_name} --help'" if getattr(e, "ctx", None) and e.ctx.parent else \
                 "; see 'camkd --help'"
             msg = e.format_message().replace("Value error, ", "").rstrip(".")
-            click.echo(f"error: {msg[0].lower() + msg[1:] if msg else msg}{where}", err=True)
+            typer.echo(f"error: {msg[0].lower() + msg[1:] if msg else msg}{where}", err=True)
             sys.exit(2)
-        except click.exceptions.Abort:
-            click.echo("interrupted", err=True)
+        except Abort:
+            typer.echo("interrupted", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -91,12 +92,14 @@ DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Determi
 AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast and channels-last on CUDA.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch size.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch size (split over torchrun's ranks).")]
+MicroOpt = Annotated[int, typer.Option("--micro-batches", min=1, help="Split each process's share of a batch into "
+                                       "this many BatchNorm micro-batches (W ranks == 1 process with W).")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate [default: 0.05; 0.01 for "
                                                   "MobileNetV2/ShuffleV1/V2].")]
-DecayOpt = Annotated[list[int], typer.Option("--lr-decay-epochs", min=1, help="Epoch after which lr x 0.1 (repeat).")]
+DecayOpt = Annotated[list[int], typer.Option("--lr-decay-epochs", min=1, metavar="EPOCH", help="Epoch after which lr x 0.1 (repeat).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
-TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH "
+TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", metavar="CKPT", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH "
                                                "(reference); repeat for each teacher.")]
 OldSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
 
@@ -106,6 +109,8 @@ def friendly(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from camkd import dist
+
         try:
             return fn(*args, **kwargs)
         except CamkdError as e:
@@ -115,6 +120,8 @@ def friendly(fn: Callable) -> Callable:
             typer.echo("interrupted; finished work is kept: rerun the same command to continue "
                        "(train-teacher/distill: add --resume once an epoch has finished)", err=True)
             raise typer.Exit(code=130) from None
+        finally:
+            dist.close()
 
     return wrapper
 
@@ -122,6 +129,12 @@ def friendly(fn: Callable) -> Callable:
 def _renamed(old: str, new: str, value) -> None:
     if value is not None:
         raise CamkdError(f"{old} is now {new} here (it only ever set that seed); use {new} {value}")
+
+
+def _main_rank() -> bool:
+    from camkd import dist
+
+    return dist.current().main
 
 
 def _str(p: Path | None) -> str | None:
@@ -138,6 +151,7 @@ def train_teacher_cmd(
     trial: Annotated[int, typer.Option("--trial", help="Trial number (part of the default --out).")] = 0,
     epochs: EpochsOpt = _TO.epochs,
     batch_size: BatchOpt = _TO.batch_size,
+    micro_batches: MicroOpt = _TO.micro_batches,
     lr: LrOpt = None,
     lr_decay_epochs: DecayOpt = _TO.lr_decay_epochs,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _TO.nesterov,
@@ -158,12 +172,13 @@ def train_teacher_cmd(
         arch=arch, trial=trial, aug_seed=aug_seed,
         data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
-                          nesterov=nesterov, drop_last=_TO.drop_last),
+                          nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
                       progress=not quiet),
     )
     s = train_teacher(cfg)
-    typer.echo(f"{s['arch']}: best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), last {s['last_top1']:.2f}%, "
+    if _main_rank():
+        typer.echo(f"{s['arch']}: best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), last {s['last_top1']:.2f}%, "
                f"{s['seconds']:.0f}s -> {s['out']}")
 
 
@@ -179,7 +194,7 @@ def cache_teachers_cmd(
     limit: LimitOpt = None,
     aug_seed: Annotated[int, typer.Option("--aug-seed", help="Seed of the augmentation views.")] = 0,
     seed: OldSeedOpt = None,
-    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", help="Teacher features to store: "
+    features: Annotated[Optional[list[str]], typer.Option("--features", "-f", metavar="LAYER", help="Teacher features to store: "
                         "penultimate (what camkd needs), hint:L, or none (repeat) [default: penultimate].")] = None,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = DtypeChoice.float16,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Teacher batch [default: 64 on CPU, "
@@ -216,7 +231,7 @@ def cache_info_cmd(store: Annotated[Path, typer.Argument(help="Path of a camkd s
 @friendly
 def cache_verify_cmd(
     store: Annotated[Path, typer.Argument(help="Path of a camkd store.")],
-    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="The store's teacher checkpoints, in "
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="The store's teacher checkpoints, in "
                        "order: also recompute a sample with them.")] = None,
     sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = 256,
     sample_seed: Annotated[int, typer.Option("--sample-seed", help="Seed of the random sample.")] = 0,
@@ -255,6 +270,7 @@ def distill_cmd(
     lr_decay_epochs: DecayOpt = _O.lr_decay_epochs,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _O.nesterov,
     batch_size: BatchOpt = _O.batch_size,
+    micro_batches: MicroOpt = _O.micro_batches,
     seed: SeedOpt = _R.seed,
     device: DeviceOpt = DeviceChoice.auto,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: "
@@ -262,7 +278,7 @@ def distill_cmd(
     resume: ResumeOpt = False,
     online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the "
                                          "store.")] = False,
-    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="With --online: teacher checkpoints "
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="With --online: teacher checkpoints "
                                                          "(repeat).")] = None,
     dataset: Annotated[Optional[DatasetChoice], typer.Option("--dataset", "-d", help="With --online and no --cache: the "
                                                              "data.")] = None,
@@ -284,13 +300,14 @@ def distill_cmd(
         feature_memory_mb=feature_memory_mb,
         loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
-                          nesterov=nesterov),
+                          nesterov=nesterov, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
                       progress=not quiet),
         data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
     )
     s = distill(cfg)
-    typer.echo(f"{s['arch']} ({s['method']}, {s['mode']}): best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), "
+    if _main_rank():
+        typer.echo(f"{s['arch']} ({s['method']}, {s['mode']}): best top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), "
                f"last {s['last_top1']:.2f}%, {s['seconds']:.0f}s -> {s['out']}")
 
 
@@ -308,7 +325,7 @@ def bench_speed_cmd(
     samples: Annotated[int, typer.Option("--samples", min=64, help="Training samples (CIFAR-100-shaped, synthetic).")] = 384,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved rounds per measurement.")] = 2,
-    threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, help="CPU threads to measure at (repeat) "
+    threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, metavar="N", help="CPU threads to measure at (repeat) "
                                                          "[default: 1 and 2].")] = None,
     no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
     device: DeviceOpt = DeviceChoice.auto,

@@ -34,6 +34,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = True
     drop_last: bool = True  # drop an epoch's trailing partial batch (a batch of one is always dropped)
+    micro_batches: int = 1  # BatchNorm micro-batches per process: W ranks == 1 process with W micro-batches
 
 
 @dataclass

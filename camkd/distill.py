@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import Dataset, check_dataset, load_split
 from camkd.data.views import AugSpec
@@ -22,7 +23,7 @@ from camkd.fit import Hooks, TrainData, check_batch_size, fit
 from camkd.methods import create_method, list_methods, required_layers
 from camkd.models import create_model, resolve_arch
 from camkd.runs import RunFolder
-from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers
+from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
 from camkd.store.reader import check_expect, load_cached_data
 from camkd.teachers import load_teachers
@@ -120,8 +121,7 @@ def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[s
     block_rows, window_blocks = 1, None
     if store is not None:  # follow the cached run's order exactly, streamed or not
         block_rows = store.block_rows
-        if layers and store.feature_bytes_per_view(layers) > cfg.feature_memory_mb * 2**20:
-            window_blocks = cfg.window_blocks
+        window_blocks = streamed_window(store, layers, cfg.feature_memory_mb, cfg.window_blocks)
     return LiveTeachers(teachers, layers, index, block_rows=block_rows, window_blocks=window_blocks), shapes, shas
 
 
@@ -136,22 +136,25 @@ def _student_shapes(model: nn.Module, train: Dataset, device: torch.device) -> l
 def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
-    device = resolve_device(cfg.run.device)
+    device = dist.device_for(resolve_device(cfg.run.device))
     folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume)
     folder.check()
+    world = dist.init(device)  # every check above ran on every rank, before the first collective
     set_deterministic(cfg.run.deterministic)
 
-    store = open_store(cfg.cache) if cfg.cache else None
-    data = _store_data(store, cfg, device) if store is not None else _dataset_data(cfg, device)
-    check_batch_size(cfg.optim.batch_size, len(data.train))
     source: TeacherSource
-    if cfg.online:
-        source, shapes, shas = _live_source(cfg, store, layers, data.train, device)
-    else:
-        shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
-        check_layers(shapes, layers, str(cfg.cache))
-        source = StoreTeachers(store, layers, device, memory_budget_mb=cfg.feature_memory_mb, window_blocks=cfg.window_blocks)
-        shas = [t["sha256"] for t in store.attrs["teachers"]]
+    with dist.agree("opening the store and loading the data"):
+        store = open_store(cfg.cache) if cfg.cache else None
+        data = _store_data(store, cfg, device) if store is not None else _dataset_data(cfg, device)
+        check_batch_size(cfg.optim.batch_size, len(data.train), parts=world.size * cfg.optim.micro_batches)
+        if cfg.online:
+            source, shapes, shas = _live_source(cfg, store, layers, data.train, device)
+        else:
+            shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
+            check_layers(shapes, layers, str(cfg.cache))
+            source = StoreTeachers(store, layers, device, memory_budget_mb=cfg.feature_memory_mb,
+                                   window_blocks=cfg.window_blocks)
+            shas = [t["sha256"] for t in store.attrs["teachers"]]
 
     train = data.train
     torch.manual_seed(cfg.run.seed)

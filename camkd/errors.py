@@ -5,5 +5,3 @@ from __future__ import annotations
 
 class CamkdError(Exception):
     """Bad input or state that the user can fix; the CLI prints it as one line and exits 2."""
-
-    exit_code = 2

@@ -11,6 +11,7 @@ Epoch e (1-based) uses view (e - 1) mod V and the seeded order of :mod:`camkd.da
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -19,13 +20,14 @@ import torch
 from torch import Tensor, nn
 
 import camkd
+from camkd import dist
 from camkd.config import OptimConfig, RunConfig
 from camkd.data import Dataset
 from camkd.data.order import epoch_order, view_of_epoch
 from camkd.data.views import AugSpec, augment
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
-from camkd.methods import Method, StudentOut
+from camkd.methods import Method, StudentOut, TeacherOut
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
 from camkd.sources import TeacherSource
@@ -71,13 +73,57 @@ class FitResult:
     seconds: float = 0.0
 
 
-def check_batch_size(batch_size: int, n: int) -> None:
-    """An epoch must have at least one trainable batch."""
+def check_batch_size(batch_size: int, n: int, *, parts: int = 1) -> None:
+    """An epoch must have at least one trainable batch, and each of the ``parts`` slices of a batch
+    (ranks x micro-batches) at least 2 samples, all of one size."""
     if batch_size < 2:
         raise CamkdError(f"--batch-size must be at least 2 (BatchNorm needs 2 samples), got {batch_size}")
+    if batch_size % parts or batch_size // parts < 2:
+        raise CamkdError(f"--batch-size {batch_size} does not split into {parts} equal slices of at least 2 "
+                         f"(ranks x --micro-batches); use a multiple of {2 * parts}")
     if batch_size > n:
         raise CamkdError(f"--batch-size {batch_size} is larger than the {n} training samples, so no step would run; "
                          "lower --batch-size" + (" or raise --limit" if n < 64 else ""))
+
+
+class Trainee(nn.Module):
+    """The student and the method's trainable parts: one module, so DDP syncs both."""
+
+    def __init__(self, model: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, x: Tensor, tout: TeacherOut, y: Tensor, epoch: int) -> tuple[dict[str, Tensor], dict, Tensor]:
+        feats, logits = self.model(x, is_feat=True)
+        losses, info = self.method(StudentOut(logits=logits.float(), feats=feats), tout, y, epoch=epoch)
+        return losses, info, logits
+
+
+def _wrap(trainee: Trainee, device: torch.device) -> nn.Module:
+    """DDP over the ranks (it averages gradients and broadcasts rank 0's buffers at each forward)."""
+    if not dist.current().active:
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    has_params = any(p.requires_grad for p in trainee.method.parameters())  # e.g. CA-MKD's Embeds, unused in epoch 1
+    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=has_params)
+
+
+def _buffers(module: nn.Module) -> list[Tensor]:
+    return [b.detach().clone() for b in module.buffers()]
+
+
+def _restore(module: nn.Module, saved: list[Tensor]) -> None:
+    with torch.no_grad():
+        for b, v in zip(module.buffers(), saved):
+            b.copy_(v)
+
+
+def _slice_data(batch_data, sl: slice):
+    """The rows ``sl`` of a source's per-batch data (streamed features per layer per teacher, or nothing)."""
+    if isinstance(batch_data, dict):
+        return {name: [a[sl] for a in per] for name, per in batch_data.items()}
+    return batch_data
 
 
 def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
@@ -85,17 +131,25 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
     """Train ``model`` (and ``method``'s parameters) for ``optim.epochs``; checkpoints and metrics go to ``folder``.
 
     ``meta``: what every checkpoint records besides epoch and accuracy; ``identity``: the part of it
-    a ``--resume`` must match.
+    a ``--resume`` must match. Under torchrun each rank trains on its contiguous slice of every
+    global batch (DDP); with ``optim.micro_batches`` = P each process splits its slice into P
+    BatchNorm micro-batches whose gradients are averaged, so W ranks equal one process with W
+    micro-batches: only the first slice's BatchNorm statistics are kept, as DDP keeps rank 0's.
     """
     hooks = hooks or Hooks()
+    world = dist.current()
+    main = world.main
     device = data.train.images.device
     amp = run.amp and device.type == "cuda"
+    parts = max(1, optim.micro_batches)
+    slices = world.size * parts
     lr = optim.lr if optim.lr is not None else default_lr(meta["arch"])
+    trainee = Trainee(model, method)
     opt = torch.optim.SGD(list(model.parameters()) + list(method.parameters()), lr=lr, momentum=optim.momentum,
                           weight_decay=optim.weight_decay, nesterov=optim.nesterov)
     result = FitResult()
     start_epoch = 1
-    if folder.resume:
+    if folder.resume:  # every rank reads the checkpoint (a shared filesystem), so all start equal
         ckpt = folder.load_last(identity)
         model.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt.get("method", {}))
@@ -103,10 +157,14 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
         start_epoch = ckpt["meta"]["epoch"] + 1
         result.best_top1, result.best_epoch = ckpt["best"]["top1"], ckpt["best"]["epoch"]
         result.last_top1 = ckpt["meta"]["accuracy"]
-        log(f"resuming {folder.path} at epoch {start_epoch}")
-    folder.start(resume_epoch=start_epoch - 1 if folder.resume else None)
-    if optim.epochs > data.views:
-        log(f"{optim.epochs} epochs over {data.views} views: epoch e uses view (e - 1) mod {data.views}")
+        if main:
+            log(f"resuming {folder.path} at epoch {start_epoch}")
+    if main:
+        folder.start(resume_epoch=start_epoch - 1 if folder.resume else None)
+        if optim.epochs > data.views:
+            log(f"{optim.epochs} epochs over {data.views} views: epoch e uses view (e - 1) mod {data.views}")
+    net = _wrap(trainee, device)
+    test = _rank_slice(data.test, world)
 
     n, k = len(data.train), source.num_teachers
     step_total = 0
@@ -115,17 +173,20 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
         view = view_of_epoch(epoch, data.views)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, lr, optim.lr_decay_epochs, optim.lr_decay_rate)
-        model.train()
-        method.train()
+        trainee.train()
         windows = epoch_order(n, seed=run.seed, epoch=epoch, block_rows=source.block_rows, window_blocks=source.window_blocks)
         sums: dict[str, Tensor] = {}
         weight_sum = torch.zeros(k, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        seen = steps = 0
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, seen, non-finite losses
+        steps = 0
         t0 = time.perf_counter()
-        with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=run.progress) as bar:
-            for idx, batch_data in source.batches(view, windows, optim.batch_size, drop_last=optim.drop_last):
+        with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=run.progress and main) as bar:
+            for gidx, gdata in source.batches(view, windows, optim.batch_size, drop_last=optim.drop_last):
+                if len(gidx) % slices or len(gidx) // slices < 2:  # a trailing batch that does not split evenly
+                    continue
+                per = len(gidx) // world.size
+                mine = slice(world.rank * per, (world.rank + 1) * per)
+                idx, batch_data = gidx[mine], _slice_data(gdata, mine)
                 it = torch.from_numpy(idx).to(device, non_blocking=True)
                 x, params = augment(data.train.images, idx, data.spec, view, on_device=it)
                 if steps == 0:
@@ -134,64 +195,97 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
                 y = data.train.labels[it]
                 if amp:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                    feats, logits = model(x, is_feat=True)
-                    losses, info = method(StudentOut(logits=logits.float(), feats=feats), tout, y, epoch=epoch)
-                loss = sum(losses.values())
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                m = per // parts
+                for p in range(parts):
+                    sl = slice(p * m, (p + 1) * m)
+                    saved = _buffers(trainee) if p > 0 else None
+                    sync = contextlib.nullcontext() if p == parts - 1 or net is trainee else net.no_sync()
+                    with sync:
+                        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                            losses, info, logits = net(x[sl], _slice_out(tout, sl), y[sl], epoch)
+                        loss = sum(losses.values())
+                        (loss / parts if parts > 1 else loss).backward()
+                    if saved is not None:  # as under DDP, only the first slice's BatchNorm statistics persist
+                        _restore(trainee, saved)
+                    for name, value in losses.items():
+                        v = value.detach() / parts
+                        sums[name] = sums[name] + v if name in sums else v.clone()
+                    stats[2] += (~torch.isfinite(loss.detach())).double()
+                    if "teacher_weights" in info:
+                        weight_sum += torch.as_tensor(info["teacher_weights"], device=device) / parts
+                    stats[0] += (logits.detach().argmax(1) == y[sl]).sum()
+                    if hooks.on_step is not None:
+                        hooks.on_step(epoch, losses)
                 opt.step()
-                for name, value in losses.items():
-                    sums[name] = sums[name] + value.detach() if name in sums else value.detach().clone()
-                finite &= torch.isfinite(loss.detach())
-                if "teacher_weights" in info:
-                    weight_sum += torch.as_tensor(info["teacher_weights"], device=device)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(idx)
+                stats[1] += len(idx)
                 steps += 1
                 step_total += 1
-                if hooks.on_step is not None:
-                    hooks.on_step(epoch, losses)
                 status = None
                 if steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps
-                    _check_finite(finite, epoch, steps, folder)
+                    _check_finite(stats[2], epoch, steps, folder)
                     status = f"loss {float(sum(sums.values())) / steps:.3f}"
-                bar.update(len(idx), status)
+                bar.update(len(gidx), status)
                 if hooks.max_steps is not None and step_total >= hooks.max_steps:
                     break
-        _check_finite(finite, epoch, steps, folder)
+        # one reduction per epoch: every rank's sums, counts and weights
+        names = sorted(sums)
+        flat = dist.all_sum(torch.cat([stats, torch.stack([sums[nm].double() for nm in names]) if names else stats[:0],
+                                       weight_sum.double()]))
+        stats, epoch_loss, weight_mean = flat[:3], flat[3:3 + len(names)], flat[3 + len(names):]
+        _check_finite(stats[2], epoch, steps, folder)
         train_time = time.perf_counter() - t0
-        acc = evaluate(model, data.test, amp=amp)
-        epoch_sums = {name: float(v) / max(steps, 1) for name, v in sums.items()}
+        dist.broadcast_buffers(model)  # evaluate rank 0's BatchNorm statistics everywhere (what is saved)
+        acc = evaluate(model, test, amp=amp)
+        steps_all = max(steps * world.size, 1)
+        epoch_sums = {nm: float(v) / steps_all for nm, v in zip(names, epoch_loss.tolist())}
+        seen = float(stats[1])
         record = {"epoch": epoch, "view": view, "lr": opt.param_groups[0]["lr"],
-                  **{f"loss_{name}": v for name, v in epoch_sums.items()},
-                  "train_loss": sum(epoch_sums.values()), "train_acc": 100.0 * int(correct) / max(seen, 1),
+                  **{f"loss_{nm}": v for nm, v in epoch_sums.items()},
+                  "train_loss": sum(epoch_sums.values()), "train_acc": 100.0 * float(stats[0]) / max(seen, 1),
                   "test_top1": acc["top1"], "test_top5": acc["top5"], "test_loss": acc["loss"],
-                  "images_per_s": seen / max(train_time, 1e-9)}
+                  "images_per_s": seen / max(train_time, 1e-9), "world_size": world.size}
         if k:
-            record["teacher_weights"] = (weight_sum / max(steps, 1)).tolist()
-        folder.write_metrics(record)
+            record["teacher_weights"] = (weight_mean / steps_all).tolist()
         result.epochs.append(record)
         result.last_top1 = acc["top1"]
         is_best = acc["top1"] > result.best_top1
         if is_best:
             result.best_top1, result.best_epoch = acc["top1"], epoch
-        ckpt_meta = {**meta, "epoch": epoch, "accuracy": acc["top1"], "top5": acc["top5"], "camkd_version": camkd.__version__}
-        folder.save({"model": model.state_dict(), "method": method.state_dict(), "optimizer": opt.state_dict(),
-                     "meta": ckpt_meta, "best": {"top1": result.best_top1, "epoch": result.best_epoch}}, is_best=is_best)
-        if run.progress:
-            parts = " ".join(f"{name} {v:.3f}" for name, v in epoch_sums.items())
-            log(f"{meta['arch']}/{meta.get('method', 'ce')} epoch {epoch}/{optim.epochs} (view {view}): {parts} | "
+        if main:
+            folder.write_metrics(record)
+            ckpt_meta = {**meta, "epoch": epoch, "accuracy": acc["top1"], "top5": acc["top5"], "camkd_version": camkd.__version__}
+            folder.save({"model": model.state_dict(), "method": method.state_dict(), "optimizer": opt.state_dict(),
+                         "meta": ckpt_meta, "best": {"top1": result.best_top1, "epoch": result.best_epoch}}, is_best=is_best)
+        if run.progress and main:
+            parts_txt = " ".join(f"{nm} {v:.3f}" for nm, v in epoch_sums.items())
+            log(f"{meta['arch']}/{meta.get('method', 'ce')} epoch {epoch}/{optim.epochs} (view {view}): {parts_txt} | "
                 f"train {record['train_acc']:.1f}% test top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% "
                 f"({record['images_per_s']:.0f} img/s)")
         if hooks.max_steps is not None and step_total >= hooks.max_steps:
             break
+    dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
     result.seconds = time.perf_counter() - t_run
     return result
 
 
+def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:
+    if sl == slice(0, t.logits.shape[0]) or t.logits.shape[0] == 0:
+        return t
+    return TeacherOut(logits=t.logits[sl], features={k: [f[sl] for f in v] for k, v in t.features.items()}, heads=t.heads)
+
+
+def _rank_slice(test: Dataset, world: dist.World) -> Dataset:
+    """This rank's disjoint, unpadded slice of the test split (evaluate() sums the counts over ranks)."""
+    if not world.active:
+        return test
+    bounds = [len(test) * r // world.size for r in range(world.size + 1)]
+    sl = slice(bounds[world.rank], bounds[world.rank + 1])
+    return Dataset(test.name, test.split, test.images[sl], test.labels[sl], test.num_classes, test.norm)
+
+
 def _check_finite(finite: Tensor, epoch: int, steps: int, folder: RunFolder) -> None:
-    if not bool(finite):
+    if bool(finite):  # the number of non-finite losses so far
         raise CamkdError(f"the loss became NaN or infinite in epoch {epoch} (by step {steps}); lower --lr or the loss "
                          f"weights; the last good checkpoint is kept in {folder.path}")
 

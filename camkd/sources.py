@@ -59,6 +59,13 @@ def batch_stream(windows: Iterator[tuple[np.ndarray, Streamed]], batch_size: int
         yield cur_idx[pos:], {name: [a[pos:] for a in per] for name, per in cur_feat.items()}
 
 
+def streamed_window(store: TeacherStore, layers: tuple[str, ...], memory_budget_mb: float, window_blocks: int) -> int | None:
+    """The one rule for streaming: a view's features stream in windows of ``window_blocks`` blocks when they
+    exceed the memory budget, else they are held whole (None). Live teachers replaying a store follow it too."""
+    fits = store.feature_bytes_per_view(layers) <= memory_budget_mb * 2**20
+    return None if (not layers or fits) else window_blocks
+
+
 def _in_memory(windows: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Streamed]]:
     return ((w, {}) for w in windows)
 
@@ -87,8 +94,7 @@ class StoreTeachers:
         self.store, self.layers, self.device = store, layers, device
         self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
         self.heads = store.heads(device)
-        fits = store.feature_bytes_per_view(layers) <= memory_budget_mb * 2**20
-        self.window_blocks: int | None = None if (not layers or fits) else window_blocks
+        self.window_blocks = streamed_window(store, layers, memory_budget_mb, window_blocks)
         self._view = -1
         self._logits: torch.Tensor | None = None
         self._feats: dict[str, list[torch.Tensor]] = {}

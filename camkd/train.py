@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.views import AugSpec
@@ -45,16 +46,19 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
-    device = resolve_device(cfg.run.device)
+    device = dist.device_for(resolve_device(cfg.run.device))
     folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume)
     folder.check()
+    world = dist.init(device)  # every check above ran on every rank, before the first collective
     set_deterministic(cfg.run.deterministic)
 
     d = cfg.data
-    train = load_split(d.dataset, "train", device=device, data_dir=d.data_dir, download=d.download, limit=d.limit, **d.options)
-    test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
-    check_batch_size(cfg.optim.batch_size, len(train))
-    if d.limit is not None and d.limit > len(train):
+    with dist.agree("loading the data"):
+        train = load_split(d.dataset, "train", device=device, data_dir=d.data_dir, download=d.download, limit=d.limit,
+                           **d.options)
+        test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
+        check_batch_size(cfg.optim.batch_size, len(train), parts=world.size * cfg.optim.micro_batches)
+    if d.limit is not None and d.limit > len(train) and world.main:
         log(f"--limit {d.limit} is more than the {len(train)} samples of {train.name}; using all {len(train)}")
     torch.manual_seed(cfg.run.seed)
     model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)

@@ -1,0 +1,126 @@
+"""Many processes on PyTorch's own engine: ``env://`` from torchrun, SLURM or Kubernetes; nothing with one.
+
+camkd has no launcher. When WORLD_SIZE > 1 every command joins the process group that the
+launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl on CUDA
+(device = LOCAL_RANK), gloo on CPU. With one process every helper here is a no-op.
+
+Failures: each rank validates the same input before any collective, so bad input fails on every
+rank alike. A failure on one rank only (a file missing on one node) reaches the others at the
+next :func:`agree` point, so no rank waits for the collective timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as td
+
+from camkd.errors import CamkdError
+
+TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("CAMKD_DIST_TIMEOUT_MIN", "30")))
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def env_world() -> World:
+    """The world the launcher describes (one process when nothing is set)."""
+    try:
+        return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise CamkdError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+
+
+def current() -> World:
+    """The world of this process: the joined group, or one process."""
+    if td.is_available() and td.is_initialized():
+        return World(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def init(device: torch.device) -> World:
+    """Join the process group when launched with WORLD_SIZE > 1 (idempotent); returns the world."""
+    w = env_world()
+    if not w.active or td.is_initialized():
+        return current()
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise CamkdError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with torchrun (or srun with them set)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(w.local_rank)
+    td.init_process_group(backend=backend, init_method="env://", timeout=TIMEOUT)
+    return current()
+
+
+def device_for(device: torch.device) -> torch.device:
+    """On CUDA under a launcher each process drives the GPU of its LOCAL_RANK."""
+    w = env_world()
+    if device.type == "cuda" and w.active and device.index is None:
+        return torch.device("cuda", w.local_rank)
+    return device
+
+
+def close() -> None:
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+
+
+def barrier() -> None:
+    if current().active:
+        td.barrier()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op with one process); returns it."""
+    if current().active:
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if current().active:
+        for b in module.buffers():
+            td.broadcast(b, src=0)
+
+
+def _agree_on(error: BaseException | None, what: str) -> None:
+    if not current().active:
+        if error is not None:
+            raise error
+        return
+    dev = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=dev)
+    td.all_reduce(flag, op=td.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(flag):
+        raise CamkdError(f"another rank failed while {what} (its error is in its output); stopping")
+
+
+@contextlib.contextmanager
+def agree(what: str) -> Iterator[None]:
+    """Run a step that may fail on some ranks only; afterwards every rank either goes on or stops together."""
+    err: BaseException | None = None
+    try:
+        yield
+    except (CamkdError, OSError) as e:
+        err = e if isinstance(e, CamkdError) else CamkdError(f"{what}: {e.strerror or e}")
+    _agree_on(err, what)
