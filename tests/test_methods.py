@@ -108,9 +108,7 @@ def as_torch(s, t, y):
 
 
 def make(name: str, K: int = 3, C: int = 6, **kw):
-    return create_method(
-        name, num_classes=C, num_teachers=K, student_feat_shapes=[], teacher_feat_shapes={}, **kw
-    )
+    return create_method(name, num_classes=C, num_teachers=K, student_feat_shapes=[], teacher_feat_shapes={}, **kw)
 
 
 def run(method, s, t, y, epoch: int = 2, feats=None, tfeats=None, heads=None):
@@ -141,9 +139,7 @@ def test_registry_lists_all_seven():
 def test_unknown_method_lists_names():
     with pytest.raises(CamkdError) as e:
         make("nope")
-    assert str(e.value) == (
-        "unknown method 'nope'; choose one of: aekd, avg, camkd, ce, ebkd, fitnet, kd"
-    )
+    assert str(e.value) == ("unknown method 'nope'; choose one of: aekd, avg, camkd, ce, ebkd, fitnet, kd")
 
 
 def test_required_features_and_defaults():
@@ -153,19 +149,13 @@ def test_required_features_and_defaults():
         m = make(name, K=2)
         assert m.required_features() == ()
         assert list(m.parameters()) == []
-    cam = create_method(
-        "camkd", num_classes=6, num_teachers=2, student_feat_shapes=s_shapes, teacher_feat_shapes=pen
-    )
+    cam = create_method("camkd", num_classes=6, num_teachers=2, student_feat_shapes=s_shapes, teacher_feat_shapes=pen)
     assert cam.beta == 50.0 and cam.required_features() == ("penultimate",)
     assert len(list(cam.parameters())) > 0
-    cam0 = create_method(
-        "camkd", num_classes=6, num_teachers=2, student_feat_shapes=[], teacher_feat_shapes={}, beta=0
-    )
+    cam0 = create_method("camkd", num_classes=6, num_teachers=2, student_feat_shapes=[], teacher_feat_shapes={}, beta=0)
     assert cam0.required_features() == () and list(cam0.parameters()) == []
     hint = {"hint2": [(32, 16, 16)] * 2, "hint1": [(16, 32, 32)] * 2}
-    fit = create_method(
-        "fitnet", num_classes=6, num_teachers=2, student_feat_shapes=s_shapes, teacher_feat_shapes=hint
-    )
+    fit = create_method("fitnet", num_classes=6, num_teachers=2, student_feat_shapes=s_shapes, teacher_feat_shapes=hint)
     assert fit.beta == 100.0 and fit.required_features() == ("hint2",)
     fit1 = create_method(
         "fitnet",
@@ -537,7 +527,7 @@ def fitnet_setup(beta: float = 3.0):
         hint_layer=1,
     )
     ws, bs = [], []
-    for k, reg in enumerate(method.regressors):
+    for reg in method.regressors:
         w = rng.normal(size=tuple(reg.conv.weight.shape)).astype(np.float32)
         b = rng.normal(size=tuple(reg.conv.bias.shape)).astype(np.float32)
         reg.conv.weight.data.copy_(torch.from_numpy(w))
@@ -641,7 +631,7 @@ def test_wrong_teacher_logits_shape():
 
 
 # ------------------------------------------------------------------ real models, every method
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_teachers(archs: tuple[str, ...]):
     """A fixed batch, frozen random teachers and their outputs (built once per arch tuple)."""
     torch.manual_seed(0)

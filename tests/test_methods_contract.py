@@ -17,15 +17,21 @@ def build(name: str):
     s_shapes = [(6, 8, 8), (8, 4, 4), (8,)]
     t_shapes = {"penultimate": [(5, 2, 2), (4, 4, 4), (6, 8, 8)], "hint1": [(5, 4, 4), (4, 2, 2), (6, 8, 8)]}
     method = create_method(
-        name, num_classes=C, num_teachers=K, student_feat_shapes=s_shapes, teacher_feat_shapes=t_shapes,
+        name,
+        num_classes=C,
+        num_teachers=K,
+        student_feat_shapes=s_shapes,
+        teacher_feat_shapes=t_shapes,
         hint_layer=1,
     ).train()
     torch.manual_seed(0)
     feats = [torch.randn(B, *s, requires_grad=True) for s in s_shapes]
     logits = torch.randn(B, C, requires_grad=True)
     layers = {n: [torch.randn(B, *s) for s in t_shapes[n]] for n in method.required_features()}
-    heads = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(s[0], C)).requires_grad_(False)
-             for s in t_shapes["penultimate"]]
+    heads = [
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(s[0], C)).requires_grad_(False)
+        for s in t_shapes["penultimate"]
+    ]
     teachers = TeacherOut(logits=torch.randn(B, K, C) * 3, features=layers, heads=heads)
     return method, StudentOut(logits=logits, feats=feats), teachers, torch.randint(0, C, (B,))
 

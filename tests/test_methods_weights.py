@@ -106,8 +106,9 @@ def test_ebkd_loss_extreme_matches_oracle(K):
     B, _, C = t.shape
     s = np.random.default_rng(0).normal(size=(B, C)).astype(np.float32)
     method = create_method("ebkd", num_classes=C, num_teachers=K, student_feat_shapes=[], teacher_feat_shapes={})
-    losses, diag = method(StudentOut(logits=torch.from_numpy(s)), TeacherOut(logits=torch.from_numpy(t)),
-                          torch.zeros(B, dtype=torch.long), epoch=2)
+    losses, diag = method(
+        StudentOut(logits=torch.from_numpy(s)), TeacherOut(logits=torch.from_numpy(t)), torch.zeros(B, dtype=torch.long), epoch=2
+    )
     w = dec_ebkd_weights(t)
     lp_s = torch.log_softmax(torch.from_numpy(s).double() / T, -1).numpy()
     kl = np.zeros((B, K))

@@ -43,7 +43,7 @@ from camkd.methods.functional import distill_kl
 MAX_TEACHERS = 8  # the exact solver enumerates 3^K faces (6561 tiny systems at K = 8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _faces(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """All assignments of each coordinate to {lower bound, upper bound, free}: (free, upper) masks [3^K, K]."""
     pats = torch.tensor(list(itertools.product((0, 1, 2), repeat=K)), dtype=torch.int64).reshape(-1, K)
@@ -103,9 +103,7 @@ def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C:
         return capped_simplex_qp(G, upper).float()
 
 
-def aekd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, *, T: float, C: float
-) -> tuple[Tensor, Tensor]:
+def aekd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C: float) -> tuple[Tensor, Tensor]:
     """(``sum_k w_k DistillKL_T(s, t_k)``, weights [K]) with the weights detached."""
     w = aekd_weights(student_logits, teacher_logits, T=T, C=C)
     per_teacher = distill_kl(student_logits, teacher_logits, T=T)  # [K]
@@ -119,9 +117,7 @@ class AEKD(LogitMethod):
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
         if cfg.num_teachers > MAX_TEACHERS:
-            raise CamkdError(
-                f"aekd supports at most {MAX_TEACHERS} teachers (exact QP), got {cfg.num_teachers}"
-            )
+            raise CamkdError(f"aekd supports at most {MAX_TEACHERS} teachers (exact QP), got {cfg.num_teachers}")
         self.C = float(cfg.aekd_C)
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -93,9 +93,7 @@ class Method(nn.Module):
         """The feature layers an instance built with these options needs (known before building it)."""
         return ()
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
+    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int) -> tuple[Losses, Diagnostics]:
         """Return (losses already scaled by their coefficients, diagnostics)."""
         raise NotImplementedError
 
@@ -104,12 +102,8 @@ class Method(nn.Module):
         """Cheap shape checks (metadata only, no device sync)."""
         s, t = student.logits, teachers.logits
         if s.dim() != 2 or s.shape[1] != self.num_classes:
-            raise CamkdError(
-                f"{self.name}: student logits must be [B, {self.num_classes}], got {list(s.shape)}"
-            )
-        if self.uses_teachers() and (
-            t.dim() != 3 or t.shape[0] != s.shape[0] or t.shape[1:] != (self.num_teachers, s.shape[1])
-        ):
+            raise CamkdError(f"{self.name}: student logits must be [B, {self.num_classes}], got {list(s.shape)}")
+        if self.uses_teachers() and (t.dim() != 3 or t.shape[0] != s.shape[0] or t.shape[1:] != (self.num_teachers, s.shape[1])):
             raise CamkdError(
                 f"{self.name}: teacher logits must be [B, K={self.num_teachers}, C={s.shape[1]}]"
                 f" with B={s.shape[0]}, got {list(t.shape)}"
@@ -139,15 +133,11 @@ class LogitMethod(Method):
         """(unscaled KD loss, the teachers' shares [K] of this batch, summing to 1)."""
         raise NotImplementedError
 
-    def feature_term(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor
-    ) -> tuple[Tensor, Diagnostics]:
+    def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:
         """(unscaled feature loss, extra diagnostics)."""
         raise NotImplementedError
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
+    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int) -> tuple[Losses, Diagnostics]:
         self.check_inputs(student, teachers, labels)
         kd, shares = self.kd_term(student.logits, teachers.logits, labels)
         losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
@@ -245,9 +235,7 @@ def create_method(
         num_classes=_positive_int("num_classes", num_classes),
         num_teachers=_positive_int("num_teachers", num_teachers),
         student_feat_shapes=tuple(tuple(int(d) for d in s) for s in student_feat_shapes),
-        teacher_feat_shapes={
-            k: tuple(tuple(int(d) for d in s) for s in v) for k, v in teacher_feat_shapes.items()
-        },
+        teacher_feat_shapes={k: tuple(tuple(int(d) for d in s) for s in v) for k, v in teacher_feat_shapes.items()},
         gamma=_finite("gamma", gamma),
         alpha=_finite("alpha", alpha),
         beta=None if beta is None else _finite("beta", beta),
@@ -265,15 +253,30 @@ def teacher_shapes(cfg: MethodConfig, layer: str, method: str) -> tuple[Shape, .
     if shapes is None:
         raise CamkdError(f"{method} needs teacher features {layer!r}, which were not given")
     if len(shapes) != cfg.num_teachers:
-        raise CamkdError(
-            f"{method}: teacher features {layer!r} have {len(shapes)} shapes for {cfg.num_teachers} teachers"
-        )
+        raise CamkdError(f"{method}: teacher features {layer!r} have {len(shapes)} shapes for {cfg.num_teachers} teachers")
     for k, s in enumerate(shapes):
         if len(s) != 3 or min(s) < 1:
-            raise CamkdError(
-                f"{method}: teacher {k} feature {layer!r} has shape {s}; a (C, H, W) feature map is needed"
-            )
+            raise CamkdError(f"{method}: teacher {k} feature {layer!r} has shape {s}; a (C, H, W) feature map is needed")
     return shapes
+
+
+def per_teacher_modules(
+    cfg: MethodConfig,
+    build: Callable[[Shape, Shape], nn.Module],
+    *,
+    index: int,
+    layer: str,
+    method: str,
+    enabled: bool = True,
+) -> nn.ModuleList:
+    """``build(student feats[index] shape, teacher k's layer shape)`` for each teacher k (shapes checked).
+
+    Empty (and nothing checked) when not ``enabled``, e.g. with beta = 0.
+    """
+    if not enabled:
+        return nn.ModuleList()
+    s = student_shape(cfg, index, method)
+    return nn.ModuleList(build(s, t) for t in teacher_shapes(cfg, layer, method))
 
 
 def student_shape(cfg: MethodConfig, index: int, method: str) -> Shape:
@@ -283,8 +286,5 @@ def student_shape(cfg: MethodConfig, index: int, method: str) -> Shape:
         raise CamkdError(f"{method}: the student has {n} feature outputs, so feats[{index}] does not exist")
     s = cfg.student_feat_shapes[index]
     if len(s) != 3 or min(s) < 1:
-        raise CamkdError(
-            f"{method}: student feats[{index}] has shape {s}; a (C, H, W) feature map is needed"
-        )
+        raise CamkdError(f"{method}: student feats[{index}] has shape {s}; a (C, H, W) feature map is needed")
     return s
-

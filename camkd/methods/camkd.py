@@ -23,6 +23,8 @@ Total ``gamma CE + alpha loss_kd + beta loss_inter``; the beta term is 0 in epoc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,16 +36,13 @@ from camkd.methods.base import (
     MethodConfig,
     StudentOut,
     TeacherOut,
+    per_teacher_modules,
     register_method,
-    student_shape,
-    teacher_shapes,
 )
 from camkd.methods.functional import confidence_weights, kl_per_sample
 
 
-def camkd_kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, T: float
-) -> tuple[Tensor, Tensor]:
+def camkd_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, T: float) -> tuple[Tensor, Tensor]:
     """(``sum_{k,b} w_kb KL_T,kb / (B K)``, weights [B, K]); the weights use the teachers' CE."""
     t = teacher_logits.float()
     B, K, C = t.shape
@@ -66,8 +65,9 @@ def camkd_inter_loss(
     """
     ce = torch.stack([F.cross_entropy(h.float(), labels, reduction="none") for h in head_logits], 1)
     v = confidence_weights(ce)  # [B, K]
-    pairs = zip(embedded, teacher_feats, strict=True)
-    mse = torch.stack([(e.float() - f.float()).pow(2).flatten(1).mean(1) for e, f in pairs], 1)  # [B, K]
+    # per-sample mean of squares [B, K]; sum / n instead of mean(1): the same values, a cheaper backward
+    sq = [F.mse_loss(e.float(), f.float(), reduction="none") for e, f in zip(embedded, teacher_feats, strict=True)]
+    mse = torch.stack([d.flatten(1).sum(1) / d[0].numel() for d in sq], 1)
     B, K = mse.shape
     return (v * mse).sum() / (B * K), v
 
@@ -84,6 +84,19 @@ class Embed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.relu(self.bn(self.conv(x)))
 
+    def forward_upsampled(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """``forward(resize_to(x, size))`` for a bilinear upsample, with the 1x1 conv at x's smaller size.
+
+        The 1x1 conv and the bilinear resize are both linear and act on different
+        axes (channels, positions), so they commute (the bias too: each output's
+        bilinear weights sum to 1).  The resize is one matmul with its [h*w, H*W]
+        weight matrix.  Equal to the direct order up to float32 round-off, at
+        1/(upsampling factor) of the conv's cost.
+        """
+        B, _, h, w = x.shape
+        m = _upsample_matrix((h, w), size, x.device, x.dtype)  # [h*w, H*W]
+        return self.relu(self.bn((self.conv(x).flatten(2) @ m).view(B, -1, *size)))
+
 
 def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     """CA-MKD ``CalWeight``: adaptive avg-pool down (or identity), else bilinear up."""
@@ -95,6 +108,14 @@ def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+@functools.cache
+def _upsample_matrix(src: tuple[int, int], size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[h*w, H*W] weights of :func:`resize_to`'s bilinear upsample (row i: where source pixel i goes)."""
+    h, w = src
+    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
+    return resize_to(basis, size).reshape(h * w, -1).to(device=device, dtype=dtype)
+
+
 @register_method("camkd")
 class CAMKD(LogitMethod):
     """gamma * CE + alpha * confidence-weighted KD + beta * confidence-weighted feature MSE (from epoch 2)."""
@@ -104,13 +125,9 @@ class CAMKD(LogitMethod):
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
-        self.embeds = nn.ModuleList()
-        self.t_sizes: list[tuple[int, int]] = []
-        if self.beta > 0:
-            s_c = student_shape(cfg, -2, "camkd")[0]
-            for t_c, t_h, t_w in teacher_shapes(cfg, "penultimate", "camkd"):
-                self.embeds.append(Embed(s_c, t_c))
-                self.t_sizes.append((t_h, t_w))
+        self.embeds = per_teacher_modules(
+            cfg, lambda s, t: Embed(s[0], t[0]), index=-2, layer="penultimate", method="camkd", enabled=self.beta > 0
+        )
 
     @classmethod
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
@@ -120,19 +137,22 @@ class CAMKD(LogitMethod):
         kd, w = camkd_kd_loss(student_logits, teacher_logits, labels, T=self.kd_T)
         return kd, w.detach().mean(0)
 
-    def feature_term(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor
-    ) -> tuple[Tensor, Diagnostics]:
+    def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:
         f_t = teachers.features.get("penultimate")
         if f_t is None or len(f_t) != self.num_teachers or len(teachers.heads) != self.num_teachers:
             raise CamkdError("camkd needs the teachers' 'penultimate' features and heads for all teachers")
         f_s = student.feats[-2]
+        h, w = f_s.shape[-2:]
         resized: dict[tuple[int, int], Tensor] = {}
         embedded, head_logits = [], []
-        for embed, size, head in zip(self.embeds, self.t_sizes, teachers.heads, strict=True):
-            if size not in resized:  # each teacher gets the original map resized once
-                resized[size] = resize_to(f_s, size)
-            e = embed(resized[size])
+        for embed, f, head in zip(self.embeds, f_t, teachers.heads, strict=True):
+            size = (f.shape[-2], f.shape[-1])
+            if h < size[0] or w < size[1]:  # bilinear up: the conv runs at the student's size
+                e = embed.forward_upsampled(f_s, size)
+            else:  # pooled down (or same size) once per size
+                if size not in resized:
+                    resized[size] = resize_to(f_s, size)
+                e = embed(resized[size])
             embedded.append(e)
             head_logits.append(head(e))
         inter, v = camkd_inter_loss(embedded, f_t, head_logits, labels)

@@ -20,8 +20,6 @@ class CE(Method):
     def uses_teachers(self) -> bool:
         return False
 
-    def forward(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int
-    ) -> tuple[Losses, Diagnostics]:
+    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int) -> tuple[Losses, Diagnostics]:
         self.check_inputs(student, teachers, labels)
         return {"ce": self.gamma * ce_loss(student.logits, labels)}, {}

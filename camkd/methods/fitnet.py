@@ -28,9 +28,8 @@ from camkd.methods.base import (
     Shape,
     StudentOut,
     TeacherOut,
+    per_teacher_modules,
     register_method,
-    student_shape,
-    teacher_shapes,
 )
 
 
@@ -98,11 +97,9 @@ class FitNetMKD(LogitMethod):
         super().__init__(cfg)
         self.hint_layer = cfg.hint_layer
         self.layer = f"hint{cfg.hint_layer}"
-        self.regressors = nn.ModuleList()
-        if self.beta > 0:
-            s = student_shape(cfg, cfg.hint_layer, "fitnet")
-            for t in teacher_shapes(cfg, self.layer, "fitnet"):
-                self.regressors.append(ConvReg(s, t))
+        self.regressors = per_teacher_modules(
+            cfg, ConvReg, index=cfg.hint_layer, layer=self.layer, method="fitnet", enabled=self.beta > 0
+        )
 
     @classmethod
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
@@ -111,9 +108,7 @@ class FitNetMKD(LogitMethod):
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return avg_mkd_loss(student_logits, teacher_logits, T=self.kd_T), self.uniform_weights(student_logits)
 
-    def feature_term(
-        self, student: StudentOut, teachers: TeacherOut, labels: Tensor
-    ) -> tuple[Tensor, Diagnostics]:
+    def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:
         f_t = teachers.features.get(self.layer)
         if f_t is None or len(f_t) != self.num_teachers:
             raise CamkdError(f"fitnet needs teacher features {self.layer!r} for all teachers")
