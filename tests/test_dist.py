@@ -1,0 +1,120 @@
+"""Many processes: real torch.distributed (gloo) ranks launched by torchrun, against one process.
+
+The promise: W ranks equal one process that splits each global batch into W BatchNorm
+micro-batches, bit for bit, for every method; bad input stops every rank with one line and
+exit code 2, and a failure on one rank only stops the others without a hang.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from camkd.checkpoint import load_checkpoint
+from camkd.methods import list_methods
+from camkd.models import create_model
+from camkd.store.writer import CacheConfig, cache_teachers
+
+VENV_BIN = Path(sys.executable).parent
+WORKERS = Path(__file__).parent / "workers"
+TIMEOUT = 240
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    e.update(extra)
+    return e
+
+
+def torchrun(*args, cwd=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dist")
+    specs = []
+    for k, arch in enumerate(["resnet8", "resnet14"]):
+        torch.manual_seed(200 + k)
+        torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
+        specs.append(f"{arch}={work / f't{k}.pth'}")
+    path = work / "s.zarr"
+    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=192, views=2, seed=3,
+                               features=["penultimate", "hint:2"], dtype="float32", out=str(path), device="cpu",
+                               progress=False, evaluate=False))
+    return path
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_checkpoint(a), load_checkpoint(b)
+    for part in ("model", "method"):
+        assert wa[part].keys() == wb[part].keys()
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), (a, part, k)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_with_two_micro_batches(store, tmp_path):
+    methods = list_methods()
+    r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", store, tmp_path / "w2", 1, 2, *methods)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, WORKERS / "distill_methods.py", store, tmp_path / "m2", "2", "2", *methods],
+                       env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for method in methods:
+        assert_same_weights(tmp_path / "w2" / method / "last.pth", tmp_path / "m2" / method / "last.pth")
+
+
+def test_resume_under_another_world_size(store, tmp_path):
+    """One epoch on 2 ranks, the second in one process with 2 micro-batches == 2 epochs on 2 ranks."""
+    base = ["distill", "-m", "resnet8", "-c", store, "--method", "camkd", "--batch-size", "32", "--lr", "0.05",
+            "--seed", "7", "--deterministic", "--device", "cpu", "-q"]
+    r = torchrun("--no-python", VENV_BIN / "camkd", *base, "--epochs", "2", "--out", tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun("--no-python", VENV_BIN / "camkd", *base, "--epochs", "1", "--out", tmp_path / "part")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([VENV_BIN / "camkd", *map(str, base), "--epochs", "2", "--micro-batches", "2", "--resume",
+                        "--out", tmp_path / "part"], env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(tmp_path / "full" / "last.pth", tmp_path / "part" / "last.pth")
+    assert r.stdout.count("best top-1") == 1
+
+
+def test_bad_input_stops_every_rank_with_one_line(store, tmp_path):
+    r = torchrun("--no-python", VENV_BIN / "camkd", "distill", "-m", "resnet9", "-c", store, "--out", tmp_path / "o", timeout=60)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("unknown arch 'resnet9'" in e for e in errors), r.stderr[-2000:]
+    assert "exitcode  : 2" in r.stderr and "Traceback" not in r.stderr.split("error: ")[0]
+    assert not (tmp_path / "o").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_file_missing_on_one_rank_stops_both(store, tmp_path):
+    """Two ranks started by hand (as srun would), each in its own folder: the store is there for rank 0 only."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        cwd = tmp_path / f"node{rank}"
+        cwd.mkdir()
+        if rank == 0:
+            (cwd / "s.zarr").symlink_to(store)
+        e = env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([VENV_BIN / "camkd", "distill", "-m", "resnet8", "-c", "s.zarr", "--epochs", "1",
+                                       "--batch-size", "32", "--device", "cpu", "-q", "--out", "run"],
+                                      cwd=cwd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=90) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert "store s.zarr not found" in outs[1][1]
+    assert "another rank failed" in outs[0][1] and outs[0][1].count("error: ") == 1
+    assert not (tmp_path / "node0" / "run").exists()
