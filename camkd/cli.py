@@ -328,16 +328,19 @@ def bench_speed_cmd(
     threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, metavar="N", help="CPU threads to measure at (repeat) "
                                                          "[default: 1 and 2].")] = None,
     no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
+    ranks: Annotated[Optional[list[int]], typer.Option("--ranks", min=1, metavar="W", help="torchrun world sizes for "
+                     "the multi-rank rows (repeat) [default: 1 and 2].")] = None,
+    no_ranks: Annotated[bool, typer.Option("--no-ranks", help="Skip the multi-rank rows.")] = False,
     device: DeviceOpt = DeviceChoice.auto,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
                                                 "beside it); without it nothing is written.")] = None,
 ) -> None:
-    """Throughput of the student alone, cached and online distillation, caching and the reader."""
+    """Throughput of the student alone, cached and online distillation, caching, the reader, torchrun ranks."""
     from camkd.bench.speed import SpeedConfig, run_speed, save, to_markdown
 
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
-                              threads=threads or [1, 2]))
+                              threads=threads or [1, 2], ranks=[] if no_ranks else (ranks or [1, 2])))
     typer.echo(to_markdown(r))
     if out is not None:
         typer.echo(f"\n-> {', '.join(save(r, out))}")

@@ -17,9 +17,12 @@ def finite_positive(x) -> bool:
 def test_bench_speed_smoke(cli, tmp_path):
     out = tmp_path / "speed.json"
     r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "2", "--samples", "64",
-            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--device", "cpu", "--out", out)
+            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--ranks", "2", "--device", "cpu", "--out", out)
     assert r.exit_code == 0, r.output
-    res = json.loads(out.read_text())["by_threads"]["1"]
+    whole = json.loads(out.read_text())
+    assert set(whole["ranks"]) == {"ce", "camkd+features"}
+    assert all(finite_positive(v["2"]) for v in whole["ranks"].values())
+    res = whole["by_threads"]["1"]
     assert set(res) >= {"cache", "reader", "train_images_per_s", "cached_over_ce", "cached_over_online", "bytes_per_sample_view"}
     names = {"kd", "avg", "ebkd", "aekd", "fitnet", "camkd(beta=0)", "camkd+features"}
     assert set(res["cached_over_ce"]) == names and set(res["cached_over_online"]) == {"avg", "camkd+features"}
@@ -51,7 +54,7 @@ def test_bench_accuracy_smoke(tmp_path):
 def test_bench_writes_nothing_without_out(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "1", "--samples", "64",
-            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--no-online", "--device", "cpu")
+            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--no-online", "--no-ranks", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "| ce (the limit) |" in r.output
     assert list(tmp_path.iterdir()) == []

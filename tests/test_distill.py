@@ -112,7 +112,8 @@ def test_learns_from_the_store(stores, tmp_path):
 
 def test_method_needs_missing_features(teachers, tmp_path):
     path = tmp_path / "logits_only.zarr"
-    cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", synthetic_samples=N, views=1, out=str(path), progress=False))
+    cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", synthetic_samples=N, views=1, features=["none"],
+                               out=str(path), progress=False))
     with pytest.raises(CamkdError, match=r"no 'penultimate' features.*--features penultimate"):
         run(tmp_path, "x", method="camkd", cache=str(path))
     with pytest.raises(CamkdError, match=r"no 'hint2' features.*--features hint:2"):

@@ -12,8 +12,12 @@ evaluation is excluded. Variants run in rounds (A B C ... A B C ...), the median
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +33,7 @@ from camkd.data.order import epoch_order
 from camkd.data.views import AugSpec, augment
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, LossConfig, distill
+from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.progress import log
 from camkd.store import open_store
@@ -53,6 +58,7 @@ class SpeedConfig:
     device: str = "auto"
     threads: list[int] = field(default_factory=lambda: [1, 2])
     online: bool = True
+    ranks: list[int] = field(default_factory=lambda: [1, 2])  # torchrun world sizes for the multi-rank rows ([] skips)
 
 
 def _label(method: str, beta: float | None) -> str:
@@ -71,6 +77,8 @@ def run_speed(cfg: SpeedConfig) -> dict:
             torch.set_num_threads(th)
             log(f"[bench] {th} thread(s)")
             results["by_threads"][str(th)] = _run(cfg, device, ckpts, work / f"t{th}")
+        if cfg.ranks:
+            results["ranks"] = _ranks(cfg, device, work / "t1" / "store16.zarr", work / "ranks")
         return results
     finally:
         torch.set_num_threads(before)
@@ -165,6 +173,34 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
     return out
 
 
+def _ranks(cfg: SpeedConfig, device: torch.device, store: Path, work: Path) -> dict:
+    """Epoch-2 throughput of `camkd distill` under torchrun with W processes (one thread each), W in cfg.ranks.
+
+    Every W runs as a fresh torchrun job (start-up excluded: the figure is the loop's own), so W = 1
+    pays the same process costs. On a CPU the ranks share the machine's cores.
+    """
+    out: dict = {}
+    for method, beta in (("ce", None), ("camkd", None)):
+        name = _label(method, beta)
+        for w in cfg.ranks:
+            rates = []
+            for r in range(cfg.repeats):
+                run_dir = work / f"{name}_w{w}_{r}"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
+                       "-m", "camkd.cli", "distill", "-m", cfg.student, "-c", str(store), "--method", method,
+                       "--epochs", "2", "--batch-size", str(cfg.batch_size), "--lr", "0.01", "--device", str(device.type),
+                       "--out", str(run_dir), "-q"]
+                env = dict(os.environ, OMP_NUM_THREADS="1")
+                p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise CamkdError(f"bench: torchrun with {w} ranks failed: {p.stderr.strip().splitlines()[-1:]}")
+                rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+                rates.append(rec["images_per_s"])
+            out.setdefault(name, {})[str(w)] = statistics.median(rates)
+        log(f"[bench] {name} under torchrun: " + ", ".join(f"W={w} {v:.0f} img/s" for w, v in out[name].items()))
+    return out
+
+
 def _reader_speed(store, repeats: int) -> dict:
     t_logit, t_feat, t_stream = [], [], []
     for _ in range(repeats):
@@ -213,6 +249,13 @@ def to_markdown(r: dict) -> str:
                       f"ratio **{ca['ratio']:.3f}** (target 0.90)", "", "| reader | samples/s | MB/s |", "|---|---|---|"]
         for k, v in t["reader"].items():
             lines.append(f"| {k} | {v['samples_per_s']:.0f} | {v['MB_per_s']:.0f} |")
+    if r.get("ranks"):
+        ws = list(next(iter(r["ranks"].values())))
+        lines += ["", "**torchrun, one thread per rank** (epoch-2 images/s of the whole job; the ranks share this "
+                      "machine's cores)", "", "| variant | " + " | ".join(f"W={w}" for w in ws) + " |",
+                  "|---|" + "---|" * len(ws)]
+        for name, by_w in r["ranks"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{by_w[w]:.0f}" for w in ws) + " |")
     first = next(iter(r["by_threads"].values()))["bytes_per_sample_view"]
     lines += ["", "| array | bytes per sample-view, float16 | float32 |", "|---|---|---|"]
     for k, v in first["float16"].items():
