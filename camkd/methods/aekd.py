@@ -82,7 +82,8 @@ def capped_simplex_qp(G: Tensor, upper: float) -> Tensor:
     tol = 1e-7  # the solves are accurate far below this; it only absorbs round-off at the bounds
     ok = (w >= -tol).all(1) & (w <= upper + tol).all(1) & ((w.sum(1) - 1.0).abs() <= tol)
     obj = torch.einsum("pi,ij,pj->p", w, G, w)
-    best = w[torch.argmin(torch.where(ok, obj, torch.inf))].clamp(0.0, upper)
+    pick = torch.argmin(torch.where(ok, obj, torch.inf)).view(1)  # index_select: no host read of the index
+    best = w.index_select(0, pick)[0].clamp(0.0, upper)
     # no candidate inside the box only with non-finite input (NaN logits): uniform
     return torch.where(ok.any(), best / best.sum(), torch.full_like(best, 1.0 / K))
 
