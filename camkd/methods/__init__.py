@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from camkd.methods.base import (  # noqa: E402
     required_layers,
+    Diagnostics,
+    LogitMethod,
     Method,
     MethodConfig,
     StudentOut,
@@ -28,6 +30,8 @@ from camkd.methods import fitnet  # noqa: E402,F401  isort: skip
 from camkd.methods import camkd  # noqa: E402,F401  isort: skip
 
 __all__ = [
+    "Diagnostics",
+    "LogitMethod",
     "Method",
     "MethodConfig",
     "StudentOut",

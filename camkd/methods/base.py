@@ -2,13 +2,15 @@
 
 A method turns the student's outputs, the teachers' (live or cached) outputs and
 the labels into named loss terms, each already multiplied by its coefficient, so
-the training loop only sums them.  Trainable parts of a method (per-teacher
+the training loop only sums them, and diagnostics: detached tensors on the logits'
+device (see :data:`Diagnostics`), so a step never waits on the host.  Trainable parts of a method (per-teacher
 Embeds, ConvRegs) are submodules of the :class:`Method`; the loop optimizes
 ``method.parameters()`` together with the student, as the reference's
 ``trainable_list`` does.
 
 Adding a method is one file (a pure loss function at the top, then a thin
-``@register_method("name")`` subclass) plus one import line in
+``@register_method("name")`` subclass, usually of :class:`LogitMethod`: its
+``kd_term`` calls the pure function) plus one import line in
 ``camkd/methods/__init__.py``.
 """
 

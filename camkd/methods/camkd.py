@@ -118,7 +118,13 @@ def _upsample_matrix(src: tuple[int, int], size: tuple[int, int], device: torch.
 
 @register_method("camkd")
 class CAMKD(LogitMethod):
-    """gamma * CE + alpha * confidence-weighted KD + beta * confidence-weighted feature MSE (from epoch 2)."""
+    """gamma * CE + alpha * confidence-weighted KD + beta * confidence-weighted feature MSE (from epoch 2).
+
+    Losses ``ce``, ``kd``, ``inter``; diagnostics ``teacher_weights`` (the logit-level
+    weights' batch mean) and, from epoch 2, ``inter_weights`` (the feature level's).
+    One trainable ``Embed`` per teacher (``embeds``); the teachers' heads come in
+    with their features (:class:`TeacherOut`).
+    """
 
     default_beta = 50.0
     feature_loss = "inter"
