@@ -34,6 +34,7 @@ import functools
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from camkd.errors import CamkdError
@@ -44,10 +45,26 @@ MAX_TEACHERS = 8  # the exact solver enumerates 3^K faces (6561 tiny systems at 
 
 
 @functools.cache
-def _faces(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """All assignments of each coordinate to {lower bound, upper bound, free}: (free, upper) masks [3^K, K]."""
+def _kkt_systems(K: int, upper: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The G-free parts of the KKT systems of all 3^K faces (each coordinate at 0, at ``upper`` or free).
+
+    Returns (A0 [P, K+1, K+1], free [P, K, 1] as 0/1, b [P, K+1, 1], vertex [P, 1]), float64 on
+    ``device``; face p's matrix is ``A0[p]`` plus ``G`` in its free rows.  Fixed rows read
+    ``w_i = bound``, free rows ``G_i w + lambda = 0`` (their 1 in the last column), the last
+    row ``sum w = 1``.  A vertex (no free coordinate) gets a 1 in the multiplier's diagonal
+    slot, which makes its system nonsingular without changing ``w`` (the bounds).
+    """
     pats = torch.tensor(list(itertools.product((0, 1, 2), repeat=K)), dtype=torch.int64).reshape(-1, K)
-    return (pats == 2).to(device), (pats == 1).to(device)
+    free, up = (pats == 2).double(), (pats == 1).double()
+    P = pats.shape[0]
+    vertex = free.sum(1) == 0
+    A0 = torch.zeros(P, K + 1, K + 1, dtype=torch.float64)
+    A0[:, :K, :K] = (1.0 - free)[:, :, None] * torch.eye(K, dtype=torch.float64)
+    A0[:, :K, K] = free
+    A0[:, K, :K] = 1.0
+    A0[:, K, K] = vertex.double()
+    b = torch.cat([up * upper, torch.ones(P, 1, dtype=torch.float64)], 1).unsqueeze(-1)
+    return A0.to(device), free.unsqueeze(-1).to(device), b.to(device), vertex.unsqueeze(-1).to(device)
 
 
 def capped_simplex_qp(G: Tensor, upper: float) -> Tensor:
@@ -56,29 +73,19 @@ def capped_simplex_qp(G: Tensor, upper: float) -> Tensor:
     ``G`` [K, K] symmetric positive definite; ``upper * K >= 1`` so the set is not
     empty.  The minimiser lies in the relative interior of some face (each
     coordinate at 0, at ``upper`` or free); on that face it solves
-    ``G_F w + lambda 1 = 0`` (free rows), ``w_i = bound`` (fixed rows), ``sum w = 1``.
-    All faces are solved in one batched call; of the candidates inside the box the
-    one with the least objective is returned (a convex problem: no sign checks of
-    the multipliers are needed once all faces are compared).  A vertex (no free
-    coordinate) gets a 1 in the multiplier's diagonal slot, which makes its system
-    nonsingular without changing ``w`` (the bounds); its sum is checked below.
+    ``G_F w + lambda 1 = 0`` (free rows), ``w_i = bound`` (fixed rows), ``sum w = 1``
+    (see :func:`_kkt_systems`).  All faces are solved in one batched call; of the
+    candidates inside the box the one with the least objective is returned (a
+    convex problem: no sign checks of the multipliers are needed once all faces are
+    compared).
     """
     K = G.shape[0]
     if K == 1:
         return G.new_ones(1)
-    free, up = _faces(K, G.device)
-    P = free.shape[0]
-    vertex = ~free.any(1)
-    A = G.new_zeros(P, K + 1, K + 1)
-    A[:, :K, :K] = torch.where(free[:, :, None], G, torch.eye(K, dtype=G.dtype, device=G.device))
-    A[:, :K, K] = free.to(G.dtype)
-    A[:, K, :K] = 1.0
-    A[:, K, K] = vertex.to(G.dtype)
-    b = G.new_zeros(P, K + 1)
-    b[:, :K] = up.to(G.dtype) * upper
-    b[:, K] = 1.0
-    sol, _ = torch.linalg.solve_ex(A, b.unsqueeze(-1))  # solve_ex: no error check, no host sync
-    w = torch.where(vertex[:, None], b[:, :K], sol[:, :K, 0])
+    A0, free, b, vertex = _kkt_systems(K, float(upper), G.device)
+    A = A0 + F.pad(free * G.double(), (0, 1, 0, 1))
+    sol, _ = torch.linalg.solve_ex(A, b)  # solve_ex: no error check, no host sync
+    w = torch.where(vertex, b[:, :K, 0], sol[:, :K, 0])
     tol = 1e-7  # the solves are accurate far below this; it only absorbs round-off at the bounds
     ok = (w >= -tol).all(1) & (w <= upper + tol).all(1) & ((w.sum(1) - 1.0).abs() <= tol)
     obj = torch.einsum("pi,ij,pj->p", w, G, w)
