@@ -215,7 +215,9 @@ def cache_teachers_cmd(
     cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
                       views=views, seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
                       out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, **kw)
-    typer.echo(format_cache_summary(cache_teachers(cfg)))
+    summary = cache_teachers(cfg)
+    if _main_rank():
+        typer.echo(format_cache_summary(summary))
 
 
 @app.command("cache-info")

@@ -118,3 +118,87 @@ def test_a_file_missing_on_one_rank_stops_both(store, tmp_path):
     assert "store s.zarr not found" in outs[1][1]
     assert "another rank failed" in outs[0][1] and outs[0][1].count("error: ") == 1
     assert not (tmp_path / "node0" / "run").exists()
+
+
+# ---- cache-teachers on many ranks ------------------------------------------------------------------
+
+def _cache_args(teachers, out, views):
+    return ["cache-teachers", *[a for t in teachers for a in ("-t", t)], "-d", "synthetic", "--limit", "128", "-V",
+            str(views), "--dtype", "float32", "--device", "cpu", "-q", "--out", out]
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env_vars = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env_vars:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.fixture(scope="module")
+def big_teachers(tmp_path_factory):
+    """Teachers slow enough on a CPU that a rank can be killed while it writes."""
+    work = tmp_path_factory.mktemp("bigteachers")
+    specs = []
+    for k, arch in enumerate(["resnet32x4", "resnet8"]):
+        torch.manual_seed(300 + k)
+        torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
+        specs.append(f"{arch}={work / f't{k}.pth'}")
+    one = work / "one.zarr"
+    r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, one, 6)], env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return specs, one
+
+
+@pytest.mark.slow
+def test_two_rank_store_is_byte_identical_to_one_process(big_teachers, tmp_path):
+    specs, one = big_teachers
+    r = torchrun("--no-python", VENV_BIN / "camkd", *_cache_args(specs, tmp_path / "two.zarr", 6))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("cached ") == 1  # rank 0 alone reports
+    assert _tree(tmp_path / "two.zarr") == _tree(one)
+
+
+@pytest.mark.slow
+def test_store_killed_under_two_ranks_resumes_in_one_process(big_teachers, tmp_path):
+    specs, one = big_teachers
+    out = tmp_path / "killed.zarr"
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python", str(VENV_BIN / "camkd"),
+           *map(str, _cache_args(specs, out, 6))]
+    run = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.monotonic() + 120
+    while not any((out / "progress" / "c").rglob("*")) if (out / "progress" / "c").exists() else True:
+        assert time.monotonic() < deadline and run.poll() is None, "no block was written"
+        time.sleep(0.05)
+    victims = [p for p in _children(run.pid) if _rank_of(p) == 1]
+    assert victims, "rank 1 not found"
+    os.kill(victims[0], 9)
+    run.wait(timeout=60)
+    flags = len([p for p in (out / "progress" / "c").rglob("*") if p.is_file()])
+    assert run.returncode != 0 and 0 < flags < 6  # really interrupted
+    r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, out, 6)], env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _tree(out) == _tree(one)

@@ -26,7 +26,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 import camkd
-from camkd.data import Dataset, load_split
+from camkd import dist
+from camkd.data import Dataset, check_dataset, load_split
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
@@ -288,43 +289,62 @@ def parse_layers(texts: list[str]) -> dict[str, int]:
 
 
 def cache_teachers(cfg: CacheConfig) -> dict:
-    """Write (or continue, or extend) the store; returns a summary for the report."""
+    """Write (or continue, or extend) the store; returns a summary for the report.
+
+    Under torchrun, rank 0 alone creates or extends the store's metadata; every rank then computes
+    its share of the unfinished (view, block) units, each written whole by one rank with its own
+    progress flag, so the store is byte-identical for any number of ranks and resumes under another.
+    """
     if not cfg.teachers:
         raise CamkdError("give at least one --teacher CKPT (or ARCH=CKPT for a reference checkpoint)")
     if cfg.views < 1:
         raise CamkdError("--views must be at least 1")
     if cfg.dtype not in L.DTYPES:
         raise CamkdError(f"unknown --dtype '{cfg.dtype}'; choose float16 or float32")
-    device = resolve_device(cfg.device)
-    batch = batch_size_for(cfg, device)
+    check_dataset(cfg.dataset)
     layers = parse_layers(cfg.features)
-    teachers = load_teachers(cfg.teachers, device=device)
-    train = _load(cfg, "train", device)
-    _check_teachers(teachers, train)
+    device = dist.device_for(resolve_device(cfg.device))
+    world = dist.init(device)
+    batch = batch_size_for(cfg, device)
+    with dist.agree("loading the teachers and the data"):
+        teachers = load_teachers(cfg.teachers, device=device)
+        train = _load(cfg, "train", device)
+        _check_teachers(teachers, train)
+        shapes = _feature_shapes(teachers, train, layers, device)
     spec = AugSpec(seed=cfg.seed, norm=train.norm)
-    shapes = _feature_shapes(teachers, train, layers, device)
     ident = _identity(cfg, teachers, train, spec, layers, shapes)
     path = cfg.out_path(teachers)
-    g = _open_or_create(path, ident, cfg, teachers, train, layers, shapes, device, batch)
-    return _fill(g, path, cfg, teachers, train, spec, layers, shapes, batch)
+    creating = not path.exists() or cfg.overwrite  # decided by every rank before rank 0 changes anything
+    test_acc = _test_accuracy(cfg, teachers, device, batch, world) if creating else None
+    with dist.agree("creating or opening the store"):
+        if world.main:
+            _open_or_create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
+    g = zarr.open_group(str(path), mode="r+")
+    return _fill(g, path, cfg, teachers, train, spec, layers, shapes, batch, world)
 
 
-def _test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.device, batch: int) -> list[float] | None:
-    """Each teacher's top-1 on the test split (recorded in the store), or None with evaluate=False."""
+def _test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.device, batch: int,
+                   world: dist.World) -> list[float] | None:
+    """Each teacher's top-1 on the test split (recorded in the store), or None with evaluate=False.
+    Under torchrun each rank evaluates a disjoint slice and the counts are summed."""
     if not cfg.evaluate:
         return None
-    test = _load(cfg, "test", device)
-    if cfg.progress:
+    with dist.agree("loading the test split"):
+        test = _load(cfg, "test", device)
+    if world.active:
+        lo, hi = len(test) * world.rank // world.size, len(test) * (world.rank + 1) // world.size
+        test = Dataset(test.name, test.split, test.images[lo:hi], test.labels[lo:hi], test.num_classes, test.norm)
+    if cfg.progress and world.main:
         log(f"evaluating {len(teachers)} teachers on the {test.name} test split ({len(test)} images; --no-eval skips this)")
     out = []
-    with Bar("evaluating", len(teachers) * len(test), enabled=cfg.progress) as bar:
+    with Bar("evaluating", len(teachers) * len(test), enabled=cfg.progress and world.main) as bar:
         for t, teacher in enumerate(teachers):
             out.append(evaluate(teacher.model, test, batch_size=batch)["top1"])
             bar.update(len(test), f"teacher {t + 1}/{len(teachers)}")
     return out
 
 
-def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, device, batch: int) -> zarr.Group:
+def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, test_acc, batch: int) -> None:
     if path.exists() and cfg.overwrite:
         if not path.is_dir() or (not (path / "zarr.json").exists() and any(path.iterdir())):
             raise CamkdError(f"{path} exists and is not a Zarr store; refusing to delete it even with --overwrite")
@@ -343,12 +363,11 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         if cfg.views > attrs["views"]:
             log(f"extending {path} from {attrs['views']} to {cfg.views} views")
             _append_views(g, cfg.views)
-        return g
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CamkdError(f"cannot create {path.parent}: {e.strerror}") from None
-    test_acc = _test_accuracy(cfg, teachers, device, batch)
     # built under a temporary name and renamed when whole: a run killed while creating leaves no half store
     tmp = path.with_name(f".{path.name}.camkd-creating")
     try:
@@ -360,7 +379,6 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         shutil.rmtree(tmp, ignore_errors=True)
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CamkdError(f"cannot create {path}: {what}") from None
-    return zarr.open_group(str(path), mode="r+")
 
 
 def _open_existing(path: Path) -> zarr.Group:
@@ -378,30 +396,35 @@ def _open_existing(path: Path) -> zarr.Group:
 
 
 def _fill(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
-          shapes: dict, batch: int) -> dict:
+          shapes: dict, batch: int, world: dist.World) -> dict:
     attrs = g.attrs[L.ATTRS_KEY]
-    n, k, block, views = len(train), len(teachers), attrs["block_rows"], attrs["views"]
+    n, block, views = len(train), attrs["block_rows"], attrs["views"]
     done = np.asarray(g["progress"][:])
     todo = [(v, b) for v in range(views) for b in range(done.shape[1]) if not done[v, b]]
-    todo_rows = sum(L.block_slice(b, n, block).stop - L.block_slice(b, n, block).start for _, b in todo)
-    if done.any() and todo:
+    mine = todo[world.rank :: world.size]  # unit i goes to rank i mod W: one writer per unit
+    rows = sum(L.block_slice(b, n, block).stop - L.block_slice(b, n, block).start for _, b in mine)
+    if done.any() and todo and world.main:
         log(f"resuming {path}: {int(done.sum())} of {done.size} blocks already written")
     t0 = time.perf_counter()
-    if todo:
-        _compute(g, path, cfg, teachers, train, spec, layers, shapes, batch, todo, todo_rows)
+    with dist.agree("writing the store"):
+        if mine:
+            _compute(g, path, cfg, teachers, train, spec, layers, shapes, batch, mine, rows, show=world.main)
     elapsed = time.perf_counter() - t0
-    return summarize(g, path, todo_rows, elapsed)
+    rows_all = int(dist.all_sum(torch.tensor([rows], dtype=torch.int64, device=train.images.device)).item())
+    if not world.main:
+        return {"path": str(path), "rows_computed": rows, "seconds": elapsed}
+    return summarize(g, path, rows_all, elapsed)
 
 
 def _compute(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
-             shapes: dict, batch: int, todo: list[tuple[int, int]], todo_rows: int) -> None:
+             shapes: dict, batch: int, todo: list[tuple[int, int]], todo_rows: int, *, show: bool = True) -> None:
     """Run the teachers over the unfinished blocks; block i is computed while block i - 1 is written."""
     n, k, block, views = len(train), len(teachers), g.attrs[L.ATTRS_KEY]["block_rows"], g.attrs[L.ATTRS_KEY]["views"]
     rows_max = min(block, n)
     buffers = [_Block(rows_max, k, train.num_classes, L.DTYPES[cfg.dtype], layers, shapes) for _ in range(2)]
     writer = _Writer(g, list(layers), k)
     try:
-        with Bar("caching", todo_rows, enabled=cfg.progress) as bar:
+        with Bar("caching", todo_rows, enabled=cfg.progress and show) as bar:
             for i, (v, b) in enumerate(todo):
                 blk = buffers[i % 2]
                 _wait(blk)
