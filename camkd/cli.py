@@ -99,6 +99,8 @@ LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning 
                                                   "MobileNetV2/ShuffleV1/V2].")]
 DecayOpt = Annotated[list[int], typer.Option("--lr-decay-epochs", min=1, metavar="EPOCH", help="Epoch after which lr x 0.1 (repeat).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
+AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Continue from OUT/last.pth if it exists, else start "
+                                             "(for torchrun --max-restarts and preemptible jobs).")]
 TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", metavar="CKPT", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH "
                                                "(reference); repeat for each teacher.")]
 OldSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
@@ -161,6 +163,7 @@ def train_teacher_cmd(
     aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: --seed].")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: runs/teachers/ARCH_DATASET_trial_T].")] = None,
     resume: ResumeOpt = False,
+    auto_resume: AutoResumeOpt = False,
     deterministic: DeterministicOpt = False,
     amp: AmpOpt = False,
     quiet: QuietOpt = False,
@@ -173,7 +176,7 @@ def train_teacher_cmd(
         data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
-        run=RunConfig(out=_str(out), resume=resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
+        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
                       progress=not quiet),
     )
     s = train_teacher(cfg)
@@ -278,6 +281,7 @@ def distill_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: "
                                                 "runs/students/ARCH_METHOD_MODE_sSEED].")] = None,
     resume: ResumeOpt = False,
+    auto_resume: AutoResumeOpt = False,
     online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the "
                                          "store.")] = False,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="With --online: teacher checkpoints "
@@ -303,7 +307,7 @@ def distill_cmd(
         loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
-        run=RunConfig(out=_str(out), resume=resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
+        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
                       progress=not quiet),
         data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
     )

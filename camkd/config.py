@@ -43,6 +43,7 @@ class RunConfig:
 
     out: str | None = None
     resume: bool = False
+    auto_resume: bool = False  # resume when the folder holds a run, else start (torchrun --max-restarts, preemption)
     device: str = "auto"
     seed: int = 0  # model init and sample order (the augmentation views have their own seed)
     deterministic: bool = False

@@ -65,7 +65,15 @@ def init(device: torch.device) -> World:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(w.local_rank)
-    td.init_process_group(backend=backend, init_method="env://", timeout=TIMEOUT)
+    # The launcher's store, with keys prefixed by the restart attempt: under torchrun --max-restarts a
+    # restarted rank that starts faster than its peers must not read the previous attempt's addresses
+    # (seen with gloo: "connectFullMesh failed ... Connection refused").
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w.size,
+                        is_master=not agent and w.rank == 0, timeout=TIMEOUT)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    td.init_process_group(backend=backend, store=td.PrefixStore(f"camkd/attempt_{attempt}", store), rank=w.rank,
+                          world_size=w.size, timeout=TIMEOUT)
     return current()
 
 

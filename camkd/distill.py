@@ -137,7 +137,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
     device = dist.device_for(resolve_device(cfg.run.device))
-    folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume)
+    folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume, auto_resume=cfg.run.auto_resume)
     folder.check()
     world = dist.init(device)  # every check above ran on every rank, before the first collective
     set_deterministic(cfg.run.deterministic)

@@ -25,9 +25,10 @@ def _nearest_existing(path: Path) -> Path:
 class RunFolder:
     """The folder of one training run (teacher or student)."""
 
-    def __init__(self, path: str | Path, *, resume: bool) -> None:
-        self.path, self.resume = Path(path), resume
+    def __init__(self, path: str | Path, *, resume: bool, auto_resume: bool = False) -> None:
+        self.path = Path(path)
         self.last, self.best = self.path / "last.pth", self.path / "best.pth"
+        self.resume = resume or (auto_resume and self.last.exists())
         self.metrics = self.path / "metrics.jsonl"
 
     def check(self) -> None:

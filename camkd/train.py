@@ -47,7 +47,7 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
     device = dist.device_for(resolve_device(cfg.run.device))
-    folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume)
+    folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume, auto_resume=cfg.run.auto_resume)
     folder.check()
     world = dist.init(device)  # every check above ran on every rank, before the first collective
     set_deterministic(cfg.run.deterministic)

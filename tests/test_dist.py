@@ -202,3 +202,27 @@ def test_store_killed_under_two_ranks_resumes_in_one_process(big_teachers, tmp_p
                        timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _tree(out) == _tree(one)
+
+
+@pytest.mark.slow
+def test_max_restarts_with_auto_resume_equals_an_uninterrupted_run(store, tmp_path):
+    import time
+
+    base = ["distill", "-m", "resnet8", "-c", store, "--method", "avg", "--batch-size", "32", "--lr", "0.05",
+            "--seed", "7", "--deterministic", "--device", "cpu", "--epochs", "5"]
+    r = torchrun("--no-python", VENV_BIN / "camkd", *base, "--out", tmp_path / "full")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "restarted"
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--no-python",
+           str(VENV_BIN / "camkd"), *map(str, base), "--auto-resume", "--out", str(out)]
+    run = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pth").exists():
+        assert time.monotonic() < deadline and run.poll() is None, "no epoch finished"
+        time.sleep(0.02)
+    victims = [p for p in _children(run.pid) if _rank_of(p) == 1]
+    os.kill(victims[0], 9)
+    _, err = run.communicate(timeout=TIMEOUT)
+    assert run.returncode == 0, err[-3000:]
+    assert "resuming" in err
+    assert_same_weights(tmp_path / "full" / "last.pth", out / "last.pth")
