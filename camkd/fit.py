@@ -11,7 +11,6 @@ Epoch e (1-based) uses view (e - 1) mod V and the seeded order of :mod:`camkd.da
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -87,16 +86,43 @@ def check_batch_size(batch_size: int, n: int, *, parts: int = 1) -> None:
 
 
 class Trainee(nn.Module):
-    """The student and the method's trainable parts: one module, so DDP syncs both."""
+    """The student and the method's trainable parts: one module, so DDP syncs both.
+
+    One call trains on this process's share of a global batch, split into ``parts`` BatchNorm
+    micro-batches; batch-level statistics of the method (AEKD) are summed over the parts and,
+    under torchrun, over the ranks, so every slice sees the global batch's value.
+    """
 
     def __init__(self, model: nn.Module, method: Method) -> None:
         super().__init__()
         self.model, self.method = model, method
+        self.saved: list[tuple[nn.Module, list[Tensor]]] = []  # BatchNorm buffers after the first part's forward
 
-    def forward(self, x: Tensor, tout: TeacherOut, y: Tensor, epoch: int) -> tuple[dict[str, Tensor], dict, Tensor]:
-        feats, logits = self.model(x, is_feat=True)
-        losses, info = self.method(StudentOut(logits=logits.float(), feats=feats), tout, y, epoch=epoch)
-        return losses, info, logits
+    def forward(self, x: Tensor, tout: TeacherOut, y: Tensor, epoch: int, parts: int, split: bool) -> list[tuple]:
+        m = len(y) // parts
+        outs = []
+        self.saved = []
+        for p in range(parts):
+            if p == 1:
+                self.saved.append((self.model, _buffers(self.model)))
+            sl = slice(p * m, (p + 1) * m)
+            feats, logits = self.model(x[sl], is_feat=True)
+            outs.append((sl, _slice_out(tout, sl), feats, logits))
+        stats = None
+        if split:  # the global batch is split (ranks or micro-batches): its statistics are sums over the slices
+            partial = [self.method.batch_stats(logits.float(), t.logits) for _, t, _, logits in outs]
+            if partial[0] is not None:
+                stats = partial[0]
+                for q in partial[1:]:
+                    stats = stats + q
+                stats = dist.all_sum(stats)
+        results = []
+        for p, (sl, t, feats, logits) in enumerate(outs):
+            if p == 1:
+                self.saved.append((self.method, _buffers(self.method)))
+            losses, info = self.method(StudentOut(logits=logits.float(), feats=feats), t, y[sl], epoch=epoch, stats=stats)
+            results.append((losses, info, logits))
+        return results
 
 
 def _wrap(trainee: Trainee, device: torch.device) -> nn.Module:
@@ -196,27 +222,24 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
                 if amp:
                     x = x.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
-                m = per // parts
-                for p in range(parts):
-                    sl = slice(p * m, (p + 1) * m)
-                    saved = _buffers(trainee) if p > 0 else None
-                    sync = contextlib.nullcontext() if p == parts - 1 or net is trainee else net.no_sync()
-                    with sync:
-                        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                            losses, info, logits = net(x[sl], _slice_out(tout, sl), y[sl], epoch)
-                        loss = sum(losses.values())
-                        (loss / parts if parts > 1 else loss).backward()
-                    if saved is not None:  # as under DDP, only the first slice's BatchNorm statistics persist
-                        _restore(trainee, saved)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    results = net(x, tout, y, epoch, parts, slices > 1)
+                total = None
+                for p, (losses, info, logits) in enumerate(results):
+                    loss = sum(losses.values())
+                    total = loss if total is None else total + loss
                     for name, value in losses.items():
                         v = value.detach() / parts
                         sums[name] = sums[name] + v if name in sums else v.clone()
                     stats[2] += (~torch.isfinite(loss.detach())).double()
                     if "teacher_weights" in info:
                         weight_sum += torch.as_tensor(info["teacher_weights"], device=device) / parts
-                    stats[0] += (logits.detach().argmax(1) == y[sl]).sum()
+                    stats[0] += (logits.detach().argmax(1) == y[p * (per // parts) : (p + 1) * (per // parts)]).sum()
                     if hooks.on_step is not None:
                         hooks.on_step(epoch, losses)
+                (total / parts if parts > 1 else total).backward()
+                for module, saved in trainee.saved:  # as under DDP, only the first slice's BatchNorm statistics persist
+                    _restore(module, saved)
                 opt.step()
                 stats[1] += len(idx)
                 steps += 1

@@ -132,3 +132,17 @@ def test_aekd_nan_logits_fall_back_to_uniform():
     t[0, 1, 2] = float("nan")
     w = aekd_weights(s, t, T=T, C=0.6)
     assert torch.equal(w, torch.full((3,), 1.0 / 3))
+
+
+def test_split_batch_sums_give_the_whole_batch_weights():
+    """Under torchrun / micro-batches AEKD sums its gradient statistics over the slices: same weights as one batch."""
+    from camkd.methods.aekd import aekd_gradient_sums, aekd_weights
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(64, 10, generator=g), 3 * torch.randn(64, 3, 10, generator=g)
+    whole = aekd_weights(s, t, T=4.0, C=0.6)
+    sums = aekd_gradient_sums(s[:32], t[:32], T=4.0) + aekd_gradient_sums(s[32:], t[32:], T=4.0)
+    split = aekd_weights(s[:32], t[:32], T=4.0, C=0.6, sums=sums)
+    assert torch.allclose(split, whole, atol=1e-6)
+    alone = aekd_weights(s[:32], t[:32], T=4.0, C=0.6)  # one slice alone gives other weights
+    assert not torch.allclose(alone, whole, atol=1e-3)

@@ -95,9 +95,23 @@ class Method(nn.Module):
         """The feature layers an instance built with these options needs (known before building it)."""
         return ()
 
-    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int) -> tuple[Losses, Diagnostics]:
-        """Return (losses already scaled by their coefficients, diagnostics)."""
+    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int,
+                stats: Tensor | None = None) -> tuple[Losses, Diagnostics]:
+        """Return (losses already scaled by their coefficients, diagnostics).
+
+        ``stats``: the sum of :meth:`batch_stats` over every slice of the global batch, when the
+        batch is split over ranks or micro-batches; None means this batch is the whole batch.
+        """
         raise NotImplementedError
+
+    def batch_stats(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor | None:
+        """Detached sums over this slice's samples of what the loss needs from the whole batch, or None.
+
+        A method whose loss depends on the batch as a whole (AEKD's batch-mean gradients) returns
+        them; the loop sums them over the slices of the global batch (micro-batches in order, then
+        ranks by all-reduce) and passes the total back to :meth:`forward` as ``stats``.
+        """
+        return None
 
     # ----------------------------------------------------------------- helpers
     def check_inputs(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> None:
@@ -139,9 +153,11 @@ class LogitMethod(Method):
         """(unscaled feature loss, extra diagnostics)."""
         raise NotImplementedError
 
-    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int) -> tuple[Losses, Diagnostics]:
+    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int,
+                stats: Tensor | None = None) -> tuple[Losses, Diagnostics]:
         self.check_inputs(student, teachers, labels)
-        kd, shares = self.kd_term(student.logits, teachers.logits, labels)
+        extra_args = {} if stats is None else {"stats": stats}  # only methods with batch_stats take them
+        kd, shares = self.kd_term(student.logits, teachers.logits, labels, **extra_args)
         losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
         diags: Diagnostics = {"teacher_weights": shares.detach().float()}
         if self.feature_loss and self.beta > 0:

@@ -20,6 +20,7 @@ class CE(Method):
     def uses_teachers(self) -> bool:
         return False
 
-    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int) -> tuple[Losses, Diagnostics]:
+    def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int,
+                stats: Tensor | None = None) -> tuple[Losses, Diagnostics]:
         self.check_inputs(student, teachers, labels)
         return {"ce": self.gamma * ce_loss(student.logits, labels)}, {}
