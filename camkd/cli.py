@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -176,7 +177,8 @@ def train_teacher_cmd(
         data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
-        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
+        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
+                      deterministic=deterministic, amp=amp,
                       progress=not quiet),
     )
     s = train_teacher(cfg)
@@ -307,7 +309,8 @@ def distill_cmd(
         loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
-        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed, deterministic=deterministic, amp=amp,
+        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
+                      deterministic=deterministic, amp=amp,
                       progress=not quiet),
         data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
     )

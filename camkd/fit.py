@@ -12,8 +12,8 @@ Epoch e (1-based) uses view (e - 1) mod V and the seeded order of :mod:`camkd.da
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

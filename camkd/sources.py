@@ -11,7 +11,8 @@ The training loop (fit.py) has no mode branches: it asks the source.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ class TeacherSource(Protocol):
         """The teachers' outputs for the batch (indices on the device, augmented images)."""
 
 
-def batch_stream(windows: Iterator[tuple[np.ndarray, Streamed]], batch_size: int, *, drop_last: bool) -> Iterator[tuple[np.ndarray, Streamed]]:
+def batch_stream(windows: Iterator[tuple[np.ndarray, Streamed]], batch_size: int, *,
+                 drop_last: bool) -> Iterator[tuple[np.ndarray, Streamed]]:
     """Cut windows of (indices, per-row features) into batches; a trailing batch is kept only if
     ``drop_last`` is false and it has at least 2 rows (BatchNorm cannot train on one)."""
     cur_idx = np.zeros(0, dtype=np.int64)

@@ -26,14 +26,14 @@ from typer.testing import CliRunner
 from camkd.checkpoint import sha256_file
 from camkd.cli import app
 from camkd.data import load_dataset
+from camkd.data.order import epoch_order as epoch_windows
+from camkd.data.views import AugSpec, augment, view_params
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import Expect, open_store
 from camkd.store import layout as L
-from camkd.data.order import epoch_order as epoch_windows
 from camkd.store.reader import FeatureStream
 from camkd.store.writer import CacheConfig, cache_teachers
-from camkd.data.views import AugSpec, augment, view_params
 
 N_RT = 320  # round-trip store: 2 teachers x (penultimate + hint2) float32 -> blocks of 256 rows: 256 + 64 per view
 RT = dict(dataset="synthetic", limit=N_RT, views=2, seed=3, features=["penultimate", "hint:2"], dtype="float32",
@@ -658,7 +658,8 @@ def test_disk_full_is_clean_and_resumable(teachers, uninterrupted, tiny_disk):
     r = subprocess.run(cache_cmd(teachers, path), capture_output=True, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert re.fullmatch(r"error: disk full while writing .*s\.zarr; finished blocks are kept, free space and rerun the same command to resume", lines[0]), lines[0]
+    assert re.fullmatch(r"error: disk full while writing .*s\.zarr; finished blocks are kept, "
+                        r"free space and rerun the same command to resume", lines[0]), lines[0]
     flags = _progress(path)
     assert flags is not None and flags[0].all() and not flags[1].all()
     # every flagged block is whole and equal to the uninterrupted run's

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from configs import train_cfg
 
 from camkd.checkpoint import load_checkpoint, sha256_file
 from camkd.train import train_teacher
-from configs import train_cfg
 
 SMALL = dict(arch="resnet8", dataset="synthetic", batch_size=32, lr=0.05, synthetic_samples=384, progress=False, deterministic=True)
 

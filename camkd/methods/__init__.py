@@ -8,7 +8,6 @@ new module plus one import line below.
 from __future__ import annotations
 
 from camkd.methods.base import (  # noqa: E402
-    required_layers,
     Diagnostics,
     LogitMethod,
     Method,
@@ -18,6 +17,7 @@ from camkd.methods.base import (  # noqa: E402
     create_method,
     list_methods,
     register_method,
+    required_layers,
 )
 
 # one line per method (registration happens on import)

@@ -6,7 +6,6 @@ Importing this package registers every architecture; use :func:`create_model`.
 from __future__ import annotations
 
 from camkd.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn
-from camkd.models.registry import _resolve as resolve_arch  # noqa: F401 - checks a name, raises CamkdError
 from camkd.models.registry import (
     CifarModel,
     ClassifierHead,
@@ -14,6 +13,7 @@ from camkd.models.registry import (
     list_models,
     register_model,
 )
+from camkd.models.registry import _resolve as resolve_arch  # noqa: F401 - checks a name, raises CamkdError
 
 __all__ = [
     "CifarModel",

@@ -8,10 +8,10 @@ shuffled within a window of blocks in memory, the next window prefetched by a th
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,10 +19,10 @@ import zarr
 from torch import nn
 
 from camkd.data import Dataset, Normalization, load_dataset
+from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import layout as L
-from camkd.data.views import AugSpec
 
 
 @dataclass

@@ -27,7 +27,8 @@ def format_cache_summary(s: dict) -> str:
     ok, missing = servable_methods(s.get("layers", []))
     line = "serves --method " + ", ".join(ok)
     if missing:
-        line += "; not " + ", ".join(f"{m} (needs {'+'.join(need)}: {' '.join('-f ' + _flag(x) for x in need)})" for m, need in missing.items())
+        line += "; not " + ", ".join(f"{m} (needs {'+'.join(need)}: {' '.join('-f ' + _flag(x) for x in need)})"
+                                     for m, need in missing.items())
     lines.append(line)
     return "\n".join(lines)
 

@@ -138,7 +138,6 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
                  data_dir: str | None = None, device: str = "auto", repair: bool = False) -> VerifyReport:
     """Check a store; with ``teachers`` also recompute ``sample`` random (view, index) pairs of flagged blocks."""
     store = open_store(path)
-    a = store.attrs
     lines: list[str] = []
     # 1. completeness: unflagged blocks are work still to do, not damage
     flags, bad = _flags(store)

@@ -28,13 +28,13 @@ from zarr.codecs import Crc32cCodec
 import camkd
 from camkd import dist
 from camkd.data import Dataset, check_dataset, load_split
+from camkd.data.views import AugSpec, augment
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
 from camkd.progress import Bar, log
 from camkd.store import layout as L
 from camkd.teachers import Teacher, load_teachers, parse_layer, run_teachers
-from camkd.data.views import AugSpec, augment
 
 
 @dataclass
