@@ -89,35 +89,67 @@ class NoTeachers:
 
 class StoreTeachers:
     """Teacher outputs read from a store: a view's logits on the device in one read, its features
-    whole when they fit ``memory_budget_mb``, otherwise streamed in windows of contiguous blocks."""
+    whole when they fit ``memory_budget_mb``, otherwise streamed in windows of contiguous blocks.
+
+    A remote store (s3://, gs://, ...) is read through a local copy of the view being trained
+    (stage.py): beginning view v waits for v to be staged, then starts staging (v + 1) mod V in the
+    background (the next epoch's view) and drops the others, so at most two views are on local disk
+    (under ``stage_dir``, a temporary folder by default, deleted at the end). A local store is read directly.
+    """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], device: torch.device, *, memory_budget_mb: float,
-                 window_blocks: int = 4) -> None:
+                 window_blocks: int = 4, stage_dir: str | None = None) -> None:
         self.store, self.layers, self.device = store, layers, device
         self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
+        self.stager = None
+        if not store.location.is_local:
+            from camkd.store.stage import ViewStager
+
+            self.stager = ViewStager(store, stage_dir, layers)
         self.heads = store.heads(device)
         self.window_blocks = streamed_window(store, layers, memory_budget_mb, window_blocks)
         self._view = -1
+        self._src: TeacherStore = store  # where the current view is read from (the store, or its staged copy)
         self._logits: torch.Tensor | None = None
         self._feats: dict[str, list[torch.Tensor]] = {}
+
+    def prefetch(self, view: int) -> None:
+        """Start staging ``view`` of a remote store in the background (nothing for a local store)."""
+        if self.stager is not None:
+            self.stager.start(view % self.store.views)
+
+    def _view_source(self, view: int) -> TeacherStore:
+        if self.stager is None:
+            return self.store
+        src = self.stager.store(view)
+        nxt = (view + 1) % self.store.views
+        self.stager.evict(keep={view, nxt})
+        self.stager.start(nxt)
+        return src
 
     def _begin_view(self, view: int) -> None:
         if view == self._view:
             return
-        self._logits = self.store.logits(view, self.device)
+        self._src = self._view_source(view)
+        self._logits = self._src.logits(view, self.device)
         self._feats = {}
         if self.window_blocks is None:
             for layer in self.layers:
-                self._feats[layer] = [torch.from_numpy(a).to(self.device) for a in self.store.features(layer, view)]
+                self._feats[layer] = [torch.from_numpy(a).to(self.device) for a in self._src.features(layer, view)]
         self._view = view
 
     def batches(self, view, windows, batch_size, *, drop_last):
         self._begin_view(view)
-        source = _in_memory(windows) if self.window_blocks is None else iter(FeatureStream(self.store, self.layers, view, windows))
+        source = _in_memory(windows) if self.window_blocks is None else iter(FeatureStream(self._src, self.layers, view, windows))
         return batch_stream(source, batch_size, drop_last=drop_last)
 
+    def close(self) -> None:
+        """Delete the staged copies of a remote store (also done at garbage collection and at exit)."""
+        if self.stager is not None:
+            self.stager.close()
+
     def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor) -> None:
-        if not np.array_equal(self.store.aug(view)[idx], params.numpy()):
+        if not np.array_equal(self._src.aug(view)[idx], params.numpy()):
             raise CamkdError(f"{self.store.path}: the stored augmentation of view {view} differs from its seeded replay; "
                              "the store was made by an incompatible camkd; re-cache")
 

@@ -23,6 +23,7 @@ from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import layout as L
+from camkd.store.location import Location, parse_location
 
 
 @dataclass
@@ -37,10 +38,15 @@ class Expect:
 
 
 class TeacherStore:
-    """A validated camkd store opened read-only."""
+    """A validated camkd store opened read-only.
 
-    def __init__(self, group: zarr.Group, path: Path) -> None:
+    ``path`` is what messages name: the local Path, or the URL of a remote store (also when ``group`` is a
+    local staged copy of some of its views, see stage.py); ``location`` is the parsed store location.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path | str, location: Location | None = None) -> None:
         self.g, self.path = group, path
+        self.location = location if location is not None else parse_location(path)
         self.attrs: dict = group.attrs[L.ATTRS_KEY]
         self.n: int = self.attrs["dataset"]["n"]
         self.views: int = self.attrs["views"]
@@ -100,19 +106,22 @@ class TeacherStore:
 
 def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:
     """Open and validate a store; each mismatch is a one-line CamkdError that says how to fix it."""
-    path = Path(path)
-    if not path.exists():
+    loc = parse_location(path)
+    path = loc.local_path if loc.is_local else loc.url  # never a Path of a URL
+    if not loc.exists():
         raise CamkdError(f"store {path} not found; create it with 'camkd cache-teachers --out {path} ...'")
     try:
-        g = zarr.open_group(str(path), mode="r")
+        g = loc.open_group("r")
         attrs = g.attrs.get(L.ATTRS_KEY)
+    except CamkdError:
+        raise
     except Exception:
         raise CamkdError(f"{path} is not a camkd store (no readable Zarr group); create it with 'camkd cache-teachers'") from None
     if not isinstance(attrs, dict) or "format_version" not in attrs:
         raise CamkdError(f"{path} is a Zarr group but not a camkd store; create one with 'camkd cache-teachers'")
     if attrs["format_version"] != L.FORMAT_VERSION:
         raise CamkdError(f"{path} has store format {attrs['format_version']}; this camkd reads {L.FORMAT_VERSION}; re-cache")
-    store = TeacherStore(g, path)
+    store = TeacherStore(g, path, loc)
     if expect is not None:
         check_expect(store, expect)
     return store

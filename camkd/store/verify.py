@@ -19,6 +19,7 @@ from camkd.data.views import augment, view_params
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.store import layout as L
+from camkd.store.location import Location, listed_sizes
 from camkd.store.reader import TeacherStore, load_cached_data, open_store
 from camkd.store.writer import walk_arrays
 from camkd.teachers import load_teachers, run_teachers
@@ -77,17 +78,17 @@ def _flags(store: TeacherStore) -> tuple[np.ndarray, list[_Damage]]:
     return flags, bad
 
 
-def _check_block(name: str, arr: zarr.Array, v: int, b: int, rows: slice) -> _Damage | None:
+def _check_block(name: str, arr: zarr.Array, v: int, b: int, rows: slice, listed: dict[str, int] | None = None) -> _Damage | None:
     """One flagged block of a view x sample array: its objects exist, are non-empty, and decode.
 
     zarr reads a missing or empty object as fill values, so a deleted or truncated-to-nothing file
     would pass a decode check; the writer stores every chunk (write_empty_chunks), so every object of
-    a flagged block must be there.
+    a flagged block must be there. ``listed``: object sizes from one listing of a remote store (else a stat each).
     """
     keys = L.block_object_keys(arr, v, rows)
     span = f"{rows.start}:{rows.stop}"
     for key in keys:
-        size = L.object_size(arr, key)
+        size = L.object_size(arr, key) if listed is None else listed.get(key)
         if size is None:
             return _Damage(name, v, b, span, "chunk file missing", keys)
         if size == 0:
@@ -101,6 +102,7 @@ def _check_block(name: str, arr: zarr.Array, v: int, b: int, rows: slice) -> _Da
 
 def _scan(store: TeacherStore, flags: np.ndarray) -> list[_Damage]:
     nb = flags.shape[1]
+    listed = listed_sizes(store.g)  # None for a local store
     bad = []
     for name, arr in walk_arrays(store.g):
         if name == "progress":
@@ -109,7 +111,7 @@ def _scan(store: TeacherStore, flags: np.ndarray) -> list[_Damage]:
             for v in range(arr.shape[0]):
                 for b in range(nb):
                     if flags[v, b]:
-                        damage = _check_block(name, arr, v, b, L.block_slice(b, store.n, store.block_rows))
+                        damage = _check_block(name, arr, v, b, L.block_slice(b, store.n, store.block_rows), listed)
                         if damage:
                             bad.append(damage)
         else:
@@ -120,10 +122,10 @@ def _scan(store: TeacherStore, flags: np.ndarray) -> list[_Damage]:
     return bad
 
 
-def _repair(path: Path, bad: list[_Damage]) -> None:
+def _repair(path: Location, bad: list[_Damage]) -> None:
     """Delete the damaged objects and clear the flags of their blocks (objects first: a crash in between
     leaves a flagged block with a missing object, which the next verify reports again)."""
-    g = zarr.open_group(str(path), mode="r+")
+    g = path.open_group("r+")
     for d in bad:
         arr = g[d.array]
         for key in d.keys:
@@ -164,7 +166,7 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
         return report
     if bad:
         if repair:
-            _repair(store.path, [d for d in bad if d.view is not None])
+            _repair(store.location, [d for d in bad if d.view is not None])
             report.repaired = True
             lines.append(f"repaired: cleared the progress flags of {len(blocks)} blocks and deleted their damaged chunks")
             lines.append(f"verdict: REPAIRED — {RERUN} to recompute those {len(blocks)} blocks")
