@@ -10,6 +10,7 @@ s3:// (through the staged local copy of each view) gives the same weights as fro
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import socket
@@ -199,6 +200,36 @@ def test_cache_info_and_verify_on_s3(s3_store, teachers):
     r = invoke(*cache_args(teachers, other), "--dry-run")
     assert r.exit_code == 0 and "free space at " + other + ": not checked (object storage)" in r.output, r.output
     assert not parse_location(other).exists()
+
+
+def test_interrupted_creation_on_s3_is_created_anew(s3, teachers, local_store, monkeypatch):
+    """No rename on S3: a store stopped while being created keeps its CREATING mark; the same command starts it over."""
+    import zarr
+
+    url = f"s3://{BUCKET}/stores/half.zarr"
+    real, calls = zarr.Group.create_array, []
+
+    def dies_on_third_array(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill leaves: some arrays made, no attrs
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_on_third_array)
+    assert invoke(*cache_args(teachers, url)).exit_code == 130
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    group = json.loads(s3.get_object(Bucket=BUCKET, Key="stores/half.zarr/zarr.json")["Body"].read())
+    assert group["attributes"] == {"camkd_creating": True}
+    r = invoke("cache-info", url)
+    assert r.exit_code == 2 and "not a camkd store" in r.output, r.output
+    r = invoke(*cache_args(teachers, url))
+    assert r.exit_code == 0, r.output
+    assert s3_objects(s3, "stores/half.zarr") == local_objects(local_store)
+    # --overwrite deletes every object under the prefix and writes the store again
+    s3.put_object(Bucket=BUCKET, Key="stores/half.zarr/stray", Body=b"x")
+    r = invoke(*cache_args(teachers, url), "--overwrite")
+    assert r.exit_code == 0 and "cached 384 sample-views" in r.output, r.output
+    assert s3_objects(s3, "stores/half.zarr") == local_objects(local_store)
 
 
 # ---- kill -9 while writing to S3, resume, repair ---------------------------------------------------
