@@ -36,7 +36,7 @@ from camkd.store.location import _reason
 from camkd.store.reader import TeacherStore
 from camkd.store.writer import walk_arrays
 
-COPY_CONCURRENCY = 16  # objects in flight at once (each a shard of up to ~32 MB)
+COPY_CONCURRENCY = 8  # objects in flight at once (each whole in memory while copied: a shard is at most ~32 MB)
 
 
 def _is_view_array(arr: zarr.Array) -> bool:
