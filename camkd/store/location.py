@@ -79,12 +79,6 @@ class Location:
             return zarr.open_group(str(self.local_path), mode=mode, **kw)
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode, **kw)
 
-    def child(self, name: str) -> Location:
-        """A sibling-free sub-location (``name`` relative to this one)."""
-        if self.is_local:
-            return parse_location(self.local_path / name)
-        return Location(f"{self.url}/{name}", self.protocol, f"{self.path}/{name}")
-
     # -- questions and deletion ----------------------------------------------------------------
     def _remote(self, what: str, fn):
         """Run an async fsspec call on zarr's event loop; client errors become one clean line (no secrets)."""
