@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# OMP_WAIT_POLICY across camkd's commands: one job alone vs two at once, libgomp's default vs PASSIVE.
+# OpenMP waiting across camkd's commands: one job alone vs two at once, with libgomp's default spin,
+# OMP_WAIT_POLICY=PASSIVE, and camkd's default GOMP_SPINCOUNT=3000.
 # usage: bench/omp_wait_policy.sh [WORKDIR]   (run on an idle machine; ~5 minutes on 2 cores)
 # Prints images/s (train-teacher, distill: epoch-2 loop figure) or samples/s (cache-teachers), per job.
 set -euo pipefail
@@ -27,15 +28,16 @@ job() {  # $1 = kind, $2 = tag
 }
 out() { if [ "$1" = cache ]; then echo "c_$2.log"; else echo "r_$2"; fi; }
 for kind in train cache distill; do
-  for policy in "" PASSIVE; do
-    name=${policy:-default}
+  for setting in "OMP_WAIT_POLICY=" "OMP_WAIT_POLICY=PASSIVE" "GOMP_SPINCOUNT=3000"; do
+    name=$setting; export $setting
     rm -rf r_* c_*
-    OMP_WAIT_POLICY=$policy OMP_NUM_THREADS=2 job $kind a1
+    OMP_NUM_THREADS=2 job $kind a1
     alone=$(rate $kind "$(out $kind a1)")
     rm -rf r_* c_*
-    OMP_WAIT_POLICY=$policy OMP_NUM_THREADS=2 job $kind b1 & p1=$!
-    OMP_WAIT_POLICY=$policy OMP_NUM_THREADS=2 job $kind b2 & p2=$!
+    OMP_NUM_THREADS=2 job $kind b1 & p1=$!
+    OMP_NUM_THREADS=2 job $kind b2 & p2=$!
     wait $p1 $p2
     echo "$kind $name: alone $alone; two at once $(rate $kind "$(out $kind b1)") + $(rate $kind "$(out $kind b2)")"
+    unset OMP_WAIT_POLICY GOMP_SPINCOUNT
   done
 done

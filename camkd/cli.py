@@ -206,9 +206,13 @@ def cache_teachers_cmd(
                                                       "256 on CUDA].")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the teachers' test accuracy (not recorded).")] = False,
     device: DeviceOpt = DeviceChoice.auto,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Store path [default: "
-                                                "cache/DATASET_ARCHS_sSEED.zarr].")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="PATH|URL", help="Store: a path, or s3://, gs://, "
+                                               "file:// [default: cache/DATASET_ARCHS_sSEED.zarr].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned store size and the free space; write "
+                                          "nothing.")] = False,
+    no_space_check: Annotated[bool, typer.Option("--no-space-check", help="Start even if the planned size exceeds the "
+                                                 "free space.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run trained teachers once over seeded views and write their outputs to a Zarr store (resumable)."""
@@ -219,15 +223,16 @@ def cache_teachers_cmd(
     kw = {"features": features} if features else {}
     cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
                       views=views, seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
-                      out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, **kw)
+                      out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
+                      space_check=not no_space_check, **kw)
     summary = cache_teachers(cfg)
     if _main_rank():
-        typer.echo(format_cache_summary(summary))
+        typer.echo("\n".join(summary["plan"]) if dry_run else format_cache_summary(summary))
 
 
 @app.command("cache-info")
 @friendly
-def cache_info_cmd(store: Annotated[Path, typer.Argument(help="Path of a camkd store.")]) -> None:
+def cache_info_cmd(store: Annotated[str, typer.Argument(metavar="STORE", help="A camkd store: path or URL.")]) -> None:
     """Show a store's provenance, arrays, sizes and completeness."""
     from camkd.store.info import cache_info
 
@@ -237,7 +242,7 @@ def cache_info_cmd(store: Annotated[Path, typer.Argument(help="Path of a camkd s
 @app.command("cache-verify")
 @friendly
 def cache_verify_cmd(
-    store: Annotated[Path, typer.Argument(help="Path of a camkd store.")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="A camkd store: path or URL.")],
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="The store's teacher checkpoints, in "
                        "order: also recompute a sample with them.")] = None,
     sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = 256,
@@ -263,7 +268,8 @@ def cache_verify_cmd(
 @friendly
 def distill_cmd(
     arch: Annotated[str, typer.Option("--arch", "-m", help="Student model, e.g. vgg8 (see `camkd models`).")],
-    cache: Annotated[Optional[Path], typer.Option("--cache", "-c", help="Teacher store made by cache-teachers.")] = None,
+    cache: Annotated[Optional[str], typer.Option("--cache", "-c", metavar="PATH|URL", help="Teacher store made by "
+                                                 "cache-teachers (a path, or s3://, gs://, file://).")] = None,
     method: Annotated[MethodChoice, typer.Option("--method", help="Distillation method.")] = MethodChoice.camkd,
     gamma: Annotated[float, typer.Option("-r", "--gamma", help="Weight of the cross-entropy term.")] = 1.0,
     alpha: Annotated[float, typer.Option("-a", "--alpha", help="Weight of the logit distillation term.")] = 1.0,

@@ -1,6 +1,4 @@
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as camkd does for its commands
+import camkd  # noqa: F401 - sets the OpenMP spin default before torch loads, as for the commands
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

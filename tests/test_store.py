@@ -653,9 +653,13 @@ def tiny_disk(tmp_path):
 
 
 def test_disk_full_is_clean_and_resumable(teachers, uninterrupted, tiny_disk):
-    # ~30 MB a view (see cache_cmd): the 40 MB disk fills while view 1 is written
+    # ~30 MB a view (see cache_cmd): the planned 60 MB is refused up front on a 40 MB disk
     path = tiny_disk / "s.zarr"
     r = subprocess.run(cache_cmd(teachers, path), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and not path.exists(), r.stderr
+    assert re.search(r"error: .*s\.zarr needs 6\d\.\d MB more but .* has \d+\.\d MB free; .*--no-space-check", r.stderr)
+    # told to go on anyway, the disk fills while view 1 is written
+    r = subprocess.run(cache_cmd(teachers, path) + ["--no-space-check"], capture_output=True, text=True, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert re.fullmatch(r"error: disk full while writing .*s\.zarr; finished blocks are kept, "
@@ -681,8 +685,8 @@ def test_disk_full_while_creating(cli, teachers, small, tiny_disk):
     _, args = small
     subprocess.run(["mount", "-o", "remount,size=8k", str(tiny_disk)], check=True)
     path = tiny_disk / "s.zarr"
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(path))),
-                       rf"^error: cannot create {re.escape(str(path))}: disk full$")
+    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(path)),
+                           "--no-space-check"), rf"^error: cannot create {re.escape(str(path))}: disk full$")
     assert not list(tiny_disk.iterdir())
 
 

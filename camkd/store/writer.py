@@ -34,6 +34,8 @@ from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
 from camkd.progress import Bar, log
 from camkd.store import layout as L
+from camkd.store.location import Location, listed_sizes, parse_location
+from camkd.store.plan import block_rows_for, free_bytes, human, plan_store
 from camkd.teachers import Teacher, load_teachers, parse_layer, run_teachers
 
 
@@ -55,13 +57,16 @@ class CacheConfig:
     progress: bool = True
     synthetic_samples: int | None = None
     synthetic_classes: int | None = None
+    dry_run: bool = False  # print the planned size and the free space, write nothing
+    space_check: bool = True  # refuse to start when the planned store does not fit the free space
     evaluate: bool = True  # measure each teacher's test accuracy when creating the store
 
-    def out_path(self, teachers: list[Teacher]) -> Path:
+    def out_path(self, teachers: list[Teacher]) -> Location:
+        """Where the store goes: --out (a path, or an s3:// gs:// file:// URL), else cache/DATASET_ARCHS_sSEED.zarr."""
         if self.out:
-            return Path(self.out)
+            return parse_location(self.out)
         archs = "-".join(t.arch for t in teachers)
-        return Path("cache") / f"{self.dataset}_{archs}_s{self.seed}.zarr"
+        return parse_location(Path("cache") / f"{self.dataset}_{archs}_s{self.seed}.zarr")
 
 
 # teacher batch per device type: large enough to keep the device busy, small enough that the
@@ -111,27 +116,25 @@ def _short(v) -> str:
     return s if len(s) <= 70 else s[:67] + "..."
 
 
-def _bytes_per_row(k: int, c: int, itemsize: int, shapes: dict) -> int:
-    total = k * c * itemsize + 6
-    for per_teacher in shapes.values():
-        total += sum(int(np.prod(s)) for s in per_teacher) * itemsize
-    return total
-
-
 def _provenance(teachers: list[Teacher]) -> list[dict]:
     """What the store records of each teacher: its identity plus where it was read from."""
     return [{"arch": t.arch, "checkpoint": t.path.name, "path": str(t.path), "sha256": t.sha256,
              "num_classes": t.num_classes} for t in teachers]
 
 
-def _create(path: Path, ident: dict, cfg: CacheConfig, teachers: list[Teacher], train: Dataset, layers: dict,
+CREATING = "camkd_creating"  # the only attr of a remote store whose creation has not finished
+
+
+def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teacher], train: Dataset, layers: dict,
             shapes: dict, test_acc: list[float] | None, batch: int) -> zarr.Group:
+    """Write the group, every array's metadata, labels and heads, then the attrs. A local store is built under a
+    temporary name (the caller renames it); a remote one in place, marked CREATING until its attrs are written."""
     n, k, c = len(train), len(teachers), train.num_classes
     np_dtype = L.DTYPES[cfg.dtype]
     itemsize = np.dtype(np_dtype).itemsize
-    block = L.plan_block_rows(_bytes_per_row(k, c, itemsize, shapes), batch, n)
+    block = block_rows_for(k, c, itemsize, shapes, batch, n)
     nblocks = L.num_blocks(n, block)
-    g = zarr.open_group(str(path), mode="w")
+    g = target.open_group("w") if target.is_local else target.open_group("w", attributes={CREATING: True})
     crc = [Crc32cCodec()]
 
     def arr(name, shape, dtype, row_bytes, dims, fill=0):
@@ -168,7 +171,10 @@ def _create(path: Path, ident: dict, cfg: CacheConfig, teachers: list[Teacher], 
         attrs["teacher_test_accuracy"] = test_acc
         for t, acc in enumerate(test_acc):
             attrs["teachers"][t]["test_accuracy"] = acc
-    g.attrs[L.ATTRS_KEY] = attrs
+    if target.is_local:
+        g.attrs[L.ATTRS_KEY] = attrs
+    else:
+        g.attrs.put({L.ATTRS_KEY: attrs})  # one write replaces the CREATING mark: the store is whole from here on
     return g
 
 
@@ -215,6 +221,9 @@ class _Writer:
 
     def __init__(self, g: zarr.Group, layer_names: list[str], k: int) -> None:
         self.g, self.layer_names, self.k = g, layer_names, k
+        # opened once: on object storage each g[name] is a metadata GET
+        names = ["aug", "logits", "progress"] + [L.feature_path(name, t) for name in layer_names for t in range(k)]
+        self.arrays = {name: g[name] for name in names}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-writer")
         self.failed = threading.Event()
 
@@ -226,12 +235,13 @@ class _Writer:
             return
         m = rows.stop - rows.start
         try:
-            self.g["aug"][v, rows] = blk.aug[:m]
-            self.g["logits"][v, rows] = blk.logits[:m]
+            a = self.arrays
+            a["aug"][v, rows] = blk.aug[:m]
+            a["logits"][v, rows] = blk.logits[:m]
             for name in self.layer_names:
                 for t in range(self.k):
-                    self.g[L.feature_path(name, t)][v, rows] = blk.feats[name][t][:m]
-            self.g["progress"][v, b] = 1  # only after every array of the block is written
+                    a[L.feature_path(name, t)][v, rows] = blk.feats[name][t][:m]
+            a["progress"][v, b] = 1  # only after every array of the block is written
         except BaseException:
             self.failed.set()
             raise
@@ -314,13 +324,51 @@ def cache_teachers(cfg: CacheConfig) -> dict:
     spec = AugSpec(seed=cfg.seed, norm=train.norm)
     ident = _identity(cfg, teachers, train, spec, layers, shapes)
     path = cfg.out_path(teachers)
-    creating = not path.exists() or cfg.overwrite  # decided by every rank before rank 0 changes anything
+    # decided by every rank before rank 0 changes anything
+    creating = not path.exists() or cfg.overwrite or _half_created(path)
+    plan = _plan(cfg, path, creating, teachers, train, shapes, batch, world)
+    if cfg.dry_run:
+        return {"dry_run": True, "path": str(path), "plan": plan}
     test_acc = _test_accuracy(cfg, teachers, device, batch, world) if creating else None
     with dist.agree("creating or opening the store"):
         if world.main:
             _open_or_create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
-    g = zarr.open_group(str(path), mode="r+")
+    g = path.open_group("r+")
     return _fill(g, path, cfg, teachers, train, spec, layers, shapes, batch, world)
+
+
+def _plan(cfg: CacheConfig, path: Location, creating: bool, teachers, train: Dataset, shapes: dict, batch: int,
+          world: dist.World) -> list[str]:
+    """Print the store's planned size and the free space before writing; refuse when it cannot fit."""
+    k, c, item = len(teachers), train.num_classes, np.dtype(L.DTYPES[cfg.dtype]).itemsize
+    stored, views, block = 0, cfg.views, block_rows_for(k, c, item, shapes, batch, len(train))
+    if not creating:
+        try:
+            g = path.open_group("r")
+            attrs = g.attrs[L.ATTRS_KEY]
+            views, block = max(views, attrs["views"]), attrs["block_rows"]
+            stored = sum(array_sizes(g).values())
+        except Exception:  # noqa: BLE001 - not a readable store: _open_or_create says what is wrong
+            pass
+    plan = plan_store(n=len(train), views=views, k=k, num_classes=c, dtype=cfg.dtype, shapes=shapes, block_rows=block)
+    need = max(plan.total - stored, 0)
+    if not path.is_local:  # object storage reports no free space: nothing to refuse on
+        lines = plan.lines() + [f"free space at {path}: not checked (object storage); still to write: {human(need)}"]
+        if world.main and cfg.progress and not cfg.dry_run:
+            for line in lines:
+                log(line)
+        return lines
+    local = path.local_path
+    free = free_bytes(local)
+    lines = plan.lines() + [f"free at {local.absolute().parent}: {human(free)}; still to write: {human(need)}"]
+    if world.main and cfg.progress and not cfg.dry_run:  # a dry run returns the lines for the caller to print
+        for line in lines:
+            log(line)
+    if need > free and cfg.space_check and not cfg.dry_run:
+        raise CamkdError(f"{path} needs {human(need)} more but {local.absolute().parent} has {human(free)} free; free space, "
+                         "cache fewer views (-V), float16 (--dtype) or fewer features (-f), choose another --out, or add "
+                         "--no-space-check if the estimate is wrong for this storage")
+    return lines
 
 
 def _test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.device, batch: int,
@@ -344,11 +392,29 @@ def _test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.devi
     return out
 
 
-def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, test_acc, batch: int) -> None:
-    if path.exists() and cfg.overwrite:
-        if not path.is_dir() or (not (path / "zarr.json").exists() and any(path.iterdir())):
-            raise CamkdError(f"{path} exists and is not a Zarr store; refusing to delete it even with --overwrite")
-        shutil.rmtree(path)
+def _half_created(loc: Location) -> bool:
+    """A remote store whose creation was interrupted (its attrs still the CREATING mark): to be created anew."""
+    if loc.is_local or not loc.is_zarr():
+        return False
+    try:
+        attrs = dict(loc.open_group("r").attrs)
+    except Exception:  # noqa: BLE001 - not a readable group: _open_existing says what is wrong
+        return False
+    return attrs.get(CREATING) is True and L.ATTRS_KEY not in attrs
+
+
+def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, test_acc,
+                    batch: int) -> None:
+    if path.exists() and (cfg.overwrite or _half_created(path)):
+        if path.is_local:
+            local = path.local_path
+            if not local.is_dir() or (not (local / "zarr.json").exists() and any(local.iterdir())):
+                raise CamkdError(f"{path} exists and is not a Zarr store; refusing to delete it even with --overwrite")
+        elif not path.is_zarr():
+            raise CamkdError(f"{path} holds objects but no Zarr store; refusing to delete them even with --overwrite")
+        if not cfg.overwrite:
+            log(f"{path}: its creation was interrupted; creating it anew")
+        path.delete()
     if path.exists():
         g = _open_existing(path)
         attrs = g.attrs[L.ATTRS_KEY]
@@ -357,35 +423,47 @@ def _open_or_create(path: Path, ident: dict, cfg: CacheConfig, teachers, train, 
         diff = _differences(old, ident)
         if diff:
             raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}; use --overwrite to replace it or another --out")
-        for f in path.rglob("*.partial"):  # zarr's temporary files of a write that a kill interrupted
-            if _PARTIAL.fullmatch(f.name):
-                f.unlink(missing_ok=True)
+        if path.is_local:  # object stores have no temporary files: a PUT is whole or absent
+            for f in path.local_path.rglob("*.partial"):  # zarr's temporary files of a write that a kill interrupted
+                if _PARTIAL.fullmatch(f.name):
+                    f.unlink(missing_ok=True)
         if cfg.views > attrs["views"]:
             log(f"extending {path} from {attrs['views']} to {cfg.views} views")
             _append_views(g, cfg.views)
         return
+    if not path.is_local:
+        # no rename on object storage: metadata written in place, marked CREATING until the attrs are written
+        # (a rerun after a kill creates it anew); the progress flags make the filling resumable as on disk
+        try:
+            _create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
+        except OSError as e:
+            raise CamkdError(f"cannot create {path}: {e.strerror or e}; rerun the same command") from None
+        return
+    local = path.local_path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CamkdError(f"cannot create {path.parent}: {e.strerror}") from None
+        raise CamkdError(f"cannot create {local.parent}: {e.strerror}") from None
     # built under a temporary name and renamed when whole: a run killed while creating leaves no half store
-    tmp = path.with_name(f".{path.name}.camkd-creating")
+    tmp = local.with_name(f".{local.name}.camkd-creating")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        _create(tmp, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
-        tmp.rename(path)
+        _create(parse_location(tmp), ident, cfg, teachers, train, layers, shapes, test_acc, batch)
+        tmp.rename(local)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CamkdError(f"cannot create {path}: {what}") from None
 
 
-def _open_existing(path: Path) -> zarr.Group:
+def _open_existing(path: Location) -> zarr.Group:
     try:
-        g = zarr.open_group(str(path), mode="r+")
+        g = path.open_group("r+")
+    except CamkdError:
+        raise
     except Exception:
-        hint = " or add --overwrite" if (path / "zarr.json").exists() else ""  # --overwrite deletes only Zarr stores
+        hint = " or add --overwrite" if path.is_zarr() else ""  # --overwrite deletes only Zarr stores
         raise CamkdError(f"{path} exists and is not a camkd store; choose another --out{hint}") from None
     attrs = g.attrs.get(L.ATTRS_KEY)
     if not isinstance(attrs, dict) or "format_version" not in attrs:
@@ -395,7 +473,7 @@ def _open_existing(path: Path) -> zarr.Group:
     return g
 
 
-def _fill(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
+def _fill(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
           shapes: dict, batch: int, world: dist.World) -> dict:
     attrs = g.attrs[L.ATTRS_KEY]
     n, block, views = len(train), attrs["block_rows"], attrs["views"]
@@ -416,7 +494,7 @@ def _fill(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset,
     return summarize(g, path, rows_all, elapsed)
 
 
-def _compute(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
+def _compute(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
              shapes: dict, batch: int, todo: list[tuple[int, int]], todo_rows: int, *, show: bool = True) -> None:
     """Run the teachers over the unfinished blocks; block i is computed while block i - 1 is written."""
     n, k, block, views = len(train), len(teachers), g.attrs[L.ATTRS_KEY]["block_rows"], g.attrs[L.ATTRS_KEY]["views"]
@@ -445,7 +523,7 @@ def _compute(g: zarr.Group, path: Path, cfg: CacheConfig, teachers, train: Datas
         writer.close()
 
 
-def _io_error(e: OSError, path: Path) -> CamkdError:
+def _io_error(e: OSError, path: Location) -> CamkdError:
     if e.errno == errno.ENOSPC:
         return CamkdError(f"disk full while writing {path}; finished blocks are kept, free space and rerun the same command to resume")
     return CamkdError(f"cannot write {path}: {e.strerror or e}; finished blocks are kept, rerun the same command to resume")
@@ -454,7 +532,7 @@ def _io_error(e: OSError, path: Path) -> CamkdError:
 VIEW_ARRAYS_PREFIXES = ("aug", "logits", "features/")
 
 
-def summarize(g: zarr.Group, path: Path, rows_done: int, elapsed: float) -> dict:
+def summarize(g: zarr.Group, path: Location, rows_done: int, elapsed: float) -> dict:
     """Per-view teacher accuracy from the stored logits, sizes per array, the layers the store holds."""
     attrs = g.attrs[L.ATTRS_KEY]
     labels = _read(g, path, "labels", slice(None), "")
@@ -476,7 +554,7 @@ def bytes_per_sample_view(sizes: dict[str, int], n: int, views: int) -> dict[str
     return {name: size / max(n * views, 1) for name, size in sizes.items() if name.startswith(VIEW_ARRAYS_PREFIXES)}
 
 
-def _read(g: zarr.Group, path: Path, name: str, sel, what: str) -> np.ndarray:
+def _read(g: zarr.Group, path: Location, name: str, sel, what: str) -> np.ndarray:
     try:
         return np.asarray(g[name][sel])
     except Exception as e:  # a corrupt chunk of a finished block: zarr raises codec / IO errors of several types
@@ -485,8 +563,17 @@ def _read(g: zarr.Group, path: Path, name: str, sel, what: str) -> np.ndarray:
 
 
 def array_sizes(g: zarr.Group) -> dict[str, int]:
-    """Bytes stored of every array (zarr's nbytes_stored: every object under the array, shards whole, metadata)."""
-    return {name: arr.nbytes_stored() for name, arr in walk_arrays(g)}
+    """Bytes stored of every array (zarr's nbytes_stored: every object under the array, shards whole, metadata).
+    On object storage from one listing of the store (a request per 1000 objects) instead of a HEAD per object."""
+    listed = listed_sizes(g)
+    if listed is None:
+        return {name: arr.nbytes_stored() for name, arr in walk_arrays(g)}
+    base = g.store_path.path
+    out = {}
+    for name, _ in walk_arrays(g):
+        prefix = f"{base}/{name}/" if base else f"{name}/"
+        out[name] = sum(size for key, size in listed.items() if key.startswith(prefix))
+    return out
 
 
 def walk_arrays(g: zarr.Group):

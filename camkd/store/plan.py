@@ -1,0 +1,96 @@
+"""The size of a store before anything is written: per array, in all, per sample-view; and the room for it.
+
+The formula follows the layout exactly (layout.py): every chunk of a view x sample array is
+stored whole (a partial last chunk at full size) with a 4-byte crc32c, and a sharded array adds
+a 16-byte index entry per chunk and a 4-byte checksum per shard. `cache-teachers` prints this
+plan, refuses to start when the target cannot hold it, and `--dry-run` stops after printing it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from camkd.store import layout as L
+
+CRC = 4  # bytes of the crc32c codec per stored chunk
+INDEX_ENTRY = 16  # a shard's index: (offset, nbytes) uint64 per chunk
+SMALL_ARRAY = 1024  # progress flags and a head's arrays: counted as about this each
+METADATA = 700  # an array's zarr.json (about 640 bytes for ours): an estimate, the one inexact term
+
+
+@dataclass
+class StorePlan:
+    n: int
+    views: int
+    block_rows: int
+    arrays: dict[str, int] = field(default_factory=dict)  # bytes on storage per array
+
+    @property
+    def total(self) -> int:
+        return sum(self.arrays.values())
+
+    def per_sample_view(self) -> dict[str, float]:
+        return {name: size / (self.n * self.views) for name, size in self.arrays.items() if name != "labels"}
+
+    def lines(self) -> list[str]:
+        out = [f"planned store: {self.views} views x {self.n} samples, blocks of {self.block_rows} rows"]
+        width = max(len(name) for name in self.arrays)
+        for name, size in self.arrays.items():
+            per = "" if name == "labels" else f"  ({size / (self.n * self.views):,.0f} B per sample-view)"
+            out.append(f"  {name:<{width}}  {human(size):>10}{per}")
+        out.append(f"  {'total':<{width}}  {human(self.total):>10}  ({self.total / (self.n * self.views):,.0f} B per "
+                   "sample-view)")
+        return out
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def block_rows_for(k: int, num_classes: int, itemsize: int, shapes: dict[str, list], batch: int, n: int) -> int:
+    """Rows per writer unit (one shard of every array) for this store."""
+    row = k * num_classes * itemsize + 6 + sum(int(np.prod(s)) * itemsize for per in shapes.values() for s in per)
+    return L.plan_block_rows(row, batch, n)
+
+
+def view_array_bytes(views: int, n: int, row_bytes: int, block_rows: int) -> int:
+    """Bytes of one [V, N, ...] array as writer.py lays it out."""
+    rows = L.plan_chunk_rows(row_bytes, block_rows)
+    chunks = math.ceil(n / rows)
+    size = views * chunks * (rows * row_bytes + CRC)
+    if rows < block_rows:  # sharded: one index per shard
+        shards = math.ceil(n / block_rows)
+        size += views * shards * ((block_rows // rows) * INDEX_ENTRY + CRC)
+    return size + METADATA
+
+
+def plan_store(*, n: int, views: int, k: int, num_classes: int, dtype: str, shapes: dict[str, list],
+               block_rows: int) -> StorePlan:
+    """The plan of a store of ``views`` views over ``n`` samples (shapes: layer -> per-teacher (c, h, w))."""
+    item = np.dtype(L.DTYPES[dtype]).itemsize
+    plan = StorePlan(n=n, views=views, block_rows=block_rows)
+    plan.arrays["labels"] = math.ceil(n / (1 << 18)) * ((1 << 18 if n > 1 << 18 else n) * 8 + CRC) + METADATA
+    plan.arrays["aug"] = view_array_bytes(views, n, 6, block_rows)
+    plan.arrays["logits"] = view_array_bytes(views, n, k * num_classes * item, block_rows)
+    for layer, per in shapes.items():
+        for t, s in enumerate(per):
+            plan.arrays[L.feature_path(layer, t)] = view_array_bytes(views, n, int(np.prod(s)) * item, block_rows)
+    plan.arrays["progress"] = SMALL_ARRAY + views * math.ceil(n / block_rows)
+    return plan
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the filesystem that holds (or will hold) ``path``."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
