@@ -1,8 +1,8 @@
-import camkd  # noqa: F401 - sets the OpenMP spin default before torch loads, as for the commands
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
+
+import camkd  # noqa: F401 - sets the OpenMP spin default before torch loads, as for the commands
 
 torch.set_num_threads(2)
 
