@@ -91,6 +91,7 @@ DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto picks cu
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the model's init and the sample order.")]
 DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-exact reruns).")]
 AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast and channels-last on CUDA.")]
+SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun's ranks (CUDA only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch size (split over torchrun's ranks).")]
@@ -167,6 +168,7 @@ def train_teacher_cmd(
     auto_resume: AutoResumeOpt = False,
     deterministic: DeterministicOpt = False,
     amp: AmpOpt = False,
+    sync_bn: SyncBnOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a teacher with the reference's recipe on seeded augmentation views."""
@@ -178,7 +180,7 @@ def train_teacher_cmd(
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
-                      deterministic=deterministic, amp=amp,
+                      deterministic=deterministic, amp=amp, sync_bn=sync_bn,
                       progress=not quiet),
     )
     s = train_teacher(cfg)
@@ -304,6 +306,7 @@ def distill_cmd(
                                  "memory up to this size; stream beyond.")] = 4096.0,
     deterministic: DeterministicOpt = False,
     amp: AmpOpt = False,
+    sync_bn: SyncBnOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
@@ -316,7 +319,7 @@ def distill_cmd(
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
-                      deterministic=deterministic, amp=amp,
+                      deterministic=deterministic, amp=amp, sync_bn=sync_bn,
                       progress=not quiet),
         data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
     )

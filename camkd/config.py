@@ -48,4 +48,5 @@ class RunConfig:
     seed: int = 0  # model init and sample order (the augmentation views have their own seed)
     deterministic: bool = False
     amp: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only: DDP refuses it on CPU)
     progress: bool = True

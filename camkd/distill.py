@@ -19,7 +19,7 @@ from camkd.data import Dataset, check_dataset, load_split
 from camkd.data.views import AugSpec
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
-from camkd.fit import Hooks, TrainData, check_batch_size, fit
+from camkd.fit import Hooks, TrainData, check_batch_size, check_sync_bn, fit
 from camkd.methods import create_method, list_methods, required_layers
 from camkd.models import create_model, resolve_arch
 from camkd.runs import RunFolder
@@ -137,6 +137,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
     device = dist.device_for(resolve_device(cfg.run.device))
+    check_sync_bn(cfg.run.sync_bn, device)
     folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume, auto_resume=cfg.run.auto_resume)
     folder.check()
     world = dist.init(device)  # every check above ran on every rank, before the first collective
@@ -161,6 +162,8 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
     if device.type == "cuda" and cfg.run.amp:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.run.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lc = cfg.loss
     method = create_method(cfg.method, num_classes=train.num_classes, num_teachers=source.num_teachers,
                            student_feat_shapes=_student_shapes(model, train, device),

@@ -152,6 +152,11 @@ def _slice_data(batch_data, sl: slice):
     return batch_data
 
 
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    if sync_bn and device.type != "cuda":
+        raise CamkdError("--sync-bn needs CUDA (DDP refuses SyncBatchNorm on CPU); drop --sync-bn or use --device cuda")
+
+
 def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
         run: RunConfig, folder: RunFolder, meta: dict, identity: dict, hooks: Hooks | None = None) -> FitResult:
     """Train ``model`` (and ``method``'s parameters) for ``optim.epochs``; checkpoints and metrics go to ``folder``.

@@ -12,7 +12,7 @@ from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.views import AugSpec
 from camkd.device import resolve_device, set_deterministic
-from camkd.fit import FitResult, Hooks, TrainData, check_batch_size, fit
+from camkd.fit import FitResult, Hooks, TrainData, check_batch_size, check_sync_bn, fit
 from camkd.methods import create_method
 from camkd.models import create_model, resolve_arch
 from camkd.progress import log
@@ -47,6 +47,7 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
     device = dist.device_for(resolve_device(cfg.run.device))
+    check_sync_bn(cfg.run.sync_bn, device)
     folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume, auto_resume=cfg.run.auto_resume)
     folder.check()
     world = dist.init(device)  # every check above ran on every rank, before the first collective
@@ -64,6 +65,8 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
     if device.type == "cuda" and cfg.run.amp:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.run.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],
                            teacher_feat_shapes={}).to(device)
     spec = AugSpec(seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed, norm=train.norm)

@@ -1,10 +1,14 @@
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+# ruff: noqa: I001 - camkd is imported first on purpose
+import os
 
 import camkd  # noqa: F401 - sets the OpenMP spin default before torch loads, as for the commands
 
-torch.set_num_threads(2)
+import pytest
+import torch
+from typer.testing import CliRunner
+
+# under pytest-xdist (-n 2) each worker gets one thread, so two workers share the 2 cores without oversubscribing
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture

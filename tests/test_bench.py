@@ -14,8 +14,9 @@ def finite_positive(x) -> bool:
     return isinstance(x, float | int) and math.isfinite(x) and x > 0
 
 
-def test_bench_speed_smoke(cli, tmp_path):
-    out = tmp_path / "speed.json"
+def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever the bench writes outside --out would land here
+    out = tmp_path / "results" / "speed.json"
     r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "2", "--samples", "64",
             "--batch-size", "16", "--repeats", "1", "--threads", "1", "--ranks", "2", "--device", "cpu", "--out", out)
     assert r.exit_code == 0, r.output
@@ -34,6 +35,7 @@ def test_bench_speed_smoke(cli, tmp_path):
     b16, b32 = res["bytes_per_sample_view"]["float16"], res["bytes_per_sample_view"]["float32"]
     assert b32["logits"] > b16["logits"] > 0  # float32 is stored at twice the bytes (plus checksums)
     assert "| ce (the limit) |" in out.with_suffix(".md").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing but what --out asked for
     assert Image.open(out.with_suffix(".png")).size[0] > 100
 
 
@@ -49,6 +51,8 @@ def test_bench_accuracy_smoke(tmp_path):
     assert "| camkd |" in to_markdown(r)
     plot(r, tmp_path / "acc.png")
     assert Image.open(tmp_path / "acc.png").size[0] > 100
+
+
 
 
 def test_bench_writes_nothing_without_out(cli, tmp_path, monkeypatch):

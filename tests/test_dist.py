@@ -44,7 +44,7 @@ def store(tmp_path_factory):
         torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
         specs.append(f"{arch}={work / f't{k}.pth'}")
     path = work / "s.zarr"
-    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=192, views=2, seed=3,
+    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, seed=3,
                                features=["penultimate", "hint:2"], dtype="float32", out=str(path), device="cpu",
                                progress=False, evaluate=False))
     return path
@@ -164,7 +164,7 @@ def big_teachers(tmp_path_factory):
         torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
         specs.append(f"{arch}={work / f't{k}.pth'}")
     one = work / "one.zarr"
-    r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, one, 6)], env=env(), capture_output=True, text=True,
+    r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, one, 4)], env=env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
     return specs, one
@@ -173,7 +173,7 @@ def big_teachers(tmp_path_factory):
 @pytest.mark.slow
 def test_two_rank_store_is_byte_identical_to_one_process(big_teachers, tmp_path):
     specs, one = big_teachers
-    r = torchrun("--no-python", VENV_BIN / "camkd", *_cache_args(specs, tmp_path / "two.zarr", 6))
+    r = torchrun("--no-python", VENV_BIN / "camkd", *_cache_args(specs, tmp_path / "two.zarr", 4))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("cached ") == 1  # rank 0 alone reports
     assert _tree(tmp_path / "two.zarr") == _tree(one)
@@ -184,7 +184,7 @@ def test_store_killed_under_two_ranks_resumes_in_one_process(big_teachers, tmp_p
     specs, one = big_teachers
     out = tmp_path / "killed.zarr"
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python", str(VENV_BIN / "camkd"),
-           *map(str, _cache_args(specs, out, 6))]
+           *map(str, _cache_args(specs, out, 4))]
     run = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import time
 
@@ -197,8 +197,8 @@ def test_store_killed_under_two_ranks_resumes_in_one_process(big_teachers, tmp_p
     os.kill(victims[0], 9)
     run.wait(timeout=60)
     flags = len([p for p in (out / "progress" / "c").rglob("*") if p.is_file()])
-    assert run.returncode != 0 and 0 < flags < 6  # really interrupted
-    r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, out, 6)], env=env(), capture_output=True, text=True,
+    assert run.returncode != 0 and 0 < flags < 4  # really interrupted
+    r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, out, 4)], env=env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert _tree(out) == _tree(one)

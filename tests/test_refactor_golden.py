@@ -2,6 +2,7 @@
 as the code before it (tests/data/refactor_golden.json, made by tests/data/make_refactor_golden.py
 at commit 6a257eb: per-tensor float64 sum and sum of squares of last.pth)."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,8 +18,24 @@ from camkd.store.writer import CacheConfig, cache_teachers
 GOLDEN = json.loads((Path(__file__).parent / "data" / "refactor_golden.json").read_text())
 
 
+@contextlib.contextmanager
+def two_threads():
+    """The golden runs used 2 threads; the thread count changes float reductions (and so the weights)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    with two_threads():
+        return _make_store(tmp_path_factory)
+
+
+def _make_store(tmp_path_factory):
     work = tmp_path_factory.mktemp("golden")
     specs = []
     for k, arch in enumerate(["resnet8", "resnet14"]):
@@ -33,6 +50,11 @@ def store(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_final_weights_match_the_pre_refactor_code(name, store, tmp_path):
+    with two_threads():
+        _check(name, store, tmp_path)
+
+
+def _check(name, store, tmp_path):
     method = "avg" if name == "avg" else "camkd"
     mb = 0.001 if name == "camkd_streamed" else 4096.0
     distill(DistillConfig(arch="resnet8", method=method, cache=str(store), feature_memory_mb=mb, window_blocks=2,

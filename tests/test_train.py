@@ -172,3 +172,10 @@ def test_batch_larger_than_data_refused(cli, tmp_path):
 def test_missing_data_dir_is_not_silently_replaced(cli, tmp_path):
     r = cli("train-teacher", "--arch", "resnet8", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "nope", "--out", tmp_path / "r")
     assert_clean_error(r, r"--data-dir .*nope does not exist")
+
+
+def test_sync_bn_needs_cuda(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--sync-bn", "--device", "cpu")), r"--sync-bn needs CUDA")
+    assert not (tmp_path / "r").exists()
