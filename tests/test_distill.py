@@ -33,7 +33,7 @@ def stores(teachers, tmp_path_factory):
     out = {}
     for dtype in ("float32", "float16"):
         path = root / f"{dtype}.zarr"
-        cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", synthetic_samples=N, views=2, seed=3,
+        cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=2, seed=3,
                                    features=["penultimate", "hint:2"], dtype=dtype, batch_size=128, out=str(path), progress=False))
         out[dtype] = str(path)
     return out
@@ -113,7 +113,7 @@ def test_learns_from_the_store(stores, tmp_path):
 
 def test_method_needs_missing_features(teachers, tmp_path):
     path = tmp_path / "logits_only.zarr"
-    cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", synthetic_samples=N, views=1, features=["none"],
+    cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=1, features=["none"],
                                out=str(path), progress=False))
     with pytest.raises(CamkdError, match=r"no 'penultimate' features.*--features penultimate"):
         run(tmp_path, "x", method="camkd", cache=str(path))

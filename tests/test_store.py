@@ -613,7 +613,7 @@ def test_open_store_expectations(rt, tmp_path):
         open_store(path, expect=Expect(num_classes=5))
     with pytest.raises(CamkdError, match=r"caches dataset 'synthetic', not 'cifar100'"):
         open_store(path, expect=Expect(dataset_name="cifar100"))
-    with pytest.raises(CamkdError, match=r"augmentation .*--seed"):
+    with pytest.raises(CamkdError, match=r"augmentation .*--aug-seed"):
         open_store(path, expect=Expect(augmentation=dict(aug, seed=0)))
     with pytest.raises(CamkdError, match=r"no 'hint3' features; re-cache with .*--features hint:3"):
         open_store(path, expect=Expect(layers=("penultimate", "hint3")))

@@ -49,11 +49,6 @@ def _decay(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * f)) for f in (0.625, 0.75, 0.875)}) if epochs >= 4 else []
 
 
-def _synthetic(cfg: AccuracyConfig) -> dict:
-    opts = cfg.data_options
-    return {"synthetic_samples": opts.get("num_samples")} if cfg.dataset == "synthetic" and opts.get("num_samples") else {}
-
-
 def _history(run_dir: Path) -> list[dict]:
     """Every epoch's record of a run, also those of earlier (resumed) invocations."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -78,7 +73,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
     store = out / "teachers.zarr"
     cache_teachers(CacheConfig(teachers=teachers, dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit or None,
                                views=cfg.epochs, features=["penultimate", "hint:2"], dtype=cfg.dtype, out=str(store),
-                               device=cfg.device, progress=False, **_synthetic(cfg)))
+                               device=cfg.device, progress=False, options=cfg.data_options))
     curves: dict[str, list[list[float]]] = {}
     finals: dict[str, list[float]] = {}
     runs = [(m, seed, False) for seed in range(cfg.seeds) for m in cfg.methods]

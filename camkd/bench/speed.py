@@ -116,7 +116,7 @@ def _inference_rate(teachers, images: torch.Tensor, spec: AugSpec, layers: dict,
 
 def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -> dict:
     work.mkdir(parents=True)
-    synth = dict(dataset="synthetic", synthetic_samples=cfg.samples, synthetic_classes=cfg.num_classes)
+    synth = dict(dataset="synthetic", options={"num_samples": cfg.samples, "num_classes": cfg.num_classes})
     train = load_dataset("synthetic", "train", num_samples=cfg.samples, num_classes=cfg.num_classes).to(device)
     out: dict = {}
 

@@ -140,7 +140,7 @@ def check_expect(store: TeacherStore, e: Expect) -> None:
         raise CamkdError(f"{store.path} has {store.num_classes} classes, the student needs {e.num_classes}; {fix}")
     if e.augmentation is not None and store.attrs["augmentation"] != e.augmentation:
         raise CamkdError(f"{store.path} was cached with augmentation {store.attrs['augmentation']}, asked "
-                         f"{e.augmentation}; use the store's --seed or re-cache")
+                         f"{e.augmentation}; re-cache with the seed you need (cache-teachers --aug-seed)")
     for layer in e.layers:
         if layer not in store.layers:
             opt = "penultimate" if layer == "penultimate" else f"hint:{layer[4:]}"
@@ -158,7 +158,7 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tup
     candidates: list[dict] = [{}]
     test_opts: dict = {}
     if ds["name"] == "synthetic":
-        # a set of exactly n samples (synthetic_samples), or the first n of the default set (--limit)
+        # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
         test_opts = dict(num_classes=ds["num_classes"], image_size=ds["image_size"], channels=ds["in_channels"])
         candidates = [dict(test_opts, num_samples=ds["n"]), test_opts]
     for opts in candidates:

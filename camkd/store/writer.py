@@ -55,8 +55,7 @@ class CacheConfig:
     out: str | None = None
     overwrite: bool = False
     progress: bool = True
-    synthetic_samples: int | None = None
-    synthetic_classes: int | None = None
+    options: dict = field(default_factory=dict)  # dataset loader options, e.g. synthetic's num_samples, num_classes
     dry_run: bool = False  # print the planned size and the free space, write nothing
     space_check: bool = True  # refuse to start when the planned store does not fit the free space
     evaluate: bool = True  # measure each teacher's test accuracy when creating the store
@@ -274,9 +273,8 @@ def _feature_shapes(teachers: list[Teacher], train: Dataset, layers: dict, devic
 
 
 def _load(cfg: CacheConfig, split: str, device: torch.device) -> Dataset:
-    opts = {"num_samples": cfg.synthetic_samples, "num_classes": cfg.synthetic_classes} if cfg.dataset == "synthetic" else {}
     return load_split(cfg.dataset, split, device=device, data_dir=cfg.data_dir, download=cfg.download, limit=cfg.limit,
-                      **{k: v for k, v in opts.items() if v})
+                      **cfg.options)
 
 
 def _check_teachers(teachers: list[Teacher], train: Dataset) -> None:
