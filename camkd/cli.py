@@ -82,6 +82,7 @@ def _teacher_optim() -> OptimConfig:
 
 
 _O, _R, _TO = OptimConfig(), RunConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
+_TEACHER_DECAY, _DISTILL_DECAY = [str(e) for e in _TO.lr_decay_epochs], [str(e) for e in _O.lr_decay_epochs]
 
 # Options shared across commands (huggingface_hub style aliases).
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files (torchvision's layout).")]
@@ -99,7 +100,8 @@ MicroOpt = Annotated[int, typer.Option("--micro-batches", min=1, help="Split eac
                                        "this many BatchNorm micro-batches (W ranks == 1 process with W).")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate [default: 0.05; 0.01 for "
                                                   "MobileNetV2/ShuffleV1/V2].")]
-DecayOpt = Annotated[list[int], typer.Option("--lr-decay-epochs", min=1, metavar="EPOCH", help="Epoch after which lr x 0.1 (repeat).")]
+DecayOpt = Annotated[list[str], typer.Option("--lr-decay-epochs", metavar="EPOCH", help="Epoch after which lr x 0.1 "
+                                             "(repeat the option, or give a comma-separated list).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
 AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Continue from OUT/last.pth if it exists, else start "
                                              "(for torchrun --max-restarts and preemptible jobs).")]
@@ -135,6 +137,18 @@ def _renamed(old: str, new: str, value) -> None:
         raise CamkdError(f"{old} is now {new} here (it only ever set that seed); use {new} {value}")
 
 
+def _epochs(values: list[str]) -> list[int]:
+    """--lr-decay-epochs given repeated (150, 180) or comma-separated (150,180,210), as before."""
+    try:
+        out = [int(v) for text in values for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CamkdError(f"--lr-decay-epochs takes epochs (integers), e.g. --lr-decay-epochs 150,180,210; got "
+                         f"{' '.join(values)!r}") from None
+    if any(e < 1 for e in out):
+        raise CamkdError(f"--lr-decay-epochs must be positive epochs, got {out}")
+    return out
+
+
 def _main_rank() -> bool:
     from camkd import dist
 
@@ -157,7 +171,7 @@ def train_teacher_cmd(
     batch_size: BatchOpt = _TO.batch_size,
     micro_batches: MicroOpt = _TO.micro_batches,
     lr: LrOpt = None,
-    lr_decay_epochs: DecayOpt = _TO.lr_decay_epochs,
+    lr_decay_epochs: DecayOpt = _TEACHER_DECAY,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _TO.nesterov,
     limit: LimitOpt = None,
     device: DeviceOpt = DeviceChoice.auto,
@@ -177,7 +191,7 @@ def train_teacher_cmd(
     cfg = TrainConfig(
         arch=arch, trial=trial, aug_seed=aug_seed,
         data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit),
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
                       deterministic=deterministic, amp=amp, sync_bn=sync_bn,
@@ -282,7 +296,7 @@ def distill_cmd(
     hint_layer: Annotated[int, typer.Option("--hint-layer", help="FitNet hint layer index.")] = 2,
     epochs: EpochsOpt = _O.epochs,
     lr: LrOpt = None,
-    lr_decay_epochs: DecayOpt = _O.lr_decay_epochs,
+    lr_decay_epochs: DecayOpt = _DISTILL_DECAY,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _O.nesterov,
     batch_size: BatchOpt = _O.batch_size,
     micro_batches: MicroOpt = _O.micro_batches,
@@ -316,7 +330,7 @@ def distill_cmd(
         arch=arch, method=method.value, cache=_str(cache), online=online, teachers=teacher or [], aug_seed=aug_seed,
         feature_memory_mb=feature_memory_mb,
         loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=list(lr_decay_epochs),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
                       deterministic=deterministic, amp=amp, sync_bn=sync_bn,

@@ -79,7 +79,8 @@ def test_unknown_dataset_lists_names(cli, tmp_path):
 @pytest.mark.parametrize("args, pattern", [
     (("--epochs", "-1"), r"invalid value for '--epochs'"),
     (("--batch-size", "1"), r"invalid value for '--batch-size'"),
-    (("--lr-decay-epochs", "150,180"), r"invalid value for '--lr-decay-epochs'"),
+    (("--lr-decay-epochs", "150,x"), r"--lr-decay-epochs takes epochs"),
+    (("--lr-decay-epochs", "-3"), r"--lr-decay-epochs must be positive"),
     (("--device", "tpu"), r"invalid value for '--device'"),
 ])
 def test_range_and_choice_errors_are_one_line(cli, tmp_path, args, pattern):
@@ -179,3 +180,12 @@ def test_sync_bn_needs_cuda(cli, tmp_path):
         pytest.skip("a GPU is present")
     assert_clean_error(cli(*base_args(tmp_path, "--arch", "resnet8", "--sync-bn", "--device", "cpu")), r"--sync-bn needs CUDA")
     assert not (tmp_path / "r").exists()
+
+
+def test_decay_epochs_repeated_or_comma_separated(cli, tmp_path):
+    for i, args in enumerate([("--lr-decay-epochs", "1,2"), ("--lr-decay-epochs", "1", "--lr-decay-epochs", "2")]):
+        out = tmp_path / f"d{i}"
+        r = cli("train-teacher", "-m", "resnet8", "-d", "synthetic", "--limit", "64", "--batch-size", "32", "--epochs",
+                "1", "--device", "cpu", "-q", "--out", out, *args)
+        assert r.exit_code == 0, r.output
+        assert load_checkpoint(out / "last.pth")["meta"]["options"]["optim"]["lr_decay_epochs"] == [1, 2]
