@@ -250,8 +250,8 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
                 steps += 1
                 step_total += 1
                 status = None
-                if steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps
-                    _check_finite(stats[2], epoch, steps, folder)
+                if steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps, summed so every rank stops alike
+                    _check_finite(dist.all_sum(stats[2].clone()), epoch, steps, folder)
                     status = f"loss {float(sum(sums.values())) / steps:.3f}"
                 bar.update(len(gidx), status)
                 if hooks.max_steps is not None and step_total >= hooks.max_steps:

@@ -16,6 +16,11 @@ MAX_BLOCK_ROWS = 8192
 MIN_BLOCK_ROWS = 64
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}  # int8: with a per-(sample, channel) scale
+COMPRESSORS = ("none", "zstd")
+ZSTD_LEVEL = 3
+SCALE_SUFFIX = "_scale"
+FEATURE_SCALE = "per sample and channel, max-abs / 127"
 HEAD_DIMS = {0: (), 1: ("out",), 2: ("out", "in"), 4: ("out", "in", "kh", "kw")}
 
 
@@ -25,6 +30,31 @@ def teacher_key(k: int) -> str:
 
 def feature_path(layer: str, k: int) -> str:
     return f"features/{layer}/{teacher_key(k)}"
+
+
+def scale_path(layer: str, k: int) -> str:
+    """The float32 [V, N, c] scale array beside an int8 feature array (feature = q * scale)."""
+    return feature_path(layer, k) + SCALE_SUFFIX
+
+
+def feature_dtype(attrs: dict) -> str:
+    """The stored dtype of a store's feature arrays (stores without the attr: the logits' dtype)."""
+    return attrs.get("feature_dtype") or attrs["dtype"]
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, c, h, w] floats -> (int8 q, float32 scale [rows, c]): scale = max|x| over (h, w) / 127 (0 -> 1),
+    q = round(x / scale) clipped to [-127, 127]."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.abs(x).max(axis=(2, 3)) / np.float32(127)
+    scale[scale == 0] = 1
+    q = np.clip(np.rint(x / scale[:, :, None, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 q [..., c, h, w] and scale [..., c] -> float32 q * scale."""
+    return q.astype(np.float32) * scale[..., None, None]
 
 
 def head_path(k: int, key: str) -> str:
