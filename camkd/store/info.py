@@ -33,7 +33,9 @@ def cache_info(path: str | Path) -> str:
         f"store      {store.path} (format {a['format_version']}, camkd {a['camkd_version']})",
         f"dataset    {ds['name']} {ds['split']}, N={ds['n']}, {ds['num_classes']} classes, fingerprint {ds['fingerprint'][:16]}",
         f"views      {a['views']} (seed {a['augmentation']['seed']}, {a['augmentation']['recipe']})",
-        f"dtype      {a['dtype']}, block {a['block_rows']} rows",
+        f"dtype      {a['dtype']}, features {a.get('feature_dtype') or a['dtype']}"
+        + (f" ({a['feature_scale']})" if a.get("feature_scale") else "")
+        + f", compressor {a.get('compressor', 'none')}, block {a['block_rows']} rows",
     ]
     lines += [teacher_line(t, meta) for t, meta in enumerate(a["teachers"])]
     for layer, spec in a["features"].items():

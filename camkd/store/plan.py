@@ -4,6 +4,9 @@ The formula follows the layout exactly (layout.py): every chunk of a view x samp
 stored whole (a partial last chunk at full size) with a 4-byte crc32c, and a sharded array adds
 a 16-byte index entry per chunk and a 4-byte checksum per shard. `cache-teachers` prints this
 plan, refuses to start when the target cannot hold it, and `--dry-run` stops after printing it.
+int8 features take 1 byte per element plus a float32 scale array (4 bytes per sample and channel),
+exactly. A zstd store's size cannot be predicted: its plan is the uncompressed size, an upper bound
+(it says so), and the refusal uses that bound unless --no-space-check is given.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class StorePlan:
     views: int
     block_rows: int
     arrays: dict[str, int] = field(default_factory=dict)  # bytes on storage per array
+    compressed: bool = False  # zstd: every view x sample figure is an upper bound (uncompressed)
 
     @property
     def total(self) -> int:
@@ -38,7 +42,8 @@ class StorePlan:
         return {name: size / (self.n * self.views) for name, size in self.arrays.items() if name != "labels"}
 
     def lines(self) -> list[str]:
-        out = [f"planned store: {self.views} views x {self.n} samples, blocks of {self.block_rows} rows"]
+        bound = ", upper bound (uncompressed; zstd makes it smaller)" if self.compressed else ""
+        out = [f"planned store: {self.views} views x {self.n} samples, blocks of {self.block_rows} rows{bound}"]
         width = max(len(name) for name in self.arrays)
         for name, size in self.arrays.items():
             per = "" if name == "labels" else f"  ({size / (self.n * self.views):,.0f} B per sample-view)"
@@ -56,9 +61,12 @@ def human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def block_rows_for(k: int, num_classes: int, itemsize: int, shapes: dict[str, list], batch: int, n: int) -> int:
-    """Rows per writer unit (one shard of every array) for this store."""
-    row = k * num_classes * itemsize + 6 + sum(int(np.prod(s)) * itemsize for per in shapes.values() for s in per)
+def block_rows_for(k: int, num_classes: int, itemsize: int, shapes: dict[str, list], batch: int, n: int, *,
+                   feature_itemsize: int | None = None, scales: bool = False) -> int:
+    """Rows per writer unit (one shard of every array) for this store (``scales``: int8 features' scale arrays)."""
+    f_item = itemsize if feature_itemsize is None else feature_itemsize
+    row = k * num_classes * itemsize + 6 + sum(int(np.prod(s)) * f_item + (s[0] * 4 if scales else 0)
+                                               for per in shapes.values() for s in per)
     return L.plan_block_rows(row, batch, n)
 
 
@@ -74,16 +82,21 @@ def view_array_bytes(views: int, n: int, row_bytes: int, block_rows: int) -> int
 
 
 def plan_store(*, n: int, views: int, k: int, num_classes: int, dtype: str, shapes: dict[str, list],
-               block_rows: int) -> StorePlan:
-    """The plan of a store of ``views`` views over ``n`` samples (shapes: layer -> per-teacher (c, h, w))."""
+               block_rows: int, feature_dtype: str | None = None, compressor: str = "none") -> StorePlan:
+    """The plan of a store of ``views`` views over ``n`` samples (shapes: layer -> per-teacher (c, h, w)).
+    ``feature_dtype``: None for ``dtype``; ``compressor`` "zstd": the plan is the uncompressed upper bound."""
     item = np.dtype(L.DTYPES[dtype]).itemsize
-    plan = StorePlan(n=n, views=views, block_rows=block_rows)
+    fdtype = feature_dtype or dtype
+    f_item = np.dtype(L.FEATURE_DTYPES[fdtype]).itemsize
+    plan = StorePlan(n=n, views=views, block_rows=block_rows, compressed=compressor != "none")
     plan.arrays["labels"] = math.ceil(n / (1 << 18)) * ((1 << 18 if n > 1 << 18 else n) * 8 + CRC) + METADATA
     plan.arrays["aug"] = view_array_bytes(views, n, 6, block_rows)
     plan.arrays["logits"] = view_array_bytes(views, n, k * num_classes * item, block_rows)
     for layer, per in shapes.items():
         for t, s in enumerate(per):
-            plan.arrays[L.feature_path(layer, t)] = view_array_bytes(views, n, int(np.prod(s)) * item, block_rows)
+            plan.arrays[L.feature_path(layer, t)] = view_array_bytes(views, n, int(np.prod(s)) * f_item, block_rows)
+            if fdtype == "int8":
+                plan.arrays[L.scale_path(layer, t)] = view_array_bytes(views, n, int(s[0]) * 4, block_rows)
     plan.arrays["progress"] = SMALL_ARRAY + views * math.ceil(n / block_rows)
     return plan
 

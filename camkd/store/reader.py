@@ -54,6 +54,7 @@ class TeacherStore:
         self.num_classes: int = self.attrs["dataset"]["num_classes"]
         self.block_rows: int = self.attrs["block_rows"]
         self.layers: dict[str, dict] = self.attrs["features"]
+        self.feature_dtype: str = L.feature_dtype(self.attrs)  # int8: dequantized to float32 when read
 
     # -- small arrays, read whole ------------------------------------------------------------
     def _read(self, name: str, sel=slice(None), what: str = "") -> np.ndarray:
@@ -95,13 +96,18 @@ class TeacherStore:
         return [tuple(s) for s in self.layers[layer]["shapes"]]
 
     def feature_bytes_per_view(self, layers: tuple[str, ...]) -> int:
-        item = np.dtype(L.DTYPES[self.attrs["dtype"]]).itemsize
+        """Bytes of one view's features in memory as read (int8 stores: dequantized float32)."""
+        item = 4 if self.feature_dtype == "int8" else np.dtype(L.FEATURE_DTYPES[self.feature_dtype]).itemsize
         return sum(self.n * int(np.prod(s)) * item for layer in layers for s in self.feature_shapes(layer))
 
     def features(self, layer: str, view: int, rows: slice = slice(None)) -> list[np.ndarray]:
-        """Per-teacher features of ``rows`` (a contiguous range) in ``view``."""
+        """Per-teacher features of ``rows`` (a contiguous range) in ``view``; an int8 store's come dequantized
+        (float32 q * scale, one vectorised pass over the block read)."""
         what = f"view {view} rows {rows.start or 0}:{rows.stop if rows.stop is not None else self.n} "
-        return [self._read(L.feature_path(layer, t), (view, rows), what) for t in range(self.num_teachers)]
+        out = [self._read(L.feature_path(layer, t), (view, rows), what) for t in range(self.num_teachers)]
+        if self.feature_dtype == "int8":
+            out = [L.dequantize(q, self._read(L.scale_path(layer, t), (view, rows), what)) for t, q in enumerate(out)]
+        return out
 
 
 def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:

@@ -49,10 +49,14 @@ class _Damage:
         return f"{self.array}{where} ({self.reason})"
 
 
-def _tolerance(dtype: str, ref: np.ndarray) -> np.ndarray:
-    """The dtype's rounding (half an ulp, relative) plus float32 slack for batch-size dependent kernels."""
+def _tolerance(dtype: str, ref: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """The dtype's rounding (half an ulp, relative; int8: half the quantization step, scale / 2 per element)
+    plus float32 slack for batch-size dependent kernels."""
+    slack = 1e-4 * (1.0 + np.abs(ref))
+    if dtype == "int8":
+        return scale[..., None, None] / 2 + slack
     eps = float(np.finfo(L.DTYPES[dtype]).eps)
-    return eps * np.abs(ref) + 1e-4 * (1.0 + np.abs(ref))
+    return eps * np.abs(ref) + slack
 
 
 def _is_view_array(arr: zarr.Array) -> bool:
@@ -223,17 +227,23 @@ def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: 
             lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
         x, _ = augment(train.images, torch.from_numpy(idx), spec, view=v)
         logits, feats = run_teachers(loaded, x, layers)
-        checks = {"logits": (logits.float().cpu().numpy(), np.asarray(store.g["logits"].oindex[v, idx]).astype(np.float32))}
+        checks = {"logits": (logits.float().cpu().numpy(), np.asarray(store.g["logits"].oindex[v, idx]).astype(np.float32),
+                             a["dtype"], None)}
+        fdtype = store.feature_dtype
         for name in layers:
             for t in range(len(loaded)):
-                checks[L.feature_path(name, t)] = (feats[name][t].float().cpu().numpy(),
-                                                   np.asarray(store.g[L.feature_path(name, t)].oindex[v, idx]).astype(np.float32))
-        for name, (ref, got) in checks.items():
+                got = np.asarray(store.g[L.feature_path(name, t)].oindex[v, idx]).astype(np.float32)
+                scale = None
+                if fdtype == "int8":
+                    scale = np.asarray(store.g[L.scale_path(name, t)].oindex[v, idx]).astype(np.float32)
+                    got = L.dequantize(got, scale)
+                checks[L.feature_path(name, t)] = (feats[name][t].float().cpu().numpy(), got, fdtype, scale)
+        for name, (ref, got, dtype, scale) in checks.items():
             diff = np.abs(ref - got)
             worst[name] = max(worst.get(name, 0.0), float(diff.max()))
-            if (diff > _tolerance(a["dtype"], ref)).any():
+            if (diff > _tolerance(dtype, ref, scale)).any():
                 mismatch = True
-                lines.append(f"MISMATCH: {name} view {v} differs by up to {float(diff.max()):.3g} (beyond {a['dtype']} resolution)")
+                lines.append(f"MISMATCH: {name} view {v} differs by up to {float(diff.max()):.3g} (beyond {dtype} resolution)")
     for name, w in worst.items():
         lines.append(f"{name}: largest difference {w:.3g} over {len(pairs)} (view, index) pairs")
     return mismatch

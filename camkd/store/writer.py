@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 import camkd
 from camkd import dist
@@ -50,6 +50,8 @@ class CacheConfig:
     seed: int = 0
     features: list[str] = field(default_factory=lambda: ["penultimate"])  # what camkd (the default method) needs
     dtype: str = "float16"
+    feature_dtype: str | None = None  # None: same as dtype; "int8": int8 with a float32 per-(sample, channel) scale
+    compressor: str = "none"  # "zstd": zarr's ZstdCodec (level 3) on the view x sample arrays, before the crc32c
     batch_size: int | None = None  # None: per device (DEFAULT_BATCH)
     device: str = "auto"
     out: str | None = None
@@ -91,6 +93,8 @@ def _identity(cfg: CacheConfig, teachers: list[Teacher], train: Dataset, spec: A
         "augmentation": spec.to_dict(),
         "teachers": [{"arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes} for t in teachers],
         "dtype": cfg.dtype,
+        "feature_dtype": cfg.feature_dtype or cfg.dtype,
+        "compressor": cfg.compressor,
         "features": {name: {"index": idx, "shapes": [list(s) for s in shapes[name]]} for name, idx in layers.items()},
     }
 
@@ -131,16 +135,21 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
     n, k, c = len(train), len(teachers), train.num_classes
     np_dtype = L.DTYPES[cfg.dtype]
     itemsize = np.dtype(np_dtype).itemsize
-    block = block_rows_for(k, c, itemsize, shapes, batch, n)
+    fdtype = cfg.feature_dtype or cfg.dtype
+    f_np = L.FEATURE_DTYPES[fdtype]
+    f_item = np.dtype(f_np).itemsize
+    block = block_rows_for(k, c, itemsize, shapes, batch, n, feature_itemsize=f_item, scales=fdtype == "int8")
     nblocks = L.num_blocks(n, block)
     g = target.open_group("w") if target.is_local else target.open_group("w", attributes={CREATING: True})
     crc = [Crc32cCodec()]
+    # bytes-to-bytes codecs run in order when encoding: compress first, so the checksum covers the stored bytes
+    view_codecs = ([ZstdCodec(level=L.ZSTD_LEVEL)] if cfg.compressor == "zstd" else []) + [Crc32cCodec()]
 
     def arr(name, shape, dtype, row_bytes, dims, fill=0):
         rows = L.plan_chunk_rows(row_bytes, block)
         chunks = (1, rows) + tuple(shape[2:])
         shards = (1, block) + tuple(shape[2:]) if rows < block else None
-        return g.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=crc,
+        return g.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, compressors=view_codecs,
                               dimension_names=dims, fill_value=fill,
                               config={"write_empty_chunks": True})
 
@@ -150,8 +159,10 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
     arr("logits", (cfg.views, n, k, c), np_dtype, k * c * itemsize, ("view", "sample", "teacher", "class"))
     for name in layers:
         for t, s in enumerate(shapes[name]):
-            arr(L.feature_path(name, t), (cfg.views, n) + tuple(s), np_dtype, int(np.prod(s)) * itemsize,
+            arr(L.feature_path(name, t), (cfg.views, n) + tuple(s), f_np, int(np.prod(s)) * f_item,
                 ("view", "sample", "channel", "height", "width"))
+            if fdtype == "int8":
+                arr(L.scale_path(name, t), (cfg.views, n, s[0]), np.float32, s[0] * 4, ("view", "sample", "channel"))
     for t, teacher in enumerate(teachers):
         for key, value in teacher.model.get_head().state_dict().items():
             data = value.detach().cpu().numpy()
@@ -166,6 +177,12 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
                    "features/<layer>/t<k>": "[V, N, c, h, w] per teacher", "heads/t<k>/<param>": "teacher k's classifier head",
                    "progress": "[V, blocks] uint8, 1 = block durable"},
     })
+    if cfg.compressor == "zstd":
+        attrs["compression"] = f"zstd level {L.ZSTD_LEVEL} on the view x sample arrays, before their crc32c"
+    if fdtype == "int8":
+        attrs["feature_scale"] = L.FEATURE_SCALE
+        attrs["arrays"]["features/<layer>/t<k>"] = "[V, N, c, h, w] int8 per teacher; feature = q * scale"
+        attrs["arrays"]["features/<layer>/t<k>_scale"] = "[V, N, c] float32 per teacher"
     if test_acc is not None:  # not evaluated (--no-eval): no accuracy recorded
         attrs["teacher_test_accuracy"] = test_acc
         for t, acc in enumerate(test_acc):
@@ -182,6 +199,8 @@ def _append_views(g: zarr.Group, views: int) -> None:
     attrs = g.attrs[L.ATTRS_KEY]
     names = ["aug", "logits", "progress"] + [L.feature_path(n, t) for n, spec in attrs["features"].items()
                                              for t in range(len(spec["shapes"]))]
+    if L.feature_dtype(attrs) == "int8":
+        names += [L.scale_path(n, t) for n, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
     for name in names:
         a = g[name]
         a.resize((views,) + a.shape[1:])
@@ -195,10 +214,12 @@ _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 class _Block:
     """Host buffers of one row block (aug, logits, per-layer per-teacher features), filled in place batch by batch."""
 
-    def __init__(self, rows: int, k: int, c: int, np_dtype, layers: dict, shapes: dict) -> None:
+    def __init__(self, rows: int, k: int, c: int, np_dtype, layers: dict, shapes: dict, feat_dtype=None) -> None:
+        """``feat_dtype``: the features' buffer dtype (float32 for int8 stores: quantized by the writer), default np_dtype."""
         self.aug = np.empty((rows, 3), dtype=np.int16)
         self.logits = np.empty((rows, k, c), dtype=np_dtype)
-        self.feats = {name: [np.empty((rows,) + tuple(s), dtype=np_dtype) for s in shapes[name]] for name in layers}
+        fd = np_dtype if feat_dtype is None else feat_dtype
+        self.feats = {name: [np.empty((rows,) + tuple(s), dtype=fd) for s in shapes[name]] for name in layers}
         self.pending: Future | None = None  # the write of the block these buffers hold
 
     def put(self, s: int, params: torch.Tensor, logits: torch.Tensor, feats: dict[str, list[torch.Tensor]]) -> None:
@@ -218,10 +239,12 @@ class _Writer:
     failed write no later block is written, so a flag never follows a failure.
     """
 
-    def __init__(self, g: zarr.Group, layer_names: list[str], k: int) -> None:
-        self.g, self.layer_names, self.k = g, layer_names, k
+    def __init__(self, g: zarr.Group, layer_names: list[str], k: int, *, int8: bool = False) -> None:
+        self.g, self.layer_names, self.k, self.int8 = g, layer_names, k, int8
         # opened once: on object storage each g[name] is a metadata GET
         names = ["aug", "logits", "progress"] + [L.feature_path(name, t) for name in layer_names for t in range(k)]
+        if int8:
+            names += [L.scale_path(name, t) for name in layer_names for t in range(k)]
         self.arrays = {name: g[name] for name in names}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-writer")
         self.failed = threading.Event()
@@ -239,7 +262,12 @@ class _Writer:
             a["logits"][v, rows] = blk.logits[:m]
             for name in self.layer_names:
                 for t in range(self.k):
-                    a[L.feature_path(name, t)][v, rows] = blk.feats[name][t][:m]
+                    if self.int8:  # quantized here, on the writer thread, vectorised over the block
+                        q, scale = L.quantize(blk.feats[name][t][:m])
+                        a[L.feature_path(name, t)][v, rows] = q
+                        a[L.scale_path(name, t)][v, rows] = scale
+                    else:
+                        a[L.feature_path(name, t)][v, rows] = blk.feats[name][t][:m]
             a["progress"][v, b] = 1  # only after every array of the block is written
         except BaseException:
             self.failed.set()
@@ -309,6 +337,10 @@ def cache_teachers(cfg: CacheConfig) -> dict:
         raise CamkdError("--views must be at least 1")
     if cfg.dtype not in L.DTYPES:
         raise CamkdError(f"unknown --dtype '{cfg.dtype}'; choose float16 or float32")
+    if cfg.feature_dtype is not None and cfg.feature_dtype not in L.FEATURE_DTYPES:
+        raise CamkdError(f"unknown --feature-dtype '{cfg.feature_dtype}'; choose float16, float32 or int8")
+    if cfg.compressor not in L.COMPRESSORS:
+        raise CamkdError(f"unknown --compressor '{cfg.compressor}'; choose none or zstd")
     check_dataset(cfg.dataset)
     layers = parse_layers(cfg.features)
     device = dist.device_for(resolve_device(cfg.device))
@@ -339,7 +371,10 @@ def _plan(cfg: CacheConfig, path: Location, creating: bool, teachers, train: Dat
           world: dist.World) -> list[str]:
     """Print the store's planned size and the free space before writing; refuse when it cannot fit."""
     k, c, item = len(teachers), train.num_classes, np.dtype(L.DTYPES[cfg.dtype]).itemsize
-    stored, views, block = 0, cfg.views, block_rows_for(k, c, item, shapes, batch, len(train))
+    fdtype = cfg.feature_dtype or cfg.dtype
+    stored, views = 0, cfg.views
+    block = block_rows_for(k, c, item, shapes, batch, len(train), feature_itemsize=np.dtype(L.FEATURE_DTYPES[fdtype]).itemsize,
+                           scales=fdtype == "int8")
     if not creating:
         try:
             g = path.open_group("r")
@@ -348,7 +383,8 @@ def _plan(cfg: CacheConfig, path: Location, creating: bool, teachers, train: Dat
             stored = sum(array_sizes(g).values())
         except Exception:  # noqa: BLE001 - not a readable store: _open_or_create says what is wrong
             pass
-    plan = plan_store(n=len(train), views=views, k=k, num_classes=c, dtype=cfg.dtype, shapes=shapes, block_rows=block)
+    plan = plan_store(n=len(train), views=views, k=k, num_classes=c, dtype=cfg.dtype, shapes=shapes, block_rows=block,
+                      feature_dtype=fdtype, compressor=cfg.compressor)
     need = max(plan.total - stored, 0)
     if not path.is_local:  # object storage reports no free space: nothing to refuse on
         lines = plan.lines() + [f"free space at {path}: not checked (object storage); still to write: {human(need)}"]
@@ -363,7 +399,8 @@ def _plan(cfg: CacheConfig, path: Location, creating: bool, teachers, train: Dat
         for line in lines:
             log(line)
     if need > free and cfg.space_check and not cfg.dry_run:
-        raise CamkdError(f"{path} needs {human(need)} more but {local.absolute().parent} has {human(free)} free; free space, "
+        bound = " (an upper bound: compression not counted)" if plan.compressed else ""
+        raise CamkdError(f"{path} needs {human(need)}{bound} more but {local.absolute().parent} has {human(free)} free; free space, "
                          "cache fewer views (-V), float16 (--dtype) or fewer features (-f), choose another --out, or add "
                          "--no-space-check if the estimate is wrong for this storage")
     return lines
@@ -417,6 +454,8 @@ def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, tra
         g = _open_existing(path)
         attrs = g.attrs[L.ATTRS_KEY]
         old = {k: attrs.get(k) for k in ident}
+        old["feature_dtype"] = L.feature_dtype(attrs)  # stores made before these attrs: float features, uncompressed
+        old["compressor"] = attrs.get("compressor", "none")
         old["teachers"] = [{k: t.get(k) for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
         diff = _differences(old, ident)
         if diff:
@@ -497,8 +536,10 @@ def _compute(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: D
     """Run the teachers over the unfinished blocks; block i is computed while block i - 1 is written."""
     n, k, block, views = len(train), len(teachers), g.attrs[L.ATTRS_KEY]["block_rows"], g.attrs[L.ATTRS_KEY]["views"]
     rows_max = min(block, n)
-    buffers = [_Block(rows_max, k, train.num_classes, L.DTYPES[cfg.dtype], layers, shapes) for _ in range(2)]
-    writer = _Writer(g, list(layers), k)
+    int8 = L.feature_dtype(g.attrs[L.ATTRS_KEY]) == "int8"
+    fd = np.float32 if int8 else L.FEATURE_DTYPES[L.feature_dtype(g.attrs[L.ATTRS_KEY])]
+    buffers = [_Block(rows_max, k, train.num_classes, L.DTYPES[cfg.dtype], layers, shapes, fd) for _ in range(2)]
+    writer = _Writer(g, list(layers), k, int8=int8)
     try:
         with Bar("caching", todo_rows, enabled=cfg.progress and show) as bar:
             for i, (v, b) in enumerate(todo):
