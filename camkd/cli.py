@@ -74,6 +74,8 @@ def _registries() -> tuple[type[Enum], type[Enum], type[Enum]]:
 
 DatasetChoice, MethodChoice, DtypeChoice = _registries()
 DeviceChoice = _choices("Device", ["auto", "cpu", "cuda"])
+FeatureDtypeChoice = _choices("FeatureDtype", ["float16", "float32", "int8"])
+CompressorChoice = _choices("Compressor", ["none", "zstd"])
 
 def _teacher_optim() -> OptimConfig:
     from camkd.train import teacher_optim
@@ -218,6 +220,11 @@ def cache_teachers_cmd(
     features: Annotated[Optional[list[str]], typer.Option("--features", "-f", metavar="LAYER", help="Teacher features to store: "
                         "penultimate (what camkd needs), hint:L, or none (repeat) [default: penultimate].")] = None,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = DtypeChoice.float16,
+    feature_dtype: Annotated[Optional[FeatureDtypeChoice], typer.Option("--feature-dtype", help="Features' type: int8 "
+                             "stores them with a float32 scale per sample and channel (max-abs / 127), about 4x smaller "
+                             "than float32, read back as float32 [default: --dtype].")] = None,
+    compressor: Annotated[CompressorChoice, typer.Option("--compressor", help="zstd (level 3) on the view x sample "
+                          "arrays; the printed plan is then an upper bound.")] = CompressorChoice.none,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Teacher batch [default: 64 on CPU, "
                                                       "256 on CUDA].")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the teachers' test accuracy (not recorded).")] = False,
@@ -240,6 +247,7 @@ def cache_teachers_cmd(
     cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
                       views=views, seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
                       out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
+                      feature_dtype=feature_dtype.value if feature_dtype else None, compressor=compressor.value,
                       space_check=not no_space_check, **kw)
     summary = cache_teachers(cfg)
     if _main_rank():

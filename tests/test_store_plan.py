@@ -63,3 +63,14 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, specs, tmp_path):
     assert r.exit_code == 0, r.output
     assert "planned store: 3 views x 128 samples" in r.output and "free at" in r.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_feature_dtype_and_compressor(cli, specs, tmp_path):
+    r = cli("cache-teachers", "-t", specs[0], "-d", "synthetic", "--limit", "128", "-V", "1", "--device", "cpu", "-q",
+            "--no-eval", "--feature-dtype", "int8", "--compressor", "zstd", "--out", tmp_path / "s.zarr")
+    assert r.exit_code == 0, r.output
+    import zarr
+
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert str(g["features/penultimate/t0"].dtype) == "int8" and "features/penultimate/t0_scale" in g
+    assert g.attrs["camkd"]["compressor"] == "zstd"
