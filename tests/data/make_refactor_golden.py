@@ -1,4 +1,7 @@
-"""Golden values of a cached distillation run, made with the code before the issue-9 refactor."""
+"""Golden values of a cached distillation run, made with the code before the issue-9 refactor.
+
+Run against commit 6a257eb (the old API): `git worktree add /tmp/old 6a257eb; cd /tmp/old; python THIS WORKDIR OUT.json`.
+"""
 import json, sys, shutil
 from pathlib import Path
 import torch
