@@ -17,12 +17,10 @@ from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import Dataset, check_dataset, load_split
 from camkd.data.views import AugSpec
-from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
-from camkd.fit import Hooks, TrainData, check_batch_size, check_sync_bn, fit
+from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, start_run
 from camkd.methods import create_method, list_methods, required_layers
-from camkd.models import create_model, resolve_arch
-from camkd.runs import RunFolder
+from camkd.models import resolve_arch
 from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
 from camkd.store.reader import check_expect, load_cached_data
@@ -136,12 +134,7 @@ def _student_shapes(model: nn.Module, train: Dataset, device: torch.device) -> l
 def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
-    device = dist.device_for(resolve_device(cfg.run.device))
-    check_sync_bn(cfg.run.sync_bn, device)
-    folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume, auto_resume=cfg.run.auto_resume)
-    folder.check()
-    world = dist.init(device)  # every check above ran on every rank, before the first collective
-    set_deterministic(cfg.run.deterministic)
+    device, folder, world = start_run(cfg.run, cfg.out_dir())
 
     source: TeacherSource
     with dist.agree("opening the store and loading the data"):
@@ -158,12 +151,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
             shas = [t["sha256"] for t in store.attrs["teachers"]]
 
     train = data.train
-    torch.manual_seed(cfg.run.seed)
-    model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
-    if device.type == "cuda" and cfg.run.amp:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.run.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = build_model(arch, train, cfg.run)
     lc = cfg.loss
     method = create_method(cfg.method, num_classes=train.num_classes, num_teachers=source.num_teachers,
                            student_feat_shapes=_student_shapes(model, train, device),

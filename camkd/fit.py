@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +25,11 @@ from camkd.config import OptimConfig, RunConfig
 from camkd.data import Dataset
 from camkd.data.order import epoch_order, view_of_epoch
 from camkd.data.views import AugSpec, augment
+from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
 from camkd.methods import Method, StudentOut, TeacherOut
+from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
 from camkd.sources import TeacherSource
@@ -152,9 +155,29 @@ def _slice_data(batch_data, sl: slice):
     return batch_data
 
 
-def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
-    if sync_bn and device.type != "cuda":
+def start_run(run: RunConfig, out: Path) -> tuple[torch.device, RunFolder, dist.World]:
+    """What every training job does first, on every rank before any collective: the device, the run
+    folder's checks (nothing is created yet), then joining torchrun's group and the kernel settings."""
+    device = dist.device_for(resolve_device(run.device))
+    if run.sync_bn and device.type != "cuda":
         raise CamkdError("--sync-bn needs CUDA (DDP refuses SyncBatchNorm on CPU); drop --sync-bn or use --device cuda")
+    folder = RunFolder(out, resume=run.resume, auto_resume=run.auto_resume)
+    folder.check()
+    world = dist.init(device)
+    set_deterministic(run.deterministic)
+    return device, folder, world
+
+
+def build_model(arch: str, train: Dataset, run: RunConfig) -> nn.Module:
+    """The model to train, seeded by ``run.seed``, on the data's device (channels-last with --amp, SyncBN with --sync-bn)."""
+    device = train.images.device
+    torch.manual_seed(run.seed)
+    model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
+    if device.type == "cuda" and run.amp:
+        model = model.to(memory_format=torch.channels_last)
+    if run.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,

@@ -81,7 +81,7 @@ class NoTeachers:
         return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
 
     def check_view(self, view, idx, params) -> None:
-        pass
+        """Nothing to check: the images are augmented here and now, not read from a store."""
 
     def targets(self, idx, x, data) -> TeacherOut:
         return TeacherOut(logits=x.new_zeros((x.shape[0], 0, 0)))
@@ -180,7 +180,7 @@ class LiveTeachers:
         return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
 
     def check_view(self, view, idx, params) -> None:
-        pass
+        """Nothing to check: the images are augmented here and now, not read from a store."""
 
     def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
         logits, feats = run_teachers(self.teachers, x, self.layer_index)

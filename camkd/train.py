@@ -5,18 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.views import AugSpec
-from camkd.device import resolve_device, set_deterministic
-from camkd.fit import FitResult, Hooks, TrainData, check_batch_size, check_sync_bn, fit
+from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, start_run
 from camkd.methods import create_method
-from camkd.models import create_model, resolve_arch
+from camkd.models import resolve_arch
 from camkd.progress import log
-from camkd.runs import RunFolder
 from camkd.sources import NoTeachers
 
 
@@ -46,12 +42,7 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
-    device = dist.device_for(resolve_device(cfg.run.device))
-    check_sync_bn(cfg.run.sync_bn, device)
-    folder = RunFolder(cfg.out_dir(), resume=cfg.run.resume, auto_resume=cfg.run.auto_resume)
-    folder.check()
-    world = dist.init(device)  # every check above ran on every rank, before the first collective
-    set_deterministic(cfg.run.deterministic)
+    device, folder, world = start_run(cfg.run, cfg.out_dir())
 
     d = cfg.data
     with dist.agree("loading the data"):
@@ -61,12 +52,7 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
         check_batch_size(cfg.optim.batch_size, len(train), parts=world.size * cfg.optim.micro_batches)
     if d.limit is not None and d.limit > len(train) and world.main:
         log(f"--limit {d.limit} is more than the {len(train)} samples of {train.name}; using all {len(train)}")
-    torch.manual_seed(cfg.run.seed)
-    model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
-    if device.type == "cuda" and cfg.run.amp:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.run.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = build_model(arch, train, cfg.run)
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],
                            teacher_feat_shapes={}).to(device)
     spec = AugSpec(seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed, norm=train.norm)

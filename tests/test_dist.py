@@ -35,14 +35,20 @@ def torchrun(*args, cwd=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+def seeded_teachers(work: Path, archs: list[str], *, seed: int) -> list[str]:
+    """Untrained, seeded teachers saved as reference checkpoints; returns ARCH=PATH specs."""
+    specs = []
+    for k, arch in enumerate(archs):
+        torch.manual_seed(seed + k)
+        torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
+        specs.append(f"{arch}={work / f't{k}.pth'}")
+    return specs
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     work = tmp_path_factory.mktemp("dist")
-    specs = []
-    for k, arch in enumerate(["resnet8", "resnet14"]):
-        torch.manual_seed(200 + k)
-        torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
-        specs.append(f"{arch}={work / f't{k}.pth'}")
+    specs = seeded_teachers(work, ["resnet8", "resnet14"], seed=200)
     path = work / "s.zarr"
     cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, seed=3,
                                features=["penultimate", "hint:2"], dtype="float32", out=str(path), device="cpu",
@@ -158,11 +164,7 @@ def _rank_of(pid: int) -> int | None:
 def big_teachers(tmp_path_factory):
     """Teachers slow enough on a CPU that a rank can be killed while it writes."""
     work = tmp_path_factory.mktemp("bigteachers")
-    specs = []
-    for k, arch in enumerate(["resnet32x4", "resnet8"]):
-        torch.manual_seed(300 + k)
-        torch.save({"model": create_model(arch, num_classes=10, in_channels=3).state_dict()}, work / f"t{k}.pth")
-        specs.append(f"{arch}={work / f't{k}.pth'}")
+    specs = seeded_teachers(work, ["resnet32x4", "resnet8"], seed=300)
     one = work / "one.zarr"
     r = subprocess.run([VENV_BIN / "camkd", *_cache_args(specs, one, 4)], env=env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
