@@ -179,6 +179,9 @@ def train_teacher_cmd(
     device: DeviceOpt = DeviceChoice.auto,
     seed: SeedOpt = _R.seed,
     aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: --seed].")] = None,
+    label_noise: Annotated[float, typer.Option("--label-noise", metavar="RATE", help="Replace this fraction of the "
+                           "training labels (in [0, 1)) by a uniformly chosen other class; the test split stays clean.")] = 0.0,
+    label_noise_seed: Annotated[int, typer.Option("--label-noise-seed", help="Seed of which labels change and to what.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: runs/teachers/ARCH_DATASET_trial_T].")] = None,
     resume: ResumeOpt = False,
     auto_resume: AutoResumeOpt = False,
@@ -192,7 +195,8 @@ def train_teacher_cmd(
 
     cfg = TrainConfig(
         arch=arch, trial=trial, aug_seed=aug_seed,
-        data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit),
+        data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
+                        label_noise=label_noise, label_noise_seed=label_noise_seed),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
         run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,

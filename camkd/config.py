@@ -19,6 +19,8 @@ class DataConfig:
     download: bool = False
     limit: int | None = None  # the first N training samples
     options: dict = field(default_factory=dict)  # loader options, e.g. synthetic's num_samples
+    label_noise: float = 0.0  # teacher training only: this fraction of the training labels moved to another class
+    label_noise_seed: int = 0  # which samples and which new classes (camkd.data.noise)
 
 
 @dataclass

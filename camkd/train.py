@@ -8,6 +8,7 @@ from pathlib import Path
 from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
+from camkd.data.noise import apply_label_noise, check_rate
 from camkd.data.views import AugSpec
 from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, start_run
 from camkd.methods import create_method
@@ -42,12 +43,14 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
+    check_rate(cfg.data.label_noise)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
 
     d = cfg.data
     with dist.agree("loading the data"):
         train = load_split(d.dataset, "train", device=device, data_dir=d.data_dir, download=d.download, limit=d.limit,
                            **d.options)
+        train, noise = apply_label_noise(train, d.label_noise, d.label_noise_seed)  # the test split stays clean
         test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
         check_batch_size(cfg.optim.batch_size, len(train), parts=world.size * cfg.optim.micro_batches)
     if d.limit is not None and d.limit > len(train) and world.main:
@@ -58,8 +61,8 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     spec = AugSpec(seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed, norm=train.norm)
     meta = {"arch": model.arch, "method": "ce", "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
-            "num_train": len(train), "normalization": train.norm.to_dict(), "options": asdict(cfg)}
-    identity = {k: meta[k] for k in ("arch", "dataset", "dataset_fingerprint")}
+            "num_train": len(train), "normalization": train.norm.to_dict(), "label_noise": noise, "options": asdict(cfg)}
+    identity = {k: meta[k] for k in ("arch", "dataset", "dataset_fingerprint", "label_noise")}
     r: FitResult = fit(model, method, NoTeachers(), TrainData(train, test, spec, views=cfg.optim.epochs),
                        optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)
     return {"arch": model.arch, "out": str(folder.path), "epochs": cfg.optim.epochs, "last_top1": r.last_top1,
