@@ -424,6 +424,80 @@ def bench_accuracy_cmd(
         typer.echo(f"\n-> {', '.join(save(r, out))}")
 
 
+SplitChoice = _choices("Split", ["test", "train"])
+
+
+@app.command("report")
+@friendly
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders of train-teacher or distill (or a "
+                                               "folder whose subfolders are runs).")],
+    group: Annotated[bool, typer.Option("--group", help="Also average runs (mean ± std) whose saved configs are equal "
+                                        "except the seeds (--seed, --aug-seed), --trial, the teacher paths (same sha256) "
+                                        "and where they ran (--out, --device, --data-dir, --resume, -q); runs that "
+                                        "ended at different epochs are not grouped.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the report as JSON (with .md and .png "
+                                                "beside it: accuracy and loss per epoch, teacher weights).")] = None,
+) -> None:
+    """Compare runs: final/best test top-1, top-5, train loss, images/s and teacher weights, one row per run."""
+    from camkd.report import report, save, to_markdown
+
+    r = report(runs, group=group)
+    typer.echo(to_markdown(r))
+    if out is not None:
+        typer.echo(f"\n-> {', '.join(save(r, out))}")
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="A checkpoint of train-teacher or distill (best.pth, "
+                                               "last.pth).")],
+    split: Annotated[SplitChoice, typer.Option("--split", help="test: the run's test split; train: the run's training "
+                                               "samples (checked by fingerprint).")] = SplitChoice.test,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files [default: the "
+                                                     "run's].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch.")] = 256,
+    device: DeviceOpt = DeviceChoice.auto,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of the split.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Top-1 / top-5 / loss of a checkpoint on a split (its meta names arch, dataset and normalization)."""
+    import json
+
+    from camkd.evaluate import evaluate_checkpoint, format_evaluation
+
+    r = evaluate_checkpoint(checkpoint, split=split.value, data_dir=_str(data_dir), batch_size=batch_size,
+                            device=device.value, limit=limit)
+    typer.echo(json.dumps(r) if as_json else format_evaluation(r))
+
+
+@bench_app.command("storage")
+@friendly
+def bench_storage_cmd(
+    root: Annotated[Path, typer.Option("--root", help="Where teachers, stores and students are kept and reused "
+                                       "(shared with bench accuracy).")] = Path("bench/accuracy-run"),
+    data_dir: DataDirOpt = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", metavar="NAME", help="Store options to compare "
+                      "(repeat): dense32, dense16, topk5, topk2, int8, int8zstd [default: all].")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = 5,
+    limit: Annotated[int, typer.Option("--limit", min=2, help="Student training images (the first N).")] = 10000,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per option.")] = 2,
+    kd_t: Annotated[float, typer.Option("--kd-T", min=0.01, help="Distillation temperature (cached by top-k stores).")] = 4.0,
+    device: DeviceOpt = DeviceChoice.auto,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
+                                                "beside it); without it nothing is written.")] = None,
+) -> None:
+    """Bytes and CA-MKD student accuracy per store option (dense float32/16, top-k, int8 features) on fashion-mnist."""
+    from camkd.bench.storage import OPTIONS, StorageConfig, run_storage, save, to_markdown
+
+    r = run_storage(StorageConfig(root=str(root), data_dir=_str(data_dir), options=option or list(OPTIONS), epochs=epochs,
+                                  limit=limit, seeds=seeds, kd_T=kd_t, device=device.value))
+    typer.echo(to_markdown(r))
+    if out is not None:
+        typer.echo(f"\n-> {', '.join(save(r, out))}")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""

@@ -1,6 +1,12 @@
-"""Top-1 / top-5 accuracy of a model on un-augmented images (teachers, students, checkpoints)."""
+"""Top-1 / top-5 accuracy of a model on un-augmented images (teachers, students, checkpoints).
+
+:func:`evaluate` is what the training loop calls each epoch; :func:`evaluate_checkpoint` is
+``camkd evaluate``: a saved checkpoint on the split its run used.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -8,6 +14,7 @@ from torch import nn
 from camkd import dist
 from camkd.data import Dataset
 from camkd.data.views import normalize
+from camkd.errors import CamkdError
 
 
 @torch.inference_mode()
@@ -35,3 +42,111 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, amp: boo
     top1, top5, loss, n = dist.all_sum(sums).tolist()
     n = max(n, 1)
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n}
+
+
+def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, limit: int | None = None,
+                     path: str = "the checkpoint") -> tuple[Dataset, str]:
+    """The ``split`` a camkd checkpoint's run used, on the CPU, and a few words saying which samples these are.
+
+    The checkpoint's meta names the dataset, classes, channels and normalization, and its saved
+    options the loader options and data folder (``data_dir`` overrides the folder). ``test`` is the
+    test split the run evaluated on each epoch; ``train`` is the run's training samples (its
+    ``--limit``, or for a student trained from a store the store's samples, read through the
+    store), checked against the fingerprint the checkpoint recorded. ``limit``: the first N of those.
+    """
+    from camkd.data import Normalization, load_split
+
+    meta = ckpt.get("meta") or {}
+    missing = [k for k in ("arch", "dataset", "num_classes", "in_channels") if k not in meta]
+    if missing:
+        raise CamkdError(f"{path} has no camkd meta ({', '.join(missing)} missing): evaluate needs a checkpoint written by "
+                         "train-teacher or distill (best.pth or last.pth)")
+    if split not in ("train", "test"):
+        raise CamkdError(f"unknown split '{split}'; choose train or test")
+    opts = meta.get("options") or {}
+    data = opts.get("data") or {}
+    name = meta["dataset"]
+    folder = data_dir if data_dir is not None else data.get("data_dir")
+    what = "the test split"
+    if data.get("dataset"):  # a teacher, or a student trained --online from the dataset: its own loader options
+        loader = dict(data.get("options") or {})
+        if split == "train":
+            ds = load_split(name, "train", data_dir=folder, limit=data.get("limit"), **loader)
+            what = "the run's training samples"
+        else:
+            ds = load_split(name, "test", data_dir=folder, **loader)
+    else:  # a student trained from a store: the store fixed the samples (synthetic's size among them)
+        loader = {}
+        if name == "synthetic":
+            loader = dict(num_classes=meta["num_classes"], image_size=meta.get("image_size", 32), channels=meta["in_channels"])
+        if split == "train":
+            ds = _store_train(opts.get("cache"), folder, path)
+            what = "the run's training samples (the store's)"
+        else:
+            ds = load_split(name, "test", data_dir=folder, **loader)
+    if split == "train" and meta.get("dataset_fingerprint") and ds.fingerprint != meta["dataset_fingerprint"]:
+        raise CamkdError(f"the {name} training samples here differ from the ones {path} was trained on (fingerprint "
+                         f"{meta['dataset_fingerprint'][:12]}); give the --data-dir it was trained with")
+    if ds.num_classes != meta["num_classes"] or ds.in_channels != meta["in_channels"]:
+        raise CamkdError(f"{path} is a {meta['num_classes']}-class, {meta['in_channels']}-channel model, but {name} here has "
+                         f"{ds.num_classes} classes and {ds.in_channels} channels")
+    if "normalization" in meta:
+        norm = Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
+        ds = Dataset(ds.name, ds.split, ds.images, ds.labels, ds.num_classes, norm)
+    if limit is not None:
+        if limit < len(ds):
+            what = f"the first {limit} of {what}"
+        ds = ds.limit(limit)
+    return ds, what
+
+
+def _store_train(cache: str | None, data_dir: str | None, path: str) -> Dataset:
+    from camkd.store import open_store
+    from camkd.store.reader import load_cached_data
+
+    if not cache:
+        raise CamkdError(f"{path} names neither a dataset nor a store it was trained from; --split train cannot know its samples")
+    try:
+        train, _, _ = load_cached_data(open_store(cache), data_dir=data_dir)
+    except CamkdError as e:
+        raise CamkdError(f"--split train of a student trained from a store reads its samples through that store ({cache}): "
+                         f"{e}") from None
+    return train
+
+
+def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str | None = None, batch_size: int = 256,
+                        device: str = "auto", limit: int | None = None) -> dict:
+    """Top-1 / top-5 (percent) and mean CE loss of a camkd checkpoint (teacher or student) on ``split``.
+
+    With the defaults, ``test`` on a run's ``last.pth`` gives that run's last ``test_top1`` in
+    ``metrics.jsonl`` (the same images, normalization and batch size).
+    """
+    from camkd.checkpoint import load_checkpoint
+    from camkd.device import resolve_device
+    from camkd.models import create_model, resolve_arch
+    from camkd.teachers import state_dict_mismatch
+
+    if batch_size < 1:
+        raise CamkdError(f"--batch-size must be at least 1, got {batch_size}")
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(path)
+    data, what = checkpoint_split(ckpt, split, data_dir=data_dir, limit=limit, path=str(path))
+    meta = ckpt["meta"]
+    model = create_model(resolve_arch(meta["arch"]), num_classes=int(meta["num_classes"]), in_channels=int(meta["in_channels"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError:
+        raise CamkdError(f"{path} does not fit its own arch '{meta['arch']}': "
+                         f"{state_dict_mismatch(model.state_dict(), ckpt['model'])}") from None
+    model.to(dev)
+    acc = evaluate(model, data.to(dev), batch_size=batch_size)
+    return {"checkpoint": str(path), "arch": model.arch, "method": meta.get("method"), "epoch": meta.get("epoch"),
+            "dataset": data.name, "split": split, "samples": len(data), "which": what, "device": str(dev), **acc}
+
+
+def format_evaluation(r: dict) -> str:
+    """One line: what was evaluated on what, and its top-1 / top-5 / loss."""
+    method = f"{r['method']}, " if r.get("method") else ""
+    epoch = f"epoch {r['epoch']}" if r.get("epoch") is not None else "no epoch recorded"
+    return (f"{r['checkpoint']} ({r['arch']}, {method}{epoch}) on {r['dataset']} {r['split']} ({r['samples']} images, "
+            f"{r['which']}): top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")

@@ -231,6 +231,7 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
         windows = epoch_order(n, seed=run.seed, epoch=epoch, block_rows=source.block_rows, window_blocks=source.window_blocks)
         sums: dict[str, Tensor] = {}
         weight_sum = torch.zeros(k, device=device)
+        inter_sum, inter_count = torch.zeros(k, device=device), 0  # camkd's feature-level weights (epoch 2 on): sum, slices
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, seen, non-finite losses
         steps = 0
         t0 = time.perf_counter()
@@ -262,6 +263,9 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
                     stats[2] += (~torch.isfinite(loss.detach())).double()
                     if "teacher_weights" in info:
                         weight_sum += torch.as_tensor(info["teacher_weights"], device=device) / parts
+                    if "inter_weights" in info:  # known on the host without reading the tensor
+                        inter_sum += info["inter_weights"].to(device)
+                        inter_count += 1
                     stats[0] += (logits.detach().argmax(1) == y[p * (per // parts) : (p + 1) * (per // parts)]).sum()
                     if hooks.on_step is not None:
                         hooks.on_step(epoch, losses)
@@ -282,8 +286,9 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
         # one reduction per epoch: every rank's sums, counts and weights
         names = sorted(sums)
         flat = dist.all_sum(torch.cat([stats, torch.stack([sums[nm].double() for nm in names]) if names else stats[:0],
-                                       weight_sum.double()]))
-        stats, epoch_loss, weight_mean = flat[:3], flat[3:3 + len(names)], flat[3 + len(names):]
+                                       weight_sum.double(), inter_sum.double()]))
+        stats, epoch_loss = flat[:3], flat[3:3 + len(names)]
+        weight_mean, inter_mean = flat[3 + len(names):3 + len(names) + k], flat[3 + len(names) + k:]
         _check_finite(stats[2], epoch, steps, folder)
         train_time = time.perf_counter() - t0
         dist.broadcast_buffers(model)  # evaluate rank 0's BatchNorm statistics everywhere (what is saved)
@@ -298,6 +303,8 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
                   "images_per_s": seen / max(train_time, 1e-9), "world_size": world.size}
         if k:
             record["teacher_weights"] = (weight_mean / steps_all).tolist()
+        if inter_count:  # the mean over this epoch's (micro-)batches on every rank
+            record["inter_weights"] = (inter_mean / (inter_count * world.size)).tolist()
         result.epochs.append(record)
         result.last_top1 = acc["top1"]
         is_best = acc["top1"] > result.best_top1

@@ -3,12 +3,20 @@
 It holds ``last.pth`` (model, method, optimizer, meta, best), ``best.pth`` (model, method,
 meta), each written atomically with a ``.sha256`` sidecar, and ``metrics.jsonl`` (one JSON
 line per epoch). Only the process that owns the run (rank 0 under torchrun) writes here.
+
+When the optional ``tensorboard`` package is installed (``pip install camkd[tensorboard]``),
+every metrics line is also written as TensorBoard scalars (tag = the metrics key, step = the
+epoch; lists as ``key/i``) to an event file under ``tb/``; without it nothing is imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import socket
+import struct
+import time
 from pathlib import Path
 
 from camkd.checkpoint import atomic_save, load_checkpoint
@@ -30,6 +38,7 @@ class RunFolder:
         self.last, self.best = self.path / "last.pth", self.path / "best.pth"
         self.resume = resume or (auto_resume and self.last.exists())
         self.metrics = self.path / "metrics.jsonl"
+        self.tb: TensorBoardLog | None = None
 
     def check(self) -> None:
         """Before any work: the folder can be written, and it holds a run exactly when resuming. Creates nothing."""
@@ -47,6 +56,7 @@ class RunFolder:
         """Create the folder and the metrics file (on resume: drop lines past the checkpoint's epoch)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.tb = TensorBoardLog.open(self.path / "tb", resume_epoch)
             if resume_epoch is None or not self.metrics.exists():
                 self.metrics.write_text("")
                 return
@@ -71,6 +81,8 @@ class RunFolder:
     def write_metrics(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self.tb.write(record)
 
     def save(self, state: dict, *, is_best: bool) -> None:
         """``last.pth`` always (with optimizer), ``best.pth`` when this epoch is the best so far (without)."""
@@ -82,3 +94,64 @@ class RunFolder:
 def _short(v) -> str:
     s = repr(v)
     return s if len(s) <= 40 else s[:37] + "..."
+
+
+def tensorboard_available() -> bool:
+    """Whether the optional ``tensorboard`` package is installed (looked up, not imported)."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class TensorBoardLog:
+    """One TensorBoard event file per start of a run, appended to (and closed) once per epoch.
+
+    No writer thread and no open file between epochs. A resumed run starts a new file with a
+    ``SessionLog.START`` at the first new epoch, so TensorBoard drops the older file's scalars of
+    the epochs being redone, as the metrics file drops their lines.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def open(cls, folder: Path, resume_epoch: int | None) -> TensorBoardLog | None:
+        if not tensorboard_available():
+            return None
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        folder.mkdir(exist_ok=True)
+        now = time.time()
+        log = cls(folder / f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.camkd")
+        events = [Event(wall_time=now, file_version="brain.Event:2")]
+        if resume_epoch is not None:
+            events.append(Event(wall_time=now, step=resume_epoch + 1, session_log=SessionLog(status=SessionLog.START)))
+        log._append(events)
+        return log
+
+    def write(self, record: dict) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        values = []
+        for key, v in record.items():
+            if key == "epoch":
+                continue
+            items = [(f"{key}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list | tuple) else [(key, v)]
+            values += [Summary.Value(tag=tag, simple_value=float(x)) for tag, x in items
+                       if isinstance(x, int | float) and not isinstance(x, bool)]
+        self._append([Event(wall_time=time.time(), step=int(record["epoch"]), summary=Summary(value=values))])
+
+    def _append(self, events: list) -> None:
+        with open(self.path, "ab") as f:
+            f.write(b"".join(_record(e.SerializeToString()) for e in events))
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked crc32c, the data, its masked crc32c (tensorboard's writer imports far more)."""
+    import google_crc32c  # zarr's crc32c
+
+    def masked(b: bytes) -> bytes:
+        crc = google_crc32c.value(b)
+        return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    head = struct.pack("<Q", len(data))
+    return head + masked(head) + data + masked(data)
