@@ -83,7 +83,15 @@ def _teacher_optim() -> OptimConfig:
     return teacher_optim()
 
 
+def _accuracy_defaults():
+    from camkd.bench.accuracy import AccuracyConfig
+
+    return AccuracyConfig()
+
+
 _O, _R, _TO = OptimConfig(), RunConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
+_ACC = _accuracy_defaults()  # bench accuracy's defaults, stated once in camkd/bench/accuracy.py
+ProtocolChoice = _choices("Protocol", ["equal", "unequal"])
 _TEACHER_DECAY, _DISTILL_DECAY = [str(e) for e in _TO.lr_decay_epochs], [str(e) for e in _O.lr_decay_epochs]
 
 # Options shared across commands (huggingface_hub style aliases).
@@ -393,31 +401,58 @@ def bench_speed_cmd(
 @bench_app.command("accuracy")
 @friendly
 def bench_accuracy_cmd(
+    protocol: Annotated[ProtocolChoice, typer.Option("--protocol", "-p", help="equal: three teachers of different archs "
+                        "on the full training split; unequal: the same archs, one strong (equal's first teacher, reused), "
+                        "one weak (--weak-limit images), one noisy (--noise labels corrupted).")] = ProtocolChoice.equal,
     dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Data.")] = DatasetChoice.fashion_mnist,
     data_dir: DataDirOpt = None,
-    teacher_arch: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = "resnet20",
-    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = 3,
-    student: Annotated[str, typer.Option("--student", help="Student model.")] = "resnet8",
-    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs.")] = 8,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = 6,
-    limit: Annotated[int, typer.Option("--limit", min=0, help="Training samples (0: all).")] = 10000,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per method.")] = 3,
+    teacher_arch: Annotated[Optional[list[str]], typer.Option("--teacher-arch", metavar="ARCH", help="The three teachers' "
+                            "archs, in order (repeat 3 times) [default: resnet14, wrn_16_1, resnet20].")] = None,
+    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs (lr x0.1 at 62.5/75/87.5 "
+                              "% of them: 5 -> after 3 and 4).")] = _ACC.teacher_epochs,
+    weak_limit: Annotated[int, typer.Option("--weak-limit", min=2, help="unequal: the weak teacher's training images "
+                          "(the first N).")] = _ACC.weak_limit,
+    noise: Annotated[float, typer.Option("--noise", metavar="RATE", help="unequal: the noisy teacher's fraction of "
+                     "corrupted labels.")] = _ACC.noise_rate,
+    noise_seed: Annotated[int, typer.Option("--noise-seed", help="unequal: seed of the corrupted labels.")] = _ACC.noise_seed,
+    student: Annotated[str, typer.Option("--student", help="Student model.")] = _ACC.student,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views; lr x0.1 scaled as for "
+                      "the teachers).")] = _ACC.epochs,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Student training images, the first N (0: all).")] = _ACC.limit,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per method (0 .. N-1).")] = len(_ACC.seeds),
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _ACC.batch_size,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Student learning rate.")] = _ACC.lr,
     methods: Annotated[Optional[list[MethodChoice]], typer.Option("--method", help="Methods to run (repeat) "
                                                                   "[default: all].")] = None,
+    no_online: Annotated[bool, typer.Option("--no-online", help="Skip camkd --online (seed 0).")] = False,
     device: DeviceOpt = DeviceChoice.auto,
-    work: Annotated[Path, typer.Option("--work", help="Folder for teachers, store and runs (reruns resume).")] =
-    Path("bench/accuracy-run"),
+    root: Annotated[Path, typer.Option("--root", "--work", help="Folder of the content-addressed teachers, stores and "
+                                       "students (reruns reuse and resume).")] = Path(_ACC.root),
+    quiet: QuietOpt = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
                                                 "beside it); without it nothing is written.")] = None,
 ) -> None:
-    """Top-1 of every method and the student alone over seeds; camkd from the store vs --online."""
+    """Every method over seeds from equal or unequal teachers: mean +- std, paired differences, teachers'
+    accuracy and disagreement, CA-MKD's weights.
+
+    Defaults (about an hour per protocol on a 2-core CPU): Fashion-MNIST; teachers resnet14,
+    wrn_16_1, resnet20 for 5 epochs each (= train-teacher -m ARCH -d fashion-mnist --epochs 5
+    --lr-decay-epochs 3,4 --seed 0); unequal: weak = wrn_16_1 on the first 1000 images, noisy =
+    resnet20 with 40 % labels corrupted (seed 0); a float32 store of 5 views; students resnet8 on
+    the first 10000 images, 5 epochs, lr 0.05, batch 64, seeds 0-2, every method, camkd --online
+    for seed 0. On a GPU: --device cuda --limit 0 --epochs 30 --teacher-epochs 30 (see
+    camkd/bench/accuracy.py for the CIFAR-100 setting).
+    """
     from camkd.bench.accuracy import AccuracyConfig, run_accuracy, save, to_markdown
     from camkd.methods import list_methods
 
-    cfg = AccuracyConfig(dataset=dataset.value, data_dir=_str(data_dir), teacher_arch=teacher_arch,
-                         num_teachers=num_teachers, student=student, teacher_epochs=teacher_epochs, epochs=epochs,
-                         limit=limit or None, seeds=seeds, methods=[m.value for m in methods] if methods else list_methods(),
-                         device=device.value, out=str(work))
+    cfg = AccuracyConfig(protocol=protocol.value, dataset=dataset.value, data_dir=_str(data_dir),
+                         teacher_archs=list(teacher_arch) if teacher_arch else list(_ACC.teacher_archs),
+                         teacher_epochs=teacher_epochs, weak_limit=weak_limit, noise_rate=noise, noise_seed=noise_seed,
+                         student=student, epochs=epochs, limit=limit or None, seeds=list(range(seeds)),
+                         batch_size=batch_size, lr=lr,
+                         methods=[m.value for m in methods] if methods else list_methods(), online=not no_online,
+                         device=device.value, root=str(root), progress=not quiet)
     r = run_accuracy(cfg)
     typer.echo(to_markdown(r))
     if out is not None:

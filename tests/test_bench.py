@@ -1,4 +1,4 @@
-"""Smoke runs of both benchmarks at tiny sizes, so the benchmark code cannot rot.
+"""Smoke runs of the speed benchmark at tiny sizes (the accuracy protocols: test_bench_accuracy.py), so the benchmark code cannot rot.
 
 They check the outputs' structure and that every ratio is a finite positive number, not the
 targets (speed is measured by the benchmark itself, side by side, never by a timed test).
@@ -37,22 +37,6 @@ def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
     assert "| ce (the limit) |" in out.with_suffix(".md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing but what --out asked for
     assert Image.open(out.with_suffix(".png")).size[0] > 100
-
-
-def test_bench_accuracy_smoke(tmp_path):
-    from camkd.bench.accuracy import AccuracyConfig, plot, run_accuracy, to_markdown
-
-    r = run_accuracy(AccuracyConfig(dataset="synthetic", data_options={"num_samples": 96}, teacher_arch="resnet8", num_teachers=2,
-                                    student="resnet8", teacher_epochs=1, epochs=1, seeds=2, methods=["ce", "camkd"],
-                                    batch_size=16, limit=None, device="cpu", out=str(tmp_path / "work")))
-    assert set(r["table"]) == {"ce", "camkd", "camkd --online"}
-    assert len(r["table"]["ce"]["runs"]) == 2 and all(0 <= x <= 100 for x in r["table"]["ce"]["runs"])
-    assert r["cache_vs_online"]["abs_diff"] < 1e-9  # float32 store: the same student either way
-    assert "| camkd |" in to_markdown(r)
-    plot(r, tmp_path / "acc.png")
-    assert Image.open(tmp_path / "acc.png").size[0] > 100
-
-
 
 
 def test_bench_writes_nothing_without_out(cli, tmp_path, monkeypatch):
