@@ -416,8 +416,11 @@ def bench_accuracy_cmd(
                      "corrupted labels.")] = _ACC.noise_rate,
     noise_seed: Annotated[int, typer.Option("--noise-seed", help="unequal: seed of the corrupted labels.")] = _ACC.noise_seed,
     student: Annotated[str, typer.Option("--student", help="Student model.")] = _ACC.student,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views; lr x0.1 scaled as for "
-                      "the teachers).")] = _ACC.epochs,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (lr x0.1 scaled as for the "
+                      "teachers).")] = _ACC.epochs,
+    views: Annotated[Optional[int], typer.Option("--views", "-V", min=1, help="Cached views, cycled over the epochs "
+                     "[default: one per epoch].")] = None,
+    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = DtypeChoice.float32,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Student training images, the first N (0: all).")] = _ACC.limit,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per method (0 .. N-1).")] = len(_ACC.seeds),
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _ACC.batch_size,
@@ -438,10 +441,10 @@ def bench_accuracy_cmd(
     Defaults (about an hour per protocol on a 2-core CPU): Fashion-MNIST; teachers resnet14,
     wrn_16_1, resnet20 for 5 epochs each (= train-teacher -m ARCH -d fashion-mnist --epochs 5
     --lr-decay-epochs 3,4 --seed 0); unequal: weak = wrn_16_1 on the first 1000 images, noisy =
-    resnet20 with 40 % labels corrupted (seed 0); a float32 store of 5 views; students resnet8 on
-    the first 10000 images, 5 epochs, lr 0.05, batch 64, seeds 0-2, every method, camkd --online
-    for seed 0. On a GPU: --device cuda --limit 0 --epochs 30 --teacher-epochs 30 (see
-    camkd/bench/accuracy.py for the CIFAR-100 setting).
+    resnet20 with 40 % labels corrupted (seed 0); a float32 store of 5 views (5.6 GB: features
+    penultimate and hint:2); students resnet8 on the first 10000 images, 5 epochs, lr 0.05, batch
+    64, seeds 0-2, every method, camkd --online for seed 0. On a GPU: --device cuda --limit 0
+    --epochs 30 --teacher-epochs 30 --views 10 (see camkd/bench/accuracy.py for CIFAR-100).
     """
     from camkd.bench.accuracy import AccuracyConfig, run_accuracy, save, to_markdown
     from camkd.methods import list_methods
@@ -449,7 +452,7 @@ def bench_accuracy_cmd(
     cfg = AccuracyConfig(protocol=protocol.value, dataset=dataset.value, data_dir=_str(data_dir),
                          teacher_archs=list(teacher_arch) if teacher_arch else list(_ACC.teacher_archs),
                          teacher_epochs=teacher_epochs, weak_limit=weak_limit, noise_rate=noise, noise_seed=noise_seed,
-                         student=student, epochs=epochs, limit=limit or None, seeds=list(range(seeds)),
+                         student=student, epochs=epochs, views=views, dtype=dtype.value, limit=limit or None, seeds=list(range(seeds)),
                          batch_size=batch_size, lr=lr,
                          methods=[m.value for m in methods] if methods else list_methods(), online=not no_online,
                          device=device.value, root=str(root), progress=not quiet)

@@ -191,3 +191,13 @@ def test_cli_errors(cli, tmp_path):
     r = cli("bench", "accuracy", "--teacher-arch", "resnet8", "--root", tmp_path / "r")
     assert r.exit_code == 2 and "three" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_store_identity_views_and_dtype(tmp_path):
+    base = small(tmp_path)
+    shas = ["a" * 64, "b" * 64, "c" * 64]
+    same = A.store_identity(small(tmp_path, views=2), shas)
+    assert A.store_identity(base, shas) == same  # one view per epoch by default
+    assert A.store_identity(small(tmp_path, views=1), shas) != same
+    assert A.store_identity(small(tmp_path, dtype="float16"), shas) != same
+    assert A.store_identity(base, shas[::-1]) != same  # the teachers' order is part of it
