@@ -147,7 +147,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
             shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
             check_layers(shapes, layers, str(cfg.cache))
             source = StoreTeachers(store, layers, device, memory_budget_mb=cfg.feature_memory_mb,
-                                   window_blocks=cfg.window_blocks)
+                                   window_blocks=cfg.window_blocks, temperature=cfg.loss.kd_T)
             shas = [t["sha256"] for t in store.attrs["teachers"]]
 
     train = data.train

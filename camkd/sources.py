@@ -19,6 +19,7 @@ import torch
 
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
+from camkd.store import topk as TK
 from camkd.store.reader import FeatureStream, TeacherStore
 from camkd.teachers import Teacher, run_teachers
 
@@ -98,8 +99,15 @@ class StoreTeachers:
     """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], device: torch.device, *, memory_budget_mb: float,
-                 window_blocks: int = 4, stage_dir: str | None = None) -> None:
+                 window_blocks: int = 4, stage_dir: str | None = None, temperature: float | None = None) -> None:
+        """``temperature``: the run's kd_T; a top-k store must have cached it (its logits are rebuilt at it)."""
         self.store, self.layers, self.device = store, layers, device
+        self.topk = store.logits_spec.kind == "topk"
+        if self.topk:
+            if temperature is None:
+                raise CamkdError(f"{store.path} keeps top-k logits: give the temperature to rebuild them at")
+            TK.temperature_index(store.logits_spec, temperature, str(store.path))
+        self.temperature = temperature
         self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
         self.stager = None
         if not store.location.is_local:
@@ -111,6 +119,7 @@ class StoreTeachers:
         self._view = -1
         self._src: TeacherStore = store  # where the current view is read from (the store, or its staged copy)
         self._logits: torch.Tensor | None = None
+        self._topk: dict[str, torch.Tensor] = {}
         self._feats: dict[str, list[torch.Tensor]] = {}
 
     def prefetch(self, view: int) -> None:
@@ -131,7 +140,10 @@ class StoreTeachers:
         if view == self._view:
             return
         self._src = self._view_source(view)
-        self._logits = self._src.logits(view, self.device)
+        if self.topk:
+            self._topk = self._src.topk(view, self.temperature, self.device)
+        else:
+            self._logits = self._src.logits(view, self.device)
         self._feats = {}
         if self.window_blocks is None:
             for layer in self.layers:
@@ -154,12 +166,16 @@ class StoreTeachers:
                              "the store was made by an incompatible camkd; re-cache")
 
     def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Streamed) -> TeacherOut:
-        logits = self._logits[idx].float()
         if self.window_blocks is None:
             feats = {layer: [f[idx].float() for f in per] for layer, per in self._feats.items()}
         else:
             feats = {layer: [torch.from_numpy(a).to(self.device, non_blocking=True).float() for a in per] for layer, per in data.items()}
-        return TeacherOut(logits=logits, features=feats, heads=self.heads)
+        if self.topk:  # the batch's dense teacher term rebuilt on the device (never a whole view's [N, K, C])
+            t = {name: a[idx] for name, a in self._topk.items()}
+            logits, kept = TK.rebuild(t["index"], t["values"], t["lse"], t["log_tail"], self.store.num_classes, self.temperature)
+            return TeacherOut(logits=logits, features=feats, heads=self.heads, kept=kept, ce=t["ce"],
+                              log_entropy=t["log_entropy"], temperature=self.temperature)
+        return TeacherOut(logits=self._logits[idx].float(), features=feats, heads=self.heads)
 
 
 class LiveTeachers:

@@ -76,6 +76,30 @@ def test_two_ranks_equal_one_process_with_two_micro_batches(store, tmp_path):
         assert_same_weights(tmp_path / "w2" / method / "last.pth", tmp_path / "m2" / method / "last.pth")
 
 
+@pytest.fixture(scope="module")
+def topk_store(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dist_topk")
+    specs = seeded_teachers(work, ["resnet8", "resnet14"], seed=200)
+    path = work / "k3.zarr"
+    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, seed=3, features=["penultimate"],
+                               dtype="float32", out=str(path), device="cpu", progress=False, evaluate=False,
+                               logits="topk:3"))
+    return path
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_from_a_topk_store(topk_store, tmp_path):
+    """The top-k arrays (kept classes, exact CE and entropies) are sliced with the batch like the logits."""
+    methods = ["kd", "ebkd", "aekd", "camkd"]
+    r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", topk_store, tmp_path / "w2", 1, 2, *methods)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, WORKERS / "distill_methods.py", topk_store, tmp_path / "m2", "2", "2", *methods],
+                       env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for method in methods:
+        assert_same_weights(tmp_path / "w2" / method / "last.pth", tmp_path / "m2" / method / "last.pth")
+
+
 def test_resume_under_another_world_size(store, tmp_path):
     """One epoch on 2 ranks, the second in one process with 2 micro-batches == 2 epochs on 2 ranks."""
     base = ["distill", "-m", "resnet8", "-c", store, "--method", "camkd", "--batch-size", "32", "--lr", "0.05",

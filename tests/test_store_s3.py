@@ -328,6 +328,27 @@ def test_distill_from_s3_equals_local(s3_store, local_store, tmp_path, monkeypat
     assert not list(tmp_path.glob("camkd-stage-*")), "the staged copies were not deleted"
 
 
+def test_topk_store_on_s3_info_verify_distill(s3, teachers, tmp_path, monkeypatch):
+    """A top-k store written to S3 reads, verifies and trains as the same store on local disk."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    url, local = f"s3://{BUCKET}/stores/topk.zarr", tmp_path / "topk.zarr"
+    for out in (url, local):
+        r = invoke(*cache_args(teachers, str(out), views=2), "--logits", "topk:3", "--kd-T", "4")
+        assert r.exit_code == 0, r.output
+    remote, here = s3_objects(s3, "stores/topk.zarr"), local_objects(local)
+    assert remote.keys() == here.keys() and all(remote[k] == here[k] for k in here)
+    r = invoke("cache-info", url)
+    assert r.exit_code == 0 and "top-3 of 10 classes" in r.output and "tail mass  at T=4" in r.output, r.output
+    r = invoke("cache-verify", url, *[x for t in teachers for x in ("-t", t)], "--sample", "16", "--device", "cpu")
+    assert r.exit_code == 0 and "verdict: OK" in r.output and "topk/log_tail" in r.output, r.output
+    kw = dict(arch="resnet8", method="camkd", epochs=2, batch_size=32, lr=0.02, seed=1, deterministic=True, progress=False)
+    a = distill(distill_cfg(cache=str(local), out=str(tmp_path / "local"), **kw))
+    b = distill(distill_cfg(cache=url, out=str(tmp_path / "s3"), **kw))
+    assert a["last_top1"] == b["last_top1"]
+    wa, wb = load_checkpoint(tmp_path / "local" / "last.pth"), load_checkpoint(tmp_path / "s3" / "last.pth")
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+
+
 def test_missing_store_is_a_one_line_error(s3):
     r = invoke("cache-info", f"s3://{BUCKET}/nowhere.zarr")
     assert r.exit_code == 2 and "not found" in r.output and "Traceback" not in r.output, r.output

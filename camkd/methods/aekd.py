@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from camkd.errors import CamkdError
-from camkd.methods.base import LogitMethod, MethodConfig, register_method
-from camkd.methods.functional import distill_kl
+from camkd.methods.base import LogitMethod, MethodConfig, TeacherOut, register_method
+from camkd.methods.functional import distill_kl, effective_teacher_probs
 
 MAX_TEACHERS = 8  # the exact solver enumerates 3^K faces (6561 tiny systems at K = 8)
 
@@ -95,27 +95,29 @@ def capped_simplex_qp(G: Tensor, upper: float) -> Tensor:
     return torch.where(ok.any(), best / best.sum(), torch.full_like(best, 1.0 / K))
 
 
-def aekd_gradient_sums(student_logits: Tensor, teacher_logits: Tensor, *, T: float) -> Tensor:
+def aekd_gradient_sums(student_logits: Tensor, teacher_logits: Tensor, *, T: float, kept: Tensor | None = None) -> Tensor:
     """[K, C + 1] float64: per teacher, the sum over the samples of softmax(s/T) - softmax(t_k/T), and the count.
 
     Summed over every slice of a global batch (micro-batches, ranks), it gives that batch's mean gradients.
     """
     with torch.no_grad():
         s = torch.softmax(student_logits.float() / T, dim=-1).unsqueeze(1)  # [B, 1, C]
-        t = torch.softmax(teacher_logits.float() / T, dim=-1)  # [B, K, C]
+        t = effective_teacher_probs(student_logits, teacher_logits, T=T, kept=kept)  # [B, K, C]
         d = (s - t).double().sum(0)  # [K, C]
         return torch.cat([d, d.new_full((d.shape[0], 1), float(student_logits.shape[0]))], dim=1)
 
 
-def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C: float, sums: Tensor | None = None) -> Tensor:
+def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C: float, sums: Tensor | None = None,
+                 kept: Tensor | None = None) -> Tensor:
     """Detached float32 [K] teacher weights (nonnegative, summing to 1) for one batch; see the module docstring.
 
     ``sums``: :func:`aekd_gradient_sums` over the whole global batch when this is one slice of it.
+    ``kept`` (top-k): the gradients of the binned KL (:func:`effective_teacher_probs`).
     """
     with torch.no_grad():
         if sums is None:
             s = torch.softmax(student_logits.float() / T, dim=-1).unsqueeze(1)  # [B, 1, C]
-            t = torch.softmax(teacher_logits.float() / T, dim=-1)  # [B, K, C]
+            t = effective_teacher_probs(student_logits, teacher_logits, T=T, kept=kept)  # [B, K, C]
             g = (s - t).mean(0).double()  # [K, C]: batch-mean gradient up to the factor T/B
         else:
             g = sums[:, :-1] / sums[:, -1:]
@@ -130,10 +132,10 @@ def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C:
 
 
 def aekd_loss(student_logits: Tensor, teacher_logits: Tensor, *, T: float, C: float,
-              sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              sums: Tensor | None = None, kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(``sum_k w_k DistillKL_T(s, t_k)``, weights [K]) with the weights detached."""
-    w = aekd_weights(student_logits, teacher_logits, T=T, C=C, sums=sums)
-    per_teacher = distill_kl(student_logits, teacher_logits, T=T)  # [K]
+    w = aekd_weights(student_logits, teacher_logits, T=T, C=C, sums=sums, kept=kept)
+    per_teacher = distill_kl(student_logits, teacher_logits, T=T, kept=kept)  # [K]
     return (w * per_teacher).sum(), w
 
 
@@ -147,9 +149,9 @@ class AEKD(LogitMethod):
             raise CamkdError(f"aekd supports at most {MAX_TEACHERS} teachers (exact QP), got {cfg.num_teachers}")
         self.C = float(cfg.aekd_C)
 
-    def batch_stats(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return aekd_gradient_sums(student_logits, teacher_logits, T=self.kd_T)
+    def batch_stats(self, student_logits: Tensor, teachers: TeacherOut) -> Tensor:
+        return aekd_gradient_sums(student_logits, teachers.logits, T=self.kd_T, kept=teachers.kept)
 
-    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+    def kd_term(self, student_logits: Tensor, teachers: TeacherOut, labels: Tensor,
                 stats: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        return aekd_loss(student_logits, teacher_logits, T=self.kd_T, C=self.C, sums=stats)
+        return aekd_loss(student_logits, teachers.logits, T=self.kd_T, C=self.C, sums=stats, kept=teachers.kept)

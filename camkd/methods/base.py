@@ -53,6 +53,23 @@ class TeacherOut:
     features: dict[str, list[Tensor]] = field(default_factory=dict)
     # each teacher's frozen classifier head (maps its feats[-2] to logits)
     heads: list[nn.Module] = field(default_factory=list)
+    # from a top-k store (store/topk.py): ``logits`` are T x log-probabilities at ``temperature`` with
+    # the tail mass spread over the classes not kept; ``kept`` [B, K, C] bool marks the kept ones (KLs
+    # use them plus one tail bin); ``ce`` [B, K] and ``log_entropy`` [B, K] are the exact float32 values
+    # at T = 1 the weights need.  All None for dense logits.
+    kept: Tensor | None = None
+    ce: Tensor | None = None
+    log_entropy: Tensor | None = None
+    temperature: float | None = None
+
+    def slice(self, sl: slice) -> TeacherOut:
+        """The same outputs for rows ``sl`` of the batch."""
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[sl]
+
+        return TeacherOut(logits=self.logits[sl], features={k: [f[sl] for f in v] for k, v in self.features.items()},
+                          heads=self.heads, kept=cut(self.kept), ce=cut(self.ce), log_entropy=cut(self.log_entropy),
+                          temperature=self.temperature)
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
-    def batch_stats(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor | None:
+    def batch_stats(self, student_logits: Tensor, teachers: TeacherOut) -> Tensor | None:
         """Detached sums over this slice's samples of what the loss needs from the whole batch, or None.
 
         A method whose loss depends on the batch as a whole (AEKD's batch-mean gradients) returns
@@ -126,6 +143,9 @@ class Method(nn.Module):
             )
         if labels.shape != (s.shape[0],):
             raise CamkdError(f"{self.name}: labels must be [B={s.shape[0]}], got {list(labels.shape)}")
+        if teachers.kept is not None and self.uses_teachers() and teachers.temperature != self.kd_T:
+            raise CamkdError(f"{self.name}: the top-k teacher logits were rebuilt at T={teachers.temperature}, "
+                             f"the method distills at T={self.kd_T}")
 
     def uses_teachers(self) -> bool:
         return True
@@ -145,8 +165,12 @@ class LogitMethod(Method):
 
     feature_loss: str = ""  # name of the beta term; "" for none
 
-    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(unscaled KD loss, the teachers' shares [K] of this batch, summing to 1)."""
+    def kd_term(self, student_logits: Tensor, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(unscaled KD loss, the teachers' shares [K] of this batch, summing to 1).
+
+        ``teachers.logits`` [B, K, C]; from a top-k store also ``kept``, ``ce``, ``log_entropy``
+        (see :class:`TeacherOut`), which the pure loss functions take as keyword arguments.
+        """
         raise NotImplementedError
 
     def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:
@@ -157,7 +181,7 @@ class LogitMethod(Method):
                 stats: Tensor | None = None) -> tuple[Losses, Diagnostics]:
         self.check_inputs(student, teachers, labels)
         extra_args = {} if stats is None else {"stats": stats}  # only methods with batch_stats take them
-        kd, shares = self.kd_term(student.logits, teachers.logits, labels, **extra_args)
+        kd, shares = self.kd_term(student.logits, teachers, labels, **extra_args)
         losses = {"ce": self.gamma * cross_entropy(student.logits, labels), "kd": self.alpha * kd}
         diags: Diagnostics = {"teacher_weights": shares.detach().float()}
         if self.feature_loss and self.beta > 0:

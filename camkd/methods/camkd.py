@@ -42,13 +42,20 @@ from camkd.methods.base import (
 from camkd.methods.functional import confidence_weights, kl_per_sample
 
 
-def camkd_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, T: float) -> tuple[Tensor, Tensor]:
-    """(``sum_{k,b} w_kb KL_T,kb / (B K)``, weights [B, K]); the weights use the teachers' CE."""
+def camkd_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, T: float,
+                  kept: Tensor | None = None, ce: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(``sum_{k,b} w_kb KL_T,kb / (B K)``, weights [B, K]); the weights use the teachers' CE.
+
+    From a top-k store: ``ce`` [B, K] the stored exact CE, ``kept`` the kept classes (KL with a tail bin).
+    """
     t = teacher_logits.float()
     B, K, C = t.shape
-    ce = F.cross_entropy(t.reshape(B * K, C), labels.repeat_interleave(K), reduction="none")
-    w = confidence_weights(ce.view(B, K))
-    kl = kl_per_sample(student_logits, t, T=T)  # [B, K]
+    if ce is None:
+        if kept is not None:
+            raise CamkdError("camkd: top-k teacher logits need the stored cross-entropies (ce)")
+        ce = F.cross_entropy(t.reshape(B * K, C), labels.repeat_interleave(K), reduction="none").view(B, K)
+    w = confidence_weights(ce.float())
+    kl = kl_per_sample(student_logits, t, T=T, kept=kept)  # [B, K]
     return (w * kl).sum() / (B * K), w
 
 
@@ -139,8 +146,8 @@ class CAMKD(LogitMethod):
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
         return ("penultimate",) if beta > 0 else ()
 
-    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        kd, w = camkd_kd_loss(student_logits, teacher_logits, labels, T=self.kd_T)
+    def kd_term(self, student_logits: Tensor, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
+        kd, w = camkd_kd_loss(student_logits, teachers.logits, labels, T=self.kd_T, kept=teachers.kept, ce=teachers.ce)
         return kd, w.detach().mean(0)
 
     def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:

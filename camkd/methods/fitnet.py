@@ -105,8 +105,8 @@ class FitNetMKD(LogitMethod):
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
         return (f"hint{hint_layer}",) if beta > 0 else ()
 
-    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        return avg_mkd_loss(student_logits, teacher_logits, T=self.kd_T), self.uniform_weights(student_logits)
+    def kd_term(self, student_logits: Tensor, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return avg_mkd_loss(student_logits, teachers.logits, T=self.kd_T, kept=teachers.kept), self.uniform_weights(student_logits)
 
     def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:
         f_t = teachers.features.get(self.layer)

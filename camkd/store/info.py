@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from camkd.store import topk as TK
 from camkd.store.reader import open_store
 from camkd.store.writer import array_sizes, bytes_per_sample_view, walk_arrays
 
@@ -24,6 +25,13 @@ def teacher_line(t: int, meta: dict) -> str:
     return f"teacher t{t} {meta['arch']} {where} sha256 {meta['sha256'][:12]} {acc_text}"
 
 
+def logits_line(spec: TK.LogitsSpec, num_classes: int) -> str:
+    if spec.kind == "dense":
+        return f"logits     dense ({num_classes} classes)"
+    return (f"logits     top-{spec.k} of {num_classes} classes per teacher, exact CE/entropy, logsumexp and tail at "
+            f"kd_T {', '.join(f'{t:g}' for t in spec.temperatures)}")
+
+
 def cache_info(path: str | Path) -> str:
     """A human-readable report of attrs, arrays and completeness."""
     store = open_store(path)
@@ -37,6 +45,10 @@ def cache_info(path: str | Path) -> str:
         + (f" ({a['feature_scale']})" if a.get("feature_scale") else "")
         + f", compressor {a.get('compressor', 'none')}, block {a['block_rows']} rows",
     ]
+    lines.append(logits_line(store.logits_spec, ds["num_classes"]))
+    for T, stats in (a.get("topk_tail_mass") or {}).items():
+        lines.append(f"tail mass  at T={T} per teacher: mean " + ", ".join(f"{x:.2e}" for x in stats["mean"])
+                     + "; p99 " + ", ".join(f"{x:.2e}" for x in stats["p99"]) + "; max " + ", ".join(f"{x:.2e}" for x in stats["max"]))
     lines += [teacher_line(t, meta) for t, meta in enumerate(a["teachers"])]
     for layer, spec in a["features"].items():
         lines.append(f"features   {layer} (feat[{spec['index']}]) shapes {[tuple(s) for s in spec['shapes']]}")

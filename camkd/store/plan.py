@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from camkd.store import layout as L
+from camkd.store import topk as TK
 
 CRC = 4  # bytes of the crc32c codec per stored chunk
 INDEX_ENTRY = 16  # a shard's index: (offset, nbytes) uint64 per chunk
@@ -61,11 +62,19 @@ def human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def logit_row_bytes(k: int, num_classes: int, itemsize: int, logits: TK.LogitsSpec) -> dict[str, int]:
+    """Bytes per sample of each array that holds the logits (``logits``, or the ``topk/`` arrays)."""
+    if logits.kind == "dense":
+        return {"logits": k * num_classes * itemsize}
+    value = {2: np.float16, 4: np.float32}[itemsize]
+    return {f"topk/{name}": b for name, b in TK.row_bytes(logits, k, num_classes, value).items()}
+
+
 def block_rows_for(k: int, num_classes: int, itemsize: int, shapes: dict[str, list], batch: int, n: int, *,
-                   feature_itemsize: int | None = None, scales: bool = False) -> int:
+                   feature_itemsize: int | None = None, scales: bool = False, logits: TK.LogitsSpec = TK.DENSE) -> int:
     """Rows per writer unit (one shard of every array) for this store (``scales``: int8 features' scale arrays)."""
     f_item = itemsize if feature_itemsize is None else feature_itemsize
-    row = k * num_classes * itemsize + 6 + sum(int(np.prod(s)) * f_item + (s[0] * 4 if scales else 0)
+    row = sum(logit_row_bytes(k, num_classes, itemsize, logits).values()) + 6 + sum(int(np.prod(s)) * f_item + (s[0] * 4 if scales else 0)
                                                for per in shapes.values() for s in per)
     return L.plan_block_rows(row, batch, n)
 
@@ -82,7 +91,8 @@ def view_array_bytes(views: int, n: int, row_bytes: int, block_rows: int) -> int
 
 
 def plan_store(*, n: int, views: int, k: int, num_classes: int, dtype: str, shapes: dict[str, list],
-               block_rows: int, feature_dtype: str | None = None, compressor: str = "none") -> StorePlan:
+               block_rows: int, feature_dtype: str | None = None, compressor: str = "none",
+               logits: TK.LogitsSpec = TK.DENSE) -> StorePlan:
     """The plan of a store of ``views`` views over ``n`` samples (shapes: layer -> per-teacher (c, h, w)).
     ``feature_dtype``: None for ``dtype``; ``compressor`` "zstd": the plan is the uncompressed upper bound."""
     item = np.dtype(L.DTYPES[dtype]).itemsize
@@ -91,7 +101,8 @@ def plan_store(*, n: int, views: int, k: int, num_classes: int, dtype: str, shap
     plan = StorePlan(n=n, views=views, block_rows=block_rows, compressed=compressor != "none")
     plan.arrays["labels"] = math.ceil(n / (1 << 18)) * ((1 << 18 if n > 1 << 18 else n) * 8 + CRC) + METADATA
     plan.arrays["aug"] = view_array_bytes(views, n, 6, block_rows)
-    plan.arrays["logits"] = view_array_bytes(views, n, k * num_classes * item, block_rows)
+    for name, row in logit_row_bytes(k, num_classes, item, logits).items():
+        plan.arrays[name] = view_array_bytes(views, n, row, block_rows)
     for layer, per in shapes.items():
         for t, s in enumerate(per):
             plan.arrays[L.feature_path(layer, t)] = view_array_bytes(views, n, int(np.prod(s)) * f_item, block_rows)

@@ -23,6 +23,7 @@ from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import layout as L
+from camkd.store import topk as TK
 from camkd.store.location import Location, parse_location
 
 
@@ -55,6 +56,7 @@ class TeacherStore:
         self.block_rows: int = self.attrs["block_rows"]
         self.layers: dict[str, dict] = self.attrs["features"]
         self.feature_dtype: str = L.feature_dtype(self.attrs)  # int8: dequantized to float32 when read
+        self.logits_spec: TK.LogitsSpec = TK.LogitsSpec.from_attrs(self.attrs)
 
     # -- small arrays, read whole ------------------------------------------------------------
     def _read(self, name: str, sel=slice(None), what: str = "") -> np.ndarray:
@@ -78,8 +80,30 @@ class TeacherStore:
         return [(int(v), int(b)) for v, b in zip(*np.nonzero(p == 0))]
 
     def logits(self, view: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One view's logits [N, K, C] in the stored dtype, in one read."""
+        """One view's logits [N, K, C] in the stored dtype, in one read (a dense store; see :meth:`topk`)."""
+        if self.logits_spec.kind != "dense":
+            raise CamkdError(f"{self.path} keeps top-{self.logits_spec.k} logits, not dense ones; read them with topk()")
         return torch.from_numpy(self._read("logits", view, f"view {view} ")).to(device)
+
+    def topk(self, view: int, T: float, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """One view's top-k arrays (store/topk.py) on ``device``, ``lse`` and ``log_tail`` at temperature T
+        ([N, K]); each array in one read."""
+        j = TK.temperature_index(self.logits_spec, T, str(self.path))
+        out = {}
+        for name in TK.ARRAYS:
+            a = self._read(f"topk/{name}", view, f"view {view} ")
+            if name in ("lse", "log_tail"):
+                a = np.ascontiguousarray(a[..., j])
+            elif name == "index":
+                a = a.astype(np.int64)
+            out[name] = torch.from_numpy(a).to(device)
+        return out
+
+    def top1(self, view: int) -> np.ndarray:
+        """[N, K] each teacher's top-1 class in ``view`` (dense or top-k)."""
+        if self.logits_spec.kind == "dense":
+            return self._read("logits", view, f"view {view} ").argmax(-1)
+        return self._read("topk/index", (view, slice(None), slice(None), 0), f"view {view} ").astype(np.int64)
 
     def heads(self, device: torch.device | str = "cpu") -> list[nn.Module]:
         """Each teacher's classifier head rebuilt from the stored weights, frozen, eval mode."""

@@ -54,7 +54,7 @@ class ViewStager:
 
     def __init__(self, store: TeacherStore, folder: str | os.PathLike | None = None,
                  layers: tuple[str, ...] | None = None) -> None:
-        """``layers``: the feature layers to stage (None: all); aug and logits are always staged."""
+        """``layers``: the feature layers to stage (None: all); aug and logits (dense or top-k) are always staged."""
         self.src = store
         self.remote = store.g.store
         root = store.g.store_path.path  # keys are relative to the store; the group sits at its root
@@ -69,7 +69,7 @@ class ViewStager:
         self._lock = threading.Lock()
         self.jobs: dict[int, Future] = {}
         arrays = list(walk_arrays(store.g))
-        wanted = None if layers is None else ("aug", "logits") + tuple(f"features/{layer}/" for layer in layers)
+        wanted = None if layers is None else ("aug", "logits", "topk/") + tuple(f"features/{layer}/" for layer in layers)
         self.view_arrays = [arr for name, arr in arrays if _is_view_array(arr)
                             and (wanted is None or name in wanted or name.startswith(wanted))]
         meta = ["zarr.json"] + [f"{name}/zarr.json" for name, _ in store.g.members(max_depth=None)]

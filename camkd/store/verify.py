@@ -19,6 +19,7 @@ from camkd.data.views import augment, view_params
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.store import layout as L
+from camkd.store import topk as TK
 from camkd.store.location import Location, listed_sizes
 from camkd.store.reader import TeacherStore, load_cached_data, open_store
 from camkd.store.writer import walk_arrays
@@ -195,6 +196,20 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
     return report
 
 
+def _topk_checks(store: TeacherStore, v: int, idx: np.ndarray, logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """(recomputed, stored, dtype, None) per top-k array: the stored logits against the recomputed logits of the
+    stored classes (a damaged index shows), the kept values against the recomputed top k, the float32 scalars."""
+    got = {name: np.asarray(store.g[f"topk/{name}"].oindex[v, idx]) for name in TK.ARRAYS}
+    ref = {name: t.numpy() for name, t in TK.compute(logits, labels, store.logits_spec).items()}
+    index = torch.from_numpy(got["index"].astype(np.int64)).clamp(0, logits.shape[-1] - 1)
+    dtype = store.attrs["dtype"]
+    checks = {"topk/values": (logits.gather(-1, index).numpy(), got["values"].astype(np.float32), dtype, None),
+              "topk/values (top k)": (ref["values"], got["values"].astype(np.float32), dtype, None)}
+    for name in ("lse", "log_tail", "ce", "log_entropy"):
+        checks[f"topk/{name}"] = (ref[name], got[name].astype(np.float32), "float32", None)
+    return checks
+
+
 def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: list[str], *, sample: int, seed: int,
                data_dir: str | None, device: str) -> bool:
     """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
@@ -227,8 +242,11 @@ def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: 
             lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
         x, _ = augment(train.images, torch.from_numpy(idx), spec, view=v)
         logits, feats = run_teachers(loaded, x, layers)
-        checks = {"logits": (logits.float().cpu().numpy(), np.asarray(store.g["logits"].oindex[v, idx]).astype(np.float32),
-                             a["dtype"], None)}
+        if store.logits_spec.kind == "dense":
+            checks = {"logits": (logits.float().cpu().numpy(), np.asarray(store.g["logits"].oindex[v, idx]).astype(np.float32),
+                                 a["dtype"], None)}
+        else:
+            checks = _topk_checks(store, v, idx, logits.float().cpu(), train.labels[torch.from_numpy(idx).to(train.labels.device)].cpu())
         fdtype = store.feature_dtype
         for name in layers:
             for t in range(len(loaded)):

@@ -34,6 +34,7 @@ from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
 from camkd.progress import Bar, log
 from camkd.store import layout as L
+from camkd.store import topk as TK
 from camkd.store.location import Location, listed_sizes, parse_location
 from camkd.store.plan import block_rows_for, free_bytes, human, plan_store
 from camkd.teachers import Teacher, load_teachers, parse_layer, run_teachers
@@ -61,6 +62,8 @@ class CacheConfig:
     dry_run: bool = False  # print the planned size and the free space, write nothing
     space_check: bool = True  # refuse to start when the planned store does not fit the free space
     evaluate: bool = True  # measure each teacher's test accuracy when creating the store
+    logits: str = "dense"  # "topk:K": the k largest logits per teacher plus exact scalars (store/topk.py)
+    kd_T: list[float] = field(default_factory=lambda: [4.0])  # top-k: the temperatures to distill at
 
     def out_path(self, teachers: list[Teacher]) -> Location:
         """Where the store goes: --out (a path, or an s3:// gs:// file:// URL), else cache/DATASET_ARCHS_sSEED.zarr."""
@@ -84,7 +87,8 @@ def batch_size_for(cfg: CacheConfig, device: torch.device) -> int:
     return DEFAULT_BATCH.get(device.type, 256)
 
 
-def _identity(cfg: CacheConfig, teachers: list[Teacher], train: Dataset, spec: AugSpec, layers: dict, shapes: dict) -> dict:
+def _identity(cfg: CacheConfig, teachers: list[Teacher], train: Dataset, spec: AugSpec, layers: dict, shapes: dict,
+              logits: TK.LogitsSpec) -> dict:
     """Everything that must match for a store to be continued (not the number of views, not checkpoint paths)."""
     return {
         "format_version": L.FORMAT_VERSION,
@@ -95,6 +99,7 @@ def _identity(cfg: CacheConfig, teachers: list[Teacher], train: Dataset, spec: A
         "dtype": cfg.dtype,
         "feature_dtype": cfg.feature_dtype or cfg.dtype,
         "compressor": cfg.compressor,
+        "logits": logits.to_dict(),
         "features": {name: {"index": idx, "shapes": [list(s) for s in shapes[name]]} for name, idx in layers.items()},
     }
 
@@ -129,7 +134,7 @@ CREATING = "camkd_creating"  # the only attr of a remote store whose creation ha
 
 
 def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teacher], train: Dataset, layers: dict,
-            shapes: dict, test_acc: list[float] | None, batch: int) -> zarr.Group:
+            shapes: dict, test_acc: list[float] | None, batch: int, logits: TK.LogitsSpec) -> zarr.Group:
     """Write the group, every array's metadata, labels and heads, then the attrs. A local store is built under a
     temporary name (the caller renames it); a remote one in place, marked CREATING until its attrs are written."""
     n, k, c = len(train), len(teachers), train.num_classes
@@ -138,7 +143,8 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
     fdtype = cfg.feature_dtype or cfg.dtype
     f_np = L.FEATURE_DTYPES[fdtype]
     f_item = np.dtype(f_np).itemsize
-    block = block_rows_for(k, c, itemsize, shapes, batch, n, feature_itemsize=f_item, scales=fdtype == "int8")
+    block = block_rows_for(k, c, itemsize, shapes, batch, n, feature_itemsize=f_item, scales=fdtype == "int8",
+                           logits=logits)
     nblocks = L.num_blocks(n, block)
     g = target.open_group("w") if target.is_local else target.open_group("w", attributes={CREATING: True})
     crc = [Crc32cCodec()]
@@ -156,7 +162,15 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
     g.create_array("labels", data=train.labels.cpu().numpy().astype(np.int64), chunks=(min(n, 1 << 18),),
                    compressors=crc, dimension_names=("sample",))
     arr("aug", (cfg.views, n, 3), np.int16, 6, ("view", "sample", "param"))
-    arr("logits", (cfg.views, n, k, c), np_dtype, k * c * itemsize, ("view", "sample", "teacher", "class"))
+    if logits.kind == "dense":
+        arr("logits", (cfg.views, n, k, c), np_dtype, k * c * itemsize, ("view", "sample", "teacher", "class"))
+    else:
+        tk_dims = {"index": ("teacher", "rank"), "values": ("teacher", "rank"), "lse": ("teacher", "temperature"),
+                   "log_tail": ("teacher", "temperature"), "ce": ("teacher",), "log_entropy": ("teacher",)}
+        row = TK.row_bytes(logits, k, c, np_dtype)
+        for name, shape in TK.shapes(logits, k).items():
+            arr(f"topk/{name}", (cfg.views, n) + shape, TK.dtypes(logits, c, np_dtype)[name], row[name],
+                ("view", "sample") + tk_dims[name])
     for name in layers:
         for t, s in enumerate(shapes[name]):
             arr(L.feature_path(name, t), (cfg.views, n) + tuple(s), f_np, int(np.prod(s)) * f_item,
@@ -177,6 +191,15 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
                    "features/<layer>/t<k>": "[V, N, c, h, w] per teacher", "heads/t<k>/<param>": "teacher k's classifier head",
                    "progress": "[V, blocks] uint8, 1 = block durable"},
     })
+    if logits.kind == "topk":
+        del attrs["arrays"]["logits"]
+        attrs["arrays"].update({
+            "topk/index": f"[V, N, K, {logits.k}] class of each kept logit, largest first",
+            "topk/values": f"[V, N, K, {logits.k}] the kept logits",
+            "topk/lse": "[V, N, K, len(kd_T)] float32 logsumexp(z / T) per cached T",
+            "topk/log_tail": "[V, N, K, len(kd_T)] float32 log of the mass at T outside the kept classes",
+            "topk/ce": "[V, N, K] float32 cross-entropy against the label at T = 1",
+            "topk/log_entropy": "[V, N, K] float32 log entropy at T = 1"})
     if cfg.compressor == "zstd":
         attrs["compression"] = f"zstd level {L.ZSTD_LEVEL} on the view x sample arrays, before their crc32c"
     if fdtype == "int8":
@@ -197,8 +220,8 @@ def _create(target: Location, ident: dict, cfg: CacheConfig, teachers: list[Teac
 def _append_views(g: zarr.Group, views: int) -> None:
     """Grow every per-view array to ``views`` (new views are empty, their progress flags 0)."""
     attrs = g.attrs[L.ATTRS_KEY]
-    names = ["aug", "logits", "progress"] + [L.feature_path(n, t) for n, spec in attrs["features"].items()
-                                             for t in range(len(spec["shapes"]))]
+    names = ["aug", "progress"] + logit_arrays(TK.LogitsSpec.from_attrs(attrs))
+    names += [L.feature_path(n, t) for n, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
     if L.feature_dtype(attrs) == "int8":
         names += [L.scale_path(n, t) for n, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
     for name in names:
@@ -208,25 +231,46 @@ def _append_views(g: zarr.Group, views: int) -> None:
     g.attrs[L.ATTRS_KEY] = attrs
 
 
+def logit_arrays(spec: TK.LogitsSpec) -> list[str]:
+    """The arrays that hold a store's logits: ``logits``, or the ``topk/`` arrays."""
+    return ["logits"] if spec.kind == "dense" else [f"topk/{name}" for name in TK.ARRAYS]
+
+
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")
 
 
 class _Block:
     """Host buffers of one row block (aug, logits, per-layer per-teacher features), filled in place batch by batch."""
 
-    def __init__(self, rows: int, k: int, c: int, np_dtype, layers: dict, shapes: dict, feat_dtype=None) -> None:
+    def __init__(self, rows: int, k: int, c: int, np_dtype, layers: dict, shapes: dict, feat_dtype=None,
+                 logits: TK.LogitsSpec = TK.DENSE) -> None:
         """``feat_dtype``: the features' buffer dtype (float32 for int8 stores: quantized by the writer), default np_dtype."""
         self.aug = np.empty((rows, 3), dtype=np.int16)
-        self.logits = np.empty((rows, k, c), dtype=np_dtype)
+        self.spec = logits
+        if logits.kind == "dense":
+            self.logits = {"logits": np.empty((rows, k, c), dtype=np_dtype)}
+        else:
+            dt = TK.dtypes(logits, c, np_dtype)
+            self.logits = {f"topk/{name}": np.empty((rows,) + shape, dtype=dt[name]) for name, shape in TK.shapes(logits, k).items()}
         fd = np_dtype if feat_dtype is None else feat_dtype
         self.feats = {name: [np.empty((rows,) + tuple(s), dtype=fd) for s in shapes[name]] for name in layers}
         self.pending: Future | None = None  # the write of the block these buffers hold
 
-    def put(self, s: int, params: torch.Tensor, logits: torch.Tensor, feats: dict[str, list[torch.Tensor]]) -> None:
-        """Copy one batch's outputs into rows s: (dtype conversion and device-to-host copy in one pass, no temporaries)."""
+    def put(self, s: int, params: torch.Tensor, logits: torch.Tensor, feats: dict[str, list[torch.Tensor]],
+            labels: torch.Tensor | None = None) -> None:
+        """Copy one batch's outputs into rows s: (dtype conversion and device-to-host copy in one pass, no temporaries).
+        ``labels``: the batch's labels (a top-k store's cross-entropies need them)."""
         e = s + len(logits)
         torch.from_numpy(self.aug[s:e]).copy_(params)
-        torch.from_numpy(self.logits[s:e]).copy_(logits)
+        if self.spec.kind == "dense":
+            torch.from_numpy(self.logits["logits"][s:e]).copy_(logits)
+        else:
+            for name, value in TK.compute(logits, labels, self.spec).items():
+                buf = self.logits[f"topk/{name}"][s:e]
+                if buf.dtype == np.uint8:  # torch has uint8 but copy_ from int64 needs the same dtype
+                    buf[...] = value.cpu().numpy()
+                else:
+                    torch.from_numpy(buf).copy_(value)
         for name, per_teacher in feats.items():
             for buf, f in zip(self.feats[name], per_teacher):
                 torch.from_numpy(buf[s:e]).copy_(f)
@@ -239,10 +283,12 @@ class _Writer:
     failed write no later block is written, so a flag never follows a failure.
     """
 
-    def __init__(self, g: zarr.Group, layer_names: list[str], k: int, *, int8: bool = False) -> None:
+    def __init__(self, g: zarr.Group, layer_names: list[str], k: int, *, int8: bool = False,
+                 logit_names: list[str] | None = None) -> None:
         self.g, self.layer_names, self.k, self.int8 = g, layer_names, k, int8
+        self.logit_names = logit_names or ["logits"]
         # opened once: on object storage each g[name] is a metadata GET
-        names = ["aug", "logits", "progress"] + [L.feature_path(name, t) for name in layer_names for t in range(k)]
+        names = ["aug", "progress"] + self.logit_names + [L.feature_path(name, t) for name in layer_names for t in range(k)]
         if int8:
             names += [L.scale_path(name, t) for name in layer_names for t in range(k)]
         self.arrays = {name: g[name] for name in names}
@@ -259,7 +305,8 @@ class _Writer:
         try:
             a = self.arrays
             a["aug"][v, rows] = blk.aug[:m]
-            a["logits"][v, rows] = blk.logits[:m]
+            for name in self.logit_names:
+                a[name][v, rows] = blk.logits[name][:m]
             for name in self.layer_names:
                 for t in range(self.k):
                     if self.int8:  # quantized here, on the writer thread, vectorised over the block
@@ -343,6 +390,7 @@ def cache_teachers(cfg: CacheConfig) -> dict:
         raise CamkdError(f"unknown --compressor '{cfg.compressor}'; choose none or zstd")
     check_dataset(cfg.dataset)
     layers = parse_layers(cfg.features)
+    TK.parse_logits(cfg.logits, cfg.kd_T)  # the syntax, before anything loads
     device = dist.device_for(resolve_device(cfg.device))
     world = dist.init(device)
     batch = batch_size_for(cfg, device)
@@ -351,30 +399,31 @@ def cache_teachers(cfg: CacheConfig) -> dict:
         train = _load(cfg, "train", device)
         _check_teachers(teachers, train)
         shapes = _feature_shapes(teachers, train, layers, device)
+        lspec = TK.parse_logits(cfg.logits, cfg.kd_T, train.num_classes)
     spec = AugSpec(seed=cfg.seed, norm=train.norm)
-    ident = _identity(cfg, teachers, train, spec, layers, shapes)
+    ident = _identity(cfg, teachers, train, spec, layers, shapes, lspec)
     path = cfg.out_path(teachers)
     # decided by every rank before rank 0 changes anything
     creating = not path.exists() or cfg.overwrite or _half_created(path)
-    plan = _plan(cfg, path, creating, teachers, train, shapes, batch, world)
+    plan = _plan(cfg, path, creating, teachers, train, shapes, batch, world, lspec)
     if cfg.dry_run:
         return {"dry_run": True, "path": str(path), "plan": plan}
     test_acc = _test_accuracy(cfg, teachers, device, batch, world) if creating else None
     with dist.agree("creating or opening the store"):
         if world.main:
-            _open_or_create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
+            _open_or_create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch, lspec)
     g = path.open_group("r+")
     return _fill(g, path, cfg, teachers, train, spec, layers, shapes, batch, world)
 
 
 def _plan(cfg: CacheConfig, path: Location, creating: bool, teachers, train: Dataset, shapes: dict, batch: int,
-          world: dist.World) -> list[str]:
+          world: dist.World, logits: TK.LogitsSpec = TK.DENSE) -> list[str]:
     """Print the store's planned size and the free space before writing; refuse when it cannot fit."""
     k, c, item = len(teachers), train.num_classes, np.dtype(L.DTYPES[cfg.dtype]).itemsize
     fdtype = cfg.feature_dtype or cfg.dtype
     stored, views = 0, cfg.views
     block = block_rows_for(k, c, item, shapes, batch, len(train), feature_itemsize=np.dtype(L.FEATURE_DTYPES[fdtype]).itemsize,
-                           scales=fdtype == "int8")
+                           scales=fdtype == "int8", logits=logits)
     if not creating:
         try:
             g = path.open_group("r")
@@ -384,7 +433,7 @@ def _plan(cfg: CacheConfig, path: Location, creating: bool, teachers, train: Dat
         except Exception:  # noqa: BLE001 - not a readable store: _open_or_create says what is wrong
             pass
     plan = plan_store(n=len(train), views=views, k=k, num_classes=c, dtype=cfg.dtype, shapes=shapes, block_rows=block,
-                      feature_dtype=fdtype, compressor=cfg.compressor)
+                      feature_dtype=fdtype, compressor=cfg.compressor, logits=logits)
     need = max(plan.total - stored, 0)
     if not path.is_local:  # object storage reports no free space: nothing to refuse on
         lines = plan.lines() + [f"free space at {path}: not checked (object storage); still to write: {human(need)}"]
@@ -439,7 +488,7 @@ def _half_created(loc: Location) -> bool:
 
 
 def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, train, layers, shapes, test_acc,
-                    batch: int) -> None:
+                    batch: int, logits: TK.LogitsSpec) -> None:
     if path.exists() and (cfg.overwrite or _half_created(path)):
         if path.is_local:
             local = path.local_path
@@ -456,6 +505,7 @@ def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, tra
         old = {k: attrs.get(k) for k in ident}
         old["feature_dtype"] = L.feature_dtype(attrs)  # stores made before these attrs: float features, uncompressed
         old["compressor"] = attrs.get("compressor", "none")
+        old["logits"] = attrs.get("logits", {"kind": "dense"})
         old["teachers"] = [{k: t.get(k) for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
         diff = _differences(old, ident)
         if diff:
@@ -472,7 +522,7 @@ def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, tra
         # no rename on object storage: metadata written in place, marked CREATING until the attrs are written
         # (a rerun after a kill creates it anew); the progress flags make the filling resumable as on disk
         try:
-            _create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch)
+            _create(path, ident, cfg, teachers, train, layers, shapes, test_acc, batch, logits)
         except OSError as e:
             raise CamkdError(f"cannot create {path}: {e.strerror or e}; rerun the same command") from None
         return
@@ -486,7 +536,7 @@ def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, tra
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        _create(parse_location(tmp), ident, cfg, teachers, train, layers, shapes, test_acc, batch)
+        _create(parse_location(tmp), ident, cfg, teachers, train, layers, shapes, test_acc, batch, logits)
         tmp.rename(local)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -528,7 +578,19 @@ def _fill(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: Data
     rows_all = int(dist.all_sum(torch.tensor([rows], dtype=torch.int64, device=train.images.device)).item())
     if not world.main:
         return {"path": str(path), "rows_computed": rows, "seconds": elapsed}
+    record_tail_mass(g, path)
     return summarize(g, path, rows_all, elapsed)
+
+
+def record_tail_mass(g: zarr.Group, path: Location) -> None:
+    """A finished top-k store: each teacher's tail mass (mean, 99th percentile, max over every sample-view) per
+    cached temperature, into the attrs (``topk_tail_mass``), so a user sees what k costs."""
+    attrs = g.attrs[L.ATTRS_KEY]
+    spec = TK.LogitsSpec.from_attrs(attrs)
+    if spec.kind != "topk" or not np.asarray(g["progress"][:]).all():
+        return
+    attrs["topk_tail_mass"] = TK.tail_summary(_read(g, path, "topk/log_tail", slice(None), ""), spec.temperatures)
+    g.attrs[L.ATTRS_KEY] = attrs
 
 
 def _compute(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: Dataset, spec: AugSpec, layers: dict,
@@ -538,8 +600,9 @@ def _compute(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: D
     rows_max = min(block, n)
     int8 = L.feature_dtype(g.attrs[L.ATTRS_KEY]) == "int8"
     fd = np.float32 if int8 else L.FEATURE_DTYPES[L.feature_dtype(g.attrs[L.ATTRS_KEY])]
-    buffers = [_Block(rows_max, k, train.num_classes, L.DTYPES[cfg.dtype], layers, shapes, fd) for _ in range(2)]
-    writer = _Writer(g, list(layers), k, int8=int8)
+    lspec = TK.LogitsSpec.from_attrs(g.attrs[L.ATTRS_KEY])
+    buffers = [_Block(rows_max, k, train.num_classes, L.DTYPES[cfg.dtype], layers, shapes, fd, lspec) for _ in range(2)]
+    writer = _Writer(g, list(layers), k, int8=int8, logit_names=logit_arrays(lspec))
     try:
         with Bar("caching", todo_rows, enabled=cfg.progress and show) as bar:
             for i, (v, b) in enumerate(todo):
@@ -551,7 +614,7 @@ def _compute(g: zarr.Group, path: Location, cfg: CacheConfig, teachers, train: D
                     idx = torch.arange(rows.start + s, rows.start + min(s + batch, m))
                     x, params = augment(train.images, idx, spec, view=v)
                     logits, feats = run_teachers(teachers, x, layers)
-                    blk.put(s, params, logits, feats)
+                    blk.put(s, params, logits, feats, train.labels[idx.to(train.labels.device)])
                     bar.update(len(idx), f"view {v + 1}/{views}")
                 writer.submit(v, b, rows, blk)
             for blk in buffers:
@@ -568,7 +631,7 @@ def _io_error(e: OSError, path: Location) -> CamkdError:
     return CamkdError(f"cannot write {path}: {e.strerror or e}; finished blocks are kept, rerun the same command to resume")
 
 
-VIEW_ARRAYS_PREFIXES = ("aug", "logits", "features/")
+VIEW_ARRAYS_PREFIXES = ("aug", "logits", "topk/", "features/")
 
 
 def summarize(g: zarr.Group, path: Location, rows_done: int, elapsed: float) -> dict:
@@ -576,9 +639,13 @@ def summarize(g: zarr.Group, path: Location, rows_done: int, elapsed: float) -> 
     attrs = g.attrs[L.ATTRS_KEY]
     labels = _read(g, path, "labels", slice(None), "")
     acc = []
+    topk = TK.LogitsSpec.from_attrs(attrs).kind == "topk"
     for v in range(attrs["views"]):
-        logits = _read(g, path, "logits", v, f"view {v} ")
-        acc.append([float((logits[:, t].argmax(-1) == labels).mean() * 100) for t in range(logits.shape[1])])
+        if topk:  # the first kept class is the top-1
+            top1 = _read(g, path, "topk/index", (v, slice(None), slice(None), 0), f"view {v} ").astype(np.int64)
+        else:
+            top1 = _read(g, path, "logits", v, f"view {v} ").argmax(-1)
+        acc.append([float((top1[:, t] == labels).mean() * 100) for t in range(top1.shape[1])])
     sizes = array_sizes(g)
     n, views = len(labels), attrs["views"]
     return {"path": str(path), "views": views, "n": n, "rows_computed": rows_done, "seconds": elapsed,

@@ -1,0 +1,201 @@
+"""`camkd bench storage`: what each store option costs in bytes and in CA-MKD student accuracy.
+
+The same three teachers (the `bench accuracy --protocol equal` teachers: resnet14, wrn_16_1,
+resnet20 on the full Fashion-MNIST training split, 5 epochs; reused from ``--root`` when they are
+there, trained otherwise), the same views (seed 0) and the same student seeds, one store per option:
+
+=========  ==============================================================
+dense32    dense float32 logits and features
+dense16    dense float16 logits and features (the default store)
+topk5      top-5 of 10 logits (float16 values, exact float32 scalars), float16 features
+topk2      top-2 of 10, otherwise as topk5
+int8       dense float16 logits, int8 features (per sample and channel scale)
+int8zstd   int8 plus zstd: bytes only (lossless, so its students equal int8's)
+=========  ==============================================================
+
+Each option's store is written by cache-teachers; a resnet8 student is distilled with
+``--method camkd`` (features included) from it for every seed, on the first ``limit`` training
+images for ``epochs`` epochs (= views). Reported per option: bytes per sample-view (logits arrays,
+feature arrays, all), the whole store, the tail mass of top-k stores at the run's T, and final test
+top-1 (mean +- std over seeds and the paired difference to dense32 per seed). Stores and students
+are reused when finished, so a rerun costs only what is new.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camkd.bench.common import machine, write_result
+from camkd.bench.teachers import HASH_CHARS, TeacherSpec, decay_schedule, digest, finished, history
+from camkd.config import DataConfig, OptimConfig, RunConfig
+from camkd.distill import DistillConfig, LossConfig, distill
+from camkd.errors import CamkdError
+from camkd.progress import log
+from camkd.store import open_store
+from camkd.store.writer import CacheConfig, array_sizes, cache_teachers
+from camkd.train import train_teacher
+
+OPTIONS: dict[str, dict] = {
+    "dense32": dict(dtype="float32"),
+    "dense16": dict(dtype="float16"),
+    "topk5": dict(dtype="float16", logits="topk:5"),
+    "topk2": dict(dtype="float16", logits="topk:2"),
+    "int8": dict(dtype="float16", feature_dtype="int8"),
+    "int8zstd": dict(dtype="float16", feature_dtype="int8", compressor="zstd"),
+}
+BYTES_ONLY = {"int8zstd": "int8"}  # lossless variants: their students would equal these options' students
+
+
+@dataclass
+class StorageConfig:
+    root: str = "bench/accuracy-run"  # shared with bench accuracy: the same teachers are reused
+    data_dir: str | None = None
+    teacher_archs: list[str] = field(default_factory=lambda: ["resnet14", "wrn_16_1", "resnet20"])
+    teacher_epochs: int = 5
+    student: str = "resnet8"
+    epochs: int = 5
+    limit: int = 10000
+    seeds: int = 2
+    batch_size: int = 64
+    lr: float = 0.05
+    kd_T: float = 4.0
+    options: list[str] = field(default_factory=lambda: list(OPTIONS))
+    device: str = "auto"
+    dataset: str = "fashion-mnist"
+    teacher_limit: int | None = None  # None: the full training split (tests use a small one)
+    data_options: dict = field(default_factory=dict)  # dataset loader options (tests: synthetic's num_samples)
+
+
+def _teachers(cfg: StorageConfig) -> tuple[list[str], list[float]]:
+    """Checkpoint paths and test top-1 of the teachers, training those not finished yet."""
+    paths, accs = [], []
+    for arch in cfg.teacher_archs:
+        spec = TeacherSpec(arch=arch, dataset=cfg.dataset, epochs=cfg.teacher_epochs, limit=cfg.teacher_limit,
+                           options=dict(cfg.data_options))
+        folder = spec.folder(cfg.root, data_dir=cfg.data_dir)
+        if not finished(folder, cfg.teacher_epochs):
+            log(f"[bench storage] training teacher {arch} -> {folder}")
+            train_teacher(spec.train_config(folder, data_dir=cfg.data_dir, device=cfg.device))
+        paths.append(str(folder / "last.pth"))
+        accs.append(history(folder)[-1]["test_top1"])
+    return paths, accs
+
+
+def _store_row(path: Path, kd_T: float) -> dict:
+    store = open_store(path)
+    sizes = array_sizes(store.g)
+    per = store.n * store.views
+    logit_bytes = sum(v for k, v in sizes.items() if k == "logits" or k.startswith("topk/"))
+    feature_bytes = sum(v for k, v in sizes.items() if k.startswith("features/"))
+    view_bytes = sum(v for k, v in sizes.items() if k in ("aug", "logits") or k.startswith(("topk/", "features/")))
+    row = {"store_bytes": sum(sizes.values()), "logits_per_sample_view": logit_bytes / per,
+           "features_per_sample_view": feature_bytes / per, "per_sample_view": view_bytes / per}
+    tail = (store.attrs.get("topk_tail_mass") or {}).get(f"{kd_T:g}")
+    if tail is not None:
+        row["tail_mass_mean"] = tail["mean"]
+        row["tail_mass_max"] = tail["max"]
+    return row
+
+
+def run_storage(cfg: StorageConfig) -> dict:
+    unknown = [o for o in cfg.options if o not in OPTIONS]
+    if unknown:
+        raise CamkdError(f"unknown storage option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
+    if cfg.seeds < 1 or cfg.epochs < 1:
+        raise CamkdError("--seeds and --epochs must be at least 1")
+    root = Path(cfg.root)
+    teachers, teacher_acc = _teachers(cfg)
+    # the teachers' folders are content-addressed: with the data and the views they name the store
+    tag = digest({"teachers": [Path(t).parent.name for t in teachers], "dataset": cfg.dataset, "limit": cfg.limit,
+                  "views": cfg.epochs, "options": cfg.data_options})[:HASH_CHARS]
+    recipe = digest({"student": cfg.student, "epochs": cfg.epochs, "batch": cfg.batch_size, "lr": cfg.lr,
+                     "kd_T": cfg.kd_T})[:HASH_CHARS]
+    rows: dict[str, dict] = {}
+    for name in cfg.options:
+        path = root / "storage" / f"{name}-{tag}.zarr"
+        kw = dict(OPTIONS[name])
+        if "logits" in kw:
+            kw["kd_T"] = [cfg.kd_T]
+        log(f"[bench storage] {name}: caching -> {path}")
+        cache_teachers(CacheConfig(teachers=teachers, dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit or None,
+                                   views=cfg.epochs, seed=0, features=["penultimate"], out=str(path), device=cfg.device,
+                                   progress=False, evaluate=False, options=dict(cfg.data_options), **kw))
+        rows[name] = {"option": name, **kw, **_store_row(path, cfg.kd_T), "runs": [], "curves": []}
+        if name in BYTES_ONLY:
+            continue
+        for seed in range(cfg.seeds):
+            out = root / "storage" / "students" / f"{path.stem}-camkd-s{seed}-{recipe}"
+            if not finished(out, cfg.epochs):
+                distill(DistillConfig(arch=cfg.student, method="camkd", cache=str(path), loss=LossConfig(kd_T=cfg.kd_T),
+                                      data=DataConfig(dataset=None, data_dir=cfg.data_dir),
+                                      optim=OptimConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                                        lr_decay_epochs=decay_schedule(cfg.epochs)),
+                                      run=RunConfig(seed=seed, device=cfg.device, out=str(out), auto_resume=True,
+                                                    progress=False)))
+            curve = [r["test_top1"] for r in history(out)]
+            rows[name]["curves"].append(curve)
+            rows[name]["runs"].append(curve[-1])
+            log(f"[bench storage] {name} seed {seed}: {curve[-1]:.2f}%")
+    for name, row in rows.items():
+        if name in BYTES_ONLY:
+            row["runs"] = list(rows[BYTES_ONLY[name]]["runs"]) if BYTES_ONLY[name] in rows else []
+            row["same_as"] = BYTES_ONLY[name]
+        runs = row["runs"]
+        row["mean"] = statistics.mean(runs) if runs else None
+        row["std"] = statistics.stdev(runs) if len(runs) > 1 else 0.0
+        if "dense32" in rows and runs and name != "dense32":
+            row["paired_vs_dense32"] = [a - b for a, b in zip(runs, rows["dense32"]["runs"])]
+    return {"machine": machine(), "config": cfg.__dict__, "teachers": dict(zip(cfg.teacher_archs, teacher_acc)),
+            "rows": rows}
+
+
+def to_markdown(r: dict) -> str:
+    c = r["config"]
+    teachers = ", ".join(f"{a} {acc:.2f}%" for a, acc in r["teachers"].items())
+    lines = [f"{c['dataset']}: teachers {teachers}; student {c['student']} (camkd, T={c['kd_T']:g}) on the first "
+             f"{c['limit']} training images, {c['epochs']} epochs = views, {c['seeds']} seeds; {r['machine']['cpu']}, "
+             f"{r['machine']['date']}", "",
+             "| option | logits B/sample-view | features B/sample-view | all B/sample-view | store | tail mass at T (mean per teacher) "
+             "| top-1 % (mean +- std) | vs dense32 per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, row in r["rows"].items():
+        tail = ", ".join(f"{q:.3f}" for q in row["tail_mass_mean"]) if "tail_mass_mean" in row else "-"
+        if row.get("same_as"):
+            acc = f"= {row['same_as']} (lossless)"
+        elif row["mean"] is None:
+            acc = "-"
+        else:
+            acc = f"{row['mean']:.2f} +- {row['std']:.2f}"
+        paired = ", ".join(f"{d:+.2f}" for d in row.get("paired_vs_dense32", [])) if not row.get("same_as") else ""
+        lines.append(f"| {name} | {row['logits_per_sample_view']:,.0f} | {row['features_per_sample_view']:,.0f} | "
+                     f"{row['per_sample_view']:,.0f} | {row['store_bytes'] / 2**20:,.1f} MB | {tail} | {acc} | {paired or '-'} |")
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    """Final top-1 (mean, error bar = std over seeds) against bytes per sample-view, one point per option."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in r["rows"].items():
+        if row["mean"] is None:
+            continue
+        ax.errorbar(row["per_sample_view"], row["mean"], yerr=row["std"], fmt="o", capsize=4)
+        ax.annotate(name, (row["per_sample_view"], row["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("store bytes per sample-view (log)")
+    ax.set_ylabel("CA-MKD student test top-1 %")
+    ax.set_title(f"{r['config']['dataset']}: store option vs student accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save(r: dict, path: Path) -> list[str]:
+    return write_result(r, path, to_markdown(r), plot)
