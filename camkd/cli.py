@@ -237,6 +237,11 @@ def cache_teachers_cmd(
                              "than float32, read back as float32 [default: --dtype].")] = None,
     compressor: Annotated[CompressorChoice, typer.Option("--compressor", help="zstd (level 3) on the view x sample "
                           "arrays; the printed plan is then an upper bound.")] = CompressorChoice.none,
+    logits: Annotated[str, typer.Option("--logits", metavar="dense|topk:K", help="dense: every class; topk:K: the K "
+                      "largest logits per teacher plus exact float32 cross-entropy, entropy and logsumexp at each --kd-T "
+                      "(the KL keeps a tail bin; see README).")] = "dense",
+    kd_t: Annotated[Optional[list[float]], typer.Option("--kd-T", metavar="T", help="With --logits topk:K: a temperature "
+                    "to distill at (repeat for several) [default: 4].")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Teacher batch [default: 64 on CPU, "
                                                       "256 on CUDA].")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the teachers' test accuracy (not recorded).")] = False,
@@ -260,7 +265,11 @@ def cache_teachers_cmd(
                       views=views, seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
                       out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
                       feature_dtype=feature_dtype.value if feature_dtype else None, compressor=compressor.value,
-                      space_check=not no_space_check, **kw)
+                      space_check=not no_space_check, logits=logits, **kw)
+    if kd_t:
+        if not logits.strip().lower().startswith("top"):
+            raise CamkdError("--kd-T is recorded only by a top-k store (--logits topk:K); a dense store serves every temperature")
+        cfg.kd_T = list(kd_t)
     summary = cache_teachers(cfg)
     if _main_rank():
         typer.echo("\n".join(summary["plan"]) if dry_run else format_cache_summary(summary))
