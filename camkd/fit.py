@@ -113,7 +113,7 @@ class Trainee(nn.Module):
             outs.append((sl, _slice_out(tout, sl), feats, logits))
         stats = None
         if split:  # the global batch is split (ranks or micro-batches): its statistics are sums over the slices
-            partial = [self.method.batch_stats(logits.float(), t.logits) for _, t, _, logits in outs]
+            partial = [self.method.batch_stats(logits.float(), t) for _, t, _, logits in outs]
             if partial[0] is not None:
                 stats = partial[0]
                 for q in partial[1:]:
@@ -330,7 +330,7 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
 def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:
     if sl == slice(0, t.logits.shape[0]) or t.logits.shape[0] == 0:
         return t
-    return TeacherOut(logits=t.logits[sl], features={k: [f[sl] for f in v] for k, v in t.features.items()}, heads=t.heads)
+    return t.slice(sl)
 
 
 def _rank_slice(test: Dataset, world: dist.World) -> Dataset:
