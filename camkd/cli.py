@@ -477,7 +477,7 @@ SplitChoice = _choices("Split", ["test", "train"])
 @app.command("report")
 @friendly
 def report_cmd(
-    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="Run folders of train-teacher or distill (or a "
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run folders of train-teacher or distill (or a "
                                                "folder whose subfolders are runs).")],
     group: Annotated[bool, typer.Option("--group", help="Also average runs (mean ± std) whose saved configs are equal "
                                         "except the seeds (--seed, --aug-seed), --trial, the teacher paths (same sha256) "

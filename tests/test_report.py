@@ -168,7 +168,7 @@ def test_report_errors(runs, cli, tmp_path):
     shutil.copy(runs["t0"] / "metrics.jsonl", tmp_path / "e" / "metrics.jsonl")
     one_error_line(cli("report", tmp_path / "e"), r"no last.pth or best.pth")
     one_error_line(cli("report", runs["t0"], runs["t0"]), r"given twice")
-    one_error_line(cli("report"), r"missing argument")
+    one_error_line(cli("report"), r"missing argument .RUN")
 
 
 def test_evaluate_errors(runs, cli, tmp_path):
