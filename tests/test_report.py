@@ -69,6 +69,27 @@ def test_camkd_records_its_feature_level_weights_per_epoch(runs):
     assert w != m[1]["teacher_weights"]
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_inter_weights_are_the_mean_of_every_batch(runs, tmp_path, monkeypatch, micro):
+    """The epoch record is the mean of the method's per-(micro-)batch diagnostic, seen here by wrapping the method."""
+    from camkd.methods.camkd import CAMKD
+
+    seen = []
+    original = CAMKD.feature_term
+
+    def spy(self, *args, **kw):
+        loss, diag = original(self, *args, **kw)
+        seen.append(diag["inter_weights"].double().clone())
+        return loss, diag
+
+    monkeypatch.setattr(CAMKD, "feature_term", spy)
+    distill(distill_cfg(arch="resnet8", method="camkd", cache=str(runs["c0"].parent / "s.zarr"), epochs=2, batch_size=32,
+                        micro_batches=micro, out=str(tmp_path / "r"), progress=False))
+    assert len(seen) == (N // 32) * micro  # epoch 2 only: every step, every micro-batch
+    want = torch.stack(seen).mean(0)
+    assert metrics(tmp_path / "r")[1]["inter_weights"] == pytest.approx(want.tolist(), rel=1e-6)
+
+
 def test_markdown_and_out_files(runs, cli, tmp_path):
     res = cli("report", runs["t0"], runs["c0"], "--out", tmp_path / "rep" / "r.json")
     assert res.exit_code == 0, res.output
