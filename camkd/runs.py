@@ -116,7 +116,13 @@ class TensorBoardLog:
     def open(cls, folder: Path, resume_epoch: int | None) -> TensorBoardLog | None:
         if not tensorboard_available():
             return None
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        try:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        except Exception as e:  # an installed but broken tensorboard (e.g. a protobuf it does not work with) stops no run
+            from camkd.progress import log
+
+            log(f"tensorboard is installed but does not import ({type(e).__name__}: {e}); no TensorBoard scalars for this run")
+            return None
 
         folder.mkdir(exist_ok=True)
         now = time.time()

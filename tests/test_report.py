@@ -251,3 +251,15 @@ def test_no_tensorboard_no_tb_folder(tmp_path, monkeypatch):
     train_teacher(train_cfg(**{**TEACHER, "epochs": 1, "synthetic_samples": 64}, out=str(tmp_path / "r")))
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["best.pth", "best.pth.sha256", "last.pth",
                                                                   "last.pth.sha256", "metrics.jsonl"]
+
+
+def test_a_broken_tensorboard_stops_no_run(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import camkd.runs
+
+    monkeypatch.setattr(camkd.runs, "tensorboard_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorboard.compat.proto.event_pb2", None)  # the import raises ImportError
+    s = train_teacher(train_cfg(**{**TEACHER, "epochs": 1, "synthetic_samples": 64}, out=str(tmp_path / "r")))
+    assert s["epochs"] == 1 and not (tmp_path / "r" / "tb").exists()
+    assert "tensorboard is installed but does not import" in capsys.readouterr().err
