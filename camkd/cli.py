@@ -159,6 +159,13 @@ def _epochs(values: list[str]) -> list[int]:
     return out
 
 
+def _show(r: dict, to_markdown: Callable[[dict], str], save: Callable[[dict, Path], list[str]], out: Path | None) -> None:
+    """Print a benchmark's or report's table; with --out also write JSON, Markdown and PNG and name them."""
+    typer.echo(to_markdown(r))
+    if out is not None:
+        typer.echo(f"\n-> {', '.join(save(r, out))}")
+
+
 def _main_rank() -> bool:
     from camkd import dist
 
@@ -402,9 +409,7 @@ def bench_speed_cmd(
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
                               threads=threads or [1, 2], ranks=[] if no_ranks else (ranks or [1, 2])))
-    typer.echo(to_markdown(r))
-    if out is not None:
-        typer.echo(f"\n-> {', '.join(save(r, out))}")
+    _show(r, to_markdown, save, out)
 
 
 @bench_app.command("accuracy")
@@ -466,9 +471,7 @@ def bench_accuracy_cmd(
                          methods=[m.value for m in methods] if methods else list_methods(), online=not no_online,
                          device=device.value, root=str(root), progress=not quiet)
     r = run_accuracy(cfg)
-    typer.echo(to_markdown(r))
-    if out is not None:
-        typer.echo(f"\n-> {', '.join(save(r, out))}")
+    _show(r, to_markdown, save, out)
 
 
 SplitChoice = _choices("Split", ["test", "train"])
@@ -490,9 +493,7 @@ def report_cmd(
     from camkd.report import report, save, to_markdown
 
     r = report(runs, group=group)
-    typer.echo(to_markdown(r))
-    if out is not None:
-        typer.echo(f"\n-> {', '.join(save(r, out))}")
+    _show(r, to_markdown, save, out)
 
 
 @app.command("evaluate")
@@ -540,9 +541,7 @@ def bench_storage_cmd(
 
     r = run_storage(StorageConfig(root=str(root), data_dir=_str(data_dir), options=option or list(OPTIONS), epochs=epochs,
                                   limit=limit, seeds=seeds, kd_T=kd_t, device=device.value))
-    typer.echo(to_markdown(r))
-    if out is not None:
-        typer.echo(f"\n-> {', '.join(save(r, out))}")
+    _show(r, to_markdown, save, out)
 
 
 @app.command("models")
