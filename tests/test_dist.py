@@ -65,15 +65,19 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process_with_two_micro_batches(store, tmp_path):
-    methods = list_methods()
-    r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", store, tmp_path / "w2", 1, 2, *methods)
+def assert_two_ranks_equal_two_micro_batches(store: Path, out: Path, methods: list[str]) -> None:
+    """2 epochs of each method on 2 ranks and in one process with 2 micro-batches: the same weights, bit for bit."""
+    r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", store, out / "w2", 1, 2, *methods)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, WORKERS / "distill_methods.py", store, tmp_path / "m2", "2", "2", *methods],
+    r = subprocess.run([sys.executable, WORKERS / "distill_methods.py", store, out / "m2", "2", "2", *methods],
                        env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     for method in methods:
-        assert_same_weights(tmp_path / "w2" / method / "last.pth", tmp_path / "m2" / method / "last.pth")
+        assert_same_weights(out / "w2" / method / "last.pth", out / "m2" / method / "last.pth")
+
+
+def test_two_ranks_equal_one_process_with_two_micro_batches(store, tmp_path):
+    assert_two_ranks_equal_two_micro_batches(store, tmp_path, list_methods())
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +94,8 @@ def topk_store(tmp_path_factory):
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_from_a_topk_store(topk_store, tmp_path):
     """The top-k arrays (kept classes, exact CE and entropies) are sliced with the batch like the logits."""
-    methods = ["aekd", "camkd"]  # AEKD: batch statistics summed over slices; CA-MKD: the stored CE sliced
-    r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", topk_store, tmp_path / "w2", 1, 2, *methods)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, WORKERS / "distill_methods.py", topk_store, tmp_path / "m2", "2", "2", *methods],
-                       env=env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for method in methods:
-        assert_same_weights(tmp_path / "w2" / method / "last.pth", tmp_path / "m2" / method / "last.pth")
+    # AEKD: batch statistics summed over the slices; CA-MKD: the stored cross-entropies sliced with the batch
+    assert_two_ranks_equal_two_micro_batches(topk_store, tmp_path, ["aekd", "camkd"])
 
 
 def test_resume_under_another_world_size(store, tmp_path):
