@@ -175,23 +175,34 @@ def to_markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    """Final top-1 (mean, error bar = std over seeds) against bytes per sample-view, one point per option."""
+    """Left: final top-1 per option (mean, error bar = std over seeds); right: bytes per sample-view, logits and
+    features stacked (log scale), so the top-k options' logit savings are visible beside the features."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in r["rows"].items():
-        if row["mean"] is None:
-            continue
-        ax.errorbar(row["per_sample_view"], row["mean"], yerr=row["std"], fmt="o", capsize=4)
-        ax.annotate(name, (row["per_sample_view"], row["mean"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("store bytes per sample-view (log)")
-    ax.set_ylabel("CA-MKD student test top-1 %")
-    ax.set_title(f"{r['config']['dataset']}: store option vs student accuracy")
-    ax.grid(alpha=0.3)
+    names = list(r["rows"])
+    rows = [r["rows"][n] for n in names]
+    fig, (acc, size) = plt.subplots(1, 2, figsize=(11, 4.5))
+    x = range(len(names))
+    means = [row["mean"] if row["mean"] is not None else float("nan") for row in rows]
+    acc.errorbar(x, means, yerr=[row["std"] for row in rows], fmt="o", capsize=4)
+    acc.set_xticks(list(x), names, rotation=20)
+    acc.set_ylabel("CA-MKD student test top-1 %")
+    acc.set_title(f"accuracy ({r['config']['seeds']} seeds)")
+    acc.grid(alpha=0.3)
+    logits = [row["logits_per_sample_view"] for row in rows]
+    feats = [row["features_per_sample_view"] for row in rows]
+    size.bar(x, logits, label="logits (dense or top-k)")
+    size.bar(x, feats, bottom=logits, label="features")
+    size.set_yscale("log")
+    size.set_xticks(list(x), names, rotation=20)
+    size.set_ylabel("stored bytes per sample-view (log)")
+    size.set_title("store size")
+    size.legend(fontsize=8)
+    size.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{r['config']['dataset']}: store options, {len(r['teachers'])} teachers")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
