@@ -145,10 +145,27 @@ def run_storage(cfg: StorageConfig) -> dict:
         runs = row["runs"]
         row["mean"] = statistics.mean(runs) if runs else None
         row["std"] = statistics.stdev(runs) if len(runs) > 1 else 0.0
-        if "dense32" in rows and runs and name != "dense32":
-            row["paired_vs_dense32"] = [a - b for a, b in zip(runs, rows["dense32"]["runs"])]
+        for base in ("dense32", "dense16"):
+            if base in rows and runs and name not in (base, "int8zstd"):
+                row[f"paired_vs_{base}"] = paired(runs, rows[base]["runs"])
     return {"machine": machine(), "config": cfg.__dict__, "teachers": dict(zip(cfg.teacher_archs, teacher_acc)),
             "rows": rows}
+
+
+def paired(runs: list[float], base: list[float]) -> dict:
+    """Per-seed differences to a baseline, their mean and sample std, and whether |mean| > 2 std / sqrt(n)
+    (the paired rule of bench accuracy; with one seed there is no spread and nothing is judged)."""
+    d = [a - b for a, b in zip(runs, base)]
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    return {"diffs": d, "mean": statistics.mean(d), "std": sd,
+            "exceeds_seed_spread": len(d) > 1 and abs(statistics.mean(d)) > 2 * sd / len(d) ** 0.5}
+
+
+def _paired_text(p: dict | None) -> str:
+    if not p:
+        return "-"
+    mark = " (beyond spread)" if p["exceeds_seed_spread"] else ""
+    return f"{p['mean']:+.2f} +- {p['std']:.2f}{mark}"
 
 
 def to_markdown(r: dict) -> str:
@@ -158,8 +175,8 @@ def to_markdown(r: dict) -> str:
              f"{c['limit']} training images, {c['epochs']} epochs = views, {c['seeds']} seeds; {r['machine']['cpu']}, "
              f"{r['machine']['date']}", "",
              "| option | logits B/sample-view | features B/sample-view | all B/sample-view | store | tail mass at T (mean per teacher) "
-             "| top-1 % (mean +- std) | vs dense32 per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| top-1 % (mean +- std) | runs | paired vs dense32 | paired vs dense16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in r["rows"].items():
         tail = ", ".join(f"{q:.3f}" for q in row["tail_mass_mean"]) if "tail_mass_mean" in row else "-"
         if row.get("same_as"):
@@ -168,9 +185,13 @@ def to_markdown(r: dict) -> str:
             acc = "-"
         else:
             acc = f"{row['mean']:.2f} +- {row['std']:.2f}"
-        paired = ", ".join(f"{d:+.2f}" for d in row.get("paired_vs_dense32", [])) if not row.get("same_as") else ""
+        runs = ", ".join(f"{x:.2f}" for x in row["runs"]) if not row.get("same_as") else "-"
         lines.append(f"| {name} | {row['logits_per_sample_view']:,.0f} | {row['features_per_sample_view']:,.0f} | "
-                     f"{row['per_sample_view']:,.0f} | {row['store_bytes'] / 2**20:,.1f} MB | {tail} | {acc} | {paired or '-'} |")
+                     f"{row['per_sample_view']:,.0f} | {row['store_bytes'] / 2**20:,.1f} MB | {tail} | {acc} | {runs} | "
+                     f"{_paired_text(row.get('paired_vs_dense32'))} | {_paired_text(row.get('paired_vs_dense16'))} |")
+    lines += ["", "Paired: per seed, the option's top-1 minus the baseline's, mean +- std over seeds; 'beyond spread' when "
+              "|mean| > 2 std / sqrt(seeds). The top-k and int8 stores have float16 values, so dense16 is their like-for-like "
+              "baseline."]
     return "\n".join(lines)
 
 
