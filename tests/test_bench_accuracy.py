@@ -149,6 +149,12 @@ def test_paired_arithmetic():
     assert p["threshold"] == pytest.approx(2 / math.sqrt(3)) and p["exceeds"] is False
     q = A.paired([1.0, 1.1, 0.9], [0.0, 0.0, 0.0])
     assert q["mean"] == pytest.approx(1.0) and q["sd"] == pytest.approx(0.1) and q["exceeds"] is True
+    assert p["t"] == pytest.approx(math.sqrt(3)) and p["t_crit_95"] == 4.303 and p["t_test_95"] is False
+    assert q["t"] == pytest.approx(10 * math.sqrt(3)) and q["t_test_95"] is True
+    # passes the 2-standard-error rule, not the t-test: what n = 3 allows
+    r = A.paired([87.95, 87.05, 87.78], [86.42, 86.27, 86.99])
+    assert r["exceeds"] is True and r["t"] == pytest.approx(4.16, abs=0.01) and r["t_test_95"] is False
+    assert A.t_crit_95(12) == 2.228 and A.t_crit_95(100) == 1.96
     assert A.paired([-1.0, -1.1, -0.9], [0.0, 0.0, 0.0])["exceeds"] is True  # either sign
     with pytest.raises(ValueError):
         A.paired([1.0], [1.0, 2.0])

@@ -19,7 +19,8 @@ Defaults (a 2-core CPU, about an hour per protocol; each is one command):
 
 Results: mean +- std of the last epoch's test top-1 per method; per-seed paired differences
 (camkd - avg, camkd - kd) with their mean and std, called larger than the seed spread when
-|mean| > 2 sd / sqrt(n) (two standard errors of the paired mean); the teachers' test top-1 and
+|mean| > 2 sd / sqrt(n) (two standard errors of the paired mean), and the paired t statistic
+with a two-sided 5 % t-test beside it (stricter for 3 seeds: |t| > 4.30); the teachers' test top-1 and
 pairwise disagreement (fraction of test images where two teachers' top-1 differ); CA-MKD's
 logit-level weight of each teacher (a pure function of the teachers' cross-entropies, computed
 from the store's view 0 over all samples) on the samples that teacher gets wrong vs right; the
@@ -58,6 +59,9 @@ from camkd.progress import log
 PROTOCOLS = ("equal", "unequal")
 PAIRS = (("camkd", "avg"), ("camkd", "kd"))
 RULE = "|mean| > 2 sd / sqrt(n)"
+# two-sided 5 % critical values of Student's t by degrees of freedom (n - 1); beyond the table, the normal's 1.96
+T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+             15: 2.131, 20: 2.086, 30: 2.042}
 
 
 @dataclass
@@ -174,8 +178,16 @@ def _ensure_student(cfg: AccuracyConfig, store: Path, store_key: str, teachers: 
 
 
 # ----------------------------------------------------------------------------------------- analyses
+def t_crit_95(df: int) -> float:
+    """Two-sided 5 % critical t for ``df`` degrees of freedom (between table entries: the smaller df's, larger value)."""
+    if df < 1:
+        return float("nan")
+    return 1.96 if df > 30 else T_CRIT_95[max(k for k in T_CRIT_95 if k <= df)]
+
+
 def paired(a: list[float], b: list[float]) -> dict:
-    """Per-seed differences a - b, their mean, sd (n - 1), the threshold 2 sd / sqrt(n), and whether |mean| exceeds it."""
+    """Per-seed differences a - b, their mean, sd (n - 1), the threshold 2 sd / sqrt(n) and whether |mean| exceeds it;
+    also the paired t statistic and whether it passes a two-sided 5 % t-test (a stricter call for small n)."""
     if len(a) != len(b):
         raise ValueError("paired comparison needs the same seeds on both sides")
     d = [x - y for x, y in zip(a, b)]
@@ -183,8 +195,11 @@ def paired(a: list[float], b: list[float]) -> dict:
     mean = statistics.mean(d)
     sd = statistics.stdev(d) if n > 1 else float("nan")
     threshold = 2 * sd / math.sqrt(n) if n > 1 else float("nan")
+    t = mean / (sd / math.sqrt(n)) if n > 1 and sd > 0 else float("nan")
+    crit = t_crit_95(n - 1)
     return {"diffs": d, "mean": mean, "sd": sd, "n": n, "threshold": threshold,
-            "exceeds": bool(n > 1 and abs(mean) > threshold)}
+            "exceeds": bool(n > 1 and abs(mean) > threshold), "t": t, "t_crit_95": crit,
+            "t_test_95": bool(n > 1 and not math.isnan(t) and abs(t) > crit)}
 
 
 def disagreement(preds: np.ndarray) -> list[list[float]]:
@@ -344,10 +359,12 @@ def to_markdown(r: dict) -> str:
     c = r["config"]
     names = [t["role"] for t in r["teachers"]]
     lines = [f"**Protocol {r['protocol']}**: {c['dataset']}, student {c['student']} on the first {c['limit'] or 'all'} "
-             f"training images, {c['epochs']} epochs ({c['epochs']} cached views, {c['dtype']}), batch {c['batch_size']}, "
+             f"training images, {c['epochs']} epochs ({c.get('views') or c['epochs']} cached views, {c['dtype']}), "
+             f"batch {c['batch_size']}, "
              f"lr {c['lr']}, seeds {', '.join(map(str, c['seeds']))}; {r['machine']['cpu']} ({r['machine']['cores']} cores"
              f"{', ' + r['machine']['gpu'] if r['machine'].get('gpu') else ', no GPU'}), {r['machine']['date']}; "
-             f"this invocation {r['seconds'] / 60:.1f} min", "",
+             f"this invocation {r['seconds'] / 60:.1f} min (it trained {len(r['work']['teachers'])} teachers, "
+             f"{len(r['work']['students'])} students, {len(r['work']['stores'])} stores; the rest was reused)", "",
              "| teacher | arch | trained on | epochs | test top-1 % |", "|---|---|---|---|---|"]
     for t in r["teachers"]:
         what = f"{t['train_images']} images" + (f", {t['label_noise'] * 100:.0f} % labels corrupted (seed "
@@ -361,15 +378,18 @@ def to_markdown(r: dict) -> str:
     lines += ["", f"All teachers right on {tt['all_right'] * 100:.1f} % of the test images, some right and some wrong on "
               f"{tt['some_wrong_some_right'] * 100:.1f} %, all wrong on {tt['all_wrong'] * 100:.1f} %.", "",
               "| method | top-1 % (mean +- std) | runs (seeds " + ", ".join(map(str, c["seeds"])) + ") |", "|---|---|---|"]
-    for name, row in sorted(r["table"].items(), key=lambda kv: -kv[1]["mean"]):
+    for name, row in sorted(r["table"].items(), key=lambda kv: ("online" in kv[0], -kv[1]["mean"])):
         lines.append(f"| {name} | {row['mean']:.2f} +- {row['std']:.2f} | {', '.join(f'{x:.2f}' for x in row['runs'])} |")
     if r["paired"]:
         lines += ["", f"Paired by seed (the same seed gives both runs the same init and sample order); the difference "
                   f"is called larger than the seed spread when {r['rule']}:", "",
-                  "| pair | per-seed differences | mean | sd | 2 sd / sqrt(n) | exceeds |", "|---|---|---|---|---|---|"]
+                  "| pair | per-seed differences | mean | sd | 2 sd / sqrt(n) | exceeds | t | paired t-test, 5 % two-sided |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, p in r["paired"].items():
+            crit = p.get("t_crit_95", float("nan"))
             lines.append(f"| {name} | {', '.join(f'{d:+.2f}' for d in p['diffs'])} | {p['mean']:+.2f} | {_f(p['sd'], 2)} | "
-                         f"{_f(p['threshold'], 2)} | {'yes' if p['exceeds'] else 'no'} |")
+                         f"{_f(p['threshold'], 2)} | {'yes' if p['exceeds'] else 'no'} | {_f(p.get('t'), 2)} | "
+                         f"{'passes' if p.get('t_test_95') else 'does not pass'} (needs \\|t\\| > {_f(crit, 2)}) |")
     if r["cache_vs_online"]:
         a = r["cache_vs_online"]
         lines += ["", f"camkd from the store {a['cached']:.2f} % vs --online {a['online']:.2f} % (seed {c['seeds'][0]}): "
