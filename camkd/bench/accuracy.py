@@ -430,12 +430,16 @@ def plot(r: dict, path: Path) -> None:
     for name, runs in r["curves"].items():
         length = min(len(c) for c in runs)
         mean = [statistics.mean(c[i] for c in runs) for i in range(length)]
-        ax.plot(range(1, length + 1), mean, marker="o", label=name, linestyle="--" if "online" in name else "-")
+        if "online" in name:  # one seed only: its points, not a line to compare with the means
+            ax.plot(range(1, length + 1), mean, marker="x", linestyle="none", color="k", label=f"{name}, seed {r['config']['seeds'][0]}")
+        else:
+            ax.plot(range(1, length + 1), mean, marker="o", label=name)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 % (mean over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    names = [n for n in r["table"] if "online" not in n]
+    names = sorted((n for n in r["table"] if "online" not in n), key=lambda n: -r["table"][n]["mean"])
     means = [r["table"][n]["mean"] for n in names]
     stds = [r["table"][n]["std"] for n in names]
     bx.bar(names, means, yerr=stds, capsize=4, color="tab:gray")
