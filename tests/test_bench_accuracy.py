@@ -45,12 +45,15 @@ def test_first_run_makes_everything_and_reports(equal_run, tmp_path):
     assert len(tt["top1"]) == 3 and tt["disagreement"][0][0] == 0.0 and tt["disagreement"][0][1] == tt["disagreement"][1][0]
     assert math.isclose(tt["all_right"] + tt["some_wrong_some_right"] + tt["all_wrong"], 1.0)
     assert len(r["weights_store_view0"]) == 3 and set(r["weights_logged"]) == {"ce", "avg", "camkd", "camkd --online"}
+    inter = r["inter_weights_logged"]["camkd"]  # the feature level's weights: none in epoch 1, a share per teacher after
+    assert set(r["inter_weights_logged"]) == {"camkd", "camkd --online"} and inter[0] is None
+    assert len(inter[1]) == 3 and math.isclose(sum(inter[1]), 1.0, rel_tol=1e-4)
     for f in (root / "teachers").iterdir():  # folders named ARCH-HASH, each a finished run
         assert f.name.split("-")[0] in ("resnet8", "resnet14", "wrn_16_1") and finished(f, 1)
     files = A.save(r, tmp_path / "res" / "equal.json")
     assert json.loads((tmp_path / "res" / "equal.json").read_text())["protocol"] == "equal"
     md = (tmp_path / "res" / "equal.md").read_text()
-    assert "| camkd - avg |" in md and "| camkd |" in md and "disagreement" in md
+    assert "| camkd - avg |" in md and "| camkd |" in md and "disagreement" in md and "feature level (inter_weights)" in md
     from PIL import Image
 
     assert Image.open(files[2]).size[0] > 300

@@ -304,6 +304,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
     curves: dict[str, list[list[float]]] = {}
     finals: dict[str, list[float]] = {}
     logged_weights: dict[str, list[list[list[float]]]] = {}
+    logged_inter: dict[str, list[list[list[float] | None]]] = {}
     runs = [(m, seed, False) for seed in cfg.seeds for m in cfg.methods]
     if cfg.online and "camkd" in cfg.methods:
         runs.append(("camkd", cfg.seeds[0], True))
@@ -317,6 +318,8 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
         finals.setdefault(name, []).append(h[-1]["test_top1"])
         if h and "teacher_weights" in h[0]:
             logged_weights.setdefault(name, []).append([rec["teacher_weights"] for rec in h])
+        if any("inter_weights" in rec for rec in h):  # camkd's feature level (from epoch 2, when its term starts)
+            logged_inter.setdefault(name, []).append([rec.get("inter_weights") for rec in h])
         log(f"[bench] {cfg.protocol}: {name} seed {seed}: {h[-1]['test_top1']:.2f}%")
 
     table = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
@@ -335,6 +338,9 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
     w_store = weights_by_correctness(st.logits(0).float().numpy(), st.labels(), _noisy_indices(cfg, specs))
     weight_curves = {name: [[statistics.mean(run[e][k] for run in per) for k in range(len(specs))]
                             for e in range(min(len(run) for run in per))] for name, per in logged_weights.items()}
+    inter_curves = {name: [None if any(run[e] is None for run in per) else
+                           [statistics.mean(run[e][k] for run in per) for k in range(len(specs))]
+                           for e in range(min(len(run) for run in per))] for name, per in logged_inter.items()}
     tt = _teacher_test(cfg, ckpts)
     teachers = [{"role": s.role, "arch": s.arch, "folder": str(f), "sha256": sha, "limit": s.limit,
                  "label_noise": s.label_noise, "label_noise_seed": s.label_noise_seed if s.label_noise else None,
@@ -347,6 +353,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
     return {"protocol": cfg.protocol, "machine": machine(), "config": asdict(cfg), "teachers": teachers,
             "teacher_test": tt, "store": str(store), "table": table, "curves": curves, "paired": pairs, "rule": RULE,
             "cache_vs_online": agree, "weights_store_view0": w_store, "weights_logged": weight_curves,
+            "inter_weights_logged": inter_curves,
             "runs": student_dirs, "work": work, "seconds": time.perf_counter() - t_start}
 
 
@@ -416,6 +423,9 @@ def to_markdown(r: dict) -> str:
             if all(abs(x - 1 / len(names)) < 1e-6 for ep in per for x in ep) or not any(x for ep in per for x in ep):
                 continue  # uniform by construction (kd, avg, fitnet) or none (ce)
             lines.append(f"| {name} | " + " | ".join("/".join(f"{x:.3f}" for x in ep) for ep in per) + " |")
+        for name, per in (r.get("inter_weights_logged") or {}).items():
+            lines.append(f"| {name}, feature level (inter_weights) | " + " | ".join(
+                "-" if ep is None else "/".join(f"{x:.3f}" for x in ep) for ep in per) + " |")
     return "\n".join(lines)
 
 
