@@ -99,12 +99,6 @@ class TeacherStore:
             out[name] = torch.from_numpy(a).to(device)
         return out
 
-    def top1(self, view: int) -> np.ndarray:
-        """[N, K] each teacher's top-1 class in ``view`` (dense or top-k)."""
-        if self.logits_spec.kind == "dense":
-            return self._read("logits", view, f"view {view} ").argmax(-1)
-        return self._read("topk/index", (view, slice(None), slice(None), 0), f"view {view} ").astype(np.int64)
-
     def heads(self, device: torch.device | str = "cpu") -> list[nn.Module]:
         """Each teacher's classifier head rebuilt from the stored weights, frozen, eval mode."""
         out = []
