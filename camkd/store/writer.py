@@ -267,7 +267,7 @@ class _Block:
         else:
             for name, value in TK.compute(logits, labels, self.spec).items():
                 buf = self.logits[f"topk/{name}"][s:e]
-                if buf.dtype == np.uint8:  # torch has uint8 but copy_ from int64 needs the same dtype
+                if buf.dtype == np.uint8:  # class indices: cast by numpy on the host (values < 256 by construction)
                     buf[...] = value.cpu().numpy()
                 else:
                     torch.from_numpy(buf).copy_(value)
