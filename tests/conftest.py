@@ -22,3 +22,23 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture
+def interrupted_creation(monkeypatch):
+    """Until ``.restore()``, creating a Zarr array stops the third time with KeyboardInterrupt (what a kill while
+    creating a store leaves: some arrays made, no attrs); ``.calls`` counts the attempts."""
+    from types import SimpleNamespace
+
+    import zarr
+
+    real, calls = zarr.Group.create_array, []
+
+    def dies_on_third_array(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(zarr.Group, "create_array", dies_on_third_array)
+    return SimpleNamespace(calls=calls, restore=lambda: monkeypatch.setattr(zarr.Group, "create_array", real))

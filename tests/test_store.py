@@ -294,23 +294,14 @@ def test_resume_after_sigkill_is_bit_identical(teachers, uninterrupted, tmp_path
     assert not list(killed.rglob("*.partial")), "temporary files of the killed write left in the store"
 
 
-def test_interrupted_while_creating_resumes(cli, teachers, small, tmp_path, monkeypatch):
+def test_interrupted_while_creating_resumes(cli, teachers, small, tmp_path, interrupted_creation):
     """Stopped half-way through creating the store, the same command must still go on (not refuse a half store)."""
     path, args = small
     out = tmp_path / "s.zarr"
     args = ["cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(out))]
-    real, calls = zarr.Group.create_array, []
-
-    def dies_on_third_array(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # what a kill leaves: some arrays made, no attrs
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(zarr.Group, "create_array", dies_on_third_array)
     assert cli(*args).exit_code == 130
-    monkeypatch.setattr(zarr.Group, "create_array", real)
-    assert len(calls) == 3 and not out.exists()
+    interrupted_creation.restore()
+    assert len(interrupted_creation.calls) == 3 and not out.exists()
     r = cli(*args)
     assert r.exit_code == 0, r.output
     assert_stores_equal(out, path)

@@ -202,22 +202,11 @@ def test_cache_info_and_verify_on_s3(s3_store, teachers):
     assert not parse_location(other).exists()
 
 
-def test_interrupted_creation_on_s3_is_created_anew(s3, teachers, local_store, monkeypatch):
+def test_interrupted_creation_on_s3_is_created_anew(s3, teachers, local_store, interrupted_creation):
     """No rename on S3: a store stopped while being created keeps its CREATING mark; the same command starts it over."""
-    import zarr
-
     url = f"s3://{BUCKET}/stores/half.zarr"
-    real, calls = zarr.Group.create_array, []
-
-    def dies_on_third_array(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # what a kill leaves: some arrays made, no attrs
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(zarr.Group, "create_array", dies_on_third_array)
     assert invoke(*cache_args(teachers, url)).exit_code == 130
-    monkeypatch.setattr(zarr.Group, "create_array", real)
+    interrupted_creation.restore()
     group = json.loads(s3.get_object(Bucket=BUCKET, Key="stores/half.zarr/zarr.json")["Body"].read())
     assert group["attributes"] == {"camkd_creating": True}
     r = invoke("cache-info", url)
