@@ -266,11 +266,7 @@ class _Block:
             torch.from_numpy(self.logits["logits"][s:e]).copy_(logits)
         else:
             for name, value in TK.compute(logits, labels, self.spec).items():
-                buf = self.logits[f"topk/{name}"][s:e]
-                if buf.dtype == np.uint8:  # class indices: cast by numpy on the host (values < 256 by construction)
-                    buf[...] = value.cpu().numpy()
-                else:
-                    torch.from_numpy(buf).copy_(value)
+                torch.from_numpy(self.logits[f"topk/{name}"][s:e]).copy_(value)  # cast and copy to the host in one pass
         for name, per_teacher in feats.items():
             for buf, f in zip(self.feats[name], per_teacher):
                 torch.from_numpy(buf[s:e]).copy_(f)
