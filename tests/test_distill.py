@@ -12,7 +12,7 @@ from camkd.methods import list_methods
 from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.train import train_teacher
 
-N = 512
+N = 256
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_unknown_method_lists_names(stores, tmp_path):
 
 
 def test_batch_larger_than_store_refused(stores, tmp_path):
-    with pytest.raises(CamkdError, match=r"--batch-size 5000 is larger than the 512 training samples"):
+    with pytest.raises(CamkdError, match=rf"--batch-size 5000 is larger than the {N} training samples"):
         run(tmp_path, "b", method="kd", cache=stores["float16"], batch_size=5000)
 
 

@@ -1,15 +1,18 @@
-"""Run under torchrun (or alone): distill every given method from a store, one run folder each.
+"""Run under torchrun (or alone): distill each METHOD@STORE given, one run folder each (OUT/METHOD-STORENAME).
 
-usage: distill_methods.py STORE OUT MICRO_BATCHES EPOCHS METHOD...
+usage: distill_methods.py OUT MICRO_BATCHES EPOCHS METHOD@STORE...
 """
 
 import sys
+from pathlib import Path
 
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig, distill
 
-store, out, micro, epochs, *methods = sys.argv[1:]
-for method in methods:
+out, micro, epochs, *runs = sys.argv[1:]
+for run in runs:
+    method, store = run.split("@", 1)
     distill(DistillConfig(arch="resnet8", method=method, cache=store, data=DataConfig(dataset=None),
                           optim=OptimConfig(epochs=int(epochs), batch_size=32, lr=0.05, micro_batches=int(micro)),
-                          run=RunConfig(seed=7, device="cpu", out=f"{out}/{method}", deterministic=True, progress=False)))
+                          run=RunConfig(seed=7, device="cpu", out=f"{out}/{method}-{Path(store).stem}", deterministic=True,
+                                        progress=False)))
