@@ -36,8 +36,8 @@ class OneLineErrors(TyperGroup):
             typer.echo(e.ctx.get_help() if e.ctx else str(e))
             sys.exit(0)
         except ClickException as e:
-            where = f"; see 'camkd {e.ctx.info_name} --help'" if getattr(e, "ctx", None) and e.ctx.parent else \
-                "; see 'camkd --help'"
+            ctx = getattr(e, "ctx", None)  # the (sub)command's own help: 'camkd bench speed --help'
+            where = f"; see '{' '.join(['camkd', *ctx.command_path.split()[1:]]) if ctx else 'camkd'} --help'"
             msg = e.format_message().replace("Value error, ", "").rstrip(".")
             typer.echo(f"error: {msg[0].lower() + msg[1:] if msg else msg}{where}", err=True)
             sys.exit(2)

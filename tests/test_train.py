@@ -93,6 +93,12 @@ def test_missing_option_is_one_line(cli, tmp_path):
     assert_clean_error(cli("cache-teachers", "--dataset", "synthetic", "-V", "1"), r"missing option '--teacher'")
 
 
+def test_usage_error_points_at_the_help_of_the_command_used(cli):
+    assert_clean_error(cli("bench", "speed", "--samples", "3"), r"'--samples'.*; see 'camkd bench speed --help'$")
+    assert_clean_error(cli("distill", "--epochs", "0"), r"'--epochs'.*; see 'camkd distill --help'$")
+    assert_clean_error(cli("nosuch"), r"no such command 'nosuch'; see 'camkd --help'$")
+
+
 def test_names_are_checked_before_the_data_loads(cli, tmp_path, monkeypatch):
     import camkd.data.base as base
 
