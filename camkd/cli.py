@@ -499,8 +499,11 @@ def report_cmd(
 @app.command("evaluate")
 @friendly
 def evaluate_cmd(
-    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="A checkpoint of train-teacher or distill (best.pth, "
-                                               "last.pth).")],
+    checkpoint: Annotated[str, typer.Argument(metavar="CKPT", help="A checkpoint of train-teacher or distill (best.pth, "
+                                              "last.pth), or ARCH=PATH for a reference {'model': state_dict} file "
+                                              "(RepDistiller's / CA-MKD's teachers; needs --dataset).")],
+    dataset: Annotated[Optional[DatasetChoice], typer.Option("--dataset", "-d", help="Only for an ARCH=PATH reference "
+                       "checkpoint: the data it was trained on (its standard normalization) [default: the run's].")] = None,
     split: Annotated[SplitChoice, typer.Option("--split", help="test: the run's test split; train: the run's training "
                                                "samples (checked by fingerprint).")] = SplitChoice.test,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files [default: the "
@@ -510,13 +513,13 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of the split.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
-    """Top-1 / top-5 / loss of a checkpoint on a split (its meta names arch, dataset and normalization)."""
+    """Top-1 / top-5 / loss of a checkpoint on a split (a camkd checkpoint's meta names arch, data and normalization)."""
     import json
 
     from camkd.evaluate import evaluate_checkpoint, format_evaluation
 
     r = evaluate_checkpoint(checkpoint, split=split.value, data_dir=_str(data_dir), batch_size=batch_size,
-                            device=device.value, limit=limit)
+                            device=device.value, limit=limit, dataset=dataset.value if dataset else None)
     typer.echo(json.dumps(r) if as_json else format_evaluation(r))
 
 

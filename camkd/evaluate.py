@@ -115,33 +115,73 @@ def _store_train(cache: str | None, data_dir: str | None, path: str) -> Dataset:
 
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str | None = None, batch_size: int = 256,
-                        device: str = "auto", limit: int | None = None) -> dict:
-    """Top-1 / top-5 (percent) and mean CE loss of a camkd checkpoint (teacher or student) on ``split``.
+                        device: str = "auto", limit: int | None = None, dataset: str | None = None) -> dict:
+    """Top-1 / top-5 (percent) and mean CE loss of a checkpoint (teacher or student) on ``split``.
 
-    With the defaults, ``test`` on a run's ``last.pth`` gives that run's last ``test_top1`` in
-    ``metrics.jsonl`` (the same images, normalization and batch size).
+    ``path`` is a camkd checkpoint, or ``ARCH=PATH`` for a reference ``{'model': state_dict}`` file
+    (RepDistiller's / CA-MKD's published teachers); a reference file names neither its arch nor its
+    data, so it needs the arch and ``dataset`` (evaluated with that dataset's standard normalization,
+    the whole split). With the defaults, ``test`` on a camkd run's ``last.pth`` gives that run's last
+    ``test_top1`` in ``metrics.jsonl`` (the same images, normalization and batch size).
     """
     from camkd.checkpoint import load_checkpoint
     from camkd.device import resolve_device
     from camkd.models import create_model, resolve_arch
-    from camkd.teachers import state_dict_mismatch
+    from camkd.teachers import parse_teacher_spec, state_dict_mismatch
 
     if batch_size < 1:
         raise CamkdError(f"--batch-size must be at least 1, got {batch_size}")
+    if split not in ("train", "test"):
+        raise CamkdError(f"unknown split '{split}'; choose train or test")
     dev = resolve_device(device)
-    ckpt = load_checkpoint(path)
-    data, what = checkpoint_split(ckpt, split, data_dir=data_dir, limit=limit, path=str(path))
-    meta = ckpt["meta"]
+    arch, file = parse_teacher_spec(str(path))
+    ckpt = load_checkpoint(file)
+    meta = ckpt.get("meta") or {}
+    if not all(k in meta for k in ("arch", "dataset", "num_classes", "in_channels")):
+        return _evaluate_reference(ckpt, arch, file, split=split, dataset=dataset, data_dir=data_dir,
+                                   batch_size=batch_size, device=dev, limit=limit)
+    if arch is not None and resolve_arch(arch) != resolve_arch(meta["arch"]):
+        raise CamkdError(f"{file} is a camkd checkpoint of arch '{meta['arch']}', not '{arch}'; give the path alone")
+    if dataset is not None and dataset != meta["dataset"]:
+        raise CamkdError(f"{file} was trained on {meta['dataset']}, not {dataset}; leave out --dataset (its meta names the data)")
+    data, what = checkpoint_split(ckpt, split, data_dir=data_dir, limit=limit, path=str(file))
     model = create_model(resolve_arch(meta["arch"]), num_classes=int(meta["num_classes"]), in_channels=int(meta["in_channels"]))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError:
-        raise CamkdError(f"{path} does not fit its own arch '{meta['arch']}': "
+        raise CamkdError(f"{file} does not fit its own arch '{meta['arch']}': "
                          f"{state_dict_mismatch(model.state_dict(), ckpt['model'])}") from None
     model.to(dev)
     acc = evaluate(model, data.to(dev), batch_size=batch_size)
-    return {"checkpoint": str(path), "arch": model.arch, "method": meta.get("method"), "epoch": meta.get("epoch"),
+    return {"checkpoint": str(file), "arch": model.arch, "method": meta.get("method"), "epoch": meta.get("epoch"),
             "dataset": data.name, "split": split, "samples": len(data), "which": what, "device": str(dev), **acc}
+
+
+def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str, dataset: str | None,
+                        data_dir: str | None, batch_size: int, device: torch.device, limit: int | None) -> dict:
+    """A checkpoint without camkd meta: the arch from ARCH=PATH, the data from --dataset."""
+    from camkd.data import check_dataset, dataset_names, load_split
+    from camkd.teachers import load_teacher
+
+    if arch is None:
+        raise CamkdError(f"{file} has no camkd meta, so it names no arch; pass it as ARCH=PATH, e.g. resnet32x4={file}")
+    if dataset is None:
+        raise CamkdError(f"{file} has no camkd meta, so it names no data; add --dataset ({', '.join(dataset_names())})")
+    check_dataset(dataset)
+    teacher = load_teacher(f"{arch}={file}", device=device)  # classes and channels read off the weights, loaded strictly
+    data = load_split(dataset, split, data_dir=data_dir)
+    if data.num_classes != teacher.num_classes or data.in_channels != teacher.in_channels:
+        raise CamkdError(f"{file} is a {teacher.num_classes}-class, {teacher.in_channels}-channel {arch}, but {dataset} has "
+                         f"{data.num_classes} classes and {data.in_channels} channels; is it the right --dataset?")
+    what = f"the whole {split} split"
+    if limit is not None and limit < len(data):
+        what = f"the first {limit} of the {split} split"
+        data = data.limit(limit)
+    acc = evaluate(teacher.model, data.to(device), batch_size=batch_size)
+    epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None  # RepDistiller saves the epoch beside the weights
+    return {"checkpoint": str(file), "arch": teacher.arch, "method": None, "epoch": epoch, "dataset": data.name,
+            "split": split, "samples": len(data), "which": what + ", the dataset's standard normalization",
+            "device": str(device), **acc}
 
 
 def format_evaluation(r: dict) -> str:

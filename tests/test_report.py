@@ -12,6 +12,7 @@ import torch
 from configs import distill_cfg, train_cfg
 
 from camkd.checkpoint import load_checkpoint
+from camkd.data import load_split
 from camkd.distill import distill
 from camkd.evaluate import evaluate_checkpoint
 from camkd.models import create_model
@@ -168,6 +169,38 @@ def test_evaluate_train_split_and_cli(runs, cli):
     assert f"top-1 {metrics(runs['t0'])[-1]['test_top1']:.2f}%" in res.output
 
 
+def test_evaluate_a_reference_checkpoint(runs, cli, tmp_path):
+    """ARCH=PATH and --dataset: a {'model': state_dict} file (RepDistiller's layout) on the dataset's whole test split."""
+    state = load_checkpoint(runs["t0"] / "last.pth")["model"]
+    torch.save({"epoch": 240, "model": state, "accuracy": 12.5}, tmp_path / "ref.pth")
+    res = cli("evaluate", f"resnet8={tmp_path / 'ref.pth'}", "--dataset", "synthetic", "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    # independently: one forward pass over the default synthetic test split, x / 255 then (x - mean) / std
+    test = load_split("synthetic", "test")
+    model = create_model("resnet8", num_classes=10)
+    model.load_state_dict(state)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (test.norm.mean, test.norm.std))
+    with torch.no_grad():
+        logits = model.eval()((test.images.float() / 255 - mean) / std)
+    assert r["samples"] == len(test) == 256 and r["epoch"] == 240 and r["method"] is None
+    assert r["top1"] == pytest.approx(100.0 * (logits.argmax(1) == test.labels).float().mean().item(), abs=1e-9)
+    assert r["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, test.labels).item(), rel=1e-5)
+    res = cli("evaluate", f"resnet8={tmp_path / 'ref.pth'}", "-d", "synthetic", "--limit", "10", "--device", "cpu")
+    assert res.exit_code == 0 and "(256 images" not in res.output and "(10 images, the first 10 of the test split" in res.output
+
+
+def test_evaluate_reference_errors(runs, cli, tmp_path):
+    torch.save({"model": load_checkpoint(runs["t0"] / "last.pth")["model"]}, tmp_path / "ref.pth")
+    ref = tmp_path / "ref.pth"
+    one_error_line(cli("evaluate", f"resnet8={ref}"), r"no camkd meta, so it names no data; add --dataset .*synthetic")
+    one_error_line(cli("evaluate", f"resnet14={ref}", "-d", "synthetic"), r"does not fit arch 'resnet14'")
+    one_error_line(cli("evaluate", f"resnet8={ref}", "-d", "fashion-mnist"),
+                   r"10-class, 3-channel resnet8, but fashion-mnist has 10 classes and 1 channels; is it the right --dataset")
+    one_error_line(cli("evaluate", f"resnet14={runs['t0'] / 'last.pth'}"), r"camkd checkpoint of arch 'resnet8', not 'resnet14'")
+    one_error_line(cli("evaluate", runs["t0"] / "last.pth", "-d", "cifar10"), r"trained on synthetic, not cifar10; leave out --dataset")
+
+
 def one_error_line(res, pattern):
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.strip()]
@@ -196,7 +229,7 @@ def test_evaluate_errors(runs, cli, tmp_path):
     one_error_line(cli("evaluate", tmp_path / "nope.pth"), r"checkpoint .*nope.pth not found")
     one_error_line(cli("evaluate", runs["t0"] / "metrics.jsonl"), r"not a readable torch checkpoint")
     torch.save({"model": create_model("resnet8", num_classes=10).state_dict()}, tmp_path / "ref.pth")
-    one_error_line(cli("evaluate", tmp_path / "ref.pth"), r"no camkd meta .*arch")
+    one_error_line(cli("evaluate", tmp_path / "ref.pth"), r"no camkd meta, so it names no arch; pass it as ARCH=PATH")
     one_error_line(cli("evaluate", runs["t0"] / "last.pth", "--split", "val"), r"invalid value for '--split'")
     if not torch.cuda.is_available():
         one_error_line(cli("evaluate", runs["t0"] / "last.pth", "--device", "cuda"), r"no CUDA device")
