@@ -164,4 +164,5 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     r = fit(model, method, source, data, optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)
     return {"arch": model.arch, "method": cfg.method, "out": str(folder.path), "last_top1": r.last_top1,
             "best_top1": r.best_top1, "best_epoch": r.best_epoch, "seconds": r.seconds, "history": r.epochs,
-            "mode": "online" if cfg.online else "cached"}
+            "mode": "online" if cfg.online else "cached",
+            "staged_bytes": source.staged_bytes if isinstance(source, StoreTeachers) else 0}  # this rank's remote reads

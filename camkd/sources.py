@@ -11,12 +11,17 @@ The training loop (fit.py) has no mode branches: it asks the source.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from camkd import dist
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
 from camkd.store import topk as TK
@@ -96,6 +101,9 @@ class StoreTeachers:
     (stage.py): beginning view v waits for v to be staged, then starts staging (v + 1) mod V in the
     background (the next epoch's view) and drops the others, so at most two views are on local disk
     (under ``stage_dir``, a temporary folder by default, deleted at the end). A local store is read directly.
+    Under torchrun with several ranks on a machine (LOCAL_WORLD_SIZE > 1), local rank 0 stages and the
+    other local ranks read its copy: every rank agrees that view v is staged before any reads it, and
+    local rank 0 drops a view only after that agreement at the start of the next one.
     """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], device: torch.device, *, memory_budget_mb: float,
@@ -110,10 +118,21 @@ class StoreTeachers:
         self.temperature = temperature
         self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
         self.stager = None
+        self.shared_stage: Path | None = None  # the folder of local rank 0's copy, on the other local ranks
+        self.stage_agree = False  # agree over ranks that a view is staged before reading it
         if not store.location.is_local:
-            from camkd.store.stage import ViewStager
+            from camkd.store.stage import ViewStager, node_stage_name
 
-            self.stager = ViewStager(store, stage_dir, layers)
+            world = dist.current()
+            if world.active and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+                name, self.stage_agree = node_stage_name(store), True
+                if world.local_rank == 0:
+                    self.stager = ViewStager(store, stage_dir, layers, name=name)
+                else:
+                    self.shared_stage = Path(stage_dir if stage_dir is not None else tempfile.gettempdir()) / name
+            else:
+                self.stager = ViewStager(store, stage_dir, layers)
+        self._shared_src: TeacherStore | None = None
         self.heads = store.heads(device)
         self.window_blocks = streamed_window(store, layers, memory_budget_mb, window_blocks)
         self._view = -1
@@ -127,12 +146,24 @@ class StoreTeachers:
         if self.stager is not None:
             self.stager.start(view % self.store.views)
 
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes this process copied from the remote store (0 for a local store, and on local ranks > 0)."""
+        return self.stager.bytes_copied if self.stager is not None else 0
+
     def _view_source(self, view: int) -> TeacherStore:
-        if self.stager is None:
+        if self.stager is None and self.shared_stage is None:
             return self.store
-        src = self.stager.store(view)
+        with dist.agree(f"staging view {view} of {self.store.path}") if self.stage_agree else contextlib.nullcontext():
+            src = self.stager.store(view) if self.stager is not None else None
+        if self.stager is None:  # local rank 0 has staged it (agreed above)
+            from camkd.store.stage import open_staged
+
+            if self._shared_src is None:
+                self._shared_src = open_staged(self.shared_stage, self.store)
+            return self._shared_src
         nxt = (view + 1) % self.store.views
-        self.stager.evict(keep={view, nxt})
+        self.stager.evict(keep={view, nxt})  # after the agreement: no local rank reads an older view any more
         self.stager.start(nxt)
         return src
 

@@ -317,6 +317,50 @@ def test_distill_from_s3_equals_local(s3_store, local_store, tmp_path, monkeypat
     assert not list(tmp_path.glob("camkd-stage-*")), "the staged copies were not deleted"
 
 
+def test_ranks_of_one_machine_stage_each_view_once(s3_store, local_store, tmp_path):
+    """torchrun, 2 ranks on this machine, from s3://: local rank 0 stages each view, rank 1 reads that copy.
+
+    One staging folder ever exists (polled while the job runs), rank 1 copies nothing from S3, and the
+    weights equal one process with 2 micro-batches reading the same store from local disk.
+    """
+    import threading
+
+    url, _, _ = s3_store
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    worker = Path(__file__).parent / "workers" / "distill_staged.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp), PYTHONPATH=str(Path(__file__).parents[1]))
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            seen.update(p.name for p in tmp.glob("camkd-stage-*"))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    try:
+        r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                            "--no-python", sys.executable, str(worker), url, str(tmp_path / "w2")],
+                           env=env, capture_output=True, text=True, timeout=240)
+    finally:
+        done.set()
+        watcher.join()
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(worker), str(local_store), str(tmp_path / "m2")], env={**env, "MICRO": "2"},
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"w2-rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["staged_bytes"] > 0 and ranks[1]["staged_bytes"] == 0, ranks
+    assert len(seen) == 1, seen
+    wa, wb = load_checkpoint(tmp_path / "w2" / "last.pth"), load_checkpoint(tmp_path / "m2" / "last.pth")
+    for part in ("model", "method"):
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), (part, k)
+    assert not list(tmp.glob("camkd-stage-*")), "the staged copy was not deleted"
+
+
 def test_topk_store_on_s3_info_verify_distill(s3, teachers, tmp_path, monkeypatch):
     """A top-k store written to S3 reads, verifies and trains as the same store on local disk."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))

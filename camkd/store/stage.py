@@ -11,13 +11,20 @@ checksums are verified on read as they are on the remote store. At most ``keep``
 (the current one and the next); the folder (a new temporary folder, under ``folder`` if given) is
 deleted when the stager is closed or garbage-collected, or at exit.
 
+Under torchrun the ranks of one machine share one copy: local rank 0 stages into a folder every rank
+of the job on that machine can name (:func:`node_stage_name`), the others read it once it is staged
+(sources.py agrees on that at the start of each view), so each view is downloaded and written to
+local disk once per machine, not once per rank.
+
 fsspec's ``simplecache::`` does nothing under zarr's FsspecStore, hence this.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import weakref
@@ -49,12 +56,33 @@ def _close(pool: ThreadPoolExecutor, folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def open_staged(folder: Path, src: TeacherStore) -> TeacherStore:
+    """The staged copy in ``folder`` of the remote store ``src``, read as a local store (its metadata must be there)."""
+    return TeacherStore(zarr.open_group(str(folder), mode="r"), src.path, src.location)
+
+
+def node_stage_name(store: TeacherStore) -> str:
+    """One folder name for every rank of this job on this machine, and a different one on each machine.
+
+    Derived from what the launcher gives every rank alike (MASTER_ADDR/PORT, the restart attempt) and
+    the store, plus the host name (a stage folder on a file system shared by nodes is one per node), so
+    no collective is needed to agree on it.
+    """
+    job = "|".join([os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                    os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), str(store.path)])
+    return f"camkd-stage-{hashlib.sha256(job.encode()).hexdigest()[:16]}-{socket.gethostname()}"
+
+
 class ViewStager:
     """Copies views of a remote store into a local folder; :meth:`store` returns a TeacherStore over the copy."""
 
     def __init__(self, store: TeacherStore, folder: str | os.PathLike | None = None,
-                 layers: tuple[str, ...] | None = None) -> None:
-        """``layers``: the feature layers to stage (None: all); aug and logits (dense or top-k) are always staged."""
+                 layers: tuple[str, ...] | None = None, *, name: str | None = None) -> None:
+        """``layers``: the feature layers to stage (None: all); aug and logits (dense or top-k) are always staged.
+
+        ``name``: stage into ``folder/name`` (made anew: a folder of that name left by a killed job is
+        removed) rather than a new random folder, so that other processes can find the copy.
+        """
         self.src = store
         self.remote = store.g.store
         root = store.g.store_path.path  # keys are relative to the store; the group sits at its root
@@ -62,7 +90,12 @@ class ViewStager:
             raise CamkdError(f"{store.path}: staging needs the camkd group at the root of the store")
         if folder is not None:
             Path(folder).mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="camkd-stage-", dir=folder))
+        if name is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="camkd-stage-", dir=folder))
+        else:
+            self.folder = Path(folder if folder is not None else tempfile.gettempdir()) / name
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
         self.local = LocalStore(str(self.folder))
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-stage")
         self._finalizer = weakref.finalize(self, _close, self.pool, self.folder)
@@ -129,7 +162,7 @@ class ViewStager:
                 self.jobs.pop(view, None)  # a later call tries again
             raise
         if self._staged is None:
-            self._staged = TeacherStore(zarr.open_group(str(self.folder), mode="r"), self.src.path, self.src.location)
+            self._staged = open_staged(self.folder, self.src)
         return self._staged
 
     def staged_views(self) -> list[int]:
