@@ -190,7 +190,17 @@ def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData
     BatchNorm micro-batches whose gradients are averaged, so W ranks equal one process with W
     micro-batches: only the first slice's BatchNorm statistics are kept, as DDP keeps rank 0's.
     """
-    hooks = hooks or Hooks()
+    try:
+        return _fit(model, method, source, data, optim=optim, run=run, folder=folder, meta=meta, identity=identity,
+                    hooks=hooks or Hooks())
+    except BaseException:
+        if dist.current().main:
+            folder.discard_if_unfinished()  # a failure before the first checkpoint leaves no run folder
+        raise
+
+
+def _fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
+         run: RunConfig, folder: RunFolder, meta: dict, identity: dict, hooks: Hooks) -> FitResult:
     world = dist.current()
     main = world.main
     device = data.train.images.device

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import struct
 import time
@@ -55,6 +56,7 @@ class RunFolder:
     def start(self, resume_epoch: int | None) -> None:
         """Create the folder and the metrics file (on resume: drop lines past the checkpoint's epoch)."""
         try:
+            self._made = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             self.tb = TensorBoardLog.open(self.path / "tb", resume_epoch)
             if resume_epoch is None or not self.metrics.exists():
@@ -65,6 +67,17 @@ class RunFolder:
             self.metrics.write_text("".join(line + "\n" for line in keep))
         except OSError as e:
             raise CamkdError(f"cannot write to --out {self.path}: {e.strerror or e}; choose a writable folder") from None
+
+    def discard_if_unfinished(self) -> None:
+        """After a failure before a new run's first checkpoint: remove what :meth:`start` made (no empty run folder
+        is left behind). A resumed run, or one with a checkpoint, keeps everything."""
+        if self.resume or self.last.exists() or not hasattr(self, "_made"):
+            return
+        if self._made:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:  # the folder was there before (empty of runs, as check() made sure): only our files go
+            self.metrics.unlink(missing_ok=True)
+            shutil.rmtree(self.path / "tb", ignore_errors=True)
 
     def load_last(self, identity: dict) -> dict:
         """The last checkpoint, refused unless it was made with the same ``identity`` (arch, data, teachers, ...)."""

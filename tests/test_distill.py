@@ -155,3 +155,28 @@ def test_batch_larger_than_store_refused(stores, tmp_path):
 def test_limit_with_a_store_refused(stores, tmp_path):
     with pytest.raises(CamkdError, match=r"--limit applies only to --online without --cache"):
         run(tmp_path, "l", method="kd", cache=stores["float16"], limit=100)
+
+
+def test_failure_before_the_first_checkpoint_leaves_no_run_folder(stores, tmp_path):
+    """Interrupted in epoch 1 of a new run: no folder; in epoch 2: epoch 1's checkpoint and metrics stay."""
+    from camkd.fit import Hooks
+
+    def stop_in(epoch_to_stop):
+        def on_step(epoch, losses):
+            if epoch == epoch_to_stop:
+                raise KeyboardInterrupt
+        return Hooks(on_step=on_step)
+
+    kw = dict(arch="resnet8", method="kd", cache=stores["float16"], epochs=2, batch_size=64, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        distill(distill_cfg(**kw, out=str(tmp_path / "first")), hooks=stop_in(1))
+    assert not (tmp_path / "first").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made: kept, only camkd's files go
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        distill(distill_cfg(**kw, out=str(tmp_path / "mine")), hooks=stop_in(1))
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    with pytest.raises(KeyboardInterrupt):
+        distill(distill_cfg(**kw, out=str(tmp_path / "second")), hooks=stop_in(2))
+    assert (tmp_path / "second" / "last.pth").exists()
+    assert len((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()) == 1

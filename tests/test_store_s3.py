@@ -361,6 +361,26 @@ def test_ranks_of_one_machine_stage_each_view_once(s3_store, local_store, tmp_pa
     assert not list(tmp.glob("camkd-stage-*")), "the staged copy was not deleted"
 
 
+def test_staging_failure_on_local_rank_0_stops_both_ranks(s3, teachers, tmp_path):
+    """A view object missing on S3: rank 0 (the stager) says which and how to repair, rank 1 stops too, no hang."""
+    prefix = "stores/damaged.zarr"
+    url = f"s3://{BUCKET}/{prefix}"
+    r = invoke(*cache_args(teachers, url, views=1))
+    assert r.exit_code == 0, r.output
+    s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/logits/c/0/0/0/0")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+                        str(Path(sys.executable).parent / "camkd"), "distill", "-m", "resnet8", "-c", url, "--epochs", "1",
+                        "--batch-size", "32", "--device", "cpu", "-q", "--out", str(tmp_path / "run")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 2, r.stderr[-3000:]
+    assert any("logits/c/0/0/0/0 of view 0 is missing" in e and "cache-verify" in e and "--repair" in e for e in errors), errors
+    assert any("another rank failed while staging view 0" in e for e in errors), errors
+    assert "Traceback" not in r.stderr.split("error: ")[0]
+    assert not list(tmp_path.glob("camkd-stage-*")) and not (tmp_path / "run").exists()  # nothing left behind
+
+
 def test_topk_store_on_s3_info_verify_distill(s3, teachers, tmp_path, monkeypatch):
     """A top-k store written to S3 reads, verifies and trains as the same store on local disk."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
