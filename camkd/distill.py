@@ -23,6 +23,7 @@ from camkd.methods import create_method, list_methods, required_layers
 from camkd.models import resolve_arch
 from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
+from camkd.store.location import parse_location
 from camkd.store.reader import check_expect, load_cached_data
 from camkd.teachers import load_teachers
 
@@ -131,6 +132,15 @@ def _student_shapes(model: nn.Module, train: Dataset, device: torch.device) -> l
     return [tuple(f.shape[1:]) for f in feats]
 
 
+def _recorded_options(cfg: DistillConfig) -> dict:
+    """The options a checkpoint records; a local store's path made absolute, so `camkd evaluate --split train`
+    finds the store from any working directory."""
+    options = asdict(cfg)
+    if cfg.cache and parse_location(cfg.cache).is_local:
+        options["cache"] = str(Path(parse_location(cfg.cache).path).absolute())
+    return options
+
+
 def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
@@ -159,7 +169,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
                            beta=lc.beta, kd_T=lc.kd_T, aekd_C=lc.aekd_C, hint_layer=lc.hint_layer).to(device)
     meta = {"arch": model.arch, "method": cfg.method, "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
-            "teachers": shas, "options": asdict(cfg)}
+            "teachers": shas, "options": _recorded_options(cfg)}
     identity = {k: meta[k] for k in ("arch", "method", "dataset_fingerprint", "teachers")}
     r = fit(model, method, source, data, optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)
     return {"arch": model.arch, "method": cfg.method, "out": str(folder.path), "last_top1": r.last_top1,

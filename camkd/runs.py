@@ -48,6 +48,13 @@ class RunFolder:
         base = _nearest_existing(self.path)
         if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
             raise CamkdError(f"cannot write to --out {self.path}: {base} is not writable; choose a writable folder")
+        if self.path.is_dir() and not self.last.exists():
+            if (self.path / "zarr.json").exists():
+                raise CamkdError(f"--out {self.path} is a Zarr store, not a run folder; choose another --out")
+            runs = sorted(p.name for p in self.path.iterdir() if (p / "metrics.jsonl").is_file())
+            if runs:
+                raise CamkdError(f"--out {self.path} holds runs ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}); "
+                                 f"give the run a folder of its own, e.g. --out {self.path / 'NAME'}")
         if self.last.exists() and not self.resume:
             raise CamkdError(f"{self.path} already holds a run (last.pth); add --resume to continue it or choose another --out")
         if self.resume and not self.last.exists():

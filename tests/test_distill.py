@@ -1,5 +1,7 @@
 """distill: the promise (cache == online, step by step, for every method), resume, bad input."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,30 @@ def test_failure_before_the_first_checkpoint_leaves_no_run_folder(stores, tmp_pa
         distill(distill_cfg(**kw, out=str(tmp_path / "second")), hooks=stop_in(2))
     assert (tmp_path / "second" / "last.pth").exists()
     assert len((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_out_must_be_a_folder_of_its_own(stores, cli, tmp_path):
+    """--out naming a store or a folder of runs is refused: the run would go inside the store / hide the runs."""
+    base = ["distill", "-m", "resnet8", "-c", stores["float16"], "--method", "kd", "--epochs", "1", "--device", "cpu", "-q"]
+    r = cli(*base, "--out", stores["float16"])
+    assert r.exit_code == 2 and r.output.strip().startswith("error: --out") and "is a Zarr store, not a run folder" in r.output
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "metrics.jsonl").write_text("")
+    r = cli(*base, "--out", tmp_path / "runs")
+    assert r.exit_code == 2 and "holds runs (a); give the run a folder of its own" in r.output, r.output
+    r = cli(*base, "--kd-T", "-4", "--out", tmp_path / "t")
+    assert r.exit_code == 2 and "kd_T (--kd-T) must be > 0, got -4.0" in r.output and not (tmp_path / "t").exists()
+
+
+def test_evaluate_train_split_from_another_directory(stores, tmp_path, monkeypatch):
+    """The checkpoint records the store's absolute path, so the run's training samples are found from anywhere."""
+    from camkd.evaluate import evaluate_checkpoint
+
+    rel = tmp_path / "w"
+    rel.mkdir()
+    monkeypatch.chdir(tmp_path)
+    store_rel = os.path.relpath(stores["float16"], tmp_path)
+    run(tmp_path, "rel", method="kd", cache=store_rel, epochs=1)
+    monkeypatch.chdir(rel)
+    r = evaluate_checkpoint(tmp_path / "rel" / "last.pth", split="train", device="cpu")
+    assert r["samples"] == N

@@ -278,11 +278,11 @@ def create_method(
         num_teachers=_positive_int("num_teachers", num_teachers),
         student_feat_shapes=tuple(tuple(int(d) for d in s) for s in student_feat_shapes),
         teacher_feat_shapes={k: tuple(tuple(int(d) for d in s) for s in v) for k, v in teacher_feat_shapes.items()},
-        gamma=_finite("gamma", gamma),
-        alpha=_finite("alpha", alpha),
-        beta=None if beta is None else _finite("beta", beta),
-        kd_T=_finite("kd_T", kd_T, positive=True),
-        aekd_C=_finite("aekd_C", aekd_C, positive=True),
+        gamma=_finite("gamma (-r/--gamma)", gamma),
+        alpha=_finite("alpha (-a/--alpha)", alpha),
+        beta=None if beta is None else _finite("beta (-b/--beta)", beta),
+        kd_T=_finite("kd_T (--kd-T)", kd_T, positive=True),
+        aekd_C=_finite("aekd_C (--aekd-C)", aekd_C, positive=True),
         hint_layer=hint_layer,
     )
     return _REGISTRY[name](cfg)
