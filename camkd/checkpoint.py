@@ -43,6 +43,10 @@ def atomic_save(obj: Any, path: Path) -> str:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a camkd or reference checkpoint on CPU; anything else is a one-line user error."""
     path = Path(path)
+    if path.is_dir():
+        found = [f.name for f in (path / "best.pth", path / "last.pth") if f.is_file()]
+        hint = f"give a checkpoint in it, e.g. {path / found[0]}" if found else "give the path of a .pth file"
+        raise CamkdError(f"checkpoint {path} is a folder; {hint}")
     if not path.is_file():
         raise CamkdError(f"checkpoint {path} not found")
     if path.stat().st_size == 0:

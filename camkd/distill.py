@@ -79,6 +79,9 @@ def _check_options(cfg: DistillConfig) -> tuple[str, tuple[str, ...]]:
     if cfg.cache and cfg.data.limit is not None:
         raise CamkdError("--limit applies only to --online without --cache: a store fixes the training samples "
                          "(cache a subset with 'cache-teachers --limit N')")
+    if cfg.cache and cfg.aug_seed != DistillConfig.aug_seed:
+        raise CamkdError(f"--aug-seed applies only to --online without --cache: the store fixes its own views (their seed "
+                         f"is in 'camkd cache-info {cfg.cache}'); drop --aug-seed")
     if cfg.online and not cfg.cache:
         if not cfg.data.dataset:
             raise CamkdError("--online without --cache needs --dataset")

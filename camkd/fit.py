@@ -214,7 +214,7 @@ def _fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainDat
     result = FitResult()
     start_epoch = 1
     if folder.resume:  # every rank reads the checkpoint (a shared filesystem), so all start equal
-        ckpt = folder.load_last(identity)
+        ckpt = folder.load_last(identity, options=meta.get("options"))
         model.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt.get("method", {}))
         opt.load_state_dict(ckpt["optimizer"])

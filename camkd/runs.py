@@ -86,14 +86,22 @@ class RunFolder:
             self.metrics.unlink(missing_ok=True)
             shutil.rmtree(self.path / "tb", ignore_errors=True)
 
-    def load_last(self, identity: dict) -> dict:
-        """The last checkpoint, refused unless it was made with the same ``identity`` (arch, data, teachers, ...)."""
+    def load_last(self, identity: dict, options: dict | None = None) -> dict:
+        """The last checkpoint, refused unless it was made with the same ``identity`` (arch, data, teachers, ...)
+        and the same trajectory-shaping ``options`` (:data:`FIXED_OPTIONS`; a checkpoint's saved options)."""
         ckpt = load_checkpoint(self.last)
         meta = ckpt.get("meta") or {}
         for key, want in identity.items():
             if meta.get(key) != want:
-                raise CamkdError(f"--resume: {self.last} was made with {key}={_short(meta.get(key))}, this run has "
-                                 f"{_short(want)}; use the same options or another --out")
+                raise CamkdError(f"--resume: {self.last} was made with {key}={_differs(meta.get(key), want)}; "
+                                 "use the same options or another --out")
+        old = meta.get("options") or {}
+        for path, flag in FIXED_OPTIONS.items():
+            have, want = _dig(old, path), _dig(options or {}, path)
+            if have is not _MISSING and want is not _MISSING and have != want:
+                raise CamkdError(f"--resume: {self.last} was made with {flag} {_short(have)}, this run has {_short(want)}; "
+                                 f"resume with the same {flag} (only --epochs may grow; device, ranks and --micro-batches may "
+                                 "change) or choose another --out")
         if "optimizer" not in ckpt:
             raise CamkdError(f"--resume: {self.last} holds no optimizer state; it is not a camkd last checkpoint")
         return ckpt
@@ -109,6 +117,40 @@ class RunFolder:
         if is_best:
             atomic_save({k: v for k, v in state.items() if k not in ("optimizer", "best")}, self.best)
         atomic_save(state, self.last)
+
+
+# Options a resumed run must share with the run it continues: they shape the whole trajectory, and the
+# checkpoint records them as the run's. --epochs may grow; the device, the number of ranks and
+# --micro-batches (equal to ranks, bit for bit), --deterministic, progress and the folder may change.
+FIXED_OPTIONS = {
+    ("run", "seed"): "--seed", ("optim", "batch_size"): "--batch-size", ("optim", "lr"): "--lr",
+    ("optim", "lr_decay_epochs"): "--lr-decay-epochs", ("optim", "lr_decay_rate"): "lr_decay_rate",
+    ("optim", "momentum"): "momentum", ("optim", "weight_decay"): "weight_decay", ("optim", "nesterov"): "--nesterov",
+    ("optim", "drop_last"): "drop_last", ("aug_seed",): "--aug-seed", ("loss", "gamma"): "--gamma",
+    ("loss", "alpha"): "--alpha", ("loss", "beta"): "--beta", ("loss", "kd_T"): "--kd-T", ("loss", "aekd_C"): "--aekd-C",
+    ("loss", "hint_layer"): "--hint-layer",
+}
+_MISSING = object()
+
+
+def _dig(d: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return _MISSING
+        d = d[key]
+    return d
+
+
+def _differs(have, want) -> str:
+    """'X, this run has Y', short, with the difference visible (two long lists cut alike would look equal)."""
+    if isinstance(have, list) and isinstance(want, list):
+        if len(have) != len(want):
+            def n(x: list) -> str:
+                return f"{len(x)} entr{'y' if len(x) == 1 else 'ies'}"
+            return f"{n(have)} {_short(have)}, this run has {n(want)} {_short(want)}"
+        i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
+        return f"entry {i + 1} {_short(have[i])}, this run has {_short(want[i])}"
+    return f"{_short(have)}, this run has {_short(want)}"
 
 
 def _short(v) -> str:

@@ -193,6 +193,8 @@ def test_out_must_be_a_folder_of_its_own(stores, cli, tmp_path):
     (tmp_path / "runs" / "a" / "metrics.jsonl").write_text("")
     r = cli(*base, "--out", tmp_path / "runs")
     assert r.exit_code == 2 and "holds runs (a); give the run a folder of its own" in r.output, r.output
+    r = cli(*base, "--aug-seed", "3", "--out", tmp_path / "t")
+    assert r.exit_code == 2 and "--aug-seed applies only to --online without --cache" in r.output and not (tmp_path / "t").exists()
     r = cli(*base, "--kd-T", "-4", "--out", tmp_path / "t")
     assert r.exit_code == 2 and "kd_T (--kd-T) must be > 0, got -4.0" in r.output and not (tmp_path / "t").exists()
 
@@ -209,3 +211,28 @@ def test_evaluate_train_split_from_another_directory(stores, tmp_path, monkeypat
     monkeypatch.chdir(rel)
     r = evaluate_checkpoint(tmp_path / "rel" / "last.pth", split="train", device="cpu")
     assert r["samples"] == N
+
+
+def test_resume_with_other_trajectory_options_refused(stores, tmp_path):
+    """--resume refuses options that shaped the epochs already run; --epochs may grow, --micro-batches may change."""
+    kw = dict(method="camkd", cache=stores["float16"], batch_size=64)
+    run(tmp_path, "r", epochs=1, **kw)
+    for change, flag in [({"lr": 0.5}, "--lr"), ({"seed": 7}, "--seed"), ({"kd_T": 2.0}, "--kd-T"), ({"beta": 1.0}, "--beta"),
+                         ({"batch_size": 32}, "--batch-size")]:
+        with pytest.raises(CamkdError, match=rf"--resume: .*last.pth was made with {flag} \S+, this run has"):
+            run(tmp_path, "r", epochs=2, resume=True, **{**kw, **change})
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 1  # the refused resumes changed nothing
+    s = run(tmp_path, "r", epochs=2, resume=True, micro_batches=2, **kw)
+    assert [h["epoch"] for h in s["history"]][-1] == 2
+
+
+def test_resume_mismatch_shows_the_difference(tmp_path):
+    from camkd.runs import RunFolder
+
+    (tmp_path / "r").mkdir()
+    torch.save({"model": {}, "optimizer": {}, "meta": {"teachers": ["a" * 64, "b" * 64]}}, tmp_path / "r" / "last.pth")
+    folder = RunFolder(tmp_path / "r", resume=True)
+    with pytest.raises(CamkdError, match=r"teachers=2 entries .*, this run has 1 entry"):
+        folder.load_last({"teachers": ["a" * 64]})
+    with pytest.raises(CamkdError, match=r"teachers=entry 2 'bbbb.*, this run has 'cccc"):
+        folder.load_last({"teachers": ["a" * 64, "c" * 64]})

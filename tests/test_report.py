@@ -227,6 +227,7 @@ def test_report_errors(runs, cli, tmp_path):
 
 def test_evaluate_errors(runs, cli, tmp_path):
     one_error_line(cli("evaluate", tmp_path / "nope.pth"), r"checkpoint .*nope.pth not found")
+    one_error_line(cli("evaluate", runs["t0"]), r"checkpoint .*t0 is a folder; give a checkpoint in it, e\.g\. .*t0/best\.pth")
     one_error_line(cli("evaluate", runs["t0"] / "metrics.jsonl"), r"not a readable torch checkpoint")
     torch.save({"model": create_model("resnet8", num_classes=10).state_dict()}, tmp_path / "ref.pth")
     one_error_line(cli("evaluate", tmp_path / "ref.pth"), r"no camkd meta, so it names no arch; pass it as ARCH=PATH")

@@ -345,6 +345,13 @@ def test_more_views_append_without_recomputing(teachers, tmp_path):
 
 # ---- 5. refusals ---------------------------------------------------------------------------------
 
+def test_features_none_with_layers_is_refused(cli, teachers, tmp_path):
+    r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "-V", "1", "-f", "none", "-f",
+            "penultimate", "--device", "cpu", "-q", "--out", tmp_path / "s.zarr")
+    assert_clean_error(r, r"-f none stores no features, but layers are given too \(none, penultimate\)")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 @pytest.mark.parametrize("change, pattern", [
     (("--limit", "100"), r"made differently: .*dataset\.fingerprint.*dataset\.n \(store: 128, now: 100\).*--overwrite"),
     (("--aug-seed", "7"), r"augmentation\.seed \(store: 0, now: 7\)"),
@@ -499,6 +506,25 @@ def test_verify_passes_on_good_store(cli, rt, teachers):
     diffs = {line.split(":")[0]: float(line.split("largest difference ")[1].split()[0]) for line in out if "largest difference" in line}
     assert set(diffs) == {"logits"} | {f"features/{l}/t{k}" for l in ("penultimate", "hint2") for k in (0, 1)}
     assert max(diffs.values()) < 1e-3
+    assert all("over 48 (view, index) pairs" in line for line in out if "largest difference" in line)  # 48 distinct pairs
+
+
+def test_verify_sample_pairs_are_distinct_and_cover_only_flagged_blocks(rt):
+    from camkd.store import open_store
+    from camkd.store.verify import _sample_pairs
+
+    path, _ = rt
+    store = open_store(path)
+    flags = np.zeros((store.views, -(-store.n // store.block_rows)), dtype=np.uint8)
+    flags[1, 0] = 1  # one flagged block: view 1, the first block's rows
+    rows = min(store.block_rows, store.n)
+    pairs = _sample_pairs(store, flags, 10**6, seed=0)  # more than there are: every pair once
+    assert pairs == [(1, i) for i in range(rows)]
+    some = _sample_pairs(store, flags, 5, seed=1)
+    assert len(set(some)) == 5 and set(some) <= set(pairs)
+    flags[:] = 1
+    every = _sample_pairs(store, flags, 10**6, seed=0)
+    assert every == [(v, i) for v in range(store.views) for i in range(store.n)]
 
 
 def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path):

@@ -210,6 +210,19 @@ def _topk_checks(store: TeacherStore, v: int, idx: np.ndarray, logits: torch.Ten
     return checks
 
 
+def _sample_pairs(store: TeacherStore, flags: np.ndarray, sample: int, seed: int) -> list[tuple[int, int]]:
+    """``sample`` distinct (view, index) pairs of the flagged blocks, drawn uniformly (all of them if there are fewer)."""
+    views, blocks = np.nonzero(flags)
+    starts = np.array([L.block_slice(int(b), store.n, store.block_rows).start for b in blocks], dtype=np.int64)
+    stops = np.array([L.block_slice(int(b), store.n, store.block_rows).stop for b in blocks], dtype=np.int64)
+    ends = np.cumsum(stops - starts)  # flat index space: the flagged blocks' rows one after another
+    total = int(ends[-1]) if len(ends) else 0
+    picks = np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False)
+    j = np.searchsorted(ends, picks, side="right")
+    rows = starts[j] + picks - (ends[j] - (stops[j] - starts[j]))
+    return sorted(zip(views[j].tolist(), rows.tolist()))
+
+
 def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: list[str], *, sample: int, seed: int,
                data_dir: str | None, device: str) -> bool:
     """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
@@ -222,15 +235,7 @@ def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: 
                          "pass the same checkpoints in the same order")
     train, _, spec = load_cached_data(store, data_dir=data_dir)
     train = train.to(dev)
-    rng = np.random.default_rng(seed)
-    written = np.nonzero(flags)
-    pairs = set()
-    for _ in range(sample):
-        j = int(rng.integers(len(written[0])))
-        v, b = int(written[0][j]), int(written[1][j])
-        rows = L.block_slice(b, store.n, store.block_rows)
-        pairs.add((v, int(rng.integers(rows.start, rows.stop))))
-    pairs = sorted(pairs)
+    pairs = _sample_pairs(store, flags, sample, seed)
     layers = {name: spec_["index"] for name, spec_ in a["features"].items()}
     worst: dict[str, float] = {}
     mismatch = False

@@ -358,7 +358,10 @@ def _check_teachers(teachers: list[Teacher], train: Dataset) -> None:
 
 
 def parse_layers(texts: list[str]) -> dict[str, int]:
-    """--features values -> {layer name: feature index}; 'none' adds nothing."""
+    """--features values -> {layer name: feature index}; 'none' alone stores no features."""
+    if len(texts) > 1 and any(t.strip().lower() == "none" for t in texts):
+        raise CamkdError(f"-f none stores no features, but layers are given too ({', '.join(texts)}); give either none "
+                         "or the layers")
     layers = {}
     for text in texts:
         parsed = parse_layer(text)
