@@ -19,7 +19,7 @@ from camkd.data import Dataset, check_dataset, load_split
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, start_run
-from camkd.methods import create_method, list_methods, required_layers
+from camkd.methods import create_method, list_methods, method_uses_teachers, required_layers
 from camkd.models import resolve_arch
 from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
@@ -160,7 +160,8 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
             shapes = {layer: store.feature_shapes(layer) for layer in store.layers}
             check_layers(shapes, layers, str(cfg.cache))
             source = StoreTeachers(store, layers, device, memory_budget_mb=cfg.feature_memory_mb,
-                                   window_blocks=cfg.window_blocks, temperature=cfg.loss.kd_T)
+                                   window_blocks=cfg.window_blocks,
+                                   temperature=cfg.loss.kd_T if method_uses_teachers(cfg.method) else None)
             shas = [t["sha256"] for t in store.attrs["teachers"]]
 
     train = data.train

@@ -108,12 +108,12 @@ class StoreTeachers:
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], device: torch.device, *, memory_budget_mb: float,
                  window_blocks: int = 4, stage_dir: str | None = None, temperature: float | None = None) -> None:
-        """``temperature``: the run's kd_T; a top-k store must have cached it (its logits are rebuilt at it)."""
+        """``temperature``: the run's kd_T; a top-k store must have cached it (its logits are rebuilt at it).
+        None for a method that reads no teacher logits (``ce``): a top-k store's logits are then not read at all."""
         self.store, self.layers, self.device = store, layers, device
         self.topk = store.logits_spec.kind == "topk"
-        if self.topk:
-            if temperature is None:
-                raise CamkdError(f"{store.path} keeps top-k logits: give the temperature to rebuild them at")
+        self.no_logits = self.topk and temperature is None
+        if self.topk and not self.no_logits:
             TK.temperature_index(store.logits_spec, temperature, str(store.path))
         self.temperature = temperature
         self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
@@ -171,7 +171,9 @@ class StoreTeachers:
         if view == self._view:
             return
         self._src = self._view_source(view)
-        if self.topk:
+        if self.no_logits:
+            self._topk = {}
+        elif self.topk:
             self._topk = self._src.topk(view, self.temperature, self.device)
         else:
             self._logits = self._src.logits(view, self.device)
@@ -201,6 +203,8 @@ class StoreTeachers:
             feats = {layer: [f[idx].float() for f in per] for layer, per in self._feats.items()}
         else:
             feats = {layer: [torch.from_numpy(a).to(self.device, non_blocking=True).float() for a in per] for layer, per in data.items()}
+        if self.no_logits:
+            return TeacherOut(logits=x.new_zeros((len(idx), self.num_teachers, 0)), features=feats, heads=self.heads)
         if self.topk:  # the batch's dense teacher term rebuilt on the device (never a whole view's [N, K, C])
             t = {name: a[idx] for name, a in self._topk.items()}
             logits, kept = TK.rebuild(t["index"], t["values"], t["lse"], t["log_tail"], self.store.num_classes, self.temperature)

@@ -345,6 +345,17 @@ def test_more_views_append_without_recomputing(teachers, tmp_path):
 
 # ---- 5. refusals ---------------------------------------------------------------------------------
 
+def test_other_dataset_is_named_first_and_the_rest_counted(tmp_path):
+    torch.manual_seed(0)
+    torch.save({"model": create_model("resnet8", num_classes=10, in_channels=1).state_dict()}, tmp_path / "t.pth")
+    base = dict(teachers=[f"resnet8={tmp_path / 't.pth'}"], limit=64, views=1, features=["none"], out=str(tmp_path / "s.zarr"),
+                device="cpu", progress=False, evaluate=False)
+    cache_teachers(CacheConfig(dataset="synthetic", options={"channels": 1, "image_size": 28}, **base))
+    with pytest.raises(CamkdError, match=r"made differently: dataset\.name \(store: synthetic, now: fashion-mnist\); .* "
+                                         r"\(and \d+ more\); use --overwrite"):
+        cache_teachers(CacheConfig(dataset="fashion-mnist", **base))
+
+
 def test_features_none_with_layers_is_refused(cli, teachers, tmp_path):
     r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "-V", "1", "-f", "none", "-f",
             "penultimate", "--device", "cpu", "-q", "--out", tmp_path / "s.zarr")

@@ -282,6 +282,20 @@ def test_distilling_at_an_uncached_temperature_is_a_clear_error(stores):
         StoreTeachers(open_store(stores["k2"]), (), torch.device("cpu"), memory_budget_mb=64, temperature=2.0)
 
 
+def test_ce_runs_from_a_store_whatever_temperatures_it_cached(stores, tmp_path):
+    """ce reads no teacher logits: --kd-T is not checked against the store, and ce equals ce from the dense store."""
+    from configs import distill_cfg
+
+    from camkd.checkpoint import load_checkpoint
+    from camkd.distill import distill
+
+    kw = dict(arch="resnet8", method="ce", epochs=1, batch_size=32, seed=0, deterministic=True, progress=False)
+    distill(distill_cfg(cache=str(stores["k2"]), out=str(tmp_path / "k2"), kd_T=2.0, **kw))  # k2 cached T = 4 only
+    distill(distill_cfg(cache=str(stores["dense"]), out=str(tmp_path / "dense"), **kw))
+    a, b = load_checkpoint(tmp_path / "k2" / "last.pth")["model"], load_checkpoint(tmp_path / "dense" / "last.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_errors_are_one_line(cli, specs, tmp_path):
     for args, msg in [(["--logits", "topk:10"], "keeps every one of the 10 classes"),
                       (["--logits", "top5"], "is not understood"),

@@ -16,6 +16,7 @@ from camkd.methods.base import (  # noqa: E402
     TeacherOut,
     create_method,
     list_methods,
+    method_uses_teachers,
     register_method,
     required_layers,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "TeacherOut",
     "create_method",
     "list_methods",
+    "method_uses_teachers",
     "register_method",
     "required_layers",
 ]

@@ -147,7 +147,9 @@ class Method(nn.Module):
             raise CamkdError(f"{self.name}: the top-k teacher logits were rebuilt at T={teachers.temperature}, "
                              f"the method distills at T={self.kd_T}")
 
-    def uses_teachers(self) -> bool:
+    @classmethod
+    def uses_teachers(cls) -> bool:
+        """Whether the method reads the teachers' outputs at all (``ce`` does not)."""
         return True
 
     def uniform_weights(self, like: Tensor) -> Tensor:
@@ -245,6 +247,14 @@ def required_layers(name: str, *, beta: float | None = None, hint_layer: int = 2
         raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
     cls = _REGISTRY[name]
     return cls.features_needed(beta=float(cls.default_beta if beta is None else beta), hint_layer=hint_layer)
+
+
+def method_uses_teachers(name: str) -> bool:
+    """Whether method ``name`` reads the teachers' outputs (known before building it)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
+    return _REGISTRY[name].uses_teachers()
 
 
 def create_method(

@@ -17,7 +17,8 @@ def ce_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
 class CE(Method):
     """Cross-entropy only; teachers are ignored (no diagnostics: no ``teacher_weights`` key)."""
 
-    def uses_teachers(self) -> bool:
+    @classmethod
+    def uses_teachers(cls) -> bool:
         return False
 
     def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int,

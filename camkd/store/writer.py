@@ -508,7 +508,10 @@ def _open_or_create(path: Location, ident: dict, cfg: CacheConfig, teachers, tra
         old["teachers"] = [{k: t.get(k) for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
         diff = _differences(old, ident)
         if diff:
-            raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}; use --overwrite to replace it or another --out")
+            diff.sort(key=lambda d: not d.split(" (")[0].endswith("name"))  # a differing name first (dataset.name: the data)
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}{more}; use --overwrite to replace it or "
+                             "another --out")
         if path.is_local:  # object stores have no temporary files: a PUT is whole or absent
             for f in path.local_path.rglob("*.partial"):  # zarr's temporary files of a write that a kill interrupted
                 if _PARTIAL.fullmatch(f.name):
