@@ -399,6 +399,8 @@ def bench_speed_cmd(
     ranks: Annotated[Optional[list[int]], typer.Option("--ranks", min=1, metavar="W", help="torchrun world sizes for "
                      "the multi-rank rows (repeat) [default: 1 and 2].")] = None,
     no_ranks: Annotated[bool, typer.Option("--no-ranks", help="Skip the multi-rank rows.")] = False,
+    method: Annotated[Optional[list[str]], typer.Option("--method", "-m", metavar="NAME", help="Time only these methods "
+                      "beside ce (repeat; camkd gives its beta=0 and +features rows) [default: every method].")] = None,
     device: DeviceOpt = DeviceChoice.auto,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
                                                 "beside it); without it nothing is written.")] = None,
@@ -408,7 +410,7 @@ def bench_speed_cmd(
 
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
-                              threads=threads or [1, 2], ranks=[] if no_ranks else (ranks or [1, 2])))
+                              threads=threads or [1, 2], ranks=[] if no_ranks else (ranks or [1, 2]), methods=method))
     _show(r, to_markdown, save, out)
 
 

@@ -41,8 +41,12 @@ def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
 
 def test_bench_writes_nothing_without_out(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = cli("bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "1", "--samples", "64",
-            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--no-online", "--no-ranks", "--device", "cpu")
+    args = ["bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "1", "--samples", "64",
+            "--batch-size", "16", "--repeats", "1", "--threads", "1", "--no-online", "--no-ranks", "--device", "cpu"]
+    r = cli(*args, "--method", "kd")  # ce and kd only
     assert r.exit_code == 0, r.output
-    assert "| ce (the limit) |" in r.output
+    rows = [line.split("|")[1].strip() for line in r.output.splitlines() if line.startswith("| ") and "img" not in line]
+    assert rows[:3] == ["variant", "ce (the limit)", "kd"] and "avg" not in rows
     assert list(tmp_path.iterdir()) == []
+    r = cli(*args, "--method", "kdd")
+    assert r.exit_code == 2 and r.output.startswith("error: bench speed: unknown method 'kdd'; choose from aekd, avg, camkd")

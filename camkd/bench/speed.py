@@ -59,13 +59,22 @@ class SpeedConfig:
     threads: list[int] = field(default_factory=lambda: [1, 2])
     online: bool = True
     ranks: list[int] = field(default_factory=lambda: [1, 2])  # torchrun world sizes for the multi-rank rows ([] skips)
+    methods: list[str] | None = None  # the methods to time beside ce (None: every one; camkd gives both its rows)
 
 
 def _label(method: str, beta: float | None) -> str:
     return f"{method}(beta=0)" if beta == 0.0 else ("camkd+features" if method == "camkd" else method)
 
 
+def _chosen(cfg: SpeedConfig, variants: list[tuple[str, float | None]]) -> list[tuple[str, float | None]]:
+    return [v for v in variants if cfg.methods is None or v[0] in cfg.methods]
+
+
 def run_speed(cfg: SpeedConfig) -> dict:
+    known = sorted({m for m, _ in METHODS})
+    unknown = [m for m in cfg.methods or [] if m not in known]
+    if unknown:
+        raise CamkdError(f"bench speed: unknown method {unknown[0]!r}; choose from {', '.join(known)} (ce always runs)")
     device = resolve_device(cfg.device)
     work = Path(tempfile.mkdtemp(prefix="camkd-bench-"))
     before = torch.get_num_threads()
@@ -151,10 +160,10 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
     out["reader"] = _reader_speed(open_store(store_path), cfg.repeats)
 
     # a, b, c. training throughput in epoch 2, interleaved rounds (round 0 warms up)
-    variants = [("ce", None, False)] + [(m, b, False) for m, b in METHODS]
+    variants = [("ce", None, False)] + [(m, b, False) for m, b in _chosen(cfg, METHODS)]
     rates: dict[str, list[float]] = {}
     for r in range(cfg.repeats + 1):
-        for method, beta, online in variants + ([(m, b, True) for m, b in ONLINE] if cfg.online and r == 1 else []):
+        for method, beta, online in variants + ([(m, b, True) for m, b in _chosen(cfg, ONLINE)] if cfg.online and r == 1 else []):
             name = ("online " if online else "") + _label(method, beta)
             run_dir = work / f"run_{r}_{name.replace(' ', '_')}"
             s = distill(DistillConfig(arch=cfg.student, method=method, cache=str(store_path), online=online,
