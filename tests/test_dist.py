@@ -236,7 +236,7 @@ def test_max_restarts_with_auto_resume_equals_an_uninterrupted_run(store, tmp_pa
     import time
 
     base = ["distill", "-m", "resnet8", "-c", store, "--method", "avg", "--batch-size", "32", "--lr", "0.05",
-            "--seed", "7", "--deterministic", "--device", "cpu", "--epochs", "5"]
+            "--seed", "7", "--deterministic", "--device", "cpu", "--epochs", "3"]
     r = one_process(VENV_BIN / "camkd", *base, "--micro-batches", "2", "--out", tmp_path / "full")  # == 2 ranks
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "restarted"
