@@ -154,7 +154,7 @@ def test_a_file_missing_on_one_rank_stops_both(store, tmp_path):
 # ---- cache-teachers on many ranks ------------------------------------------------------------------
 
 def _cache_args(teachers, out, views):
-    return ["cache-teachers", *[a for t in teachers for a in ("-t", t)], "-d", "synthetic", "--limit", "128", "-V",
+    return ["cache-teachers", *[a for t in teachers for a in ("-t", t)], "-d", "synthetic", "--limit", "64", "-V",
             str(views), "--dtype", "float32", "--device", "cpu", "-q", "--out", out]
 
 
