@@ -311,7 +311,7 @@ def _fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainDat
                   "train_loss": sum(epoch_sums.values()), "train_acc": 100.0 * float(stats[0]) / max(seen, 1),
                   "test_top1": acc["top1"], "test_top5": acc["top5"], "test_loss": acc["loss"],
                   "images_per_s": seen / max(train_time, 1e-9), "world_size": world.size}
-        if k:
+        if k and method.uses_teachers():  # ce ignores its teachers: no weights to report
             record["teacher_weights"] = (weight_mean / steps_all).tolist()
         if inter_count:  # the mean over this epoch's (micro-)batches on every rank
             record["inter_weights"] = (inter_mean / (inter_count * world.size)).tolist()

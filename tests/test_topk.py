@@ -291,7 +291,8 @@ def test_ce_runs_from_a_store_whatever_temperatures_it_cached(stores, tmp_path):
 
     kw = dict(arch="resnet8", method="ce", epochs=1, batch_size=32, seed=0, deterministic=True, progress=False)
     distill(distill_cfg(cache=str(stores["k2"]), out=str(tmp_path / "k2"), kd_T=2.0, **kw))  # k2 cached T = 4 only
-    distill(distill_cfg(cache=str(stores["dense"]), out=str(tmp_path / "dense"), **kw))
+    s = distill(distill_cfg(cache=str(stores["dense"]), out=str(tmp_path / "dense"), **kw))
+    assert all("teacher_weights" not in h for h in s["history"])  # ce has no teacher weights to report
     a, b = load_checkpoint(tmp_path / "k2" / "last.pth")["model"], load_checkpoint(tmp_path / "dense" / "last.pth")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
