@@ -14,7 +14,7 @@ from camkd.methods import list_methods
 from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.train import train_teacher
 
-N = 256
+N = 128
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_resume_is_bit_identical(stores, tmp_path):
 
 def test_learns_from_the_store(stores, tmp_path):
     s = run(tmp_path, "learn", method="avg", cache=stores["float16"], epochs=3, lr=0.05)
-    assert s["best_top1"] > 40.0  # 10 classes: chance is 10%
+    assert s["best_top1"] > 40.0, s["best_top1"]  # 10 classes: chance is 10%
 
 
 # ---- bad input ------------------------------------------------------------------------------------
