@@ -27,8 +27,13 @@ def _last_epoch_decay(epochs: int) -> list[int]:
 
 def run_demo(*, out: Path, data_dir: Path | None, epochs: int, limit: int | None, device: str, progress: bool,
              student_epochs: int | None = None) -> str:
-    """Teachers -> store -> students; returns a table of teacher and student test accuracy."""
+    """Teachers -> store -> students; returns a table of teacher and student test accuracy.
+
+    Each setting has its own folder under ``out`` (``epochs3_limit10000``): a rerun with the same
+    settings continues or reuses its runs, and other settings never resume runs made for these.
+    """
     t0 = time.perf_counter()
+    out = out / (f"epochs{epochs}_limit{limit or 'all'}" + (f"_student{student_epochs}" if student_epochs else ""))
     dd = str(data_dir) if data_dir else None
     rows, ckpts = [], []
     for trial, arch in enumerate(DEMO_TEACHERS):
