@@ -139,8 +139,9 @@ def _recorded_options(cfg: DistillConfig) -> dict:
     """The options a checkpoint records; a local store's path made absolute, so `camkd evaluate --split train`
     finds the store from any working directory."""
     options = asdict(cfg)
-    if cfg.cache and parse_location(cfg.cache).is_local:
-        options["cache"] = str(Path(parse_location(cfg.cache).path).absolute())
+    where = parse_location(cfg.cache) if cfg.cache else None
+    if where is not None and where.is_local:
+        options["cache"] = str(Path(where.path).absolute())
     return options
 
 

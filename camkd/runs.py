@@ -145,12 +145,14 @@ def _differs(have, want) -> str:
     """'X, this run has Y', short, with the difference visible (two long lists cut alike would look equal)."""
     if isinstance(have, list) and isinstance(want, list):
         if len(have) != len(want):
-            def n(x: list) -> str:
-                return f"{len(x)} entr{'y' if len(x) == 1 else 'ies'}"
-            return f"{n(have)} {_short(have)}, this run has {n(want)} {_short(want)}"
+            return f"{_entries(have)} {_short(have)}, this run has {_entries(want)} {_short(want)}"
         i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
         return f"entry {i + 1} {_short(have[i])}, this run has {_short(want[i])}"
     return f"{_short(have)}, this run has {_short(want)}"
+
+
+def _entries(x: list) -> str:
+    return f"{len(x)} entr{'y' if len(x) == 1 else 'ies'}"
 
 
 def _short(v) -> str:
