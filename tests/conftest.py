@@ -3,6 +3,8 @@ import os
 
 import camkd  # noqa: F401 - sets the OpenMP spin default before torch loads, as for the commands
 
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -22,6 +24,23 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+def assert_one_error(result, pattern: str) -> str:
+    """Bad input's contract: exit code 2, no traceback, exactly one non-empty line, starting with 'error: ' and
+    matching ``pattern`` (a regular expression); returns that line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def one_error():
+    """``one_error(result, pattern)``: assert_one_error as a fixture (the one CLI-error check of the suite)."""
+    return assert_one_error
 
 
 @pytest.fixture
