@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup
 
 try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -45,6 +45,17 @@ class OneLineErrors(TyperGroup):
             typer.echo("interrupted", err=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def get_command(self, ctx, cmd_name: str):
+        """The command, its arguments shown in --help by their metavar alone (``STORE``, ``RUN...``), as click
+        shows them: typer appends the Python type (``STORE <str>``, ``RUN <list[Path]>``) and braces the usage."""
+        cmd = super().get_command(ctx, cmd_name)
+        for param in getattr(cmd, "params", []):
+            if isinstance(param, TyperArgument) and param.metavar:
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                param.display_type_rich = lambda ctx: None
+                param._rich_display_name = param._usage_display_name = lambda name=name: name
+        return cmd
 
 
 app = typer.Typer(
@@ -379,7 +390,7 @@ def distill_cmd(
                f"last {s['last_top1']:.2f}%, {s['seconds']:.0f}s -> {s['out']}")
 
 
-bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in one run.", no_args_is_help=True,
+bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in one run.", no_args_is_help=True, cls=OneLineErrors,
                         rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 

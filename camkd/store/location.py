@@ -29,6 +29,7 @@ from camkd.errors import CamkdError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
 _COLLAPSED = re.compile(r"^(s3|s3a|gs|gcs):/(?!/)(.+)$")  # what Path("s3://b/x") makes of a URL: "s3:/b/x"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]*")  # the characters S3 and GCS allow in a bucket name
 LOCAL_PROTOCOLS = ("file", "local")
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 ENV_HINT = {"s3": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_ENDPOINT_URL for other S3 services",
@@ -175,14 +176,31 @@ def parse_location(where: str | os.PathLike | Location) -> Location:
             raise CamkdError(f"{text}: no path after {protocol}://")
         p = str(Path(rest))
         return Location(p, "file", p)
+    if _carries_credentials(protocol, rest):  # nothing of the URL is echoed: any part of it may be the secret
+        raise CamkdError(f"the {protocol}:// URL carries credentials (USER:SECRET@ before the bucket); remove them from the URL "
+                         "and give them through the environment (" + ENV_HINT.get(_family(protocol), "see your storage client") + ")")
     rest = rest.rstrip("/")
     bucket = rest.split("/", 1)[0]
-    if "@" in bucket:
-        raise CamkdError(f"{protocol}://...@{rest.split('@', 1)[1]}: the URL carries credentials; give them through the "
-                         "environment instead (" + ENV_HINT.get(_family(protocol), "see your storage client") + ")")
     if not bucket:
         raise CamkdError(f"{text}: give a bucket and a prefix, e.g. {protocol}://BUCKET/stores/x.zarr")
     return Location(f"{protocol}://{rest}", protocol, rest)
+
+
+def _carries_credentials(protocol: str, rest: str) -> bool:
+    """Whether the text after ``protocol://`` starts with credentials (``USER:SECRET@`` or ``TOKEN@``).
+
+    A secret may hold any character, ``/`` and ``@`` included (AWS secrets often contain ``/``), so the
+    authority cannot be cut at the first ``/``: bucket names hold neither ``:`` nor ``@`` (S3: letters,
+    digits, ``.`` and ``-``; GCS adds ``_``), so either one in the first path segment means credentials.
+    Other protocols name hosts: there ``@`` anywhere in the first segment, or a ``:`` not followed by a
+    port number, does.
+    """
+    first = rest.split("/", 1)[0]
+    if "@" in first:
+        return True
+    if _family(protocol) in ("s3", "gs"):  # a token with a '/' and no ':' leaves an invalid bucket name before the '@'
+        return ":" in first or ("@" in rest and not _BUCKET.fullmatch(first))
+    return ":" in first and not first.rsplit(":", 1)[1].isdigit()
 
 
 def listed_sizes(g: zarr.Group) -> dict[str, int] | None:
