@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +53,15 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not zipfile.is_zipfile(path) and path.read_bytes()[:1] != b"\x80":  # neither torch's zip nor a pickle
+        head = path.read_bytes()[:4]
+        if head[:1] != b"\x80" and head != b"PK\x03\x04":  # neither a pickle nor the start of torch's zip
             kind = "it is not a torch file"
         elif "Weights only load failed" in str(e) and "Unsupported" in str(e):
             kind = "it holds Python objects other than tensors and plain data"
-        else:
-            kind = "it is truncated or damaged"
-        raise CamkdError(f"{path} is not a readable torch checkpoint ({kind}); use another checkpoint or retrain") from None
+        else:  # a torch file's start without its end: a copy or a write cut short (a full disk, a killed copy)
+            kind = "it is truncated or corrupt: copy it again from where it came from"
+        raise CamkdError(f"{path} is not a readable torch checkpoint ({kind}); use another checkpoint (a run folder "
+                         "also has best.pth) or retrain") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CamkdError(f"{path} is not a camkd or reference checkpoint (expected a dict with a 'model' state_dict)")
     if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):

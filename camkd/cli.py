@@ -22,7 +22,7 @@ try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); 
 except ImportError:  # pragma: no cover
     from click.exceptions import Abort, ClickException, NoArgsIsHelpError
 
-from camkd.config import DataConfig, OptimConfig, RunConfig
+from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
 
 
@@ -100,7 +100,7 @@ def _accuracy_defaults():
     return AccuracyConfig()
 
 
-_O, _R, _TO = OptimConfig(), RunConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
+_O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
 _ACC = _accuracy_defaults()  # bench accuracy's defaults, stated once in camkd/bench/accuracy.py
 ProtocolChoice = _choices("Protocol", ["equal", "unequal"])
 _TEACHER_DECAY, _DISTILL_DECAY = [str(e) for e in _TO.lr_decay_epochs], [str(e) for e in _O.lr_decay_epochs]
@@ -334,13 +334,13 @@ def distill_cmd(
     cache: Annotated[Optional[str], typer.Option("--cache", "-c", metavar="PATH|URL", help="Teacher store made by "
                                                  "cache-teachers (a path, or s3://, gs://, file://).")] = None,
     method: Annotated[MethodChoice, typer.Option("--method", help="Distillation method.")] = MethodChoice.camkd,
-    gamma: Annotated[float, typer.Option("-r", "--gamma", help="Weight of the cross-entropy term.")] = 1.0,
-    alpha: Annotated[float, typer.Option("-a", "--alpha", help="Weight of the logit distillation term.")] = 1.0,
+    gamma: Annotated[float, typer.Option("-r", "--gamma", help="Weight of the cross-entropy term.")] = _L.gamma,
+    alpha: Annotated[float, typer.Option("-a", "--alpha", help="Weight of the logit distillation term.")] = _L.alpha,
     beta: Annotated[Optional[float], typer.Option("-b", "--beta", help="Weight of the feature term [default: camkd 50, "
-                                                  "fitnet 100].")] = None,
-    kd_t: Annotated[float, typer.Option("--kd-T", help="Distillation temperature.")] = 4.0,
-    aekd_c: Annotated[float, typer.Option("--aekd-C", help="AEKD's C (nu = 1/(C*K)).")] = 0.6,
-    hint_layer: Annotated[int, typer.Option("--hint-layer", help="FitNet hint layer index.")] = 2,
+                                                  "fitnet 100].")] = _L.beta,
+    kd_t: Annotated[float, typer.Option("--kd-T", help="Distillation temperature.")] = _L.kd_T,
+    aekd_c: Annotated[float, typer.Option("--aekd-C", help="AEKD's C (nu = 1/(C*K)).")] = _L.aekd_C,
+    hint_layer: Annotated[int, typer.Option("--hint-layer", help="FitNet hint layer index.")] = _L.hint_layer,
     epochs: EpochsOpt = _O.epochs,
     lr: LrOpt = None,
     lr_decay_epochs: DecayOpt = _DISTILL_DECAY,
@@ -371,7 +371,7 @@ def distill_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
-    from camkd.distill import DistillConfig, LossConfig, distill
+    from camkd.distill import DistillConfig, distill
 
     cfg = DistillConfig(
         arch=arch, method=method.value, cache=_str(cache), online=online, teachers=teacher or [], aug_seed=aug_seed,

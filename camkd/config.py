@@ -40,6 +40,18 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    """The distillation methods' coefficients and knobs; each method reads what it needs."""
+
+    gamma: float = 1.0  # weight of the cross-entropy term (-r)
+    alpha: float = 1.0  # weight of the logit distillation term (-a)
+    beta: float | None = None  # weight of the feature term (-b); None: the method's reference default (camkd 50, fitnet 100)
+    kd_T: float = 4.0  # distillation temperature
+    aekd_C: float = 0.6  # AEKD's C (nu = 1/(C*K))
+    hint_layer: int = 2  # FitNet's hint layer index
+
+
+@dataclass
 class RunConfig:
     """Where and how a run executes: its folder, device, the init-and-order seed, output."""
 

@@ -25,15 +25,14 @@ def _last_epoch_decay(epochs: int) -> list[int]:
     return [epochs - 1] if epochs > 1 else []
 
 
-def run_demo(*, out: Path, data_dir: Path | None, epochs: int, limit: int | None, device: str, progress: bool,
-             student_epochs: int | None = None) -> str:
+def run_demo(*, out: Path, data_dir: Path | None, epochs: int, limit: int | None, device: str, progress: bool) -> str:
     """Teachers -> store -> students; returns a table of teacher and student test accuracy.
 
     Each setting has its own folder under ``out`` (``epochs3_limit10000``): a rerun with the same
     settings continues or reuses its runs, and other settings never resume runs made for these.
     """
     t0 = time.perf_counter()
-    out = out / (f"epochs{epochs}_limit{limit or 'all'}" + (f"_student{student_epochs}" if student_epochs else ""))
+    out = out / f"epochs{epochs}_limit{limit or 'all'}"
     dd = str(data_dir) if data_dir else None
     rows, ckpts = [], []
     for trial, arch in enumerate(DEMO_TEACHERS):
@@ -47,17 +46,16 @@ def run_demo(*, out: Path, data_dir: Path | None, epochs: int, limit: int | None
         s = train_teacher(cfg)
         rows.append((f"teacher {arch}", s["last_top1"]))
         ckpts.append(str(run_dir / "last.pth"))
-    s_epochs = student_epochs or epochs
     store = out / "fashion-mnist.zarr"
-    log(f"[demo] caching {len(ckpts)} teachers over {s_epochs} views into {store}")
-    cache_teachers(CacheConfig(teachers=ckpts, dataset="fashion-mnist", data_dir=dd, limit=limit, views=s_epochs,
+    log(f"[demo] caching {len(ckpts)} teachers over {epochs} views into {store}")
+    cache_teachers(CacheConfig(teachers=ckpts, dataset="fashion-mnist", data_dir=dd, limit=limit, views=epochs,
                                features=["penultimate"], dtype="float16", device=device, out=str(store),
                                overwrite=True, progress=progress))
     for method in DEMO_METHODS:
         log(f"[demo] student {DEMO_STUDENT} with {method} from the store")
         run_dir = out / "students" / method
         s = distill(DistillConfig(arch=DEMO_STUDENT, method=method, cache=str(store), data=DataConfig(dataset=None, data_dir=dd),
-                                  optim=OptimConfig(epochs=s_epochs, lr=0.05, lr_decay_epochs=_last_epoch_decay(s_epochs)),
+                                  optim=OptimConfig(epochs=epochs, lr=0.05, lr_decay_epochs=_last_epoch_decay(epochs)),
                                   run=RunConfig(out=str(run_dir), resume=(run_dir / "last.pth").exists(), device=device,
                                                 progress=progress)))
         rows.append((f"student {DEMO_STUDENT} ({method}, from cache)", s["last_top1"]))

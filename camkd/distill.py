@@ -7,37 +7,26 @@ trains it. Both sources feed the same loop, which is what the cache == online te
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from camkd import dist
-from camkd.config import DataConfig, OptimConfig, RunConfig
+from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import Dataset, check_dataset, load_split
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
-from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, start_run
-from camkd.methods import create_method, list_methods, method_uses_teachers, required_layers
+from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
+from camkd.methods import METHODS, create_method, method_uses_teachers, required_layers, resolve_loss
 from camkd.models import resolve_arch
+from camkd.progress import log
 from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
 from camkd.store.location import parse_location
 from camkd.store.reader import check_expect, load_cached_data
 from camkd.teachers import load_teachers
-
-
-@dataclass
-class LossConfig:
-    """The methods' coefficients and knobs (each method reads what it needs)."""
-
-    gamma: float = 1.0  # cross-entropy
-    alpha: float = 1.0  # logit distillation
-    beta: float | None = None  # feature term; None: the method's reference default (camkd 50, fitnet 100)
-    kd_T: float = 4.0
-    aekd_C: float = 0.6
-    hint_layer: int = 2
 
 
 @dataclass
@@ -67,9 +56,8 @@ class DistillConfig:
 def _check_options(cfg: DistillConfig) -> tuple[str, tuple[str, ...]]:
     """Every cheap check, before anything is loaded. Returns (arch, the feature layers the method needs)."""
     arch = resolve_arch(cfg.arch)
-    if cfg.method not in list_methods():
-        raise CamkdError(f"unknown method '{cfg.method}'; choose one of: {', '.join(list_methods())}")
-    needed = required_layers(cfg.method, beta=cfg.loss.beta, hint_layer=cfg.loss.hint_layer)
+    METHODS.resolve(cfg.method)
+    needed = required_layers(cfg.method, cfg.loss)
     if cfg.cache is None and not cfg.online:
         raise CamkdError("give --cache STORE (made by cache-teachers), or --online with --teacher CKPT ...")
     if cfg.online and not cfg.teachers:
@@ -145,9 +133,24 @@ def _recorded_options(cfg: DistillConfig) -> dict:
     return options
 
 
+def _resolved(cfg: DistillConfig, arch: str) -> DistillConfig:
+    """``cfg`` with every defaulted number the run uses made explicit (the learning rate, the method's beta)."""
+    return replace(cfg, optim=resolve_lr(cfg.optim, arch), loss=resolve_loss(cfg.method, cfg.loss))
+
+
+def _warn_kd_on_topk(cfg: DistillConfig, store: TeacherStore | None) -> None:
+    """kd averages the teachers' logits, which a top-k store does not hold: say once that its loss is approximate."""
+    if cfg.method == "kd" and store is not None and store.logits_spec.kind == "topk" and store.num_teachers > 1 \
+            and dist.current().main:
+        log(f"warning: kd averages the teachers' logits, which the top-k store {store.path} does not hold: a class one "
+            "teacher kept and another did not is averaged with the other's tail spread evenly, an error not bounded by "
+            "the tail mass; prefer --method avg or camkd on a top-k store")
+
+
 def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
+    cfg = _resolved(cfg, arch)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
 
     source: TeacherSource
@@ -164,14 +167,13 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
                                    window_blocks=cfg.window_blocks,
                                    temperature=cfg.loss.kd_T if method_uses_teachers(cfg.method) else None)
             shas = [t["sha256"] for t in store.attrs["teachers"]]
+    _warn_kd_on_topk(cfg, store)
 
     train = data.train
     model = build_model(arch, train, cfg.run)
-    lc = cfg.loss
     method = create_method(cfg.method, num_classes=train.num_classes, num_teachers=source.num_teachers,
                            student_feat_shapes=_student_shapes(model, train, device),
-                           teacher_feat_shapes={layer: shapes[layer] for layer in layers}, gamma=lc.gamma, alpha=lc.alpha,
-                           beta=lc.beta, kd_T=lc.kd_T, aekd_C=lc.aekd_C, hint_layer=lc.hint_layer).to(device)
+                           teacher_feat_shapes={layer: shapes[layer] for layer in layers}, loss=cfg.loss).to(device)
     meta = {"arch": model.arch, "method": cfg.method, "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
             "teachers": shas, "options": _recorded_options(cfg)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -180,161 +180,245 @@ def build_model(arch: str, train: Dataset, run: RunConfig) -> nn.Module:
     return model
 
 
+def resolve_lr(optim: OptimConfig, arch: str) -> OptimConfig:
+    """``optim`` with the learning rate the run will use (a defaulted one made explicit), so a run records and a
+    ``--resume`` compares the number it trains with."""
+    return optim if optim.lr is not None else replace(optim, lr=default_lr(arch))
+
+
 def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
         run: RunConfig, folder: RunFolder, meta: dict, identity: dict, hooks: Hooks | None = None) -> FitResult:
     """Train ``model`` (and ``method``'s parameters) for ``optim.epochs``; checkpoints and metrics go to ``folder``.
 
-    ``meta``: what every checkpoint records besides epoch and accuracy; ``identity``: the part of it
-    a ``--resume`` must match. Under torchrun each rank trains on its contiguous slice of every
-    global batch (DDP); with ``optim.micro_batches`` = P each process splits its slice into P
-    BatchNorm micro-batches whose gradients are averaged, so W ranks equal one process with W
+    ``optim.lr``: resolved (:func:`resolve_lr`). ``meta``: what every checkpoint records besides epoch and
+    accuracy; ``identity``: the part of it a ``--resume`` must match. Under torchrun each rank trains on its
+    contiguous slice of every global batch (DDP); with ``optim.micro_batches`` = P each process splits its
+    slice into P BatchNorm micro-batches whose gradients are averaged, so W ranks equal one process with W
     micro-batches: only the first slice's BatchNorm statistics are kept, as DDP keeps rank 0's.
+
+    A resumed run that has already trained ``optim.epochs`` epochs (or more) is finished: it is reported
+    in one line and returned as it is, with no file of the run folder touched.
     """
+    loop = _Loop(model, method, source, data, optim=optim, run=run, folder=folder, meta=meta, hooks=hooks or Hooks())
     try:
-        return _fit(model, method, source, data, optim=optim, run=run, folder=folder, meta=meta, identity=identity,
-                    hooks=hooks or Hooks())
+        return loop.fit(identity)
     except BaseException:
-        if dist.current().main:
+        if loop.world.main:
             folder.discard_if_unfinished()  # a failure before the first checkpoint leaves no run folder
         raise
+    finally:
+        if loop.world.main:
+            folder.close()
 
 
-def _fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
-         run: RunConfig, folder: RunFolder, meta: dict, identity: dict, hooks: Hooks) -> FitResult:
-    world = dist.current()
-    main = world.main
-    device = data.train.images.device
-    amp = run.amp and device.type == "cuda"
-    parts = max(1, optim.micro_batches)
-    slices = world.size * parts
-    lr = optim.lr if optim.lr is not None else default_lr(meta["arch"])
-    trainee = Trainee(model, method)
-    opt = torch.optim.SGD(list(model.parameters()) + list(method.parameters()), lr=lr, momentum=optim.momentum,
-                          weight_decay=optim.weight_decay, nesterov=optim.nesterov)
-    result = FitResult()
-    start_epoch = 1
-    if folder.resume:  # every rank reads the checkpoint (a shared filesystem), so all start equal
-        ckpt = folder.load_last(identity, options=meta.get("options"))
-        model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt.get("method", {}))
-        opt.load_state_dict(ckpt["optimizer"])
-        start_epoch = ckpt["meta"]["epoch"] + 1
-        result.best_top1, result.best_epoch = ckpt["best"]["top1"], ckpt["best"]["epoch"]
-        result.last_top1 = ckpt["meta"]["accuracy"]
+@dataclass
+class EpochSums:
+    """One epoch's sums on this process, kept on the device until :meth:`reduce` reads them once.
+
+    ``counts``: correct predictions, samples seen, non-finite losses (float64); ``losses``: each named
+    loss's sum over steps; ``weights``/``inter``: the teachers' weights (logit-level and CA-MKD's
+    feature-level) summed over steps, ``inter_slices`` how many (micro-)batches added to ``inter``.
+    """
+
+    counts: Tensor
+    losses: dict[str, Tensor]
+    weights: Tensor
+    inter: Tensor
+    inter_slices: int = 0
+    steps: int = 0
+
+    @classmethod
+    def zeros(cls, k: int, device: torch.device) -> EpochSums:
+        return cls(torch.zeros(3, dtype=torch.float64, device=device), {}, torch.zeros(k, device=device),
+                   torch.zeros(k, device=device))
+
+    def reduce(self) -> EpochSums:
+        """The sums over every rank, in one collective (float64 on the host's device)."""
+        names = sorted(self.losses)
+        counts, *losses, weights, inter = all_sum_parts([self.counts, *(self.losses[n] for n in names), self.weights,
+                                                         self.inter])
+        return EpochSums(counts, dict(zip(names, losses)), weights, inter, self.inter_slices, self.steps)
+
+
+def all_sum_parts(parts: list[Tensor]) -> list[Tensor]:
+    """Sum each tensor over ranks (as float64) with one all-reduce of their concatenation; returns them in order."""
+    flat = dist.all_sum(torch.cat([p.double().reshape(-1) for p in parts]))
+    return [chunk.reshape(p.shape) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts)]
+
+
+class _Loop:
+    """One :func:`fit` call's state, and its steps: resume, one epoch, evaluate, record, checkpoint."""
+
+    def __init__(self, model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
+                 run: RunConfig, folder: RunFolder, meta: dict, hooks: Hooks) -> None:
+        self.model, self.method, self.source, self.data = model, method, source, data
+        self.optim, self.run, self.folder, self.meta, self.hooks = optim, run, folder, meta, hooks
+        self.world = dist.current()
+        self.device = data.train.images.device
+        self.amp = run.amp and self.device.type == "cuda"
+        self.parts = max(1, optim.micro_batches)  # BatchNorm micro-batches per process
+        self.slices = self.world.size * self.parts  # slices of a global batch
+        self.trainee = Trainee(model, method)
+        self.opt = torch.optim.SGD(list(model.parameters()) + list(method.parameters()), lr=optim.lr,
+                                   momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        self.result = FitResult()
+        self.step_total = 0
+
+    def fit(self, identity: dict) -> FitResult:
+        main = self.world.main
+        start_epoch = self.resume(identity) if self.folder.resume else 1
+        if start_epoch > self.optim.epochs:
+            if main:
+                log(f"{self.folder.path} is already finished: it has trained {start_epoch - 1} epochs (--epochs "
+                    f"{self.optim.epochs}); nothing to do, no file changed (raise --epochs to train on)")
+            return self.result
         if main:
-            log(f"resuming {folder.path} at epoch {start_epoch}")
-    if main:
-        folder.start(resume_epoch=start_epoch - 1 if folder.resume else None)
-        if optim.epochs > data.views:
-            log(f"{optim.epochs} epochs over {data.views} views: epoch e uses view (e - 1) mod {data.views}")
-    net = _wrap(trainee, device)
-    test = _rank_slice(data.test, world)
+            self.folder.start(resume_epoch=start_epoch - 1 if self.folder.resume else None)
+            if self.optim.epochs > self.data.views:
+                v = self.data.views
+                log(f"{self.optim.epochs} epochs over {v} views: epoch e uses view (e - 1) mod {v}")
+        net = _wrap(self.trainee, self.device)
+        test = _rank_slice(self.data.test, self.world)
+        t_run = time.perf_counter()
+        for epoch in range(start_epoch, self.optim.epochs + 1):
+            t0 = time.perf_counter()
+            sums = self.train_epoch(net, epoch).reduce()
+            _check_no_nonfinite(sums.counts[2], epoch, sums.steps, self.folder)
+            train_time = time.perf_counter() - t0
+            acc = self.evaluate(test)
+            record = self.record(epoch, sums, acc, train_time)
+            self.checkpoint(epoch, record, acc)
+            if self.hooks.max_steps is not None and self.step_total >= self.hooks.max_steps:
+                break
+        dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
+        self.result.seconds = time.perf_counter() - t_run
+        return self.result
 
-    n, k = len(data.train), source.num_teachers
-    step_total = 0
-    t_run = time.perf_counter()
-    for epoch in range(start_epoch, optim.epochs + 1):
+    def resume(self, identity: dict) -> int:
+        """Load the last checkpoint into the model, the method and the optimizer; returns the epoch to start.
+        Every rank reads it (a shared filesystem), so all start equal."""
+        ckpt = self.folder.load_last(identity, options=self.meta.get("options"))
+        self.model.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt.get("method", {}))
+        self.opt.load_state_dict(ckpt["optimizer"])
+        r = self.result
+        r.best_top1, r.best_epoch = ckpt["best"]["top1"], ckpt["best"]["epoch"]
+        r.last_top1 = ckpt["meta"]["accuracy"]
+        start_epoch = ckpt["meta"]["epoch"] + 1
+        if self.world.main and start_epoch <= self.optim.epochs:
+            log(f"resuming {self.folder.path} at epoch {start_epoch}")
+        return start_epoch
+
+    def train_epoch(self, net: nn.Module, epoch: int) -> EpochSums:
+        """One pass over this epoch's view in its seeded order; the sums stay on the device."""
+        data, source, optim, world = self.data, self.source, self.optim, self.world
         view = view_of_epoch(epoch, data.views)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, lr, optim.lr_decay_epochs, optim.lr_decay_rate)
-        trainee.train()
-        windows = epoch_order(n, seed=run.seed, epoch=epoch, block_rows=source.block_rows, window_blocks=source.window_blocks)
-        sums: dict[str, Tensor] = {}
-        weight_sum = torch.zeros(k, device=device)
-        inter_sum, inter_count = torch.zeros(k, device=device), 0  # camkd's feature-level weights (epoch 2 on): sum, slices
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, seen, non-finite losses
-        steps = 0
-        t0 = time.perf_counter()
-        with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=run.progress and main) as bar:
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(epoch, optim.lr, optim.lr_decay_epochs, optim.lr_decay_rate)
+        self.trainee.train()
+        n = len(data.train)
+        windows = epoch_order(n, seed=self.run.seed, epoch=epoch, block_rows=source.block_rows,
+                              window_blocks=source.window_blocks)
+        sums = EpochSums.zeros(source.num_teachers, self.device)
+        with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=self.run.progress and world.main) as bar:
             for gidx, gdata in source.batches(view, windows, optim.batch_size, drop_last=optim.drop_last):
-                if len(gidx) % slices or len(gidx) // slices < 2:  # a trailing batch that does not split evenly
+                if len(gidx) % self.slices or len(gidx) // self.slices < 2:  # a trailing batch that does not split evenly
                     continue
                 per = len(gidx) // world.size
                 mine = slice(world.rank * per, (world.rank + 1) * per)
-                idx, batch_data = gidx[mine], _slice_data(gdata, mine)
-                it = torch.from_numpy(idx).to(device, non_blocking=True)
-                x, params = augment(data.train.images, idx, data.spec, view, on_device=it)
-                if steps == 0:
-                    source.check_view(view, idx, params)
-                tout = source.targets(it, x, batch_data)
-                y = data.train.labels[it]
-                if amp:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                    results = net(x, tout, y, epoch, parts, slices > 1)
-                total = None
-                for p, (losses, info, logits) in enumerate(results):
-                    loss = sum(losses.values())
-                    total = loss if total is None else total + loss
-                    for name, value in losses.items():
-                        v = value.detach() / parts
-                        sums[name] = sums[name] + v if name in sums else v.clone()
-                    stats[2] += (~torch.isfinite(loss.detach())).double()
-                    if "teacher_weights" in info:
-                        weight_sum += torch.as_tensor(info["teacher_weights"], device=device) / parts
-                    if "inter_weights" in info:  # known on the host without reading the tensor
-                        inter_sum += info["inter_weights"].to(device)
-                        inter_count += 1
-                    stats[0] += (logits.detach().argmax(1) == y[p * (per // parts) : (p + 1) * (per // parts)]).sum()
-                    if hooks.on_step is not None:
-                        hooks.on_step(epoch, losses)
-                (total / parts if parts > 1 else total).backward()
-                for module, saved in trainee.saved:  # as under DDP, only the first slice's BatchNorm statistics persist
-                    _restore(module, saved)
-                opt.step()
-                stats[1] += len(idx)
-                steps += 1
-                step_total += 1
+                self.step(net, epoch, view, gidx[mine], _slice_data(gdata, mine), sums)
                 status = None
-                if steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps, summed so every rank stops alike
-                    _check_finite(dist.all_sum(stats[2].clone()), epoch, steps, folder)
-                    status = f"loss {float(sum(sums.values())) / steps:.3f}"
+                if sums.steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps, summed so every rank stops alike
+                    _check_no_nonfinite(dist.all_sum(sums.counts[2].clone()), epoch, sums.steps, self.folder)
+                    status = f"loss {float(sum(sums.losses.values())) / sums.steps:.3f}"
                 bar.update(len(gidx), status)
-                if hooks.max_steps is not None and step_total >= hooks.max_steps:
+                if self.hooks.max_steps is not None and self.step_total >= self.hooks.max_steps:
                     break
-        # one reduction per epoch: every rank's sums, counts and weights
-        names = sorted(sums)
-        flat = dist.all_sum(torch.cat([stats, torch.stack([sums[nm].double() for nm in names]) if names else stats[:0],
-                                       weight_sum.double(), inter_sum.double()]))
-        stats, epoch_loss = flat[:3], flat[3:3 + len(names)]
-        weight_mean, inter_mean = flat[3 + len(names):3 + len(names) + k], flat[3 + len(names) + k:]
-        _check_finite(stats[2], epoch, steps, folder)
-        train_time = time.perf_counter() - t0
-        dist.broadcast_buffers(model)  # evaluate rank 0's BatchNorm statistics everywhere (what is saved)
-        acc = evaluate(model, test, amp=amp)
-        steps_all = max(steps * world.size, 1)
-        epoch_sums = {nm: float(v) / steps_all for nm, v in zip(names, epoch_loss.tolist())}
-        seen = float(stats[1])
-        record = {"epoch": epoch, "view": view, "lr": opt.param_groups[0]["lr"],
-                  **{f"loss_{nm}": v for nm, v in epoch_sums.items()},
-                  "train_loss": sum(epoch_sums.values()), "train_acc": 100.0 * float(stats[0]) / max(seen, 1),
+        return sums
+
+    def step(self, net: nn.Module, epoch: int, view: int, idx, batch_data, sums: EpochSums) -> None:
+        """One optimizer step on this process's rows ``idx`` of a global batch; adds to ``sums``."""
+        data, parts, device = self.data, self.parts, self.device
+        it = torch.from_numpy(idx).to(device, non_blocking=True)
+        x, params = augment(data.train.images, idx, data.spec, view, on_device=it)
+        if sums.steps == 0:
+            self.source.check_view(view, idx, params)
+        tout = self.source.teacher_outputs(it, x, batch_data)
+        y = data.train.labels[it]
+        if self.amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
+            results = net(x, tout, y, epoch, parts, self.slices > 1)
+        total = None
+        m = len(idx) // parts
+        for p, (losses, info, logits) in enumerate(results):
+            loss = sum(losses.values())
+            total = loss if total is None else total + loss
+            for name, value in losses.items():
+                v = value.detach() / parts
+                sums.losses[name] = sums.losses[name] + v if name in sums.losses else v.clone()
+            sums.counts[2] += (~torch.isfinite(loss.detach())).double()
+            if "teacher_weights" in info:
+                sums.weights += torch.as_tensor(info["teacher_weights"], device=device) / parts
+            if "inter_weights" in info:  # known on the host without reading the tensor
+                sums.inter += info["inter_weights"].to(device)
+                sums.inter_slices += 1
+            sums.counts[0] += (logits.detach().argmax(1) == y[p * m : (p + 1) * m]).sum()
+            if self.hooks.on_step is not None:
+                self.hooks.on_step(epoch, losses)
+        (total / parts if parts > 1 else total).backward()
+        for module, saved in self.trainee.saved:  # as under DDP, only the first slice's BatchNorm statistics persist
+            _restore(module, saved)
+        self.opt.step()
+        sums.counts[1] += len(idx)
+        sums.steps += 1
+        self.step_total += 1
+
+    def evaluate(self, test: Dataset) -> dict[str, float]:
+        """Test accuracy of rank 0's BatchNorm statistics (what is saved), on every rank's slice of the test split."""
+        dist.broadcast_buffers(self.model)
+        return evaluate(self.model, test, amp=self.amp)
+
+    def record(self, epoch: int, sums: EpochSums, acc: dict[str, float], train_time: float) -> dict:
+        """The epoch's line of metrics.jsonl: epoch, view, lr, loss_NAME per loss term, train_loss, train_acc,
+        test_top1, test_top5, test_loss, images_per_s, world_size, and the teachers' mean weights where the method
+        has them (teacher_weights; CA-MKD's inter_weights). Updates the result's last and best accuracy."""
+        world = self.world
+        steps_all = max(sums.steps * world.size, 1)
+        losses = {name: float(v) / steps_all for name, v in sums.losses.items()}
+        seen = float(sums.counts[1])
+        record = {"epoch": epoch, "view": view_of_epoch(epoch, self.data.views), "lr": self.opt.param_groups[0]["lr"],
+                  **{f"loss_{name}": v for name, v in losses.items()},
+                  "train_loss": sum(losses.values()), "train_acc": 100.0 * float(sums.counts[0]) / max(seen, 1),
                   "test_top1": acc["top1"], "test_top5": acc["top5"], "test_loss": acc["loss"],
                   "images_per_s": seen / max(train_time, 1e-9), "world_size": world.size}
-        if k and method.uses_teachers():  # ce ignores its teachers: no weights to report
-            record["teacher_weights"] = (weight_mean / steps_all).tolist()
-        if inter_count:  # the mean over this epoch's (micro-)batches on every rank
-            record["inter_weights"] = (inter_mean / (inter_count * world.size)).tolist()
-        result.epochs.append(record)
-        result.last_top1 = acc["top1"]
-        is_best = acc["top1"] > result.best_top1
-        if is_best:
-            result.best_top1, result.best_epoch = acc["top1"], epoch
-        if main:
-            folder.write_metrics(record)
-            ckpt_meta = {**meta, "epoch": epoch, "accuracy": acc["top1"], "top5": acc["top5"], "camkd_version": camkd.__version__}
-            folder.save({"model": model.state_dict(), "method": method.state_dict(), "optimizer": opt.state_dict(),
-                         "meta": ckpt_meta, "best": {"top1": result.best_top1, "epoch": result.best_epoch}}, is_best=is_best)
-        if run.progress and main:
-            parts_txt = " ".join(f"{nm} {v:.3f}" for nm, v in epoch_sums.items())
-            log(f"{meta['arch']}/{meta.get('method', 'ce')} epoch {epoch}/{optim.epochs} (view {view}): {parts_txt} | "
-                f"train {record['train_acc']:.1f}% test top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% "
-                f"({record['images_per_s']:.0f} img/s)")
-        if hooks.max_steps is not None and step_total >= hooks.max_steps:
-            break
-    dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
-    result.seconds = time.perf_counter() - t_run
-    return result
+        if self.source.num_teachers and self.method.uses_teachers():  # ce ignores its teachers: no weights to report
+            record["teacher_weights"] = (sums.weights / steps_all).tolist()
+        if sums.inter_slices:  # the mean over this epoch's (micro-)batches on every rank
+            record["inter_weights"] = (sums.inter / (sums.inter_slices * world.size)).tolist()
+        r = self.result
+        r.epochs.append(record)
+        r.last_top1 = acc["top1"]
+        if acc["top1"] > r.best_top1:
+            r.best_top1, r.best_epoch = acc["top1"], epoch
+        if self.run.progress and world.main:
+            text = " ".join(f"{name} {v:.3f}" for name, v in losses.items())
+            log(f"{self.meta['arch']}/{self.meta.get('method', 'ce')} epoch {epoch}/{self.optim.epochs} "
+                f"(view {record['view']}): {text} | train {record['train_acc']:.1f}% test top1 {acc['top1']:.2f}% "
+                f"top5 {acc['top5']:.2f}% ({record['images_per_s']:.0f} img/s)")
+        return record
+
+    def checkpoint(self, epoch: int, record: dict, acc: dict[str, float]) -> None:
+        """Rank 0 appends the record and writes last.pth (and best.pth when this epoch is the best so far)."""
+        if not self.world.main:
+            return
+        r = self.result
+        self.folder.write_metrics(record)
+        meta = {**self.meta, "epoch": epoch, "accuracy": acc["top1"], "top5": acc["top5"], "camkd_version": camkd.__version__}
+        self.folder.save({"model": self.model.state_dict(), "method": self.method.state_dict(),
+                          "optimizer": self.opt.state_dict(), "meta": meta,
+                          "best": {"top1": r.best_top1, "epoch": r.best_epoch}}, is_best=r.best_epoch == epoch)
 
 
 def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:
@@ -352,12 +436,8 @@ def _rank_slice(test: Dataset, world: dist.World) -> Dataset:
     return Dataset(test.name, test.split, test.images[sl], test.labels[sl], test.num_classes, test.norm)
 
 
-def _check_finite(finite: Tensor, epoch: int, steps: int, folder: RunFolder) -> None:
-    if bool(finite):  # the number of non-finite losses so far
+def _check_no_nonfinite(nonfinite: Tensor, epoch: int, steps: int, folder: RunFolder) -> None:
+    """Stop the run when any loss so far was NaN or infinite (``nonfinite``: how many, as a device scalar)."""
+    if bool(nonfinite):
         raise CamkdError(f"the loss became NaN or infinite in epoch {epoch} (by step {steps}); lower --lr or the loss "
                          f"weights; the last good checkpoint is kept in {folder.path}")
-
-
-def config_dict(cfg) -> dict:
-    """A job config as plain data for checkpoints."""
-    return asdict(cfg)

@@ -6,22 +6,22 @@ line per epoch). Only the process that owns the run (rank 0 under torchrun) writ
 
 When the optional ``tensorboard`` package is installed (``pip install camkd[tensorboard]``),
 every metrics line is also written as TensorBoard scalars (tag = the metrics key, step = the
-epoch; lists as ``key/i``) to an event file under ``tb/``; without it nothing is imported.
+epoch; lists as ``key/i``) by ``torch.utils.tensorboard.SummaryWriter`` under ``tb/``; without
+it no TensorBoard file is written (said once per process) and nothing of it is imported.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import shutil
-import socket
-import struct
-import time
 from pathlib import Path
 
 from camkd.checkpoint import atomic_save, load_checkpoint
 from camkd.errors import CamkdError
+from camkd.progress import log
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -37,12 +37,16 @@ class RunFolder:
     def __init__(self, path: str | Path, *, resume: bool, auto_resume: bool = False) -> None:
         self.path = Path(path)
         self.last, self.best = self.path / "last.pth", self.path / "best.pth"
+        self.resume_asked, self.auto_resume = resume, auto_resume
         self.resume = resume or (auto_resume and self.last.exists())
         self.metrics = self.path / "metrics.jsonl"
         self.tb: TensorBoardLog | None = None
 
     def check(self) -> None:
         """Before any work: the folder can be written, and it holds a run exactly when resuming. Creates nothing."""
+        if self.resume_asked and self.auto_resume:
+            raise CamkdError("--resume and --auto-resume together: --auto-resume already resumes when --out holds a run "
+                             "(and starts one when not); give one of them")
         if self.path.exists() and not self.path.is_dir():
             raise CamkdError(f"--out {self.path} is a file, not a folder; choose another --out")
         base = _nearest_existing(self.path)
@@ -93,7 +97,8 @@ class RunFolder:
         meta = ckpt.get("meta") or {}
         for key, want in identity.items():
             if meta.get(key) != want:
-                raise CamkdError(f"--resume: {self.last} was made with {key}={_differs(meta.get(key), want)}; "
+                what = IDENTITY.get(key, key)
+                raise CamkdError(f"--resume: {self.last} was made with {what} {_differs(meta.get(key), want)}; "
                                  "use the same options or another --out")
         old = meta.get("options") or {}
         for path, flag in FIXED_OPTIONS.items():
@@ -105,6 +110,12 @@ class RunFolder:
         if "optimizer" not in ckpt:
             raise CamkdError(f"--resume: {self.last} holds no optimizer state; it is not a camkd last checkpoint")
         return ckpt
+
+    def close(self) -> None:
+        """At the end of a run (also a failed one): the TensorBoard writer flushes and stops."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def write_metrics(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -129,6 +140,12 @@ FIXED_OPTIONS = {
     ("optim", "drop_last"): "drop_last", ("aug_seed",): "--aug-seed", ("loss", "gamma"): "--gamma",
     ("loss", "alpha"): "--alpha", ("loss", "beta"): "--beta", ("loss", "kd_T"): "--kd-T", ("loss", "aekd_C"): "--aekd-C",
     ("loss", "hint_layer"): "--hint-layer",
+}
+# What a checkpoint's identity keys are, in the user's words (the options that make them).
+IDENTITY = {
+    "arch": "--arch", "method": "--method", "dataset": "--dataset", "label_noise": "--label-noise",
+    "dataset_fingerprint": "other training data (from the --cache store, or from --dataset, --limit and --data-dir)",
+    "teachers": "other teachers (from the --cache store, or from --teacher)",
 }
 _MISSING = object()
 
@@ -156,8 +173,11 @@ def _entries(x: list) -> str:
 
 
 def _short(v) -> str:
+    """``repr(v)`` cut to about 40 characters; a cut string keeps its closing quote."""
     s = repr(v)
-    return s if len(s) <= 40 else s[:37] + "..."
+    if len(s) <= 40:
+        return s
+    return repr(v[:12] + "...") if isinstance(v, str) else s[:37] + "..."
 
 
 def tensorboard_available() -> bool:
@@ -165,63 +185,46 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-class TensorBoardLog:
-    """One TensorBoard event file per start of a run, appended to (and closed) once per epoch.
+@functools.cache
+def _no_tensorboard_note() -> None:
+    """Said once per process: a run writes no TensorBoard files without the optional package."""
+    log("tensorboard is not installed, so no TensorBoard scalars are written (metrics.jsonl has every epoch); "
+        "pip install 'camkd[tensorboard]' for them")
 
-    No writer thread and no open file between epochs. A resumed run starts a new file with a
-    ``SessionLog.START`` at the first new epoch, so TensorBoard drops the older file's scalars of
-    the epochs being redone, as the metrics file drops their lines.
+
+class TensorBoardLog:
+    """A run's scalars through ``torch.utils.tensorboard.SummaryWriter``, flushed once per epoch.
+
+    A resumed run starts a new event file with ``purge_step`` = the first new epoch, so TensorBoard
+    drops the older file's scalars of the epochs being redone, as the metrics file drops their lines.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, writer) -> None:
+        self.writer = writer
 
     @classmethod
     def open(cls, folder: Path, resume_epoch: int | None) -> TensorBoardLog | None:
         if not tensorboard_available():
+            _no_tensorboard_note()
             return None
         try:
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+            from torch.utils.tensorboard import SummaryWriter
         except Exception as e:  # an installed but broken tensorboard (e.g. a protobuf it does not work with) stops no run
-            from camkd.progress import log
-
             log(f"tensorboard is installed but does not import ({type(e).__name__}: {e}); no TensorBoard scalars for this run")
             return None
-
-        folder.mkdir(exist_ok=True)
-        now = time.time()
-        log = cls(folder / f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.camkd")
-        events = [Event(wall_time=now, file_version="brain.Event:2")]
-        if resume_epoch is not None:
-            events.append(Event(wall_time=now, step=resume_epoch + 1, session_log=SessionLog(status=SessionLog.START)))
-        log._append(events)
-        return log
+        return cls(SummaryWriter(str(folder), purge_step=None if resume_epoch is None else resume_epoch + 1))
 
     def write(self, record: dict) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        values = []
+        """The record's numbers (lists as ``key/i``) at step = its epoch."""
+        step = int(record["epoch"])
         for key, v in record.items():
             if key == "epoch":
                 continue
             items = [(f"{key}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list | tuple) else [(key, v)]
-            values += [Summary.Value(tag=tag, simple_value=float(x)) for tag, x in items
-                       if isinstance(x, int | float) and not isinstance(x, bool)]
-        self._append([Event(wall_time=time.time(), step=int(record["epoch"]), summary=Summary(value=values))])
+            for tag, x in items:
+                if isinstance(x, int | float) and not isinstance(x, bool):
+                    self.writer.add_scalar(tag, float(x), global_step=step)
+        self.writer.flush()
 
-    def _append(self, events: list) -> None:
-        with open(self.path, "ab") as f:
-            f.write(b"".join(_record(e.SerializeToString()) for e in events))
-
-
-def _record(data: bytes) -> bytes:
-    """One TFRecord: length, its masked crc32c, the data, its masked crc32c (tensorboard's writer imports far more)."""
-    import google_crc32c  # zarr's crc32c
-
-    def masked(b: bytes) -> bytes:
-        crc = google_crc32c.value(b)
-        return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-    head = struct.pack("<Q", len(data))
-    return head + masked(head) + data + masked(data)
+    def close(self) -> None:
+        self.writer.close()

@@ -42,7 +42,7 @@ class TeacherSource(Protocol):
     def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor) -> None:
         """Called on a view's first batch with the augmentation parameters the loop replayed."""
 
-    def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
+    def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
         """The teachers' outputs for the batch (indices on the device, augmented images)."""
 
 
@@ -89,7 +89,7 @@ class NoTeachers:
     def check_view(self, view, idx, params) -> None:
         """Nothing to check: the images are augmented here and now, not read from a store."""
 
-    def targets(self, idx, x, data) -> TeacherOut:
+    def teacher_outputs(self, idx, x, data) -> TeacherOut:
         return TeacherOut(logits=x.new_zeros((x.shape[0], 0, 0)))
 
 
@@ -198,7 +198,7 @@ class StoreTeachers:
             raise CamkdError(f"{self.store.path}: the stored augmentation of view {view} differs from its seeded replay; "
                              "the store was made by an incompatible camkd; re-cache")
 
-    def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Streamed) -> TeacherOut:
+    def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Streamed) -> TeacherOut:
         if self.window_blocks is None:
             feats = {layer: [f[idx].float() for f in per] for layer, per in self._feats.items()}
         else:
@@ -233,7 +233,7 @@ class LiveTeachers:
     def check_view(self, view, idx, params) -> None:
         """Nothing to check: the images are augmented here and now, not read from a store."""
 
-    def targets(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
+    def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
         logits, feats = run_teachers(self.teachers, x, self.layer_index)
         feats = {k: [f.clone() for f in v] for k, v in feats.items()}  # out of inference mode, usable by autograd ops
         return TeacherOut(logits=logits.clone(), features=feats, heads=self.heads)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from camkd import dist
@@ -10,10 +10,9 @@ from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.noise import apply_label_noise, check_rate
 from camkd.data.views import AugSpec
-from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, start_run
+from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
 from camkd.methods import create_method
 from camkd.models import resolve_arch
-from camkd.progress import log
 from camkd.sources import NoTeachers
 
 
@@ -30,7 +29,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=teacher_optim)
     run: RunConfig = field(default_factory=RunConfig)
-    aug_seed: int | None = None  # seed of the augmentation views; None: the run's seed
+    aug_seed: int | None = None  # seed of the augmentation views; None: the run's seed (recorded as that number)
     trial: int = 0
 
     def out_dir(self) -> Path:
@@ -42,6 +41,8 @@ class TrainConfig:
 def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
+    # the numbers the run uses, defaulted ones made explicit, so the checkpoint records them and a resume compares them
+    cfg = replace(cfg, optim=resolve_lr(cfg.optim, arch), aug_seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed)
     check_dataset(cfg.data.dataset)
     check_rate(cfg.data.label_noise)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
@@ -53,12 +54,10 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
         train, noise = apply_label_noise(train, d.label_noise, d.label_noise_seed)  # the test split stays clean
         test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
         check_batch_size(cfg.optim.batch_size, len(train), parts=world.size * cfg.optim.micro_batches)
-    if d.limit is not None and d.limit > len(train) and world.main:
-        log(f"--limit {d.limit} is more than the {len(train)} samples of {train.name}; using all {len(train)}")
     model = build_model(arch, train, cfg.run)
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],
                            teacher_feat_shapes={}).to(device)
-    spec = AugSpec(seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed, norm=train.norm)
+    spec = AugSpec(seed=cfg.aug_seed, norm=train.norm)
     meta = {"arch": model.arch, "method": "ce", "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
             "num_train": len(train), "normalization": train.norm.to_dict(), "label_noise": noise, "options": asdict(cfg)}

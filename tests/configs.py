@@ -2,8 +2,8 @@
 
 from dataclasses import fields
 
-from camkd.config import DataConfig, OptimConfig, RunConfig
-from camkd.distill import DistillConfig, LossConfig
+from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
+from camkd.distill import DistillConfig
 from camkd.fit import Hooks
 from camkd.train import TrainConfig, teacher_optim
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camkd.config import LossConfig
 from camkd.errors import CamkdError
-from camkd.methods import StudentOut, TeacherOut, create_method, list_methods
+from camkd.methods import StudentOut, TeacherOut, create_method, list_methods, required_layers
 from camkd.models import create_model
 
 ALL = ["aekd", "avg", "camkd", "ce", "ebkd", "fitnet", "kd"]
@@ -108,7 +109,8 @@ def as_torch(s, t, y):
 
 
 def make(name: str, K: int = 3, C: int = 6, **kw):
-    return create_method(name, num_classes=C, num_teachers=K, student_feat_shapes=[], teacher_feat_shapes={}, **kw)
+    return create_method(name, num_classes=C, num_teachers=K, student_feat_shapes=[], teacher_feat_shapes={},
+                         loss=LossConfig(**kw))
 
 
 def run(method, s, t, y, epoch: int = 2, feats=None, tfeats=None, heads=None):
@@ -147,27 +149,28 @@ def test_required_features_and_defaults():
     pen = {"penultimate": [(64, 8, 8)] * 2}
     for name in ["ce", "kd", "avg", "ebkd", "aekd"]:
         m = make(name, K=2)
-        assert m.required_features() == ()
+        assert required_layers(name, LossConfig()) == ()
         assert list(m.parameters()) == []
     cam = create_method("camkd", num_classes=6, num_teachers=2, student_feat_shapes=s_shapes, teacher_feat_shapes=pen)
-    assert cam.beta == 50.0 and cam.required_features() == ("penultimate",)
+    assert cam.beta == 50.0 and required_layers("camkd", LossConfig()) == ("penultimate",)
     assert len(list(cam.parameters())) > 0
-    cam0 = create_method("camkd", num_classes=6, num_teachers=2, student_feat_shapes=[], teacher_feat_shapes={}, beta=0)
-    assert cam0.required_features() == () and list(cam0.parameters()) == []
+    cam0 = create_method("camkd", num_classes=6, num_teachers=2, student_feat_shapes=[], teacher_feat_shapes={},
+                         loss=LossConfig(beta=0))
+    assert required_layers("camkd", LossConfig(beta=0)) == () and list(cam0.parameters()) == []
     hint = {"hint2": [(32, 16, 16)] * 2, "hint1": [(16, 32, 32)] * 2}
     fit = create_method("fitnet", num_classes=6, num_teachers=2, student_feat_shapes=s_shapes, teacher_feat_shapes=hint)
-    assert fit.beta == 100.0 and fit.required_features() == ("hint2",)
+    assert fit.beta == 100.0 and required_layers("fitnet", LossConfig()) == ("hint2",)
     fit1 = create_method(
         "fitnet",
         num_classes=6,
         num_teachers=2,
         student_feat_shapes=s_shapes,
         teacher_feat_shapes=hint,
-        hint_layer=1,
+        loss=LossConfig(hint_layer=1),
     )
-    assert fit1.required_features() == ("hint1",)
+    assert fit1.layer == "hint1" and required_layers("fitnet", LossConfig(hint_layer=1)) == ("hint1",)
     fit0 = make("fitnet", K=2, beta=0.0)
-    assert fit0.required_features() == () and list(fit0.parameters()) == []
+    assert required_layers("fitnet", LossConfig(beta=0.0)) == () and list(fit0.parameters()) == []
 
 
 @pytest.mark.parametrize(
@@ -182,10 +185,10 @@ def test_required_features_and_defaults():
     ],
 )
 def test_bad_numbers(kw):
-    args = dict(num_classes=6, num_teachers=2, student_feat_shapes=[], teacher_feat_shapes={})
-    args.update(kw)
+    sizes = {k: kw.pop(k) for k in ("num_classes", "num_teachers") if k in kw}
+    args = {**dict(num_classes=6, num_teachers=2, student_feat_shapes=[], teacher_feat_shapes={}), **sizes}
     with pytest.raises(CamkdError):
-        create_method("kd", **args)
+        create_method("kd", **args, loss=LossConfig(**kw))
 
 
 # ------------------------------------------------------------------ ce / kd / avg
@@ -294,7 +297,7 @@ def camkd_setup(seed: int = 1, K: int = 3, beta: float = 2.0):
         num_teachers=K,
         student_feat_shapes=[(C_S, 4, 4), (C_S,)],
         teacher_feat_shapes={"penultimate": shapes},
-        beta=beta,
+        loss=LossConfig(beta=beta),
     )
     for k in range(K):
         method.embeds[k].conv.weight.data.copy_(torch.from_numpy(emb_w[k])[:, :, None, None])
@@ -523,8 +526,7 @@ def fitnet_setup(beta: float = 3.0):
         num_teachers=2,
         student_feat_shapes=[(C_s, 8, 8), (C_s, 4, 4), (C_s,)],
         teacher_feat_shapes={"hint1": t_shapes},
-        beta=beta,
-        hint_layer=1,
+        loss=LossConfig(beta=beta, hint_layer=1),
     )
     ws, bs = [], []
     for reg in method.regressors:
@@ -586,7 +588,7 @@ def test_fitnet_convreg_shapes(s_shape, t_shape, ok):
             num_teachers=1,
             student_feat_shapes=[s_shape, (8,)],
             teacher_feat_shapes={"hint0": [t_shape]},
-            hint_layer=0,
+            loss=LossConfig(hint_layer=0),
         )
 
     if not ok:
@@ -619,7 +621,7 @@ def test_feature_mismatch_is_user_error(name, s_shapes, t_feats, kw):
             num_teachers=2,
             student_feat_shapes=s_shapes,
             teacher_feat_shapes=t_feats,
-            **kw,
+            loss=LossConfig(**kw),
         )
     assert "\n" not in str(e.value)
 
@@ -665,10 +667,10 @@ def test_backward_every_method_real_models(name, student_arch, teacher_archs):
         num_teachers=len(teachers),
         student_feat_shapes=[tuple(f.shape[1:]) for f in feats_s],
         teacher_feat_shapes=t_shapes,
-        hint_layer=hint_layer,
+        loss=LossConfig(hint_layer=hint_layer),
     ).train()
     layer_index = {"penultimate": -2, f"hint{hint_layer}": hint_layer}
-    features = {n: [f[layer_index[n]] for f, _ in t_out] for n in method.required_features()}
+    features = {n: [f[layer_index[n]] for f, _ in t_out] for n in required_layers(name, LossConfig(hint_layer=hint_layer))}
     heads = [m.get_head() for m in teachers]
     t_logits = torch.stack([lg for _, lg in t_out], 1)
     losses, diag = method(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camkd.config import LossConfig
 from camkd.methods import StudentOut, TeacherOut, create_method
 
 
@@ -53,7 +54,7 @@ def test_feature_term_equals_straightforward(case):
         num_teachers=K,
         student_feat_shapes=[s_shape, (s_shape[0],)],
         teacher_feat_shapes={"penultimate": t_shapes},
-        beta=1.0,
+        loss=LossConfig(beta=1.0),
     ).train()
     for emb in method.embeds:  # non-trivial BN affine parameters
         nn.init.normal_(emb.bn.weight, 1.0, 0.3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from camkd.methods import StudentOut, TeacherOut, create_method, list_methods
+from camkd.config import LossConfig
+from camkd.methods import StudentOut, TeacherOut, create_method, list_methods, required_layers
 from camkd.methods.base import LogitMethod
 
 K, C, B = 3, 7, 4
@@ -22,12 +23,12 @@ def build(name: str):
         num_teachers=K,
         student_feat_shapes=s_shapes,
         teacher_feat_shapes=t_shapes,
-        hint_layer=1,
+        loss=LossConfig(hint_layer=1),
     ).train()
     torch.manual_seed(0)
     feats = [torch.randn(B, *s, requires_grad=True) for s in s_shapes]
     logits = torch.randn(B, C, requires_grad=True)
-    layers = {n: [torch.randn(B, *s) for s in t_shapes[n]] for n in method.required_features()}
+    layers = {n: [torch.randn(B, *s) for s in t_shapes[n]] for n in required_layers(name, LossConfig(hint_layer=1))}
     heads = [
         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(s[0], C)).requires_grad_(False)
         for s in t_shapes["penultimate"]

@@ -293,7 +293,7 @@ def test_a_broken_tensorboard_stops_no_run(tmp_path, monkeypatch, capsys):
     import camkd.runs
 
     monkeypatch.setattr(camkd.runs, "tensorboard_available", lambda: True)
-    monkeypatch.setitem(sys.modules, "tensorboard.compat.proto.event_pb2", None)  # the import raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import raises ImportError
     s = train_teacher(train_cfg(**{**TEACHER, "epochs": 1, "synthetic_samples": 64}, out=str(tmp_path / "r")))
     assert s["epochs"] == 1 and not (tmp_path / "r" / "tb").exists()
     assert "tensorboard is installed but does not import" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 
+from camkd.config import LossConfig
 from camkd.errors import CamkdError
 from camkd.methods import StudentOut, create_method
 from camkd.methods.aekd import aekd_gradient_sums
@@ -75,7 +76,7 @@ def _batch(path: Path, view: int = 0, rows: int = 64):
     src = StoreTeachers(store, (), torch.device("cpu"), memory_budget_mb=64, temperature=T)
     idx, data = next(iter(src.batches(view, [np.arange(rows)], rows, drop_last=False)))
     labels = torch.from_numpy(store.labels()[idx])
-    return src.targets(torch.from_numpy(idx), None, data), labels
+    return src.teacher_outputs(torch.from_numpy(idx), None, data), labels
 
 
 def _student(rows: int = 64, seed: int = 0) -> torch.Tensor:
@@ -84,7 +85,8 @@ def _student(rows: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _method(name: str):
-    return create_method(name, num_classes=C, num_teachers=3, student_feat_shapes=[], teacher_feat_shapes={}, beta=0.0, kd_T=T)
+    return create_method(name, num_classes=C, num_teachers=3, student_feat_shapes=[], teacher_feat_shapes={},
+                         loss=LossConfig(beta=0.0, kd_T=T))
 
 
 # -- what the store holds -------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def test_single_teacher_and_k1(tmp_path, specs):
     assert tk.logits.shape == (64, 1, C) and tk.kept.sum(-1).eq(1).all()
     for name in LOGIT_METHODS:
         m = create_method(name, num_classes=C, num_teachers=1, student_feat_shapes=[], teacher_feat_shapes={},
-                          beta=0.0, kd_T=T)
+                          loss=LossConfig(beta=0.0, kd_T=T))
         losses, diag = m(StudentOut(logits=_student()), tk, labels, epoch=1)
         assert torch.isfinite(losses["kd"]) and torch.allclose(diag["teacher_weights"], torch.ones(1))
 

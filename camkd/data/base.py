@@ -1,4 +1,4 @@
-"""The in-memory dataset type, its fingerprint, and the name -> loader table."""
+"""The in-memory dataset type, its fingerprint, and the name -> loader registry."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from camkd.errors import CamkdError
+from camkd.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,14 @@ class Dataset:
         return self._fingerprint
 
     def limit(self, n: int | None) -> Dataset:
-        """The first ``n`` samples (all when ``n`` is None)."""
-        if n is None or n >= len(self):
+        """The first ``n`` samples (all when ``n`` is None); more than the split holds is refused, not capped."""
+        if n is None or n == len(self):
             return self
         if n <= 0:
             raise CamkdError(f"--limit must be positive, got {n}")
+        if n > len(self):
+            raise CamkdError(f"--limit {n} is more than the {len(self)} samples of {self.name}'s {self.split} split; "
+                             f"give at most --limit {len(self)}, or drop --limit to use them all")
         return Dataset(self.name, self.split, self.images[:n].clone(), self.labels[:n].clone(), self.num_classes, self.norm)
 
     def to(self, device: torch.device | str) -> Dataset:
@@ -80,27 +84,22 @@ class Dataset:
 
 
 Loader = Callable[..., Dataset]
-DATASETS: dict[str, Loader] = {}
+DATASETS: Registry[Loader] = Registry("dataset")  # filled by the loader modules, which camkd/data/__init__.py imports
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    def wrap(fn: Loader) -> Loader:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: register a loader ``fn(*, split, data_dir, download, **options) -> Dataset`` under ``name``."""
+    return DATASETS.register(name)
 
 
 def dataset_names() -> list[str]:
-    from camkd.data import cifar, fashion_mnist, synthetic  # noqa: F401 - importing the loaders fills DATASETS
-
-    return sorted(DATASETS)
+    """Every dataset name, sorted."""
+    return DATASETS.names()
 
 
 def check_dataset(name: str) -> None:
     """Refuse an unknown dataset name before anything is loaded."""
-    if name not in dataset_names():
-        raise CamkdError(f"unknown dataset '{name}'; choose one of: {', '.join(dataset_names())}")
+    DATASETS.resolve(name)
 
 
 def load_dataset(
@@ -118,7 +117,7 @@ def load_dataset(
         raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files (or add --download)")
     if split not in ("train", "test"):
         raise CamkdError(f"unknown split '{split}'; choose train or test")
-    ds = DATASETS[name](split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
+    ds = DATASETS.get(name)(split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
     return ds.limit(limit)
 
 

@@ -2,12 +2,14 @@
 
 Each method is one module: a pure loss function over tensors at the top and a thin
 :class:`Method` subclass registered with ``@register_method``.  Adding a method is a
-new module plus one import line below.
+new module plus its name in the import line below.
 """
 
 from __future__ import annotations
 
-from camkd.methods.base import (  # noqa: E402
+from camkd.methods import aekd, avg, camkd, ce, ebkd, fitnet, kd  # noqa: F401 - registration happens on import
+from camkd.methods.base import (
+    METHODS,
     Diagnostics,
     LogitMethod,
     Method,
@@ -19,18 +21,11 @@ from camkd.methods.base import (  # noqa: E402
     method_uses_teachers,
     register_method,
     required_layers,
+    resolve_loss,
 )
 
-# one line per method (registration happens on import)
-from camkd.methods import ce  # noqa: E402,F401  isort: skip
-from camkd.methods import kd  # noqa: E402,F401  isort: skip
-from camkd.methods import avg  # noqa: E402,F401  isort: skip
-from camkd.methods import ebkd  # noqa: E402,F401  isort: skip
-from camkd.methods import aekd  # noqa: E402,F401  isort: skip
-from camkd.methods import fitnet  # noqa: E402,F401  isort: skip
-from camkd.methods import camkd  # noqa: E402,F401  isort: skip
-
 __all__ = [
+    "METHODS",
     "Diagnostics",
     "LogitMethod",
     "Method",
@@ -42,4 +37,5 @@ __all__ = [
     "method_uses_teachers",
     "register_method",
     "required_layers",
+    "resolve_loss",
 ]

@@ -147,7 +147,7 @@ class AEKD(LogitMethod):
         super().__init__(cfg)
         if cfg.num_teachers > MAX_TEACHERS:
             raise CamkdError(f"aekd supports at most {MAX_TEACHERS} teachers (exact QP), got {cfg.num_teachers}")
-        self.C = float(cfg.aekd_C)
+        self.C = float(cfg.loss.aekd_C)
 
     def batch_stats(self, student_logits: Tensor, teachers: TeacherOut) -> Tensor:
         return aekd_gradient_sums(student_logits, teachers.logits, T=self.kd_T, kept=teachers.kept)

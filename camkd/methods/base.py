@@ -11,20 +11,23 @@ Embeds, ConvRegs) are submodules of the :class:`Method`; the loop optimizes
 Adding a method is one file (a pure loss function at the top, then a thin
 ``@register_method("name")`` subclass, usually of :class:`LogitMethod`: its
 ``kd_term`` calls the pure function) plus one import line in
-``camkd/methods/__init__.py``.
+``camkd/methods/__init__.py``, which imports every method module, so importing the
+package (or any module in it) fills the registry :data:`METHODS`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from camkd.config import LossConfig
 from camkd.errors import CamkdError
 from camkd.methods.functional import cross_entropy
+from camkd.registry import Registry
 
 Shape = tuple[int, ...]
 Losses = dict[str, Tensor]
@@ -80,12 +83,7 @@ class MethodConfig:
     num_teachers: int
     student_feat_shapes: tuple[Shape, ...]
     teacher_feat_shapes: dict[str, tuple[Shape, ...]]
-    gamma: float
-    alpha: float
-    beta: float | None  # None: the method's reference default
-    kd_T: float
-    aekd_C: float
-    hint_layer: int
+    loss: LossConfig  # checked by create_method; beta None: the method's reference default
 
 
 class Method(nn.Module):
@@ -98,14 +96,10 @@ class Method(nn.Module):
         super().__init__()
         self.num_classes = cfg.num_classes
         self.num_teachers = cfg.num_teachers
-        self.gamma = float(cfg.gamma)
-        self.alpha = float(cfg.alpha)
-        self.beta = float(self.default_beta if cfg.beta is None else cfg.beta)
-        self.kd_T = float(cfg.kd_T)
-
-    def required_features(self) -> tuple[str, ...]:
-        """Teacher feature layers this method reads from ``TeacherOut.features``."""
-        return type(self).features_needed(beta=self.beta, hint_layer=getattr(self, "hint_layer", 2))
+        self.gamma = float(cfg.loss.gamma)
+        self.alpha = float(cfg.loss.alpha)
+        self.beta = float(self.default_beta if cfg.loss.beta is None else cfg.loss.beta)
+        self.kd_T = float(cfg.loss.kd_T)
 
     @classmethod
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
@@ -197,17 +191,15 @@ class LogitMethod(Method):
 
 
 MethodClass = type[Method]
-_REGISTRY: dict[str, MethodClass] = {}
+METHODS: Registry[MethodClass] = Registry("method")  # filled by the method modules, which camkd/methods/__init__.py imports
 
 
 def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
     """Class decorator: register a :class:`Method` subclass under ``name``."""
 
     def deco(cls: MethodClass) -> MethodClass:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is already registered")
         cls.name = name
-        _REGISTRY[name] = cls
+        METHODS.add(name, cls)
         return cls
 
     return deco
@@ -215,13 +207,7 @@ def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
 
 def list_methods() -> list[str]:
     """All registered method names, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    # importing the package registers the built-in methods (no-op once imported)
-    import camkd.methods  # noqa: F401
+    return METHODS.names()
 
 
 def _positive_int(what: str, v: object) -> int:
@@ -240,21 +226,35 @@ def _finite(what: str, v: object, *, positive: bool = False) -> float:
     return float(v)
 
 
-def required_layers(name: str, *, beta: float | None = None, hint_layer: int = 2) -> tuple[str, ...]:
+def resolve_loss(name: str, loss: LossConfig) -> LossConfig:
+    """``loss`` with the values method ``name`` will use: a defaulted beta (None) becomes the method's reference
+    default, so a run records (and a resume compares) the number it trained with."""
+    cls = METHODS.get(name)
+    return loss if loss.beta is not None else replace(loss, beta=float(cls.default_beta))
+
+
+def required_layers(name: str, loss: LossConfig) -> tuple[str, ...]:
     """Teacher feature layers method ``name`` needs with these options, before it is built."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
-    cls = _REGISTRY[name]
-    return cls.features_needed(beta=float(cls.default_beta if beta is None else beta), hint_layer=hint_layer)
+    resolved = resolve_loss(name, loss)
+    return METHODS.get(name).features_needed(beta=float(resolved.beta), hint_layer=loss.hint_layer)
 
 
 def method_uses_teachers(name: str) -> bool:
     """Whether method ``name`` reads the teachers' outputs (known before building it)."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
-    return _REGISTRY[name].uses_teachers()
+    return METHODS.get(name).uses_teachers()
+
+
+def _checked_loss(loss: LossConfig) -> LossConfig:
+    if isinstance(loss.hint_layer, bool) or not isinstance(loss.hint_layer, int):
+        raise CamkdError(f"hint_layer must be an integer, got {loss.hint_layer!r}")
+    return LossConfig(
+        gamma=_finite("gamma (-r/--gamma)", loss.gamma),
+        alpha=_finite("alpha (-a/--alpha)", loss.alpha),
+        beta=None if loss.beta is None else _finite("beta (-b/--beta)", loss.beta),
+        kd_T=_finite("kd_T (--kd-T)", loss.kd_T, positive=True),
+        aekd_C=_finite("aekd_C (--aekd-C)", loss.aekd_C, positive=True),
+        hint_layer=loss.hint_layer,
+    )
 
 
 def create_method(
@@ -264,38 +264,23 @@ def create_method(
     num_teachers: int,
     student_feat_shapes: list[tuple[int, ...]],
     teacher_feat_shapes: dict[str, list[tuple[int, ...]]],
-    gamma: float = 1.0,
-    alpha: float = 1.0,
-    beta: float | None = None,
-    kd_T: float = 4.0,
-    aekd_C: float = 0.6,
-    hint_layer: int = 2,
+    loss: LossConfig | None = None,
 ) -> Method:
     """Build the method ``name``.
 
     ``student_feat_shapes``: the shapes (without batch) of the student's feats list;
     ``teacher_feat_shapes``: layer name -> per-teacher shapes (without batch) for the
-    layers the method needs.  ``beta=None`` picks the method's reference default
-    (camkd 50, fitnet 100; unused elsewhere).
+    layers the method needs; ``loss``: the coefficients (default: :class:`LossConfig`'s).
     """
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise CamkdError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
-    if isinstance(hint_layer, bool) or not isinstance(hint_layer, int):
-        raise CamkdError(f"hint_layer must be an integer, got {hint_layer!r}")
+    cls = METHODS.get(name)
     cfg = MethodConfig(
         num_classes=_positive_int("num_classes", num_classes),
         num_teachers=_positive_int("num_teachers", num_teachers),
         student_feat_shapes=tuple(tuple(int(d) for d in s) for s in student_feat_shapes),
         teacher_feat_shapes={k: tuple(tuple(int(d) for d in s) for s in v) for k, v in teacher_feat_shapes.items()},
-        gamma=_finite("gamma (-r/--gamma)", gamma),
-        alpha=_finite("alpha (-a/--alpha)", alpha),
-        beta=None if beta is None else _finite("beta (-b/--beta)", beta),
-        kd_T=_finite("kd_T (--kd-T)", kd_T, positive=True),
-        aekd_C=_finite("aekd_C (--aekd-C)", aekd_C, positive=True),
-        hint_layer=hint_layer,
+        loss=_checked_loss(loss or LossConfig()),
     )
-    return _REGISTRY[name](cfg)
+    return cls(cfg)
 
 
 # --------------------------------------------------------------- shape helpers

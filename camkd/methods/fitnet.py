@@ -95,10 +95,10 @@ class FitNetMKD(LogitMethod):
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
-        self.hint_layer = cfg.hint_layer
-        self.layer = f"hint{cfg.hint_layer}"
+        self.hint_layer = cfg.loss.hint_layer
+        self.layer = f"hint{cfg.loss.hint_layer}"
         self.regressors = per_teacher_modules(
-            cfg, ConvReg, index=cfg.hint_layer, layer=self.layer, method="fitnet", enabled=self.beta > 0
+            cfg, ConvReg, index=cfg.loss.hint_layer, layer=self.layer, method="fitnet", enabled=self.beta > 0
         )
 
     @classmethod

@@ -1,31 +1,28 @@
 """CIFAR model zoo (RepDistiller / CA-MKD architectures) behind a name registry.
 
-Importing this package registers every architecture; use :func:`create_model`.
+Importing this package registers every architecture (one import line per module below);
+use :func:`create_model`.
 """
 
 from __future__ import annotations
 
-from camkd.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn
+from camkd.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401 - registration on import
 from camkd.models.registry import (
+    MODELS,
     CifarModel,
     ClassifierHead,
     create_model,
     list_models,
     register_model,
+    resolve_arch,
 )
-from camkd.models.registry import _resolve as resolve_arch  # noqa: F401 - checks a name, raises CamkdError
 
 __all__ = [
+    "MODELS",
     "CifarModel",
     "ClassifierHead",
     "create_model",
     "list_models",
-    "mobilenetv2",
     "register_model",
     "resolve_arch",
-    "resnet",
-    "shufflenetv1",
-    "shufflenetv2",
-    "vgg",
-    "wrn",
 ]

@@ -17,10 +17,12 @@ from typing import Literal
 from torch import Tensor, nn
 
 from camkd.errors import CamkdError
+from camkd.registry import Registry
 
 EntryFn = Callable[..., "CifarModel"]
 
-_REGISTRY: dict[str, EntryFn] = {}
+# filled by the architecture modules, which camkd/models/__init__.py imports; names are looked up case-insensitively
+MODELS: Registry[EntryFn] = Registry("arch", ignore_case=True)
 
 
 class ClassifierHead(nn.Sequential):
@@ -96,10 +98,8 @@ def global_pool() -> nn.Module:
 
 
 def register_model(fn: EntryFn) -> EntryFn:
-    """Register an entry function ``fn(*, num_classes, in_channels=3)`` under its name."""
+    """Decorator: register an entry function ``fn(*, num_classes, in_channels=3)`` under its name."""
     name = fn.__name__
-    if name in _REGISTRY or name.lower() in {n.lower() for n in _REGISTRY}:
-        raise ValueError(f"model {name!r} is already registered")
 
     @functools.wraps(fn)
     def entry(*, num_classes: int, in_channels: int = 3) -> CifarModel:
@@ -107,32 +107,28 @@ def register_model(fn: EntryFn) -> EntryFn:
         model.arch = name
         return model
 
-    _REGISTRY[name] = entry
+    MODELS.add(name, entry)
     return entry
 
 
 def list_models() -> list[str]:
     """All registered architecture names, sorted."""
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
-def _resolve(name: str) -> str:
-    if name in _REGISTRY:
-        return name
-    folded = {n.lower(): n for n in _REGISTRY}
-    if name.lower() in folded:
-        return folded[name.lower()]
-    raise CamkdError(f"unknown arch {name!r}; choose one of: {', '.join(list_models())}")
+def resolve_arch(name: str) -> str:
+    """The registered spelling of architecture ``name`` (exact, then case-insensitive); unknown names are refused."""
+    return MODELS.resolve(name)
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3) -> CifarModel:
     """Build a registered model by name (exact match first, then case-insensitive)."""
-    arch = _resolve(name)
+    entry = MODELS.get(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise CamkdError(f"num_classes must be a positive integer, got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise CamkdError(f"in_channels must be a positive integer, got {in_channels!r}")
-    return _REGISTRY[arch](num_classes=num_classes, in_channels=in_channels)
+    return entry(num_classes=num_classes, in_channels=in_channels)
 
 
 __all__ = [
@@ -143,4 +139,5 @@ __all__ = [
     "init_weights",
     "list_models",
     "register_model",
+    "resolve_arch",
 ]

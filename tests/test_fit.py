@@ -1,0 +1,141 @@
+"""fit's steps: resume (at every epoch boundary, bit for bit; a finished run untouched), the per-epoch record,
+the one reduction, the checkpoints' recorded options, TensorBoard."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from configs import train_cfg
+
+import camkd.runs
+from camkd.checkpoint import load_checkpoint
+from camkd.errors import CamkdError
+from camkd.fit import all_sum_parts
+from camkd.train import train_teacher
+
+SMALL = dict(arch="resnet8", dataset="synthetic", batch_size=32, lr=0.05, synthetic_samples=384, progress=False,
+             deterministic=True)
+TINY = dict(arch="resnet8", dataset="synthetic", batch_size=32, synthetic_samples=64, progress=False)
+RECORD_KEYS = {"epoch", "view", "lr", "loss_ce", "train_loss", "train_acc", "test_top1", "test_top5", "test_loss",
+               "images_per_s", "world_size"}
+
+
+def metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def files(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli_args(out, *extra):
+    return ["train-teacher", "-m", "resnet8", "-d", "synthetic", "--limit", "64", "--batch-size", "32", "--device", "cpu",
+            "-q", "--out", out, *extra]
+
+
+def test_resumed_after_every_epoch_equals_uninterrupted(tmp_path):
+    full = train_teacher(train_cfg(**SMALL, epochs=3, out=str(tmp_path / "a")))
+    for epochs in (1, 2, 3):  # "interrupted" after each epoch, resumed each time
+        resumed = train_teacher(train_cfg(**SMALL, epochs=epochs, out=str(tmp_path / "b"), resume=epochs > 1))
+        assert [r["epoch"] for r in resumed["history"]] == [epochs]
+    a = load_checkpoint(tmp_path / "a" / "last.pth")
+    b = load_checkpoint(tmp_path / "b" / "last.pth")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert full["last_top1"] == resumed["last_top1"] and full["best_epoch"] == resumed["best_epoch"]
+    drop = ("images_per_s",)  # the only field that is a measurement
+    strip = [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "a")]
+    assert strip == [{k: v for k, v in r.items() if k not in drop} for r in metrics(tmp_path / "b")]
+
+
+def test_each_epoch_record_has_the_documented_keys(tmp_path):
+    s = train_teacher(train_cfg(**TINY, epochs=2, out=str(tmp_path / "r")))
+    records = metrics(tmp_path / "r")
+    assert records == json.loads(json.dumps(s["history"]))  # what fit returns is what it wrote
+    for e, r in enumerate(records, 1):
+        assert set(r) == RECORD_KEYS, set(r) ^ RECORD_KEYS
+        assert r["epoch"] == e and r["world_size"] == 1 and r["train_loss"] == r["loss_ce"]
+        assert 0 <= r["train_acc"] <= 100 and 0 <= r["test_top1"] <= r["test_top5"] <= 100
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pth")
+    assert ckpt["meta"]["epoch"] == 2 and ckpt["meta"]["accuracy"] == records[-1]["test_top1"]
+    assert ckpt["best"] == {"top1": s["best_top1"], "epoch": s["best_epoch"]}
+
+
+def test_all_sum_parts_keeps_order_and_shapes():
+    parts = [torch.arange(3.0), torch.tensor(2.5, dtype=torch.float32), torch.ones(2, 2), torch.zeros(0)]
+    out = all_sum_parts(parts)
+    assert [o.shape for o in out] == [p.shape for p in parts] and all(o.dtype == torch.float64 for o in out)
+    for o, p in zip(out, parts):
+        assert torch.equal(o, p.double())
+
+
+def test_a_finished_run_is_left_untouched(cli, tmp_path):
+    out = tmp_path / "r"
+    assert cli(*cli_args(out, "--epochs", "2")).exit_code == 0
+    before = files(out)
+    assert any(name.startswith("tb/") for name in before)
+    for epochs in ("1", "2"):
+        r = cli(*cli_args(out, "--epochs", epochs, "--resume"))
+        assert r.exit_code == 0, r.output
+        assert "is already finished: it has trained 2 epochs" in r.output and "resuming" not in r.output
+        assert files(out) == before  # byte for byte: no metrics line, no TensorBoard file, no checkpoint rewritten
+    s = train_teacher(train_cfg(arch="resnet8", dataset="synthetic", limit=64, batch_size=32, progress=False, epochs=2,
+                                out=str(out), auto_resume=True))  # the same run through the API
+    assert s["history"] == [] and s["last_top1"] == metrics(out)[-1]["test_top1"] and files(out) == before
+
+
+def test_resume_and_auto_resume_together_is_one_error(cli, one_error, tmp_path):
+    one_error(cli(*cli_args(tmp_path / "r", "--resume", "--auto-resume")), r"--resume and --auto-resume together.*give one")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_defaulted_option_is_recorded_and_compared_as_its_value(tmp_path):
+    """lr and aug_seed left to their defaults are recorded as the numbers used: the same numbers given explicitly
+    resume, other numbers are refused with both values (never None)."""
+    kw = {k: v for k, v in TINY.items()}
+    train_teacher(train_cfg(**kw, epochs=1, seed=3, out=str(tmp_path / "r")))
+    options = load_checkpoint(tmp_path / "r" / "last.pth")["meta"]["options"]
+    assert options["optim"]["lr"] == 0.05 and options["aug_seed"] == 3  # resnet8's default lr; the run's seed
+    train_teacher(train_cfg(**kw, epochs=2, seed=3, lr=0.05, aug_seed=3, out=str(tmp_path / "r"), resume=True))
+    with pytest.raises(CamkdError, match=r"made with --lr 0\.05, this run has 0\.1;") as e:
+        train_teacher(train_cfg(**kw, epochs=3, seed=3, lr=0.1, out=str(tmp_path / "r"), resume=True))
+    assert "None" not in str(e.value)
+
+
+def test_other_training_data_is_named_with_balanced_quotes(tmp_path):
+    train_teacher(train_cfg(**TINY, epochs=1, out=str(tmp_path / "r")))
+    with pytest.raises(CamkdError) as e:
+        train_teacher(train_cfg(**{**TINY, "synthetic_samples": 96}, epochs=2, out=str(tmp_path / "r"), resume=True))
+    msg = str(e.value)
+    assert "dataset_fingerprint" not in msg and "other training data (" in msg and "--dataset, --limit" in msg
+    assert msg.count("'") % 2 == 0 and "...'" in msg, msg
+
+
+# ---- TensorBoard ---------------------------------------------------------------------------------------
+
+def test_tensorboard_event_files_hold_every_epoch(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_teacher(train_cfg(**TINY, epochs=2, out=str(tmp_path / "r")))
+    events = list((tmp_path / "r" / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == RECORD_KEYS - {"epoch"}
+    for key in RECORD_KEYS - {"epoch"}:
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert got == [(r["epoch"], float(np.float32(r[key]))) for r in metrics(tmp_path / "r")], key
+
+
+def test_without_tensorboard_no_files_and_one_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(camkd.runs, "tensorboard_available", lambda: False)
+    camkd.runs._no_tensorboard_note.cache_clear()
+    for name in ("a", "b"):
+        train_teacher(train_cfg(**TINY, epochs=1, out=str(tmp_path / name)))
+        assert not (tmp_path / name / "tb").exists()
+    assert capsys.readouterr().err.count("tensorboard is not installed") == 1
+    camkd.runs._no_tensorboard_note.cache_clear()
