@@ -274,13 +274,12 @@ def cache_teachers_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Run trained teachers once over seeded views and write their outputs to a Zarr store (resumable)."""
-    from camkd.store.report import format_cache_summary
-    from camkd.store.writer import CacheConfig, cache_teachers
+    from camkd.cache import CacheConfig, cache_teachers, format_cache_summary
 
     _renamed("--seed", "--aug-seed", seed)
     kw = {"features": features} if features else {}
     cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
-                      views=views, seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
+                      views=views, aug_seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
                       out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
                       feature_dtype=feature_dtype.value if feature_dtype else None, compressor=compressor.value,
                       space_check=not no_space_check, logits=logits, **kw)
@@ -317,7 +316,7 @@ def cache_verify_cmd(
     device: DeviceOpt = DeviceChoice.auto,
 ) -> None:
     """Check completeness and every chunk's checksum; with -t also recompute a sample (exit 1 if not OK)."""
-    from camkd.store.verify import cache_verify
+    from camkd.cache import cache_verify
 
     _renamed("--seed", "--sample-seed", seed)
     report = cache_verify(store, teacher or [], sample=sample, seed=sample_seed, data_dir=_str(data_dir),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig, distill
 from camkd.progress import log
-from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.train import TrainConfig, teacher_optim, train_teacher
 
 DEMO_TEACHERS = ("resnet20", "resnet14", "wrn_16_1")

@@ -26,7 +26,7 @@ from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
 from camkd.store import topk as TK
 from camkd.store.reader import FeatureStream, TeacherStore
-from camkd.teachers import Teacher, run_teachers
+from camkd.teachers import Teacher, run_teachers, stored_heads
 
 Streamed = dict[str, list[np.ndarray]]
 
@@ -133,7 +133,7 @@ class StoreTeachers:
             else:
                 self.stager = ViewStager(store, stage_dir, layers)
         self._shared_src: TeacherStore | None = None
-        self.heads = store.heads(device)
+        self.heads = stored_heads(store, device)
         self.window_blocks = streamed_window(store, layers, memory_budget_mb, window_blocks)
         self._view = -1
         self._src: TeacherStore = store  # where the current view is read from (the store, or its staged copy)

@@ -1,7 +1,9 @@
 """Loading trained teachers: camkd checkpoints, or reference `{'model': state_dict}` files with an arch.
 
 A teacher spec is ``PATH`` (a camkd checkpoint, which names its arch) or ``ARCH=PATH``
-(any checkpoint, e.g. one published for RepDistiller / CA-MKD).
+(any checkpoint, e.g. one published for RepDistiller / CA-MKD). The store knows no models: this
+module hands it the teachers as a :class:`~camkd.store.runner.TeacherRunner` and rebuilds the
+stored heads as modules.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import torch
 from torch import nn
 
 from camkd.checkpoint import load_checkpoint, sha256_file
+from camkd.data import Dataset
 from camkd.errors import CamkdError
 from camkd.models import create_model
-
-FEATURE_LAYERS_HELP = "none, penultimate or hint:L (L = index into the model's feature list)"
+from camkd.store.reader import TeacherStore
+from camkd.store.runner import TeacherRunner
 
 
 @dataclass
@@ -111,21 +114,6 @@ def load_teachers(specs: list[str], device: torch.device | str = "cpu") -> list[
     return teachers
 
 
-def parse_layer(text: str) -> tuple[str, int] | None:
-    """'penultimate' -> ('penultimate', -2); 'hint:L' -> ('hintL', L); 'none' -> None."""
-    text = text.strip().lower()
-    if text == "none":
-        return None
-    if text == "penultimate":
-        return "penultimate", -2
-    if text.startswith("hint"):
-        num = text[4:].lstrip(":")
-        num = num or "2"
-        if num.lstrip("-").isdigit():
-            return f"hint{int(num)}", int(num)
-    raise CamkdError(f"unknown feature layer '{text}'; use {FEATURE_LAYERS_HELP}")
-
-
 @torch.inference_mode()
 def run_teachers(teachers: list[Teacher], x: torch.Tensor, layers: dict[str, int]) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """All teachers on the same batch: logits [B, K, C] and requested features per layer per teacher."""
@@ -139,3 +127,50 @@ def run_teachers(teachers: list[Teacher], x: torch.Tensor, layers: dict[str, int
             out = t.model(x)
         logits.append(out)
     return torch.stack(logits, dim=1), feats
+
+
+def runner(teachers: list[Teacher], device: torch.device) -> TeacherRunner:
+    """The teachers as the store sees them: provenance, head weights, and a function that runs them on a batch."""
+    provenance = [{"arch": t.arch, "checkpoint": t.path.name, "path": str(t.path), "sha256": t.sha256,
+                   "num_classes": t.num_classes} for t in teachers]
+    heads = [{key: value.detach().cpu().numpy() for key, value in t.model.get_head().state_dict().items()} for t in teachers]
+    return TeacherRunner(provenance=provenance, heads=heads, device=device,
+                         run=lambda x, layers: run_teachers(teachers, x, layers))
+
+
+def check_teachers(teachers: list[Teacher], data: Dataset) -> None:
+    """Teachers that take the data's images and predict its classes."""
+    for t in teachers:
+        if t.num_classes != data.num_classes:
+            raise CamkdError(f"teacher {t.path} has {t.num_classes} classes but {data.name} has {data.num_classes}; "
+                             "use teachers trained on this dataset")
+        if t.in_channels != data.in_channels:
+            raise CamkdError(f"teacher {t.path} takes {t.in_channels}-channel images but {data.name} has {data.in_channels}")
+
+
+def feature_shapes(teachers: list[Teacher], data: Dataset, layers: dict[str, int], device: torch.device) -> dict[str, list[tuple]]:
+    """{layer: per-teacher (c, h, w)} of the requested feature maps, from one blank image; a clear error for an index
+    a teacher does not have or that is not a feature map."""
+    x = torch.zeros((1,) + tuple(data.images.shape[1:]), dtype=torch.float32, device=device)
+    shapes: dict[str, list[tuple]] = {name: [] for name in layers}
+    for t in teachers:
+        with torch.inference_mode():
+            feats, _ = t.model(x, is_feat=True)
+        for name, idx in layers.items():
+            if not -len(feats) <= idx < len(feats):
+                raise CamkdError(f"--features {name}: {t.arch} has only {len(feats)} feature outputs (indices 0..{len(feats) - 1})")
+            if feats[idx].ndim != 4:
+                raise CamkdError(f"--features {name}: {t.arch}'s feature {idx} is not a feature map; pick another index")
+            shapes[name].append(tuple(feats[idx].shape[1:]))
+    return shapes
+
+
+def stored_heads(store: TeacherStore, device: torch.device | str = "cpu") -> list[nn.Module]:
+    """Each teacher's classifier head rebuilt from a store's weights, frozen, eval mode."""
+    out = []
+    in_ch = store.attrs["dataset"]["in_channels"]
+    for t, meta in enumerate(store.attrs["teachers"]):
+        head = create_model(meta["arch"], num_classes=meta["num_classes"], in_channels=in_ch).get_head()
+        head.load_state_dict(store.head_state(t, list(head.state_dict())))
+        out.append(head.eval().requires_grad_(False).to(device))
+    return out

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint
 from camkd.methods import list_methods
 from camkd.models import create_model
-from camkd.store.writer import CacheConfig, cache_teachers
 
 VENV_BIN = Path(sys.executable).parent
 WORKERS = Path(__file__).parent / "workers"
@@ -50,7 +50,7 @@ def store(tmp_path_factory):
     work = tmp_path_factory.mktemp("dist")
     specs = seeded_teachers(work, ["resnet8", "resnet14"], seed=200)
     path = work / "s.zarr"
-    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, seed=3,
+    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, aug_seed=3,
                                features=["penultimate", "hint:2"], dtype="float32", out=str(path), device="cpu",
                                progress=False, evaluate=False))
     return path
@@ -69,7 +69,7 @@ def topk_store(tmp_path_factory):
     work = tmp_path_factory.mktemp("dist_topk")
     specs = seeded_teachers(work, ["resnet8", "resnet14"], seed=200)
     path = work / "k3.zarr"
-    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, seed=3, features=["penultimate"],
+    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, aug_seed=3, features=["penultimate"],
                                dtype="float32", out=str(path), device="cpu", progress=False, evaluate=False,
                                logits="topk:3"))
     return path

@@ -7,11 +7,11 @@ import pytest
 import torch
 from configs import StepRecorder, distill_cfg, train_cfg
 
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint
 from camkd.distill import distill
 from camkd.errors import CamkdError
 from camkd.methods import list_methods
-from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.train import train_teacher
 
 N = 128
@@ -35,7 +35,7 @@ def stores(teachers, tmp_path_factory):
     out = {}
     for dtype in ("float32", "float16"):
         path = root / f"{dtype}.zarr"
-        cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=2, seed=3,
+        cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=2, aug_seed=3,
                                    features=["penultimate", "hint:2"], dtype=dtype, batch_size=128, out=str(path), progress=False))
         out[dtype] = str(path)
     return out

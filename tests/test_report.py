@@ -11,13 +11,13 @@ import pytest
 import torch
 from configs import distill_cfg, train_cfg
 
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint
 from camkd.data import load_split
 from camkd.distill import distill
 from camkd.evaluate import evaluate_checkpoint
 from camkd.models import create_model
 from camkd.report import report, to_markdown
-from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.train import train_teacher
 
 N = 96
@@ -32,7 +32,7 @@ def runs(tmp_path_factory):
         train_teacher(train_cfg(**TEACHER, seed=s, out=str(root / f"t{s}")))
     store = root / "s.zarr"
     cache_teachers(CacheConfig(teachers=[str(root / "t0" / "best.pth"), str(root / "t1" / "best.pth")], dataset="synthetic",
-                               options={"num_samples": N}, views=2, seed=3, dtype="float32", out=str(store), device="cpu",
+                               options={"num_samples": N}, views=2, aug_seed=3, dtype="float32", out=str(store), device="cpu",
                                progress=False))
     for s in (0, 1):
         distill(distill_cfg(arch="resnet8", method="camkd", cache=str(store), epochs=2, batch_size=32, seed=s,

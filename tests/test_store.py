@@ -23,6 +23,7 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import sha256_file
 from camkd.cli import app
 from camkd.data import load_dataset
@@ -30,13 +31,12 @@ from camkd.data.order import epoch_order as epoch_windows
 from camkd.data.views import AugSpec, augment, view_params
 from camkd.errors import CamkdError
 from camkd.models import create_model
-from camkd.store import Expect, open_store
-from camkd.store import layout as L
+from camkd.store import Expect, layout, open_store
 from camkd.store.reader import FeatureStream
-from camkd.store.writer import CacheConfig, cache_teachers
+from camkd.teachers import stored_heads
 
 N_RT = 320  # round-trip store: 2 teachers x (penultimate + hint2) float32 -> blocks of 256 rows: 256 + 64 per view
-RT = dict(dataset="synthetic", limit=N_RT, views=2, seed=3, features=["penultimate", "hint:2"], dtype="float32",
+RT = dict(dataset="synthetic", limit=N_RT, views=2, aug_seed=3, features=["penultimate", "hint:2"], dtype="float32",
           batch_size=160, device="cpu", progress=False)
 
 
@@ -177,16 +177,16 @@ def test_round_trip_equals_independent_recomputation(rt, teachers):
     assert store.block_rows == 256 and store.progress().shape == (2, 2) and store.progress().all()
     data = load_dataset("synthetic", "train", limit=N_RT)
     assert np.array_equal(store.labels(), data.labels.numpy())
-    spec = AugSpec(seed=RT["seed"], norm=data.norm)
+    spec = AugSpec(seed=RT["aug_seed"], norm=data.norm)
     idx = np.array([0, 5, 99, 100, 255, 256, 300, 319])
-    heads = store.heads()
+    heads = stored_heads(store)
     for v in range(2):
         assert np.array_equal(store.aug(v), view_params(spec, v, np.arange(N_RT)).numpy())
         logits = store.logits(v).numpy()
         assert logits.shape == (N_RT, 2, 10) and logits.dtype == np.float32
         pen, hint = store.features("penultimate", v), store.features("hint2", v)
         for k, arch in enumerate(("resnet8", "wrn_16_1")):
-            feats, ref = recompute(teachers[arch], N_RT, RT["seed"], v, idx)
+            feats, ref = recompute(teachers[arch], N_RT, RT["aug_seed"], v, idx)
             np.testing.assert_allclose(logits[idx, k], ref.numpy(), rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(pen[k][idx], feats[-2].numpy(), rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(hint[k][idx], feats[2].numpy(), rtol=1e-4, atol=1e-4)
@@ -207,10 +207,10 @@ def test_readable_with_plain_zarr(rt, teachers):
     a = g.attrs["camkd"]
     for key in ("format_version", "dataset", "augmentation", "teachers", "dtype", "views", "features", "camkd_version"):
         assert key in a, key
-    assert a["format_version"] == L.FORMAT_VERSION and a["dtype"] == "float32" and a["views"] == 2
+    assert a["format_version"] == layout.FORMAT_VERSION and a["dtype"] == "float32" and a["views"] == 2
     ds = load_dataset("synthetic", "train", limit=N_RT)
     assert a["dataset"]["name"] == "synthetic" and a["dataset"]["n"] == N_RT and a["dataset"]["fingerprint"] == ds.fingerprint
-    assert a["augmentation"]["seed"] == RT["seed"] and a["augmentation"]["padding"] == 4
+    assert a["augmentation"]["seed"] == RT["aug_seed"] and a["augmentation"]["padding"] == 4
     assert [t["arch"] for t in a["teachers"]] == ["resnet8", "wrn_16_1"]
     assert [t["sha256"] for t in a["teachers"]] == [sha256_file(teachers["resnet8"]), sha256_file(teachers["wrn_16_1"])]
     assert all(0 <= t["test_accuracy"] <= 100 for t in a["teachers"])
@@ -229,7 +229,7 @@ def test_readable_with_plain_zarr(rt, teachers):
     assert {"heads/t0/fc.weight", "heads/t0/fc.bias", "heads/t1/fc.weight", "heads/t1/fc.bias"} <= found.keys()
     # features are sharded per writer block, chunks of at most ~4 MB
     hint = found["features/hint2/t0"]
-    assert hint.shards == (1, 256, 32, 16, 16) and hint.chunks[1] * 32 * 16 * 16 * 4 <= L.CHUNK_TARGET_BYTES
+    assert hint.shards == (1, 256, 32, 16, 16) and hint.chunks[1] * 32 * 16 * 16 * 4 <= layout.CHUNK_TARGET_BYTES
 
 
 # ---- 3. bit-identical resume after SIGKILL -------------------------------------------------------
@@ -323,7 +323,7 @@ def test_rerun_removes_temporary_files_of_a_killed_write(cli, teachers, small, t
 
 def test_more_views_append_without_recomputing(teachers, tmp_path):
     base = dict(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=128, features=["penultimate"],
-                dtype="float16", batch_size=128, device="cpu", progress=False, seed=1)
+                dtype="float16", batch_size=128, device="cpu", progress=False, aug_seed=1)
     path = tmp_path / "grow.zarr"
     s1 = cache_teachers(CacheConfig(**base, views=1, out=str(path)))
     assert s1["rows_computed"] == 128
@@ -482,7 +482,7 @@ def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path):
     assert verdict.startswith("verdict: CORRUPT — 2 written blocks are damaged") and "--repair" in verdict, verdict
     # re-running the same cache-teachers command on it: a clean error, not a traceback
     args = ["-d", "synthetic", "--limit", str(N_RT), "-V", "2", "-f", "penultimate", "-f", "hint:2", "--dtype", "float32",
-            "--aug-seed", str(RT["seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
+            "--aug-seed", str(RT["aug_seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
     assert_clean_error(cli("cache-teachers", *rt_teacher_args(teachers), *args), r"'logits' view 1")
 
 
@@ -558,7 +558,7 @@ def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path):
     g["aug"][1] = np.asarray(zarr.open_group(str(path), mode="r")["aug"][1])
     g["progress"][1, 1] = 0
     r = cli("cache-verify", bad, *rt_teacher_args(teachers), "--device", "cpu")
-    assert r.exit_code == 1 and "INCOMPLETE: 1 blocks missing (first: view 1 block 1)" in r.output, r.output
+    assert r.exit_code == 1 and "INCOMPLETE: 1 block missing (first: view 1 block 1)" in r.output, r.output
 
 
 def test_verify_store_made_with_limit(cli, small, teachers):
@@ -580,11 +580,11 @@ def test_epoch_windows_cover_each_index_once():
             assert np.array_equal(np.sort(flat), np.arange(n))
             assert all(w.dtype == np.int64 for w in windows)
             if wb is not None:
-                assert len(windows) == -(-L.num_blocks(n, br) // wb)
+                assert len(windows) == -(-layout.num_blocks(n, br) // wb)
                 for w in windows:  # a window is made of whole blocks, at most wb of them
                     blocks = set((w // br).tolist())
                     assert len(blocks) <= wb
-                    assert len(w) == sum(L.block_slice(b, n, br).stop - L.block_slice(b, n, br).start for b in blocks)
+                    assert len(w) == sum(layout.block_slice(b, n, br).stop - layout.block_slice(b, n, br).start for b in blocks)
             plans.append(flat)
             again = np.concatenate(epoch_windows(n, seed=5, epoch=epoch, block_rows=br, window_blocks=wb))
             assert np.array_equal(flat, again)  # a pure function of its arguments
@@ -650,7 +650,7 @@ def test_open_store_expectations(rt, tmp_path):
     partial = clone(path, tmp_path / "partial.zarr")
     zarr.open_group(str(partial), mode="r+")["progress"][0, 1] = 0
     open_store(partial)  # opening without expectations works (cache-info)
-    with pytest.raises(CamkdError, match=r"incomplete \(1 blocks missing, first: view 0 block 1\); rerun the same cache-teachers"):
+    with pytest.raises(CamkdError, match=r"incomplete \(1 block missing, first: view 0 block 1\); rerun the same cache-teachers"):
         open_store(partial, expect=Expect())
 
 
@@ -698,7 +698,7 @@ def test_disk_full_is_clean_and_resumable(teachers, uninterrupted, tiny_disk):
     ref = uninterrupted(2)
     got, want = arrays(path), arrays(ref)
     for v, b in zip(*np.nonzero(flags)):
-        rows = L.block_slice(int(b), 384, 256)
+        rows = layout.block_slice(int(b), 384, 256)
         for name in ("aug", "logits", "features/penultimate/t0", "features/hint1/t0"):
             assert np.array_equal(np.asarray(got[name][v, rows]), np.asarray(want[name][v, rows])), (name, v, b)
     assert not list(path.rglob("*.partial"))
@@ -733,14 +733,14 @@ def test_verify_unfinished_store_is_incomplete_not_corrupt(cli, rt, teachers, tm
         chunk_file(part, name, 1, 1).unlink()
     r = cli("cache-verify", part, *rt_teacher_args(teachers), "--sample", "16", "--device", "cpu")
     assert r.exit_code == 1, r.output
-    assert "INCOMPLETE: 1 blocks missing (first: view 1 block 1)" in r.output, r.output
+    assert "INCOMPLETE: 1 block missing (first: view 1 block 1)" in r.output, r.output
     assert "CORRUPT" not in r.output and "missing)" not in r.output, r.output
     assert "largest difference" in r.output  # the written blocks were still checked against the teachers
     assert r.output.splitlines()[-1] == "verdict: INCOMPLETE — rerun the same cache-teachers command to finish", r.output
 
 
 def test_verify_without_teachers_checks_checksums_only(rt, tmp_path):
-    from camkd.store.verify import cache_verify
+    from camkd.cache import cache_verify
 
     path, _ = rt
     for teachers_given in (None, []):
@@ -757,7 +757,7 @@ def test_verify_without_teachers_checks_checksums_only(rt, tmp_path):
 def test_repair_then_resume_is_byte_identical(rt, teachers, tmp_path):
     """verify --repair clears exactly the damaged blocks; the same cache-teachers run recomputes only them,
     and every file of the store is then byte-identical to the undamaged store."""
-    from camkd.store.verify import cache_verify
+    from camkd.cache import cache_verify
 
     path, _ = rt
     bad = clone(path, tmp_path / "bad.zarr")
@@ -835,28 +835,30 @@ def test_provenance_records_path_and_digest_but_identity_does_not(cli, teachers,
 # ---- 13. defaults, evaluation, report ------------------------------------------------------------
 
 def test_defaults_store_penultimate_and_evaluate_with_a_small_batch(teachers, tmp_path, monkeypatch):
-    import camkd.store.writer as W
+    from camkd import cache
+    from camkd.store.config import batch_size_for
 
     calls = []
-    real = W.evaluate
-    monkeypatch.setattr(W, "evaluate", lambda model, data, **kw: calls.append(kw) or real(model, data, **kw))
+    real = cache.evaluate
+    monkeypatch.setattr(cache, "evaluate", lambda model, data, **kw: calls.append(kw) or real(model, data, **kw))
     cfg = CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu", progress=False,
                       out=str(tmp_path / "d.zarr"))
     assert cfg.features == ["penultimate"] and cfg.batch_size is None and cfg.evaluate
-    assert W.batch_size_for(cfg, torch.device("cpu")) == 64 and W.batch_size_for(cfg, torch.device("cuda")) == 256
+    assert batch_size_for(cfg, torch.device("cpu")) == 64 and batch_size_for(cfg, torch.device("cuda")) == 256
     s = cache_teachers(cfg)
     assert calls == [{"batch_size": 64}]
     assert s["layers"] == ["penultimate"] and list(open_store(tmp_path / "d.zarr").layers) == ["penultimate"]
 
 
 def test_no_eval_records_no_accuracy(cli, teachers, tmp_path, monkeypatch):
-    import camkd.store.writer as W
+    from camkd import cache
 
     def never(*a, **k):
         raise AssertionError("evaluated although evaluate=False")
 
-    monkeypatch.setattr(W, "evaluate", never)
-    monkeypatch.setattr(W, "_load", lambda cfg, split, device, real=W._load: (never() if split == "test" else real(cfg, split, device)))
+    monkeypatch.setattr(cache, "evaluate", never)
+    real = cache._load
+    monkeypatch.setattr(cache, "_load", lambda cfg, split, device: never() if split == "test" else real(cfg, split, device))
     path = tmp_path / "n.zarr"
     cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu",
                                progress=False, evaluate=False, out=str(path)))
@@ -867,8 +869,8 @@ def test_no_eval_records_no_accuracy(cli, teachers, tmp_path, monkeypatch):
 
 
 def test_summary_names_the_methods_a_store_serves(rt, teachers, tmp_path):
+    from camkd.cache import format_cache_summary
     from camkd.methods import list_methods
-    from camkd.store.report import format_cache_summary
 
     _, summary = rt
     text = format_cache_summary(summary)
@@ -881,7 +883,7 @@ def test_summary_names_the_methods_a_store_serves(rt, teachers, tmp_path):
 
 
 def test_sizes_count_shards_and_show_per_sample_view(cli, rt):
-    from camkd.store.writer import array_sizes
+    from camkd.store.sizes import array_sizes
 
     path, _ = rt
     sizes = array_sizes(zarr.open_group(str(path), mode="r"))

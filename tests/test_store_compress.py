@@ -14,17 +14,16 @@ import pytest
 import torch
 import zarr
 
+from camkd.cache import CacheConfig, cache_teachers, cache_verify
 from camkd.errors import CamkdError
 from camkd.models import create_model
-from camkd.store import layout as L
-from camkd.store import open_store
+from camkd.store import layout, open_store
 from camkd.store.plan import METADATA, plan_store
 from camkd.store.reader import FeatureStream
-from camkd.store.verify import cache_verify
-from camkd.store.writer import CacheConfig, array_sizes, cache_teachers
+from camkd.store.sizes import array_sizes
 
 N = 256
-BASE = dict(dataset="synthetic", limit=N, views=2, seed=3, features=["penultimate", "hint:1"], device="cpu",
+BASE = dict(dataset="synthetic", limit=N, views=2, aug_seed=3, features=["penultimate", "hint:1"], device="cpu",
             progress=False, evaluate=False, batch_size=64)
 KINDS = {
     "f32": dict(dtype="float32"),
@@ -66,13 +65,13 @@ def test_int8_round_trip_within_half_a_step(stores):
         for layer in ("penultimate", "hint1"):
             ref, got = f32.features(layer, v)[0], i8.features(layer, v)[0]
             assert got.dtype == np.float32 and got.shape == ref.shape
-            scale = np.asarray(i8.g[L.scale_path(layer, 0)][v])
+            scale = np.asarray(i8.g[layout.scale_path(layer, 0)][v])
             assert scale.dtype == np.float32 and scale.shape == ref.shape[:2]
             bound = scale[..., None, None] / 2 * (1 + 1e-5) + 1e-7
             assert (np.abs(got - ref) <= bound).all(), (layer, v, float(np.abs(got - ref).max()))
             # the stored integers are exactly the formula applied to the float32 store's values
-            q, s = L.quantize(ref)
-            assert np.array_equal(np.asarray(i8.g[L.feature_path(layer, 0)][v]), q) and np.array_equal(s, scale)
+            q, s = layout.quantize(ref)
+            assert np.array_equal(np.asarray(i8.g[layout.feature_path(layer, 0)][v]), q) and np.array_equal(s, scale)
             # a row range reads the same as the whole view
             assert np.array_equal(i8.features(layer, v, slice(64, 192))[0], got[64:192])
 
@@ -98,7 +97,7 @@ def test_int8_attrs_layout_and_size(stores):
     q, s = g["features/penultimate/t0"], g["features/penultimate/t0_scale"]
     assert q.dtype == np.int8 and s.dtype == np.float32
     assert tuple(s.metadata.dimension_names) == ("view", "sample", "channel") and s.shape == q.shape[:3]
-    assert L.object_rows(s) == L.object_rows(q) == a["block_rows"]  # one object per writer unit, as the others
+    assert layout.object_rows(s) == layout.object_rows(q) == a["block_rows"]  # one object per writer unit, as the others
     f32 = _view_sizes(stores["f32"], "features/")
     i8_q = sum(v for k, v in array_sizes(g).items() if k.startswith("features/") and not k.endswith("_scale"))
     assert 3.8 < f32 / i8_q < 4.05, (f32, i8_q)
@@ -137,7 +136,7 @@ def test_verify_int8_passes_and_reports_a_damaged_scale(spec, stores, tmp_path):
     bad = tmp_path / "bad.zarr"
     shutil.copytree(stores["i8"], bad, copy_function=os.link)
     s = zarr.open_group(str(bad), mode="r")["features/hint1/t0_scale"]
-    f = bad / L.object_key(s, (1, 0, 0))
+    f = bad / layout.object_key(s, (1, 0, 0))
     data = bytearray(f.read_bytes())
     data[len(data) // 3] ^= 0xFF
     f.unlink()

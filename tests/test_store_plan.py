@@ -4,9 +4,10 @@ that cannot fit is refused before any work (the disk-full tests in test_store.py
 import pytest
 import torch
 
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.models import create_model
-from camkd.store.plan import human, plan_store
-from camkd.store.writer import CacheConfig, array_sizes, cache_teachers
+from camkd.store.plan import plan_store
+from camkd.store.sizes import array_sizes, human
 
 
 @pytest.fixture(scope="module")

@@ -22,23 +22,22 @@ import torch
 import torch.nn.functional as F
 import zarr
 
+from camkd.cache import CacheConfig, cache_teachers, cache_verify
 from camkd.config import LossConfig
 from camkd.errors import CamkdError
 from camkd.methods import StudentOut, create_method
 from camkd.methods.aekd import aekd_gradient_sums
 from camkd.methods.camkd import camkd_kd_loss
-from camkd.methods.ebkd import ebkd_weights, teacher_entropies
+from camkd.methods.ebkd import ebkd_weights
 from camkd.methods.functional import binned_kl, confidence_weights, effective_teacher_probs, kl_per_sample
 from camkd.models import create_model
 from camkd.sources import StoreTeachers
-from camkd.store import open_store
-from camkd.store import topk as TK
+from camkd.store import layout, open_store, topk
 from camkd.store.info import cache_info
-from camkd.store.verify import cache_verify
-from camkd.store.writer import CacheConfig, cache_teachers
+from camkd.store.topk import teacher_entropies
 
 N, C, T = 256, 10, 4.0
-BASE = dict(dataset="synthetic", limit=N, views=2, seed=3, features=["penultimate"], device="cpu", progress=False,
+BASE = dict(dataset="synthetic", limit=N, views=2, aug_seed=3, features=["penultimate"], device="cpu", progress=False,
             evaluate=False, batch_size=64, dtype="float32")
 LOGIT_METHODS = ["kd", "avg", "ebkd", "aekd", "camkd", "fitnet"]
 
@@ -71,7 +70,7 @@ def stores(specs, tmp_path_factory) -> dict[str, Path]:
 
 
 def _batch(path: Path, view: int = 0, rows: int = 64):
-    """The first batch of ``view`` as the training loop sees it (StoreTeachers.targets), and its labels."""
+    """The first batch of ``view`` as the training loop sees it (StoreTeachers.teacher_outputs), and its labels."""
     store = open_store(path)
     src = StoreTeachers(store, (), torch.device("cpu"), memory_budget_mb=64, temperature=T)
     idx, data = next(iter(src.batches(view, [np.arange(rows)], rows, drop_last=False)))
@@ -92,7 +91,7 @@ def _method(name: str):
 # -- what the store holds -------------------------------------------------------------------------
 def test_topk_arrays_equal_the_dense_logits_and_exact_scalars(stores):
     dense, k5 = open_store(stores["dense"]), open_store(stores["k5"])
-    assert k5.logits_spec == TK.LogitsSpec("topk", 5, (1.0, 4.0))
+    assert k5.logits_spec == topk.LogitsSpec("topk", 5, (1.0, 4.0))
     g = zarr.open_group(str(stores["k5"]), mode="r")  # plain zarr reads it
     assert "logits" not in g and g["topk/index"].dtype == np.uint8
     labels = torch.from_numpy(dense.labels())
@@ -227,10 +226,10 @@ def test_empty_tail_and_one_hot_teachers_stay_finite():
     """A tail whose mass underflows even in float64 (margins of 1e4): no NaN in loss or gradients."""
     z = torch.tensor([[[1e4, 0.0, -1e4, 5.0], [0.0, 3e3, 1.0, 2.0]]])  # [1, 2, 4]
     labels = torch.tensor([0])
-    spec = TK.LogitsSpec("topk", 2, (T,))
-    arrays = TK.compute(z, labels, spec)
+    spec = topk.LogitsSpec("topk", 2, (T,))
+    arrays = topk.compute(z, labels, spec)
     assert torch.isfinite(arrays["lse"]).all() and torch.isfinite(arrays["log_tail"]).all()
-    logits, kept = TK.rebuild(arrays["index"], arrays["values"], arrays["lse"][..., 0], arrays["log_tail"][..., 0], 4, T)
+    logits, kept = topk.rebuild(arrays["index"], arrays["values"], arrays["lse"][..., 0], arrays["log_tail"][..., 0], 4, T)
     assert torch.isfinite(logits).all()
     s = torch.zeros(1, 4, requires_grad=True)
     kd, w = camkd_kd_loss(s, logits, labels, T=T, kept=kept, ce=arrays["ce"])
@@ -326,12 +325,28 @@ def test_verify_recomputes_a_topk_store_and_finds_a_damaged_index(specs, tmp_pat
 
 def test_plan_matches_the_written_topk_store(stores):
     from camkd.store.plan import METADATA, plan_store
-    from camkd.store.writer import array_sizes
+    from camkd.store.sizes import array_sizes
 
     store = open_store(stores["k5"])
     plan = plan_store(n=N, views=2, k=3, num_classes=C, dtype="float32",
                       shapes={"penultimate": store.feature_shapes("penultimate")}, block_rows=store.block_rows,
                       logits=store.logits_spec)
     sizes = array_sizes(store.g)
-    for name in (f"topk/{a}" for a in TK.ARRAYS):
+    for name in (layout.topk_path(a) for a in layout.TOPK):
         assert abs(plan.arrays[name] - sizes[name]) <= METADATA, (name, plan.arrays[name], sizes[name])
+
+
+def test_kd_on_a_topk_store_says_its_error_is_unbounded(stores, tmp_path, capsys):
+    """One warning line (not an error) for kd on a top-k store of several teachers; avg, bounded, runs silently."""
+    from configs import distill_cfg
+
+    from camkd.distill import distill
+
+    kw = dict(arch="resnet8", epochs=1, batch_size=32, progress=False)
+    warnings = {}
+    for method in ("kd", "avg"):
+        distill(distill_cfg(method=method, cache=str(stores["k2"]), out=str(tmp_path / method), **kw))
+        warnings[method] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings["avg"] == [] and len(warnings["kd"]) == 1
+    assert "kd averages the teachers' logits" in warnings["kd"][0]
+    assert "an error not bounded by the tail mass; prefer --method avg or camkd" in warnings["kd"][0]

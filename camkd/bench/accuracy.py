@@ -141,7 +141,7 @@ def student_identity(cfg: AccuracyConfig, store_key: str, method: str, seed: int
 
 
 def _ensure_store(cfg: AccuracyConfig, teachers: list[str], shas: list[str], root: Path, work: dict) -> tuple[Path, str]:
-    from camkd.store.writer import CacheConfig, cache_teachers
+    from camkd.cache import CacheConfig, cache_teachers
 
     key = digest(store_identity(cfg, shas))
     path = root / "stores" / f"{key[:HASH_CHARS]}.zarr"
@@ -149,7 +149,7 @@ def _ensure_store(cfg: AccuracyConfig, teachers: list[str], shas: list[str], roo
     if not done.exists():
         log(f"[bench] caching the teachers into {path}")
         cache_teachers(CacheConfig(teachers=teachers, dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit,
-                                   views=cfg.views or cfg.epochs, seed=cfg.aug_seed, features=list(cfg.features), dtype=cfg.dtype,
+                                   views=cfg.views or cfg.epochs, aug_seed=cfg.aug_seed, features=list(cfg.features), dtype=cfg.dtype,
                                    out=str(path), device=cfg.device, progress=cfg.progress, options=dict(cfg.data_options)))
         done.write_text(json.dumps(store_identity(cfg, shas), indent=2, sort_keys=True) + "\n")
         work["stores"].append(str(path))

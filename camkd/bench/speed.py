@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from camkd.bench.common import machine
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import atomic_save
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import load_dataset
@@ -38,7 +39,6 @@ from camkd.models import create_model
 from camkd.progress import log
 from camkd.store import open_store
 from camkd.store.reader import FeatureStream
-from camkd.store.writer import CacheConfig, cache_teachers
 from camkd.teachers import load_teachers, run_teachers
 
 METHODS = [("kd", None), ("avg", None), ("ebkd", None), ("aekd", None), ("fitnet", None), ("camkd", 0.0), ("camkd", None)]

@@ -29,12 +29,13 @@ from pathlib import Path
 
 from camkd.bench.common import machine, write_result
 from camkd.bench.teachers import HASH_CHARS, TeacherSpec, decay_schedule, digest, finished, history
+from camkd.cache import CacheConfig, cache_teachers
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig, LossConfig, distill
 from camkd.errors import CamkdError
 from camkd.progress import log
 from camkd.store import open_store
-from camkd.store.writer import CacheConfig, array_sizes, cache_teachers
+from camkd.store.sizes import array_sizes
 from camkd.train import train_teacher
 
 OPTIONS: dict[str, dict] = {
@@ -120,7 +121,7 @@ def run_storage(cfg: StorageConfig) -> dict:
             kw["kd_T"] = [cfg.kd_T]
         log(f"[bench storage] {name}: caching -> {path}")
         cache_teachers(CacheConfig(teachers=teachers, dataset=cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit or None,
-                                   views=cfg.epochs, seed=0, features=["penultimate"], out=str(path), device=cfg.device,
+                                   views=cfg.epochs, aug_seed=0, features=["penultimate"], out=str(path), device=cfg.device,
                                    progress=False, evaluate=False, options=dict(cfg.data_options), **kw))
         rows[name] = {"option": name, **kw, **_store_row(path, cfg.kd_T), "runs": [], "curves": []}
         if name in BYTES_ONLY:

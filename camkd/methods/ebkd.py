@@ -15,23 +15,7 @@ from torch import Tensor
 from camkd.errors import CamkdError
 from camkd.methods.base import LogitMethod, TeacherOut, register_method
 from camkd.methods.functional import kl_per_sample
-
-
-def teacher_entropies(teacher_logits: Tensor) -> Tensor:
-    """[B, K] float64 entropies ``H = -sum_c p_c log p_c`` of ``softmax(z)`` at T = 1.
-
-    From log-probabilities in float64, with the top class's ``log p = -log1p(S)``
-    (``S`` = the other classes' mass relative to the top one) so that it is not
-    rounded to 0: exact to float64 round-off for logit margins up to ~700, where
-    float32 ``p * log p`` underflows beyond margins ~85 (and loses ~1/margin
-    relatively from the top class's term well before that).
-    """
-    d = teacher_logits.double()
-    d = d - d.amax(-1, keepdim=True)
-    top = d.argmax(-1, keepdim=True)
-    rest = d.scatter(-1, top, float("-inf")).exp().sum(-1, keepdim=True)  # S
-    logp = d - torch.log1p(rest)
-    return -(logp.exp() * logp).sum(-1)
+from camkd.store.topk import teacher_entropies
 
 
 def ebkd_weights(teacher_logits: Tensor, log_entropy: Tensor | None = None) -> Tensor:

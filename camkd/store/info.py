@@ -4,28 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from camkd.store import topk as TK
+from camkd.store import topk
 from camkd.store.reader import open_store
-from camkd.store.writer import array_sizes, bytes_per_sample_view, walk_arrays
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
+from camkd.store.sizes import array_sizes, bytes_per_sample_view, human, per_sample_view_text, walk_arrays
 
 
 def teacher_line(t: int, meta: dict) -> str:
     """A teacher's provenance: arch, checkpoint path as given when caching, short sha256, test accuracy."""
-    where = meta.get("path") or meta.get("checkpoint", "?")  # stores written before 'path' was recorded
-    acc = meta.get("test_accuracy")
+    acc = meta.get("test_accuracy")  # absent: created with --no-eval
     acc_text = f"test top-1 {acc:.2f}%" if acc is not None else "test accuracy not evaluated"
-    return f"teacher t{t} {meta['arch']} {where} sha256 {meta['sha256'][:12]} {acc_text}"
+    return f"teacher t{t} {meta['arch']} {meta['path']} sha256 {meta['sha256'][:12]} {acc_text}"
 
 
-def logits_line(spec: TK.LogitsSpec, num_classes: int) -> str:
+def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
     if spec.kind == "dense":
         return f"logits     dense ({num_classes} classes)"
     return (f"logits     top-{spec.k} of {num_classes} classes per teacher, exact CE/entropy, logsumexp and tail at "
@@ -41,9 +32,9 @@ def cache_info(path: str | Path) -> str:
         f"store      {store.path} (format {a['format_version']}, camkd {a['camkd_version']})",
         f"dataset    {ds['name']} {ds['split']}, N={ds['n']}, {ds['num_classes']} classes, fingerprint {ds['fingerprint'][:16]}",
         f"views      {a['views']} (seed {a['augmentation']['seed']}, {a['augmentation']['recipe']})",
-        f"dtype      {a['dtype']}, features {a.get('feature_dtype') or a['dtype']}"
+        f"dtype      {a['dtype']}, features {a['feature_dtype']}"
         + (f" ({a['feature_scale']})" if a.get("feature_scale") else "")
-        + f", compressor {a.get('compressor', 'none')}, block {a['block_rows']} rows",
+        + f", compressor {a['compressor']}, block {a['block_rows']} rows",
     ]
     lines.append(logits_line(store.logits_spec, ds["num_classes"]))
     for T, stats in (a.get("topk_tail_mass") or {}).items():
@@ -58,12 +49,12 @@ def cache_info(path: str | Path) -> str:
     lines.append("arrays:")
     for name, arr in sorted(walk_arrays(store.g), key=lambda item: item[0]):
         dims = ",".join(arr.metadata.dimension_names or ())
-        lines.append(f"  {name:<34} {str(arr.shape):<24} {str(arr.dtype):<8} [{dims}] {_human(sizes[name])}")
+        lines.append(f"  {name:<34} {str(arr.shape):<24} {str(arr.dtype):<8} [{dims}] {human(sizes[name])}")
     prog = store.progress()
     done = int(prog.sum())
     lines.append(f"complete   {done}/{prog.size} blocks" + ("" if done == prog.size else
                  f" (views complete: {int((prog.all(axis=1)).sum())}/{prog.shape[0]}; rerun cache-teachers to finish)"))
-    per = bytes_per_sample_view(sizes, store.n, store.views)
-    lines.append(f"per sample-view {_human(sum(per.values()))} (" + ", ".join(f"{k} {_human(v)}" for k, v in per.items()) + ")")
-    lines.append(f"size       {_human(sum(sizes.values()))}")
+    per = bytes_per_sample_view(store.g, sizes, store.n, store.views)
+    lines.append(f"per sample-view {per_sample_view_text(per)}")
+    lines.append(f"size       {human(sum(sizes.values()))}")
     return "\n".join(lines)

@@ -1,12 +1,22 @@
-"""Names, shapes, chunking and attrs of the store (documented in the README's store table)."""
+"""Names, shapes, chunking and attrs of the store (documented in the README's store table).
+
+The one place that names the store's arrays: every other module builds array paths with the
+names and functions here.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync  # zarr's own bridge to its async Store API
 
 from camkd.data.order import block_slice  # noqa: F401 - the store's blocks are the order's blocks
+from camkd.errors import CamkdError
+
+if TYPE_CHECKING:
+    from camkd.store.topk import LogitsSpec
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "camkd"
@@ -24,22 +34,118 @@ FEATURE_SCALE = "per sample and channel, max-abs / 127"
 HEAD_DIMS = {0: (), 1: ("out",), 2: ("out", "in"), 4: ("out", "in", "kh", "kw")}
 
 
+# -- array names ------------------------------------------------------------------------------------
+LABELS = "labels"  # [N] int64
+AUG = "aug"  # [V, N, 3] int16 (dx, dy, flip)
+LOGITS = "logits"  # [V, N, K, C] (a dense store)
+PROGRESS = "progress"  # [V, blocks] uint8, 1 = block durable
+TOPK_GROUP = "topk"
+TOPK = ("index", "values", "lse", "log_tail", "ce", "log_entropy")  # the arrays under topk/ (a top-k store)
+TOPK_DIMS = {"index": ("teacher", "rank"), "values": ("teacher", "rank"), "lse": ("teacher", "temperature"),
+             "log_tail": ("teacher", "temperature"), "ce": ("teacher",), "log_entropy": ("teacher",)}
+FEATURES_GROUP = "features"
+HEADS_GROUP = "heads"
+VIEW_DIMS = ("view", "sample")  # the first two dimensions of every [V, N, ...] array
+FEATURE_DIMS = VIEW_DIMS + ("channel", "height", "width")
+SCALE_DIMS = VIEW_DIMS + ("channel",)
+
+
+def topk_path(name: str) -> str:
+    """The path of one top-k array (a name of TOPK)."""
+    return f"{TOPK_GROUP}/{name}"
+
+
+def logit_arrays(spec: LogitsSpec) -> list[str]:
+    """The arrays that hold a store's logits: ``logits``, or the ``topk/`` arrays."""
+    return [LOGITS] if spec.kind == "dense" else [topk_path(name) for name in TOPK]
+
+
+def feature_arrays(attrs: dict) -> list[str]:
+    """Every feature array of a store (and the scale arrays of an int8 store), from its attrs."""
+    names = [feature_path(layer, t) for layer, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
+    if attrs["feature_dtype"] == "int8":
+        names += [scale_path(layer, t) for layer, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
+    return names
+
+
+def staged_prefixes(layers: tuple[str, ...]) -> tuple[str, ...]:
+    """Path prefixes of the [V, N, ...] arrays a reader of ``layers`` needs: aug, the logits, those layers' features."""
+    return (AUG, LOGITS, f"{TOPK_GROUP}/") + tuple(f"{FEATURES_GROUP}/{layer}/" for layer in layers)
+
+
+def describe_arrays(spec: LogitsSpec, int8: bool) -> dict[str, str]:
+    """The attrs' ``arrays``: what each array holds, in words (for a reader with plain zarr)."""
+    out = {LABELS: "[N] int64", AUG: "[V, N, 3] int16 (dx, dy, flip)", LOGITS: "[V, N, K, C]",
+           f"{FEATURES_GROUP}/<layer>/t<k>": "[V, N, c, h, w] per teacher",
+           f"{HEADS_GROUP}/t<k>/<param>": "teacher k's classifier head", PROGRESS: "[V, blocks] uint8, 1 = block durable"}
+    if spec.kind == "topk":
+        del out[LOGITS]
+        out.update({
+            topk_path("index"): f"[V, N, K, {spec.k}] class of each kept logit, largest first",
+            topk_path("values"): f"[V, N, K, {spec.k}] the kept logits",
+            topk_path("lse"): "[V, N, K, len(kd_T)] float32 logsumexp(z / T) per cached T",
+            topk_path("log_tail"): "[V, N, K, len(kd_T)] float32 log of the mass at T outside the kept classes",
+            topk_path("ce"): "[V, N, K] float32 cross-entropy against the label at T = 1",
+            topk_path("log_entropy"): "[V, N, K] float32 log entropy at T = 1"})
+    if int8:
+        out[f"{FEATURES_GROUP}/<layer>/t<k>"] = "[V, N, c, h, w] int8 per teacher; feature = q * scale"
+        out[f"{FEATURES_GROUP}/<layer>/t<k>{SCALE_SUFFIX}"] = "[V, N, c] float32 per teacher"
+    return out
+
+
+# -- the format --------------------------------------------------------------------------------------
+REQUIRED_ATTRS = ("format_version", "camkd_version", "dataset", "augmentation", "teachers", "dtype", "feature_dtype",
+                  "compressor", "logits", "features", "views", "block_rows")
+REQUIRED_TEACHER_ATTRS = ("arch", "checkpoint", "path", "sha256", "num_classes")
+
+
+def check_format(attrs: dict, where: str) -> None:
+    """Refuse a camkd store of another format, or one written by an earlier pre-release camkd (attrs missing)."""
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if not missing and isinstance(attrs["teachers"], list):
+        missing = sorted({k for t in attrs["teachers"] for k in REQUIRED_TEACHER_ATTRS if k not in t})
+    if attrs.get("format_version") == FORMAT_VERSION and not missing:
+        return
+    what = f"store format {attrs.get('format_version')}" if attrs.get("format_version") != FORMAT_VERSION \
+        else f"a pre-release layout (no {', '.join(missing)} recorded)"
+    raise CamkdError(f"{where} was written by an earlier camkd ({what}); this camkd reads format {FORMAT_VERSION} only: "
+                     f"rebuild it with 'camkd cache-teachers ... --out {where} --overwrite'")
+
+
+FEATURE_LAYERS_HELP = "none, penultimate or hint:L (L = index into the model's feature list)"
+
+
+def parse_layer(text: str) -> tuple[str, int] | None:
+    """'penultimate' -> ('penultimate', -2); 'hint:L' -> ('hintL', L); 'none' -> None."""
+    text = text.strip().lower()
+    if text == "none":
+        return None
+    if text == "penultimate":
+        return "penultimate", -2
+    if text.startswith("hint"):
+        num = text[4:].lstrip(":")
+        num = num or "2"
+        if num.lstrip("-").isdigit():
+            return f"hint{int(num)}", int(num)
+    raise CamkdError(f"unknown feature layer '{text}'; use {FEATURE_LAYERS_HELP}")
+
+
+def layer_option(layer: str) -> str:
+    """The --features value that stores ``layer`` (the inverse of parse_layer)."""
+    return "penultimate" if layer == "penultimate" else f"hint:{layer[4:]}"
+
+
 def teacher_key(k: int) -> str:
     return f"t{k}"
 
 
 def feature_path(layer: str, k: int) -> str:
-    return f"features/{layer}/{teacher_key(k)}"
+    return f"{FEATURES_GROUP}/{layer}/{teacher_key(k)}"
 
 
 def scale_path(layer: str, k: int) -> str:
     """The float32 [V, N, c] scale array beside an int8 feature array (feature = q * scale)."""
     return feature_path(layer, k) + SCALE_SUFFIX
-
-
-def feature_dtype(attrs: dict) -> str:
-    """The stored dtype of a store's feature arrays (stores without the attr: the logits' dtype)."""
-    return attrs.get("feature_dtype") or attrs["dtype"]
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +164,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def head_path(k: int, key: str) -> str:
-    return f"heads/{teacher_key(k)}/{key}"
+    return f"{HEADS_GROUP}/{teacher_key(k)}/{key}"
 
 
 def plan_block_rows(bytes_per_row: int, batch_size: int, n: int) -> int:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from camkd.store import layout as L
-from camkd.store import topk as TK
+from camkd.store import layout, topk
+from camkd.store.sizes import human
 
 CRC = 4  # bytes of the crc32c codec per stored chunk
 INDEX_ENTRY = 16  # a shard's index: (offset, nbytes) uint64 per chunk
@@ -39,49 +39,38 @@ class StorePlan:
     def total(self) -> int:
         return sum(self.arrays.values())
 
-    def per_sample_view(self) -> dict[str, float]:
-        return {name: size / (self.n * self.views) for name, size in self.arrays.items() if name != "labels"}
-
     def lines(self) -> list[str]:
         bound = ", upper bound (uncompressed; zstd makes it smaller)" if self.compressed else ""
         out = [f"planned store: {self.views} views x {self.n} samples, blocks of {self.block_rows} rows{bound}"]
         width = max(len(name) for name in self.arrays)
         for name, size in self.arrays.items():
-            per = "" if name == "labels" else f"  ({size / (self.n * self.views):,.0f} B per sample-view)"
+            per = "" if name == layout.LABELS else f"  ({size / (self.n * self.views):,.0f} B per sample-view)"
             out.append(f"  {name:<{width}}  {human(size):>10}{per}")
         out.append(f"  {'total':<{width}}  {human(self.total):>10}  ({self.total / (self.n * self.views):,.0f} B per "
                    "sample-view)")
         return out
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1024 or unit == "PB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PB"
-
-
-def logit_row_bytes(k: int, num_classes: int, itemsize: int, logits: TK.LogitsSpec) -> dict[str, int]:
+def logit_row_bytes(k: int, num_classes: int, itemsize: int, logits: topk.LogitsSpec) -> dict[str, int]:
     """Bytes per sample of each array that holds the logits (``logits``, or the ``topk/`` arrays)."""
     if logits.kind == "dense":
-        return {"logits": k * num_classes * itemsize}
+        return {layout.LOGITS: k * num_classes * itemsize}
     value = {2: np.float16, 4: np.float32}[itemsize]
-    return {f"topk/{name}": b for name, b in TK.row_bytes(logits, k, num_classes, value).items()}
+    return {layout.topk_path(name): b for name, b in topk.row_bytes(logits, k, num_classes, value).items()}
 
 
 def block_rows_for(k: int, num_classes: int, itemsize: int, shapes: dict[str, list], batch: int, n: int, *,
-                   feature_itemsize: int | None = None, scales: bool = False, logits: TK.LogitsSpec = TK.DENSE) -> int:
+                   feature_itemsize: int | None = None, scales: bool = False, logits: topk.LogitsSpec = topk.DENSE) -> int:
     """Rows per writer unit (one shard of every array) for this store (``scales``: int8 features' scale arrays)."""
     f_item = itemsize if feature_itemsize is None else feature_itemsize
     row = sum(logit_row_bytes(k, num_classes, itemsize, logits).values()) + 6 + sum(int(np.prod(s)) * f_item + (s[0] * 4 if scales else 0)
                                                for per in shapes.values() for s in per)
-    return L.plan_block_rows(row, batch, n)
+    return layout.plan_block_rows(row, batch, n)
 
 
 def view_array_bytes(views: int, n: int, row_bytes: int, block_rows: int) -> int:
     """Bytes of one [V, N, ...] array as writer.py lays it out."""
-    rows = L.plan_chunk_rows(row_bytes, block_rows)
+    rows = layout.plan_chunk_rows(row_bytes, block_rows)
     chunks = math.ceil(n / rows)
     size = views * chunks * (rows * row_bytes + CRC)
     if rows < block_rows:  # sharded: one index per shard
@@ -92,23 +81,23 @@ def view_array_bytes(views: int, n: int, row_bytes: int, block_rows: int) -> int
 
 def plan_store(*, n: int, views: int, k: int, num_classes: int, dtype: str, shapes: dict[str, list],
                block_rows: int, feature_dtype: str | None = None, compressor: str = "none",
-               logits: TK.LogitsSpec = TK.DENSE) -> StorePlan:
+               logits: topk.LogitsSpec = topk.DENSE) -> StorePlan:
     """The plan of a store of ``views`` views over ``n`` samples (shapes: layer -> per-teacher (c, h, w)).
     ``feature_dtype``: None for ``dtype``; ``compressor`` "zstd": the plan is the uncompressed upper bound."""
-    item = np.dtype(L.DTYPES[dtype]).itemsize
+    item = np.dtype(layout.DTYPES[dtype]).itemsize
     fdtype = feature_dtype or dtype
-    f_item = np.dtype(L.FEATURE_DTYPES[fdtype]).itemsize
+    f_item = np.dtype(layout.FEATURE_DTYPES[fdtype]).itemsize
     plan = StorePlan(n=n, views=views, block_rows=block_rows, compressed=compressor != "none")
-    plan.arrays["labels"] = math.ceil(n / (1 << 18)) * ((1 << 18 if n > 1 << 18 else n) * 8 + CRC) + METADATA
-    plan.arrays["aug"] = view_array_bytes(views, n, 6, block_rows)
+    plan.arrays[layout.LABELS] = math.ceil(n / (1 << 18)) * ((1 << 18 if n > 1 << 18 else n) * 8 + CRC) + METADATA
+    plan.arrays[layout.AUG] = view_array_bytes(views, n, 6, block_rows)
     for name, row in logit_row_bytes(k, num_classes, item, logits).items():
         plan.arrays[name] = view_array_bytes(views, n, row, block_rows)
     for layer, per in shapes.items():
         for t, s in enumerate(per):
-            plan.arrays[L.feature_path(layer, t)] = view_array_bytes(views, n, int(np.prod(s)) * f_item, block_rows)
+            plan.arrays[layout.feature_path(layer, t)] = view_array_bytes(views, n, int(np.prod(s)) * f_item, block_rows)
             if fdtype == "int8":
-                plan.arrays[L.scale_path(layer, t)] = view_array_bytes(views, n, int(s[0]) * 4, block_rows)
-    plan.arrays["progress"] = SMALL_ARRAY + views * math.ceil(n / block_rows)
+                plan.arrays[layout.scale_path(layer, t)] = view_array_bytes(views, n, int(s[0]) * 4, block_rows)
+    plan.arrays[layout.PROGRESS] = SMALL_ARRAY + views * math.ceil(n / block_rows)
     return plan
 
 

@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from torch import nn
 
 from camkd.data import Dataset, Normalization, load_dataset
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
-from camkd.models import create_model
-from camkd.store import layout as L
-from camkd.store import topk as TK
+from camkd.store import layout, topk
 from camkd.store.location import Location, parse_location
+from camkd.words import plural
 
 
 @dataclass
@@ -48,32 +46,41 @@ class TeacherStore:
     def __init__(self, group: zarr.Group, path: Path | str, location: Location | None = None) -> None:
         self.g, self.path = group, path
         self.location = location if location is not None else parse_location(path)
-        self.attrs: dict = group.attrs[L.ATTRS_KEY]
+        self.attrs: dict = group.attrs[layout.ATTRS_KEY]
         self.n: int = self.attrs["dataset"]["n"]
         self.views: int = self.attrs["views"]
         self.num_teachers: int = len(self.attrs["teachers"])
         self.num_classes: int = self.attrs["dataset"]["num_classes"]
         self.block_rows: int = self.attrs["block_rows"]
         self.layers: dict[str, dict] = self.attrs["features"]
-        self.feature_dtype: str = L.feature_dtype(self.attrs)  # int8: dequantized to float32 when read
-        self.logits_spec: TK.LogitsSpec = TK.LogitsSpec.from_attrs(self.attrs)
+        self.feature_dtype: str = self.attrs["feature_dtype"]  # int8: dequantized to float32 when read
+        self.logits_spec: topk.LogitsSpec = topk.LogitsSpec.from_attrs(self.attrs)
 
     # -- small arrays, read whole ------------------------------------------------------------
-    def _read(self, name: str, sel=slice(None), what: str = "") -> np.ndarray:
+    def read_array(self, name: str, sel=slice(None), what: str = "") -> np.ndarray:
+        """``sel`` of array ``name`` (``what``: which part, for the message); a chunk that cannot be read is one
+        CamkdError naming the array and the repair."""
         try:
             return np.asarray(self.g[name][sel])
         except Exception as e:  # zarr raises codec / IO errors of several types
-            raise CamkdError(f"{self.path}: array '{name}' {what}cannot be read (a chunk {L.read_failure(e)}); "
+            raise CamkdError(f"{self.path}: array '{name}' {what}cannot be read (a chunk {layout.read_failure(e)}); "
                              f"run 'camkd cache-verify {self.path} --repair', then rerun the same cache-teachers command") from None
 
     def labels(self) -> np.ndarray:
-        return self._read("labels")
+        return self.read_array(layout.LABELS)
 
     def aug(self, view: int) -> np.ndarray:
-        return self._read("aug", view, f"view {view} ")
+        return self.read_array(layout.AUG, view, f"view {view} ")
 
     def progress(self) -> np.ndarray:
-        return self._read("progress")
+        return self.read_array(layout.PROGRESS)
+
+    def top1(self, view: int) -> np.ndarray:
+        """[N, K] each teacher's top-1 class in ``view`` as stored: the first maximal index of the stored logits
+        (numpy's argmax), the class a top-k store keeps first (topk.kept_classes), so both give the same classes."""
+        if self.logits_spec.kind == "topk":
+            return self.read_array(layout.topk_path("index"), (view, slice(None), slice(None), 0), f"view {view} ").astype(np.int64)
+        return self.read_array(layout.LOGITS, view, f"view {view} ").argmax(-1)
 
     def missing_blocks(self) -> list[tuple[int, int]]:
         p = self.progress()
@@ -83,15 +90,15 @@ class TeacherStore:
         """One view's logits [N, K, C] in the stored dtype, in one read (a dense store; see :meth:`topk`)."""
         if self.logits_spec.kind != "dense":
             raise CamkdError(f"{self.path} keeps top-{self.logits_spec.k} logits, not dense ones; read them with topk()")
-        return torch.from_numpy(self._read("logits", view, f"view {view} ")).to(device)
+        return torch.from_numpy(self.read_array(layout.LOGITS, view, f"view {view} ")).to(device)
 
     def topk(self, view: int, T: float, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """One view's top-k arrays (store/topk.py) on ``device``, ``lse`` and ``log_tail`` at temperature T
         ([N, K]); each array in one read."""
-        j = TK.temperature_index(self.logits_spec, T, str(self.path))
+        j = topk.temperature_index(self.logits_spec, T, str(self.path))
         out = {}
-        for name in TK.ARRAYS:
-            a = self._read(f"topk/{name}", view, f"view {view} ")
+        for name in layout.TOPK:
+            a = self.read_array(layout.topk_path(name), view, f"view {view} ")
             if name in ("lse", "log_tail"):
                 a = np.ascontiguousarray(a[..., j])
             elif name == "index":
@@ -99,32 +106,26 @@ class TeacherStore:
             out[name] = torch.from_numpy(a).to(device)
         return out
 
-    def heads(self, device: torch.device | str = "cpu") -> list[nn.Module]:
-        """Each teacher's classifier head rebuilt from the stored weights, frozen, eval mode."""
-        out = []
-        in_ch = self.attrs["dataset"]["in_channels"]
-        for t, meta in enumerate(self.attrs["teachers"]):
-            head = create_model(meta["arch"], num_classes=meta["num_classes"], in_channels=in_ch).get_head()
-            state = {key: torch.from_numpy(self._read(L.head_path(t, key))) for key in head.state_dict()}
-            head.load_state_dict(state)
-            out.append(head.eval().requires_grad_(False).to(device))
-        return out
+    def head_state(self, t: int, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Teacher ``t``'s stored classifier head weights (``keys``: its head's state_dict keys); the caller
+        builds the head module (camkd.teachers.stored_heads), the store knows no models."""
+        return {key: torch.from_numpy(self.read_array(layout.head_path(t, key))) for key in keys}
 
     def feature_shapes(self, layer: str) -> list[tuple[int, ...]]:
         return [tuple(s) for s in self.layers[layer]["shapes"]]
 
     def feature_bytes_per_view(self, layers: tuple[str, ...]) -> int:
         """Bytes of one view's features in memory as read (int8 stores: dequantized float32)."""
-        item = 4 if self.feature_dtype == "int8" else np.dtype(L.FEATURE_DTYPES[self.feature_dtype]).itemsize
+        item = 4 if self.feature_dtype == "int8" else np.dtype(layout.FEATURE_DTYPES[self.feature_dtype]).itemsize
         return sum(self.n * int(np.prod(s)) * item for layer in layers for s in self.feature_shapes(layer))
 
     def features(self, layer: str, view: int, rows: slice = slice(None)) -> list[np.ndarray]:
         """Per-teacher features of ``rows`` (a contiguous range) in ``view``; an int8 store's come dequantized
         (float32 q * scale, one vectorised pass over the block read)."""
         what = f"view {view} rows {rows.start or 0}:{rows.stop if rows.stop is not None else self.n} "
-        out = [self._read(L.feature_path(layer, t), (view, rows), what) for t in range(self.num_teachers)]
+        out = [self.read_array(layout.feature_path(layer, t), (view, rows), what) for t in range(self.num_teachers)]
         if self.feature_dtype == "int8":
-            out = [L.dequantize(q, self._read(L.scale_path(layer, t), (view, rows), what)) for t, q in enumerate(out)]
+            out = [layout.dequantize(q, self.read_array(layout.scale_path(layer, t), (view, rows), what)) for t, q in enumerate(out)]
         return out
 
 
@@ -136,15 +137,14 @@ def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:
         raise CamkdError(f"store {path} not found; create it with 'camkd cache-teachers --out {path} ...'")
     try:
         g = loc.open_group("r")
-        attrs = g.attrs.get(L.ATTRS_KEY)
+        attrs = g.attrs.get(layout.ATTRS_KEY)
     except CamkdError:
         raise
     except Exception:
         raise CamkdError(f"{path} is not a camkd store (no readable Zarr group); create it with 'camkd cache-teachers'") from None
     if not isinstance(attrs, dict) or "format_version" not in attrs:
         raise CamkdError(f"{path} is a Zarr group but not a camkd store; create one with 'camkd cache-teachers'")
-    if attrs["format_version"] != L.FORMAT_VERSION:
-        raise CamkdError(f"{path} has store format {attrs['format_version']}; this camkd reads {L.FORMAT_VERSION}; re-cache")
+    layout.check_format(attrs, str(path))
     store = TeacherStore(g, path, loc)
     if expect is not None:
         check_expect(store, expect)
@@ -167,12 +167,12 @@ def check_expect(store: TeacherStore, e: Expect) -> None:
                          f"{e.augmentation}; re-cache with the seed you need (cache-teachers --aug-seed)")
     for layer in e.layers:
         if layer not in store.layers:
-            opt = "penultimate" if layer == "penultimate" else f"hint:{layer[4:]}"
-            raise CamkdError(f"{store.path} holds no '{layer}' features; re-cache with 'camkd cache-teachers ... --features {opt}'")
+            raise CamkdError(f"{store.path} holds no '{layer}' features; re-cache with 'camkd cache-teachers ... --features "
+                             f"{layout.layer_option(layer)}'")
     missing = store.missing_blocks()
     if missing:
         v, b = missing[0]
-        raise CamkdError(f"{store.path} is incomplete ({len(missing)} blocks missing, first: view {v} block {b}); "
+        raise CamkdError(f"{store.path} is incomplete ({plural(len(missing), 'block')} missing, first: view {v} block {b}); "
                          "rerun the same cache-teachers command to finish it")
 
 
@@ -223,7 +223,7 @@ class FeatureStream:
         """Read the window's blocks contiguously, then pick its rows in the window's (shuffled) order."""
         br, n = self.store.block_rows, self.store.n
         blocks = _window_blocks(rows, br)
-        slices = [L.block_slice(b, n, br) for b in blocks]
+        slices = [layout.block_slice(b, n, br) for b in blocks]
         # position of each requested row in the concatenation of the window's blocks
         offsets = np.zeros(max(blocks) + 1, dtype=np.int64)
         offsets[blocks] = np.cumsum([0] + [sl.stop - sl.start for sl in slices[:-1]])

@@ -38,17 +38,12 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from camkd.errors import CamkdError
-from camkd.store import layout as L
+from camkd.store import layout
 from camkd.store.location import _reason
 from camkd.store.reader import TeacherStore
-from camkd.store.writer import walk_arrays
+from camkd.store.sizes import is_view_array, walk_arrays
 
 COPY_CONCURRENCY = 8  # objects in flight at once (each whole in memory while copied: a shard is at most ~32 MB)
-
-
-def _is_view_array(arr: zarr.Array) -> bool:
-    dims = arr.metadata.dimension_names
-    return arr.ndim >= 2 and bool(dims) and tuple(dims[:2]) == ("view", "sample")
 
 
 def _close(pool: ThreadPoolExecutor, folder: Path) -> None:
@@ -102,11 +97,11 @@ class ViewStager:
         self._lock = threading.Lock()
         self.jobs: dict[int, Future] = {}
         arrays = list(walk_arrays(store.g))
-        wanted = None if layers is None else ("aug", "logits", "topk/") + tuple(f"features/{layer}/" for layer in layers)
-        self.view_arrays = [arr for name, arr in arrays if _is_view_array(arr)
+        wanted = None if layers is None else layout.staged_prefixes(layers)
+        self.view_arrays = [arr for name, arr in arrays if is_view_array(arr)
                             and (wanted is None or name in wanted or name.startswith(wanted))]
         meta = ["zarr.json"] + [f"{name}/zarr.json" for name, _ in store.g.members(max_depth=None)]
-        small = [L.object_key(arr, c) for name, arr in arrays if not _is_view_array(arr) and name != "progress"
+        small = [layout.object_key(arr, c) for name, arr in arrays if not is_view_array(arr) and name != layout.PROGRESS
                  for c in arr._iter_shard_coords()]
         self._base = self.pool.submit(self._copy, meta, "metadata")
         self._small = self.pool.submit(self._copy, small, "labels and heads", required=False)  # fill-value chunks are not stored
@@ -116,7 +111,7 @@ class ViewStager:
     # -- what to copy ---------------------------------------------------------------------------
     def view_keys(self, view: int) -> list[str]:
         """Store keys of every object of ``view`` (one per row block of each [V, N, ...] array)."""
-        return [key for arr in self.view_arrays for key in L.block_object_keys(arr, view, slice(0, self.src.n))]
+        return [key for arr in self.view_arrays for key in layout.block_object_keys(arr, view, slice(0, self.src.n))]
 
     def _copy(self, keys: list[str], what: str, *, required: bool = True) -> None:
         proto = default_buffer_prototype()
@@ -164,9 +159,6 @@ class ViewStager:
         if self._staged is None:
             self._staged = open_staged(self.folder, self.src)
         return self._staged
-
-    def staged_views(self) -> list[int]:
-        return sorted(self.jobs)
 
     def evict(self, keep: set[int]) -> None:
         """Delete the local objects of every staged view not in ``keep`` (waiting for a copy in progress)."""

@@ -29,8 +29,8 @@ from torch import Tensor
 
 from camkd.errors import CamkdError
 
-ARRAYS = ("index", "values", "lse", "log_tail", "ce", "log_entropy")  # under topk/ in the store
 FILL_FLOOR = -1.0e4  # log-probability floor of a tail class (a tail of mass 0 stays finite: no 0 * inf)
+VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # a store's dtype, as torch names it
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class LogitsSpec:
 
     @staticmethod
     def from_attrs(attrs: dict) -> LogitsSpec:
-        d = attrs.get("logits") or {"kind": "dense"}  # stores made before top-k: dense
+        d = attrs["logits"]
         if d["kind"] == "dense":
             return LogitsSpec()
         return LogitsSpec("topk", int(d["k"]), tuple(float(t) for t in d["kd_T"]))
@@ -100,15 +100,41 @@ def row_bytes(spec: LogitsSpec, k_teachers: int, num_classes: int, value_dtype) 
     return {name: int(np.prod(s)) * np.dtype(dt[name]).itemsize for name, s in shapes(spec, k_teachers).items()}
 
 
-def compute(logits: Tensor, labels: Tensor, spec: LogitsSpec) -> dict[str, Tensor]:
+def teacher_entropies(teacher_logits: Tensor) -> Tensor:
+    """[B, K] float64 entropies ``H = -sum_c p_c log p_c`` of ``softmax(z)`` at T = 1 (EBKD's, dense or top-k).
+
+    From log-probabilities in float64, with the top class's ``log p = -log1p(S)``
+    (``S`` = the other classes' mass relative to the top one) so that it is not
+    rounded to 0: exact to float64 round-off for logit margins up to ~700, where
+    float32 ``p * log p`` underflows beyond margins ~85 (and loses ~1/margin
+    relatively from the top class's term well before that).
+    """
+    d = teacher_logits.double()
+    d = d - d.amax(-1, keepdim=True)
+    top = d.argmax(-1, keepdim=True)
+    rest = d.scatter(-1, top, float("-inf")).exp().sum(-1, keepdim=True)  # S
+    logp = d - torch.log1p(rest)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kept_classes(logits: Tensor, k: int, dtype: str) -> Tensor:
+    """[B, K, k] indices of the k largest logits as a store of ``dtype`` holds them (rounded to it), largest first,
+    ties in class order: the first kept class is a dense store's argmax (numpy's: the first maximal index)."""
+    rounded = logits.detach().to(VALUE_DTYPES[dtype]).float()
+    return torch.sort(rounded, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def compute(logits: Tensor, labels: Tensor, spec: LogitsSpec, dtype: str = "float32") -> dict[str, Tensor]:
     """A batch's top-k arrays from the teachers' logits [B, K, C] and the labels [B] (on their device).
 
     Scalars are computed in float64 and stored as float32; ``values`` are the logits themselves
-    (the caller stores them in the store's dtype, as a dense store would).
+    (the caller stores them in the store's ``dtype``, as a dense store would; the kept classes are ranked as
+    stored, see :func:`kept_classes`).
     """
     z = logits.detach().double()
     B, K, C = z.shape
-    values, index = torch.topk(logits.detach().float(), spec.k, dim=-1, sorted=True)
+    index = kept_classes(logits, spec.k, dtype)
+    values = logits.detach().float().gather(-1, index)
     kept = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, index, True)
     lse, log_tail = [], []
     for T in spec.temperatures:
@@ -118,8 +144,6 @@ def compute(logits: Tensor, labels: Tensor, spec: LogitsSpec) -> dict[str, Tenso
         log_tail.append(zt.masked_fill(kept, float("-inf")).logsumexp(-1) - full)
     log_p = z - z.logsumexp(-1, keepdim=True)  # T = 1
     ce = -log_p.gather(-1, labels.view(B, 1, 1).expand(B, K, 1).long()).squeeze(-1)
-    from camkd.methods.ebkd import teacher_entropies  # the float64 entropy the dense path uses
-
     ent = teacher_entropies(logits.detach())
     return {"index": index, "values": values, "lse": torch.stack(lse, -1).float(),
             "log_tail": torch.stack(log_tail, -1).float(), "ce": ce.float(), "log_entropy": ent.log().float()}

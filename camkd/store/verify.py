@@ -8,6 +8,7 @@ command recomputes exactly those blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +17,13 @@ import torch
 import zarr
 
 from camkd.data.views import augment, view_params
-from camkd.device import resolve_device
 from camkd.errors import CamkdError
-from camkd.store import layout as L
-from camkd.store import topk as TK
+from camkd.store import layout, topk
 from camkd.store.location import Location, listed_sizes
 from camkd.store.reader import TeacherStore, load_cached_data, open_store
-from camkd.store.writer import walk_arrays
-from camkd.teachers import load_teachers, run_teachers
+from camkd.store.runner import TeacherRunner
+from camkd.store.sizes import is_view_array, walk_arrays
+from camkd.words import plural
 
 RERUN = "rerun the same cache-teachers command"
 
@@ -50,24 +50,28 @@ class _Damage:
         return f"{self.array}{where} ({self.reason})"
 
 
+SLACK = 1e-4  # float32 slack, relative to 1 + |value|, for batch-size dependent kernels
+
+
 def _tolerance(dtype: str, ref: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-    """The dtype's rounding (half an ulp, relative; int8: half the quantization step, scale / 2 per element)
+    """The dtype's rounding (its machine epsilon x |value|; int8: half the quantization step, scale / 2 per element)
     plus float32 slack for batch-size dependent kernels."""
-    slack = 1e-4 * (1.0 + np.abs(ref))
+    slack = SLACK * (1.0 + np.abs(ref))
     if dtype == "int8":
         return scale[..., None, None] / 2 + slack
-    eps = float(np.finfo(L.DTYPES[dtype]).eps)
+    eps = float(np.finfo(layout.DTYPES[dtype]).eps)
     return eps * np.abs(ref) + slack
 
 
-def _is_view_array(arr: zarr.Array) -> bool:
-    dims = arr.metadata.dimension_names
-    return arr.ndim >= 2 and bool(dims) and tuple(dims[:2]) == ("view", "sample")
+def _tolerance_text(dtype: str) -> str:
+    """The rule of _tolerance in words, x the recomputed value (what the printed differences were held to)."""
+    rounding = "scale/2" if dtype == "int8" else f"{float(np.finfo(layout.DTYPES[dtype]).eps):.3g}|x|"
+    return f"{rounding} + {SLACK:g}(1 + |x|) ({dtype})"
 
 
 def _flags(store: TeacherStore) -> tuple[np.ndarray, list[_Damage]]:
     """Progress flags; a flag chunk that does not decode counts as unset (and as damage to delete on repair)."""
-    arr = store.g["progress"]
+    arr = store.g[layout.PROGRESS]
     try:
         return np.asarray(arr[...]) != 0, []
     except Exception:  # noqa: BLE001 - read flag by flag to find the bad ones
@@ -79,7 +83,8 @@ def _flags(store: TeacherStore) -> tuple[np.ndarray, list[_Damage]]:
             try:
                 flags[v, b] = bool(arr[v, b])
             except Exception as e:  # noqa: BLE001
-                bad.append(_Damage("progress", v, b, f"block {b}", f"flag {L.read_failure(e)}", [L.object_key(arr, (v, b))]))
+                bad.append(_Damage(layout.PROGRESS, v, b, f"block {b}", f"flag {layout.read_failure(e)}",
+                                   [layout.object_key(arr, (v, b))]))
     return flags, bad
 
 
@@ -90,10 +95,10 @@ def _check_block(name: str, arr: zarr.Array, v: int, b: int, rows: slice, listed
     would pass a decode check; the writer stores every chunk (write_empty_chunks), so every object of
     a flagged block must be there. ``listed``: object sizes from one listing of a remote store (else a stat each).
     """
-    keys = L.block_object_keys(arr, v, rows)
+    keys = layout.block_object_keys(arr, v, rows)
     span = f"{rows.start}:{rows.stop}"
     for key in keys:
-        size = L.object_size(arr, key) if listed is None else listed.get(key)
+        size = layout.object_size(arr, key) if listed is None else listed.get(key)
         if size is None:
             return _Damage(name, v, b, span, "chunk file missing", keys)
         if size == 0:
@@ -101,7 +106,7 @@ def _check_block(name: str, arr: zarr.Array, v: int, b: int, rows: slice, listed
     try:
         np.asarray(arr[v, rows])
     except Exception as e:  # noqa: BLE001 - zarr raises codec / IO errors of several types
-        return _Damage(name, v, b, span, f"a chunk {L.read_failure(e)}", keys)
+        return _Damage(name, v, b, span, f"a chunk {layout.read_failure(e)}", keys)
     return None
 
 
@@ -110,20 +115,20 @@ def _scan(store: TeacherStore, flags: np.ndarray) -> list[_Damage]:
     listed = listed_sizes(store.g)  # None for a local store
     bad = []
     for name, arr in walk_arrays(store.g):
-        if name == "progress":
+        if name == layout.PROGRESS:
             continue
-        if _is_view_array(arr):
+        if is_view_array(arr):
             for v in range(arr.shape[0]):
                 for b in range(nb):
                     if flags[v, b]:
-                        damage = _check_block(name, arr, v, b, L.block_slice(b, store.n, store.block_rows), listed)
+                        damage = _check_block(name, arr, v, b, layout.block_slice(b, store.n, store.block_rows), listed)
                         if damage:
                             bad.append(damage)
         else:
             try:
                 np.asarray(arr[...])
             except Exception as e:  # noqa: BLE001
-                bad.append(_Damage(name, None, None, "", f"a chunk {L.read_failure(e)}"))
+                bad.append(_Damage(name, None, None, "", f"a chunk {layout.read_failure(e)}"))
     return bad
 
 
@@ -134,16 +139,17 @@ def _repair(path: Location, bad: list[_Damage]) -> None:
     for d in bad:
         arr = g[d.array]
         for key in d.keys:
-            if L.object_size(arr, key) is not None:
-                L.delete_object(arr, key)
-    prog = g["progress"]
+            if layout.object_size(arr, key) is not None:
+                layout.delete_object(arr, key)
+    prog = g[layout.PROGRESS]
     for v, b in sorted({(d.view, d.block) for d in bad}):
         prog[v, b] = 0
 
 
-def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = 256, seed: int = 0,
-                 data_dir: str | None = None, device: str = "auto", repair: bool = False) -> VerifyReport:
-    """Check a store; with ``teachers`` also recompute ``sample`` random (view, index) pairs of flagged blocks."""
+def verify_store(path: str | Path, teachers: Callable[[], TeacherRunner] | None = None, *, sample: int = 256, seed: int = 0,
+                 data_dir: str | None = None, repair: bool = False) -> VerifyReport:
+    """Check a store; with ``teachers`` (called once the checksums pass: it loads them) also recompute ``sample``
+    random (view, index) pairs of flagged blocks."""
     store = open_store(path)
     lines: list[str] = []
     # 1. completeness: unflagged blocks are work still to do, not damage
@@ -151,16 +157,16 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
     unflagged = [(int(v), int(b)) for v, b in zip(*np.nonzero(~flags))]
     if unflagged:
         v, b = unflagged[0]
-        lines.append(f"INCOMPLETE: {len(unflagged)} blocks missing (first: view {v} block {b}); "
+        lines.append(f"INCOMPLETE: {plural(len(unflagged), 'block')} missing (first: view {v} block {b}); "
                      "not written yet, which is not damage")
     else:
-        lines.append(f"complete: all {store.views} views x {flags.shape[1]} blocks")
+        lines.append(f"complete: all {plural(store.views, 'view')} x {plural(flags.shape[1], 'block')}")
     # 2. every object of every flagged block exists and passes its checksum
     bad += _scan(store, flags)
     whole = [d for d in bad if d.view is None]  # written once at creation: no block to recompute
     blocks = sorted({(d.view, d.block) for d in bad if d.view is not None})
     if bad:
-        lines.append(f"CORRUPT: {len(bad)} unreadable blocks: " + "; ".join(str(d) for d in bad[:5])
+        lines.append(f"CORRUPT: {plural(len(bad), 'unreadable block')}: " + "; ".join(str(d) for d in bad[:5])
                      + (f"; and {len(bad) - 5} more" if len(bad) > 5 else ""))
     else:
         lines.append("every written chunk passes its checksum")
@@ -173,17 +179,19 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
         if repair:
             _repair(store.location, [d for d in bad if d.view is not None])
             report.repaired = True
-            lines.append(f"repaired: cleared the progress flags of {len(blocks)} blocks and deleted their damaged chunks")
-            lines.append(f"verdict: REPAIRED — {RERUN} to recompute those {len(blocks)} blocks")
+            lines.append(f"repaired: cleared the progress flags of {plural(len(blocks), 'block')} and deleted their damaged "
+                         "chunks")
+            lines.append(f"verdict: REPAIRED — {RERUN} to recompute {'that block' if len(blocks) == 1 else f'those {len(blocks)} blocks'}")
         else:
-            lines.append(f"verdict: CORRUPT — {len(blocks)} written blocks are damaged; run 'camkd cache-verify {store.path} "
+            lines.append(f"verdict: CORRUPT — {plural(len(blocks), 'written block')} {'is' if len(blocks) == 1 else 'are'} "
+                         f"damaged; run 'camkd cache-verify {store.path} "
                          f"--repair', then {RERUN} to recompute only them (no need to delete the store)")
         return report
     # 3. recompute a sample of the written blocks
     if not teachers:
         lines.append("recomputation skipped: it needs the teachers (-t CKPT for each, in the store's order)")
     elif flags.any():
-        mismatch = _recompute(store, teachers, flags, lines, sample=sample, seed=seed, data_dir=data_dir, device=device)
+        mismatch = _recompute(store, teachers(), flags, lines, sample=sample, seed=seed, data_dir=data_dir)
         if mismatch:
             report.ok = False
             lines.append("verdict: FAILED — stored outputs differ from what the teachers compute; rewrite the store with "
@@ -199,22 +207,23 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
 def _topk_checks(store: TeacherStore, v: int, idx: np.ndarray, logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """(recomputed, stored, dtype, None) per top-k array: the stored logits against the recomputed logits of the
     stored classes (a damaged index shows), the kept values against the recomputed top k, the float32 scalars."""
-    got = {name: np.asarray(store.g[f"topk/{name}"].oindex[v, idx]) for name in TK.ARRAYS}
-    ref = {name: t.numpy() for name, t in TK.compute(logits, labels, store.logits_spec).items()}
+    got = {name: np.asarray(store.g[layout.topk_path(name)].oindex[v, idx]) for name in layout.TOPK}
+    ref = {name: t.numpy() for name, t in topk.compute(logits, labels, store.logits_spec, store.attrs["dtype"]).items()}
     index = torch.from_numpy(got["index"].astype(np.int64)).clamp(0, logits.shape[-1] - 1)
     dtype = store.attrs["dtype"]
-    checks = {"topk/values": (logits.gather(-1, index).numpy(), got["values"].astype(np.float32), dtype, None),
-              "topk/values (top k)": (ref["values"], got["values"].astype(np.float32), dtype, None)}
+    values = layout.topk_path("values")
+    checks = {values: (logits.gather(-1, index).numpy(), got["values"].astype(np.float32), dtype, None),
+              f"{values} (top k)": (ref["values"], got["values"].astype(np.float32), dtype, None)}
     for name in ("lse", "log_tail", "ce", "log_entropy"):
-        checks[f"topk/{name}"] = (ref[name], got[name].astype(np.float32), "float32", None)
+        checks[layout.topk_path(name)] = (ref[name], got[name].astype(np.float32), "float32", None)
     return checks
 
 
 def _sample_pairs(store: TeacherStore, flags: np.ndarray, sample: int, seed: int) -> list[tuple[int, int]]:
     """``sample`` distinct (view, index) pairs of the flagged blocks, drawn uniformly (all of them if there are fewer)."""
     views, blocks = np.nonzero(flags)
-    starts = np.array([L.block_slice(int(b), store.n, store.block_rows).start for b in blocks], dtype=np.int64)
-    stops = np.array([L.block_slice(int(b), store.n, store.block_rows).stop for b in blocks], dtype=np.int64)
+    starts = np.array([layout.block_slice(int(b), store.n, store.block_rows).start for b in blocks], dtype=np.int64)
+    stops = np.array([layout.block_slice(int(b), store.n, store.block_rows).stop for b in blocks], dtype=np.int64)
     ends = np.cumsum(stops - starts)  # flat index space: the flagged blocks' rows one after another
     total = int(ends[-1]) if len(ends) else 0
     picks = np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False)
@@ -223,50 +232,49 @@ def _sample_pairs(store: TeacherStore, flags: np.ndarray, sample: int, seed: int
     return sorted(zip(views[j].tolist(), rows.tolist()))
 
 
-def _recompute(store: TeacherStore, specs: list[str], flags: np.ndarray, lines: list[str], *, sample: int, seed: int,
-               data_dir: str | None, device: str) -> bool:
+def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, lines: list[str], *, sample: int, seed: int,
+               data_dir: str | None) -> bool:
     """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
     a = store.attrs
-    dev = resolve_device(device)
-    loaded = load_teachers(specs, device=dev)
     shas = [t["sha256"] for t in a["teachers"]]
-    if [t.sha256 for t in loaded] != shas:
+    if [t["sha256"] for t in teachers.provenance] != shas:
         raise CamkdError(f"the --teacher checkpoints differ from the store's (sha256 {[s[:12] for s in shas]}); "
                          "pass the same checkpoints in the same order")
     train, _, spec = load_cached_data(store, data_dir=data_dir)
-    train = train.to(dev)
+    train = train.to(teachers.device)
     pairs = _sample_pairs(store, flags, sample, seed)
     layers = {name: spec_["index"] for name, spec_ in a["features"].items()}
-    worst: dict[str, float] = {}
+    worst: dict[str, tuple[float, str]] = {}
     mismatch = False
     for v in sorted({p[0] for p in pairs}):
         idx = np.array([i for vv, i in pairs if vv == v], dtype=np.int64)
-        stored_aug = np.asarray(store.g["aug"].oindex[v, idx])
+        stored_aug = np.asarray(store.g[layout.AUG].oindex[v, idx])
         if not np.array_equal(stored_aug, view_params(spec, v, idx).numpy()):
             mismatch = True
             lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
         x, _ = augment(train.images, torch.from_numpy(idx), spec, view=v)
-        logits, feats = run_teachers(loaded, x, layers)
+        logits, feats = teachers.run(x, layers)
         if store.logits_spec.kind == "dense":
-            checks = {"logits": (logits.float().cpu().numpy(), np.asarray(store.g["logits"].oindex[v, idx]).astype(np.float32),
-                                 a["dtype"], None)}
+            checks = {layout.LOGITS: (logits.float().cpu().numpy(),
+                                      np.asarray(store.g[layout.LOGITS].oindex[v, idx]).astype(np.float32), a["dtype"], None)}
         else:
             checks = _topk_checks(store, v, idx, logits.float().cpu(), train.labels[torch.from_numpy(idx).to(train.labels.device)].cpu())
         fdtype = store.feature_dtype
         for name in layers:
-            for t in range(len(loaded)):
-                got = np.asarray(store.g[L.feature_path(name, t)].oindex[v, idx]).astype(np.float32)
+            for t in range(store.num_teachers):
+                got = np.asarray(store.g[layout.feature_path(name, t)].oindex[v, idx]).astype(np.float32)
                 scale = None
                 if fdtype == "int8":
-                    scale = np.asarray(store.g[L.scale_path(name, t)].oindex[v, idx]).astype(np.float32)
-                    got = L.dequantize(got, scale)
-                checks[L.feature_path(name, t)] = (feats[name][t].float().cpu().numpy(), got, fdtype, scale)
+                    scale = np.asarray(store.g[layout.scale_path(name, t)].oindex[v, idx]).astype(np.float32)
+                    got = layout.dequantize(got, scale)
+                checks[layout.feature_path(name, t)] = (feats[name][t].float().cpu().numpy(), got, fdtype, scale)
         for name, (ref, got, dtype, scale) in checks.items():
             diff = np.abs(ref - got)
-            worst[name] = max(worst.get(name, 0.0), float(diff.max()))
+            worst[name] = (max(worst.get(name, (0.0, ""))[0], float(diff.max())), dtype)
             if (diff > _tolerance(dtype, ref, scale)).any():
                 mismatch = True
                 lines.append(f"MISMATCH: {name} view {v} differs by up to {float(diff.max()):.3g} (beyond {dtype} resolution)")
-    for name, w in worst.items():
-        lines.append(f"{name}: largest difference {w:.3g} over {len(pairs)} (view, index) pairs")
+    for name, (w, dtype) in worst.items():
+        lines.append(f"{name}: largest difference {w:.3g} over {len(pairs)} (view, index) pairs; tolerance per value x: "
+                     f"{_tolerance_text(dtype)}")
     return mismatch

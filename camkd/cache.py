@@ -1,0 +1,112 @@
+"""`camkd cache-teachers` and `camkd cache-verify -t`: the teachers' side of the store.
+
+The store (camkd.store) runs no model code: this module loads the teachers and the data, measures
+the teachers' test accuracy, and hands the teachers to the store's writer and verifier as a
+:class:`~camkd.store.runner.TeacherRunner`. It also writes the end-of-run report, which names the
+methods (from their registry) a store can serve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from camkd import dist
+from camkd.config import LossConfig
+from camkd.data import Dataset, load_split
+from camkd.device import resolve_device
+from camkd.evaluate import evaluate
+from camkd.methods import list_methods, required_layers
+from camkd.progress import Bar, log
+from camkd.store import layout
+from camkd.store.config import CacheConfig, batch_size_for, check_options
+from camkd.store.sizes import human, per_sample_view_text
+from camkd.store.verify import VerifyReport, verify_store
+from camkd.store.writer import write_store
+from camkd.teachers import Teacher, check_teachers, feature_shapes, load_teachers, runner
+from camkd.words import plural
+
+__all__ = ["CacheConfig", "cache_teachers", "cache_verify", "format_cache_summary"]
+
+
+def cache_teachers(cfg: CacheConfig) -> dict:
+    """Load the teachers and the training data, then write (or continue, or extend) the store; returns a summary."""
+    layers = check_options(cfg)
+    device = dist.device_for(resolve_device(cfg.device))
+    world = dist.init(device)
+    batch = batch_size_for(cfg, device)
+    with dist.agree("loading the teachers and the data"):
+        teachers = load_teachers(cfg.teachers, device=device)
+        train = _load(cfg, "train", device)
+        check_teachers(teachers, train)
+        shapes = feature_shapes(teachers, train, layers, device)
+    return write_store(cfg, runner(teachers, device), train, layers, shapes, batch, world,
+                       lambda: teacher_test_accuracy(cfg, teachers, device, batch, world))
+
+
+def _load(cfg: CacheConfig, split: str, device: torch.device) -> Dataset:
+    return load_split(cfg.dataset, split, device=device, data_dir=cfg.data_dir, download=cfg.download, limit=cfg.limit,
+                      **cfg.options)
+
+
+def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.device, batch: int,
+                          world: dist.World) -> list[float] | None:
+    """Each teacher's top-1 on the test split (recorded in the store), or None with evaluate=False.
+    Under torchrun each rank evaluates a disjoint slice and the counts are summed; the main rank says so once."""
+    if not cfg.evaluate:
+        return None
+    with dist.agree("loading the test split"):
+        test = _load(cfg, "test", device)
+    show = cfg.progress and world.main
+    if show:
+        log(f"evaluating {plural(len(teachers), 'teacher')} on the {test.name} test split ({plural(len(test), 'image')}; "
+            "--no-eval skips this)")
+    lo, hi = len(test) * world.rank // world.size, len(test) * (world.rank + 1) // world.size
+    if world.active:
+        test = Dataset(test.name, test.split, test.images[lo:hi], test.labels[lo:hi], test.num_classes, test.norm)
+    out = []
+    with Bar("evaluating", len(teachers) * len(test), enabled=show) as bar:
+        for t, teacher in enumerate(teachers):
+            out.append(evaluate(teacher.model, test, batch_size=batch)["top1"])
+            bar.update(len(test), f"teacher {t + 1}/{len(teachers)}")
+    return out
+
+
+def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = 256, seed: int = 0,
+                 data_dir: str | None = None, device: str = "auto", repair: bool = False) -> VerifyReport:
+    """Check a store (store/verify.py); with ``teachers`` (checkpoint specs, in the store's order) also recompute
+    ``sample`` random (view, index) pairs. The teachers are loaded only once the checksums pass."""
+    def load():
+        dev = resolve_device(device)
+        return runner(load_teachers(teachers, device=dev), dev)
+
+    return verify_store(path, load if teachers else None, sample=sample, seed=seed, data_dir=data_dir, repair=repair)
+
+
+def servable_methods(layers: list[str] | set[str]) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """Methods (with their default options) a store with these feature layers can serve, and what the others lack."""
+    ok, missing = [], {}
+    for m in list_methods():
+        need = tuple(x for x in required_layers(m, LossConfig()) if x not in set(layers))
+        if need:
+            missing[m] = need
+        else:
+            ok.append(m)
+    return ok, missing
+
+
+def format_cache_summary(s: dict) -> str:
+    """The end-of-run report of cache-teachers: what was cached, the teachers' accuracy per view, sizes, methods."""
+    lines = [f"cached {s['rows_computed']} sample-views in {s['seconds']:.1f}s ({s['samples_per_s']:.0f} samples/s) -> {s['path']}"]
+    lines.append("teacher accuracy per view (%): " + ", ".join(s["teachers"]))
+    for v, accs in enumerate(s["view_accuracy"]):
+        lines.append(f"  view {v}: " + "  ".join(f"{a:.2f}" for a in accs))
+    lines.append(f"store size {human(s['store_bytes'])}; per sample-view {per_sample_view_text(s['bytes_per_sample_view'])}")
+    ok, missing = servable_methods(s["layers"])
+    line = "serves --method " + ", ".join(ok)
+    if missing:
+        line += "; not " + ", ".join(f"{m} (needs {'+'.join(need)}: {' '.join('-f ' + layout.layer_option(x) for x in need)})"
+                                     for m, need in missing.items())
+    lines.append(line)
+    return "\n".join(lines)

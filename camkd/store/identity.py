@@ -1,0 +1,172 @@
+"""Which store a run continues: its identity, the target's state, and opening or creating it.
+
+A store is continued only by a run of the same identity (data, augmentation, teachers' weights,
+dtypes, compressor, logits, features); any difference is refused, naming it. check_target decides
+what a run will do with its --out before anything is printed or written; open_or_create does it.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+from enum import Enum
+
+import zarr
+
+from camkd.data import Dataset
+from camkd.data.views import AugSpec
+from camkd.errors import CamkdError
+from camkd.progress import log
+from camkd.store import layout, schema, topk
+from camkd.store.config import CacheConfig
+from camkd.store.location import Location, parse_location
+from camkd.store.runner import TeacherRunner
+
+IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the same weights from anywhere continue a store
+_PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's temporary file of a write that a kill interrupted
+
+
+class Target(Enum):
+    CREATE = "create"  # nothing there: create the store
+    RECREATE = "recreate"  # a store to delete first (--overwrite, or a remote creation that was interrupted)
+    CONTINUE = "continue"  # a store of the same identity: fill its missing blocks, extend its views
+
+
+def identity(cfg: CacheConfig, teachers: TeacherRunner, train: Dataset, spec: AugSpec, layers: dict, shapes: dict,
+             logits: topk.LogitsSpec) -> dict:
+    """Everything that must match for a store to be continued (not the number of views, not checkpoint paths)."""
+    return {
+        "format_version": layout.FORMAT_VERSION,
+        "dataset": {"name": train.name, "split": train.split, "n": len(train), "fingerprint": train.fingerprint,
+                    "num_classes": train.num_classes, "in_channels": train.in_channels, "image_size": train.image_size},
+        "augmentation": spec.to_dict(),
+        "teachers": [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in teachers.provenance],
+        "dtype": cfg.dtype,
+        "feature_dtype": cfg.stored_feature_dtype,
+        "compressor": cfg.compressor,
+        "logits": logits.to_dict(),
+        "features": {name: {"index": idx, "shapes": [list(s) for s in shapes[name]]} for name, idx in layers.items()},
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b \
+                and all(isinstance(x, dict) for x in a + b):  # e.g. teachers: name the field that differs
+            for i, (x, y) in enumerate(zip(a, b)):
+                out += _differences(x, y, f"{prefix}{key}.{i}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (store: {_short(a)}, now: {_short(b)})")
+    return out
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
+    """What this run will do with ``path``, refusing (before any output) a target it must not touch or continue."""
+    if not path.exists():
+        return Target.CREATE
+    if cfg.overwrite or _half_created(path):
+        if path.is_local:
+            local = path.local_path
+            if not local.is_dir() or (not (local / "zarr.json").exists() and any(local.iterdir())):
+                raise CamkdError(f"{path} exists and is not a Zarr store; refusing to delete it even with --overwrite")
+        elif not path.is_zarr():
+            raise CamkdError(f"{path} holds objects but no Zarr store; refusing to delete them even with --overwrite")
+        return Target.RECREATE
+    attrs = _open_existing(path, "r").attrs[layout.ATTRS_KEY]
+    old = {k: attrs[k] for k in ident}
+    old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
+    diff = _differences(old, ident)
+    if diff:
+        diff.sort(key=lambda d: not d.split(" (")[0].endswith("name"))  # a differing name first (dataset.name: the data)
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}{more}; use --overwrite to replace it or "
+                         "another --out")
+    return Target.CONTINUE
+
+
+def _half_created(loc: Location) -> bool:
+    """A remote store whose creation was interrupted (its attrs still the CREATING mark): to be created anew."""
+    if loc.is_local or not loc.is_zarr():
+        return False
+    try:
+        attrs = dict(loc.open_group("r").attrs)
+    except Exception:  # noqa: BLE001 - not a readable group: _open_existing says what is wrong
+        return False
+    return attrs.get(schema.CREATING) is True and layout.ATTRS_KEY not in attrs
+
+
+def _open_existing(path: Location, mode: str) -> zarr.Group:
+    try:
+        g = path.open_group(mode)
+    except CamkdError:
+        raise
+    except Exception:
+        hint = " or add --overwrite" if path.is_zarr() else ""  # --overwrite deletes only Zarr stores
+        raise CamkdError(f"{path} exists and is not a camkd store; choose another --out{hint}") from None
+    attrs = g.attrs.get(layout.ATTRS_KEY)
+    if not isinstance(attrs, dict) or "format_version" not in attrs:
+        raise CamkdError(f"{path} is a Zarr group but not a camkd store; choose another --out or add --overwrite")
+    layout.check_format(attrs, str(path))
+    return g
+
+
+def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, labels,
+                   shapes: dict, test_acc: list[float] | None, block: int) -> None:
+    """Do what check_target decided: delete and create, create, or open (removing temporary files, adding views)."""
+    if target is Target.RECREATE:
+        if not cfg.overwrite:
+            log(f"{path}: its creation was interrupted; creating it anew")
+        path.delete()
+    if target is Target.CONTINUE:
+        _continue(path, cfg)
+    elif not path.is_local:
+        # no rename on object storage: metadata written in place, marked CREATING until the attrs are written
+        # (a rerun after a kill creates it anew); the progress flags make the filling resumable as on disk
+        try:
+            schema.create(path, ident, cfg, teachers, labels, shapes, test_acc, block)
+        except OSError as e:
+            raise CamkdError(f"cannot create {path}: {e.strerror or e}; rerun the same command") from None
+    else:
+        _create_local(path, ident, cfg, teachers, labels, shapes, test_acc, block)
+
+
+def _continue(path: Location, cfg: CacheConfig) -> None:
+    g = _open_existing(path, "r+")
+    attrs = g.attrs[layout.ATTRS_KEY]
+    if path.is_local:  # object stores have no temporary files: a PUT is whole or absent
+        for f in path.local_path.rglob("*.partial"):
+            if _PARTIAL.fullmatch(f.name):
+                f.unlink(missing_ok=True)
+    if cfg.views > attrs["views"]:
+        log(f"extending {path} from {attrs['views']} to {cfg.views} views")
+        schema.append_views(g, cfg.views)
+
+
+def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, labels, shapes: dict,
+                  test_acc: list[float] | None, block: int) -> None:
+    """Built under a temporary name and renamed when whole: a run killed while creating leaves no half store."""
+    local = path.local_path
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CamkdError(f"cannot create {local.parent}: {e.strerror}") from None
+    tmp = local.with_name(f".{local.name}.camkd-creating")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        schema.create(parse_location(tmp), ident, cfg, teachers, labels, shapes, test_acc, block)
+        tmp.rename(local)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CamkdError(f"cannot create {path}: {what}") from None
