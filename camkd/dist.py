@@ -6,7 +6,8 @@ launcher describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): ncc
 
 Failures: each rank validates the same input before any collective, so bad input fails on every
 rank alike. A failure on one rank only (a file missing on one node) reaches the others at the
-next :func:`agree` point, so no rank waits for the collective timeout.
+next :func:`agree` point, so no rank waits for the collective timeout. Under torchrun a worker
+whose launcher is gone (killed with kill -9) stops too, rather than train on unattended.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +27,7 @@ import torch.distributed as td
 from camkd.errors import CamkdError
 
 TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("CAMKD_DIST_TIMEOUT_MIN", "30")))
+LAUNCHER_POLL_S = 0.2  # how often a torchrun worker checks that its launcher is still its parent
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,40 @@ def init(device: torch.device) -> World:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     td.init_process_group(backend=backend, store=td.PrefixStore(f"camkd/attempt_{attempt}", store), rank=w.rank,
                           world_size=w.size, timeout=TIMEOUT)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (srun and Kubernetes manage their own processes)
+        stop_with_launcher(w.rank)
     return current()
+
+
+def stop_with_launcher(rank: int) -> None:
+    """Stop this process (exit code 1, one line) once its parent, the torchrun launcher, is gone.
+
+    Killing torchrun with kill -9 leaves its workers running, reparented; without their launcher nobody
+    restarts or stops them, so each one notices (a daemon thread polls the parent's pid) and exits at once,
+    as if killed: the finished epochs' checkpoints are written atomically, so ``--resume`` continues the run.
+    A rank whose peer stopped first fails in a collective: that error, too, ends in the one line.
+    """
+    launcher = os.getppid()
+
+    def stop() -> None:
+        print(f"rank {rank}: the torchrun launcher (pid {launcher}) is gone, so this rank stops; finished work is kept "
+              "(train-teacher/distill: rerun with --resume)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(LAUNCHER_POLL_S)
+        stop()
+
+    previous = sys.excepthook  # torch.distributed's, which prefixes the rank
+
+    def excepthook(kind, value, tb) -> None:
+        if os.getppid() != launcher:
+            stop()
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+    threading.Thread(target=watch, name="camkd-launcher-watch", daemon=True).start()
 
 
 def device_for(device: torch.device) -> torch.device:

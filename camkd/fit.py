@@ -128,14 +128,16 @@ class Trainee(nn.Module):
         return results
 
 
-def _wrap(trainee: Trainee, device: torch.device) -> nn.Module:
-    """DDP over the ranks (it averages gradients and broadcasts rank 0's buffers at each forward)."""
+def _wrap(trainee: Trainee, device: torch.device, *, find_unused: bool) -> nn.Module:
+    """DDP over the ranks (it averages gradients and broadcasts rank 0's buffers at each forward).
+
+    ``find_unused``: some parameters get no gradient in this epoch (CA-MKD's Embeds in epoch 1), so DDP must
+    look for them after each backward; asking for it in an epoch where every parameter is used makes DDP warn."""
     if not dist.current().active:
         return trainee
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    has_params = any(p.requires_grad for p in trainee.method.parameters())  # e.g. CA-MKD's Embeds, unused in epoch 1
-    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=has_params)
+    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
 
 
 def _buffers(module: nn.Module) -> list[Tensor]:
@@ -263,6 +265,8 @@ class _Loop:
                                    momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
         self.result = FitResult()
         self.step_total = 0
+        self._net: nn.Module | None = None  # see network()
+        self._net_finds_unused = False
 
     def fit(self, identity: dict) -> FitResult:
         main = self.world.main
@@ -277,12 +281,11 @@ class _Loop:
             if self.optim.epochs > self.data.views:
                 v = self.data.views
                 log(f"{self.optim.epochs} epochs over {v} views: epoch e uses view (e - 1) mod {v}")
-        net = _wrap(self.trainee, self.device)
         test = _rank_slice(self.data.test, self.world)
         t_run = time.perf_counter()
         for epoch in range(start_epoch, self.optim.epochs + 1):
             t0 = time.perf_counter()
-            sums = self.train_epoch(net, epoch).reduce()
+            sums = self.train_epoch(self.network(epoch), epoch).reduce()
             _check_no_nonfinite(sums.counts[2], epoch, sums.steps, self.folder)
             train_time = time.perf_counter() - t0
             acc = self.evaluate(test)
@@ -293,6 +296,16 @@ class _Loop:
         dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
         self.result.seconds = time.perf_counter() - t_run
         return self.result
+
+    def network(self, epoch: int) -> nn.Module:
+        """The trainee as this epoch trains it: under torchrun wrapped in DDP, rewrapped only when whether every
+        parameter takes part changes (CA-MKD's and FitNet's modules join in epoch 2). The ranks hold equal
+        parameters and buffers at an epoch's start, so the new wrapper's broadcast from rank 0 changes nothing."""
+        find_unused = not self.method.uses_all_parameters(epoch)
+        if self._net is None or find_unused != self._net_finds_unused:
+            self._net = None  # the old DDP's hooks go with it before the new one registers its own
+            self._net, self._net_finds_unused = _wrap(self.trainee, self.device, find_unused=find_unused), find_unused
+        return self._net
 
     def resume(self, identity: dict) -> int:
         """Load the last checkpoint into the model, the method and the optimizer; returns the epoch to start.

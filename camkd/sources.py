@@ -24,7 +24,7 @@ import torch
 from camkd import dist
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
-from camkd.store import topk as TK
+from camkd.store import topk
 from camkd.store.reader import FeatureStream, TeacherStore
 from camkd.teachers import Teacher, run_teachers, stored_heads
 
@@ -111,10 +111,10 @@ class StoreTeachers:
         """``temperature``: the run's kd_T; a top-k store must have cached it (its logits are rebuilt at it).
         None for a method that reads no teacher logits (``ce``): a top-k store's logits are then not read at all."""
         self.store, self.layers, self.device = store, layers, device
-        self.topk = store.logits_spec.kind == "topk"
-        self.no_logits = self.topk and temperature is None
-        if self.topk and not self.no_logits:
-            TK.temperature_index(store.logits_spec, temperature, str(store.path))
+        self.is_topk = store.logits_spec.kind == "topk"
+        self.no_logits = self.is_topk and temperature is None
+        if self.is_topk and not self.no_logits:
+            topk.temperature_index(store.logits_spec, temperature, str(store.path))
         self.temperature = temperature
         self.num_teachers, self.block_rows = store.num_teachers, store.block_rows
         self.stager = None
@@ -173,7 +173,7 @@ class StoreTeachers:
         self._src = self._view_source(view)
         if self.no_logits:
             self._topk = {}
-        elif self.topk:
+        elif self.is_topk:
             self._topk = self._src.topk(view, self.temperature, self.device)
         else:
             self._logits = self._src.logits(view, self.device)
@@ -205,9 +205,9 @@ class StoreTeachers:
             feats = {layer: [torch.from_numpy(a).to(self.device, non_blocking=True).float() for a in per] for layer, per in data.items()}
         if self.no_logits:
             return TeacherOut(logits=x.new_zeros((len(idx), self.num_teachers, 0)), features=feats, heads=self.heads)
-        if self.topk:  # the batch's dense teacher term rebuilt on the device (never a whole view's [N, K, C])
+        if self.is_topk:  # the batch's dense teacher term rebuilt on the device (never a whole view's [N, K, C])
             t = {name: a[idx] for name, a in self._topk.items()}
-            logits, kept = TK.rebuild(t["index"], t["values"], t["lse"], t["log_tail"], self.store.num_classes, self.temperature)
+            logits, kept = topk.rebuild(t["index"], t["values"], t["lse"], t["log_tail"], self.store.num_classes, self.temperature)
             return TeacherOut(logits=logits, features=feats, heads=self.heads, kept=kept, ce=t["ce"],
                               log_entropy=t["log_entropy"], temperature=self.temperature)
         return TeacherOut(logits=self._logits[idx].float(), features=feats, heads=self.heads)

@@ -91,6 +91,7 @@ def test_two_ranks_equal_one_process_with_two_micro_batches(store, topk_store, t
     runs = [f"{m}@{store}" for m in list_methods()] + [f"{m}@{topk_store}" for m in ("aekd", "camkd")]
     r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", tmp_path / "w2", 1, 2, *runs)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "find_unused_parameters" not in r.stderr  # DDP looks for unused parameters only where there are (epoch 1)
     r = one_process(sys.executable, WORKERS / "distill_methods.py", tmp_path / "m2", 2, 2, *runs)
     assert r.returncode == 0, r.stderr[-3000:]
     folders = sorted(p.name for p in (tmp_path / "w2").iterdir())
@@ -253,3 +254,43 @@ def test_max_restarts_with_auto_resume_equals_an_uninterrupted_run(store, tmp_pa
     assert run.returncode == 0, err[-3000:]
     assert "resuming" in err
     assert_same_weights(tmp_path / "full" / "last.pth", out / "last.pth")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie no one has reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_workers_stop_when_the_launcher_is_killed(store, tmp_path):
+    """kill -9 of torchrun alone: both workers notice within seconds and exit; the run resumes from its checkpoint."""
+    import signal
+    import time
+
+    base = ["distill", "-m", "resnet8", "-c", store, "--method", "avg", "--batch-size", "32", "--lr", "0.05", "--seed", "7",
+            "--device", "cpu", "-q"]
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python", str(VENV_BIN / "camkd"),
+           *map(str, base), "--epochs", "500", "--out", str(out)]
+    with open(log, "w") as err:
+        run = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pth").exists():
+        assert time.monotonic() < deadline and run.poll() is None, "no epoch finished"
+        time.sleep(0.05)
+    workers = [p for p in _children(run.pid) if _rank_of(p) is not None]
+    assert len(workers) == 2
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in workers):
+        assert time.monotonic() < deadline, "the workers kept running without their launcher"
+        time.sleep(0.1)
+    assert log.read_text().count("the torchrun launcher") == 2
+    done = load_checkpoint(out / "last.pth")["meta"]["epoch"]
+    assert done < 500
+    r = one_process(VENV_BIN / "camkd", *base, "--epochs", str(done + 1), "--micro-batches", "2", "--resume", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming {out} at epoch {done + 1}" in r.stderr

@@ -141,6 +141,10 @@ class Method(nn.Module):
             raise CamkdError(f"{self.name}: the top-k teacher logits were rebuilt at T={teachers.temperature}, "
                              f"the method distills at T={self.kd_T}")
 
+    def uses_all_parameters(self, epoch: int) -> bool:
+        """Whether every trainable parameter of the method gets a gradient in ``epoch`` (DDP must know)."""
+        return True
+
     @classmethod
     def uses_teachers(cls) -> bool:
         """Whether the method reads the teachers' outputs at all (``ce`` does not)."""
@@ -172,6 +176,10 @@ class LogitMethod(Method):
     def feature_term(self, student: StudentOut, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Diagnostics]:
         """(unscaled feature loss, extra diagnostics)."""
         raise NotImplementedError
+
+    def uses_all_parameters(self, epoch: int) -> bool:
+        """The feature term's modules (Embeds, ConvRegs) are unused in epoch 1, where the term is 0."""
+        return epoch > 1 or not (self.feature_loss and self.beta > 0)
 
     def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int,
                 stats: Tensor | None = None) -> tuple[Losses, Diagnostics]:
