@@ -692,3 +692,20 @@ def test_backward_every_method_real_models(name, student_arch, teacher_archs):
     if name in ("camkd", "fitnet"):
         assert len(list(method.parameters())) > 0
         assert set(losses) == {"ce", "kd", "inter" if name == "camkd" else "hint"}
+
+
+def test_the_loss_defaults_are_stated_once_in_loss_config():
+    """create_method without a LossConfig, the distill command's options and DistillConfig all take LossConfig's."""
+    import inspect
+    from dataclasses import asdict
+
+    from camkd.cli import distill_cmd
+    from camkd.distill import DistillConfig
+
+    defaults = asdict(LossConfig())
+    sig = inspect.signature(distill_cmd).parameters
+    options = {"gamma": "gamma", "alpha": "alpha", "beta": "beta", "kd_T": "kd_t", "aekd_C": "aekd_c", "hint_layer": "hint_layer"}
+    assert {field: sig[param].default for field, param in options.items()} == defaults
+    assert asdict(DistillConfig(arch="resnet8").loss) == defaults
+    m = make("aekd")
+    assert (m.gamma, m.alpha, m.kd_T, m.C) == (defaults["gamma"], defaults["alpha"], defaults["kd_T"], defaults["aekd_C"])
