@@ -15,7 +15,9 @@ import torchvision
 from torch import nn
 
 from camkd.errors import CamkdError
+from camkd.models import create_model, list_models
 from camkd.models.tv import NAMES, build
+from camkd.teachers import load_teacher
 
 HEAVY = {"wide_resnet50_2"}  # 67 M parameters: a 270 MB state_dict file
 CASES = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in NAMES]
@@ -120,3 +122,28 @@ def test_unknown_name_lists_the_names() -> None:
     message = str(info.value)
     assert "\n" not in message and "'resnet9000'" in message
     assert all(name in message for name in NAMES)
+
+
+def test_registered_as_tv_archs(cli) -> None:
+    tv_names = [f"tv:{n}" for n in NAMES]
+    assert set(tv_names) <= set(list_models())
+    result = cli("models")
+    assert result.exit_code == 0 and set(tv_names) <= set(result.output.split())
+    model = create_model("TV:ResNet18", num_classes=NUM_CLASSES, in_channels=1)
+    assert (model.arch, model.num_classes, model.in_channels) == ("tv:resnet18", NUM_CLASSES, 1)
+    with pytest.raises(CamkdError, match=r"unknown arch 'tv:resnet9000'.*tv:convnext_tiny"):
+        create_model("tv:resnet9000", num_classes=NUM_CLASSES)
+
+
+def test_teacher_from_torchvision_weights(tmp_path: Path) -> None:
+    """``-t tv:NAME=PATH``: num_classes and in_channels read off the weights, torchvision's logits."""
+    torch.manual_seed(4)
+    reference = torchvision.models.get_model("mobilenet_v3_large", weights=None, num_classes=NUM_CLASSES)
+    _randomize_buffers(reference)
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": reference.state_dict()}, path)
+    teacher = load_teacher(f"tv:mobilenet_v3_large={path}")
+    assert (teacher.arch, teacher.num_classes, teacher.in_channels) == ("tv:mobilenet_v3_large", NUM_CLASSES, 3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(teacher.model(x), reference.eval()(x))

@@ -1,4 +1,4 @@
-"""torchvision's classification models behind the zoo's interface (``tv:NAME`` archs).
+"""torchvision's classification models behind the zoo's interface, registered as archs ``tv:NAME``.
 
 :func:`build` constructs a torchvision model with ``weights=None`` (nothing is ever downloaded) and
 wraps it in :class:`TorchvisionModel`, which registers the torchvision model's children as its own,
@@ -20,6 +20,7 @@ has one), and a torchvision checkpoint then differs from torchvision's only in t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ import torchvision.models
 from torch import Tensor, nn
 
 from camkd.errors import CamkdError
-from camkd.models.registry import CifarModel
+from camkd.models.registry import MODELS, CifarModel
 
 Head = OrderedDict[str, nn.Module]
 
@@ -209,5 +210,8 @@ def build(name: str, *, num_classes: int, in_channels: int = 3) -> TorchvisionMo
         _replace_first_conv(model, in_channels)
     return model
 
+
+for _name in NAMES:
+    MODELS.add(f"tv:{_name}", functools.partial(build, _name))
 
 __all__ = ["FAMILIES", "NAMES", "Family", "SpatialMean", "TorchvisionModel", "build"]
