@@ -22,6 +22,7 @@ try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); 
 except ImportError:  # pragma: no cover
     from click.exceptions import Abort, ClickException, NoArgsIsHelpError
 
+from camkd.bench.config import PROTOCOLS, AccuracyConfig, SpeedConfig, StorageConfig
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
 
@@ -94,15 +95,9 @@ def _teacher_optim() -> OptimConfig:
     return teacher_optim()
 
 
-def _accuracy_defaults():
-    from camkd.bench.accuracy import AccuracyConfig
-
-    return AccuracyConfig()
-
-
 _O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
-_ACC = _accuracy_defaults()  # bench accuracy's defaults, stated once in camkd/bench/accuracy.py
-ProtocolChoice = _choices("Protocol", ["equal", "unequal"])
+_SPEED, _ACC, _STORAGE = SpeedConfig(), AccuracyConfig(), StorageConfig()  # stated once in camkd/bench/config.py
+ProtocolChoice = _choices("Protocol", list(PROTOCOLS))
 _TEACHER_DECAY, _DISTILL_DECAY = [str(e) for e in _TO.lr_decay_epochs], [str(e) for e in _O.lr_decay_epochs]
 
 # Options shared across commands (huggingface_hub style aliases).
@@ -170,11 +165,26 @@ def _epochs(values: list[str]) -> list[int]:
     return out
 
 
-def _show(r: dict, to_markdown: Callable[[dict], str], save: Callable[[dict, Path], list[str]], out: Path | None) -> None:
-    """Print a benchmark's or report's table; with --out also write JSON, Markdown and PNG and name them."""
-    typer.echo(to_markdown(r))
-    if out is not None:
-        typer.echo(f"\n-> {', '.join(save(r, out))}")
+def _out_prefix(out: Path | None) -> Path | None:
+    """--out PREFIX of a benchmark or report, checked before any work or output (a given .json/.md/.png is dropped)."""
+    from camkd.bench.common import output_prefix
+
+    return output_prefix(out) if out is not None else None
+
+
+def _show(r: dict, to_markdown: Callable[[dict], str], plot: Callable, prefix: Path | None) -> None:
+    """Print a benchmark's or report's table; with --out also write PREFIX.json, .md and .png and name them."""
+    from camkd.bench.common import write_result
+
+    table = to_markdown(r)
+    typer.echo(table)
+    if prefix is not None:
+        typer.echo(f"\n-> {', '.join(write_result(r, prefix, table, plot(r)))}")
+
+
+OutOpt = Annotated[Optional[Path], typer.Option("--out", metavar="PREFIX", help="Also write PREFIX.json, PREFIX.md and "
+                                                "PREFIX.png (a .json, .md or .png given is taken off); without it "
+                                                "nothing is written.")]
 
 
 def _main_rank() -> bool:
@@ -397,31 +407,32 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("speed")
 @friendly
 def bench_speed_cmd(
-    student: Annotated[str, typer.Option("--student", help="Student model.")] = "vgg8",
-    teacher: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = "resnet32x4",
-    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = 3,
-    samples: Annotated[int, typer.Option("--samples", min=64, help="Training samples (CIFAR-100-shaped, synthetic).")] = 384,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = 64,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved rounds per measurement.")] = 2,
-    threads: Annotated[Optional[list[int]], typer.Option("--threads", min=1, metavar="N", help="CPU threads to measure at (repeat) "
-                                                         "[default: 1 and 2].")] = None,
+    student: Annotated[str, typer.Option("--student", help="Student model.")] = _SPEED.student,
+    teacher: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = _SPEED.teacher,
+    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = _SPEED.num_teachers,
+    samples: Annotated[int, typer.Option("--samples", min=64, help="Training samples (CIFAR-100-shaped, "
+                                         "synthetic).")] = _SPEED.samples,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _SPEED.batch_size,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved rounds per measurement.")] = _SPEED.repeats,
+    threads: Annotated[list[int], typer.Option("--threads", min=1, metavar="N", help="CPU threads to measure at "
+                                               "(repeat).")] = _SPEED.threads,
     no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
-    ranks: Annotated[Optional[list[int]], typer.Option("--ranks", min=1, metavar="W", help="torchrun world sizes for "
-                     "the multi-rank rows (repeat) [default: 1 and 2].")] = None,
+    ranks: Annotated[list[int], typer.Option("--ranks", min=1, metavar="W", help="torchrun world sizes for the multi-rank "
+                                             "rows (repeat).")] = _SPEED.ranks,
     no_ranks: Annotated[bool, typer.Option("--no-ranks", help="Skip the multi-rank rows.")] = False,
     method: Annotated[Optional[list[str]], typer.Option("--method", "-m", metavar="NAME", help="Time only these methods "
                       "beside ce (repeat; camkd gives its beta=0 and +features rows) [default: every method].")] = None,
-    device: DeviceOpt = DeviceChoice.auto,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
-                                                "beside it); without it nothing is written.")] = None,
+    device: DeviceOpt = _SPEED.device,
+    out: OutOpt = None,
 ) -> None:
     """Throughput of the student alone, cached and online distillation, caching, the reader, torchrun ranks."""
-    from camkd.bench.speed import SpeedConfig, run_speed, save, to_markdown
+    from camkd.bench.speed import plot, run_speed, to_markdown
 
+    prefix = _out_prefix(out)
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
-                              threads=threads or [1, 2], ranks=[] if no_ranks else (ranks or [1, 2]), methods=method))
-    _show(r, to_markdown, save, out)
+                              threads=list(threads), ranks=[] if no_ranks else list(ranks), methods=method))
+    _show(r, to_markdown, plot, prefix)
 
 
 @bench_app.command("accuracy")
@@ -429,11 +440,11 @@ def bench_speed_cmd(
 def bench_accuracy_cmd(
     protocol: Annotated[ProtocolChoice, typer.Option("--protocol", "-p", help="equal: three teachers of different archs "
                         "on the full training split; unequal: the same archs, one strong (equal's first teacher, reused), "
-                        "one weak (--weak-limit images), one noisy (--noise labels corrupted).")] = ProtocolChoice.equal,
-    dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Data.")] = DatasetChoice.fashion_mnist,
+                        "one weak (--weak-limit images), one noisy (--noise labels corrupted).")] = _ACC.protocol,
+    dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Data.")] = _ACC.dataset,
     data_dir: DataDirOpt = None,
-    teacher_arch: Annotated[Optional[list[str]], typer.Option("--teacher-arch", metavar="ARCH", help="The three teachers' "
-                            "archs, in order (repeat 3 times) [default: resnet14, wrn_16_1, resnet20].")] = None,
+    teacher_arch: Annotated[list[str], typer.Option("--teacher-arch", metavar="ARCH", help="The three teachers' "
+                            "archs, in order (repeat 3 times).")] = _ACC.teacher_archs,
     teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs (lr x0.1 at 62.5/75/87.5 "
                               "% of them: 5 -> after 3 and 4).")] = _ACC.teacher_epochs,
     weak_limit: Annotated[int, typer.Option("--weak-limit", min=2, help="unequal: the weak teacher's training images "
@@ -446,7 +457,7 @@ def bench_accuracy_cmd(
                       "teachers).")] = _ACC.epochs,
     views: Annotated[Optional[int], typer.Option("--views", "-V", min=1, help="Cached views, cycled over the epochs "
                      "[default: one per epoch].")] = None,
-    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = DtypeChoice.float32,
+    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = _ACC.dtype,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Student training images, the first N (0: all).")] = _ACC.limit,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per method (0 .. N-1).")] = len(_ACC.seeds),
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _ACC.batch_size,
@@ -454,36 +465,33 @@ def bench_accuracy_cmd(
     methods: Annotated[Optional[list[MethodChoice]], typer.Option("--method", help="Methods to run (repeat) "
                                                                   "[default: all].")] = None,
     no_online: Annotated[bool, typer.Option("--no-online", help="Skip camkd --online (seed 0).")] = False,
-    device: DeviceOpt = DeviceChoice.auto,
+    device: DeviceOpt = _ACC.device,
     root: Annotated[Path, typer.Option("--root", "--work", help="Folder of the content-addressed teachers, stores and "
                                        "students (reruns reuse and resume).")] = Path(_ACC.root),
     quiet: QuietOpt = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
-                                                "beside it); without it nothing is written.")] = None,
+    out: OutOpt = None,
 ) -> None:
     """Every method over seeds from equal or unequal teachers: mean +- std, paired differences, teachers'
     accuracy and disagreement, CA-MKD's weights.
 
-    Defaults (about an hour per protocol on a 2-core CPU): Fashion-MNIST; teachers resnet14,
-    wrn_16_1, resnet20 for 5 epochs each (= train-teacher -m ARCH -d fashion-mnist --epochs 5
-    --lr-decay-epochs 3,4 --seed 0); unequal: weak = wrn_16_1 on the first 1000 images, noisy =
-    resnet20 with 40 % labels corrupted (seed 0); a float32 store of 5 views (5.6 GB: features
-    penultimate and hint:2); students resnet8 on the first 10000 images, 5 epochs, lr 0.05, batch
-    64, seeds 0-2, every method, camkd --online for seed 0. On a GPU: --device cuda --limit 0
+    The defaults (below) take about an hour per protocol on a 2-core CPU; each teacher is exactly
+    train-teacher -m ARCH -d DATASET --epochs E --lr-decay-epochs (scaled) --seed 0. The store holds
+    features penultimate and hint:2, so every method runs. On a GPU: --device cuda --limit 0
     --epochs 30 --teacher-epochs 30 --views 10 (see camkd/bench/accuracy.py for CIFAR-100).
     """
-    from camkd.bench.accuracy import AccuracyConfig, run_accuracy, save, to_markdown
+    from camkd.bench.accuracy import plot, run_accuracy, to_markdown
     from camkd.methods import list_methods
 
+    prefix = _out_prefix(out)
     cfg = AccuracyConfig(protocol=protocol.value, dataset=dataset.value, data_dir=_str(data_dir),
-                         teacher_archs=list(teacher_arch) if teacher_arch else list(_ACC.teacher_archs),
+                         teacher_archs=list(teacher_arch),
                          teacher_epochs=teacher_epochs, weak_limit=weak_limit, noise_rate=noise, noise_seed=noise_seed,
                          student=student, epochs=epochs, views=views, dtype=dtype.value, limit=limit or None, seeds=list(range(seeds)),
                          batch_size=batch_size, lr=lr,
                          methods=[m.value for m in methods] if methods else list_methods(), online=not no_online,
                          device=device.value, root=str(root), progress=not quiet)
     r = run_accuracy(cfg)
-    _show(r, to_markdown, save, out)
+    _show(r, to_markdown, plot, prefix)
 
 
 SplitChoice = _choices("Split", ["test", "train"])
@@ -498,14 +506,17 @@ def report_cmd(
                                         "except the seeds (--seed, --aug-seed), --trial, the teacher paths (same sha256) "
                                         "and where they ran (--out, --device, --data-dir, --resume, -q); runs that "
                                         "ended at different epochs are not grouped.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the report as JSON (with .md and .png "
-                                                "beside it: accuracy and loss per epoch, teacher weights).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="PREFIX", help="Also write PREFIX.json (every run's "
+                                                "per-epoch records), PREFIX.md (the tables) and PREFIX.png (accuracy and "
+                                                "loss per epoch, teacher weights); a .json, .md or .png given is taken "
+                                                "off: --out rep.json writes rep.json, rep.md, rep.png.")] = None,
 ) -> None:
     """Compare runs: final/best test top-1, top-5, train loss, images/s and teacher weights, one row per run."""
-    from camkd.report import report, save, to_markdown
+    from camkd.report import plot, report, to_markdown
 
+    prefix = _out_prefix(out)
     r = report(runs, group=group)
-    _show(r, to_markdown, save, out)
+    _show(r, to_markdown, plot, prefix)
 
 
 @app.command("evaluate")
@@ -539,24 +550,26 @@ def evaluate_cmd(
 @friendly
 def bench_storage_cmd(
     root: Annotated[Path, typer.Option("--root", help="Where teachers, stores and students are kept and reused "
-                                       "(shared with bench accuracy).")] = Path("bench/accuracy-run"),
+                                       "(shared with bench accuracy).")] = Path(_STORAGE.root),
     data_dir: DataDirOpt = None,
-    option: Annotated[Optional[list[str]], typer.Option("--option", metavar="NAME", help="Store options to compare "
-                      "(repeat): dense32, dense16, topk5, topk2, int8, int8zstd [default: all].")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = 5,
-    limit: Annotated[int, typer.Option("--limit", min=2, help="Student training images (the first N).")] = 10000,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per option.")] = 2,
-    kd_t: Annotated[float, typer.Option("--kd-T", min=0.01, help="Distillation temperature (cached by top-k stores).")] = 4.0,
-    device: DeviceOpt = DeviceChoice.auto,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the result here as JSON (with .md and .png "
-                                                "beside it); without it nothing is written.")] = None,
+    option: Annotated[list[str], typer.Option("--option", metavar="NAME", help="Store options to compare "
+                                              "(repeat).")] = _STORAGE.options,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = _STORAGE.epochs,
+    limit: Annotated[int, typer.Option("--limit", min=2, help="Student training images (the first N).")] = _STORAGE.limit,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per option.")] = _STORAGE.seeds,
+    kd_t: Annotated[float, typer.Option("--kd-T", min=0.01, help="Distillation temperature (cached by top-k "
+                                        "stores).")] = _STORAGE.kd_T,
+    device: DeviceOpt = _STORAGE.device,
+    out: OutOpt = None,
 ) -> None:
-    """Bytes and CA-MKD student accuracy per store option (dense float32/16, top-k, int8 features) on fashion-mnist."""
-    from camkd.bench.storage import OPTIONS, StorageConfig, run_storage, save, to_markdown
+    """Bytes and CA-MKD student accuracy per store option (dense float32/16, top-k, int8 features), from bench
+    accuracy's equal-protocol teachers."""
+    from camkd.bench.storage import plot, run_storage, to_markdown
 
-    r = run_storage(StorageConfig(root=str(root), data_dir=_str(data_dir), options=option or list(OPTIONS), epochs=epochs,
+    prefix = _out_prefix(out)
+    r = run_storage(StorageConfig(root=str(root), data_dir=_str(data_dir), options=list(option), epochs=epochs,
                                   limit=limit, seeds=seeds, kd_T=kd_t, device=device.value))
-    _show(r, to_markdown, save, out)
+    _show(r, to_markdown, plot, prefix)
 
 
 @app.command("models")

@@ -1,4 +1,4 @@
-"""`camkd report`: run folders (train-teacher or distill) -> one table, and with --out JSON + Markdown + a plot.
+"""`camkd report`: run folders (train-teacher or distill) -> one table; with --out PREFIX also PREFIX.json, .md, .png.
 
 A run folder holds ``metrics.jsonl`` (one record per epoch, written by :mod:`camkd.fit`) and
 ``last.pth`` / ``best.pth``, whose meta holds the run's whole config. Every number in the table
@@ -11,8 +11,13 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from camkd.bench.common import new_figure
 from camkd.errors import CamkdError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Where a run ran or how it was named: not part of what was trained, so ignored by --group (with the seeds).
 _RUN_ONLY = {"run": ("seed", "out", "resume", "auto_resume", "progress", "device"), "data": ("data_dir", "download")}
@@ -139,10 +144,22 @@ def report(paths: list[str | Path], *, group: bool = False) -> dict:
     if not paths:
         raise CamkdError("give at least one run folder")
     rows = [load_run(p) for p in expand(paths)]
-    r: dict = {"runs": rows}
+    r: dict = {"runs": [{k: v for k, v in x.items() if k != "group_key"} for x in rows]}  # the key only groups
     if group:
         r["groups"] = group_runs(rows)
     return r
+
+
+def short_names(paths: list[str]) -> list[str]:
+    """Each path's shortest suffix of folders that no other path ends with (``runs/a/s0``, ``runs/b/s0`` -> ``a/s0``,
+    ``b/s0``): the runs' names in the plot's legends."""
+    parts = [Path(p).parts for p in paths]
+    out = []
+    for i, mine in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i]
+        k = next((k for k in range(1, len(mine) + 1) if all(q[-k:] != mine[-k:] for q in others)), len(mine))
+        out.append(str(Path(*mine[-k:])) if mine else str(paths[i]))
+    return out
 
 
 def _f(v, fmt: str = ".2f") -> str:
@@ -185,12 +202,11 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
-    """Test top-1 and train loss per epoch per run; each run's per-teacher weights per epoch where logged."""
-    import matplotlib
+def plot(r: dict) -> Figure:
+    """Test top-1 and train loss per epoch per run; each run's per-teacher weights per epoch where logged.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Every panel spans the runs' epochs with half an epoch either side (one epoch is a point at its
+    number, not a range of fractions) and names each run by its folder's shortest unique suffix."""
     from matplotlib.ticker import MaxNLocator
 
     rows = r["runs"]
@@ -198,45 +214,30 @@ def plot(r: dict, path: Path) -> None:
                                             if any(k in e for x in rows for e in x["history"])]
     titles = {"test_top1": "test top-1 (%)", "train_loss": "train loss", "teacher_weights": "teacher weights (logit level)",
               "inter_weights": "teacher weights (feature level)"}
+    epochs = [e["epoch"] for x in rows for e in x["history"]]
+    names = short_names([x["run"] for x in rows])
+    marker = "o" if max(epochs) - min(epochs) < 30 else None
     cols = 2
     nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(7 * cols, 4.2 * nrows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = new_figure(nrows, cols, (7 * cols, 4.2 * nrows))
     styles = ["-", "--", ":", "-."]
     for ax, key in zip(axes.flat, panels):
-        for i, x in enumerate(rows):
+        for i, (x, name) in enumerate(zip(rows, names)):
             hist = [e for e in x["history"] if key in e]
             if not hist:
                 continue
             ep = [e["epoch"] for e in hist]
-            c = colors[i % len(colors)]
             if key in ("teacher_weights", "inter_weights"):
                 for t in range(len(hist[0][key])):
-                    ax.plot(ep, [e[key][t] for e in hist], styles[t % len(styles)], color=c, marker=".",
-                            label=f"{x['run']} t{t}")
+                    ax.plot(ep, [e[key][t] for e in hist], styles[t % len(styles)], color=f"C{i % 10}", marker=marker,
+                            markersize=4, label=f"{name} t{t}")
             else:
-                ax.plot(ep, [e[key] for e in hist], color=c, marker=".", label=x["run"])
+                ax.plot(ep, [e[key] for e in hist], color=f"C{i % 10}", marker=marker, markersize=4, label=name)
         ax.set_title(titles[key])
         ax.set_xlabel("epoch")
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save(r: dict, out: str | Path) -> list[str]:
-    """``out`` as JSON (``.json`` when ``out`` ends in .md or .png) with the Markdown and the plot beside it."""
-    out = Path(out)
-    js = out.with_suffix(".json") if out.suffix in (".md", ".png") else out
-    try:
-        js.parent.mkdir(parents=True, exist_ok=True)
-        js.write_text(json.dumps({**r, "runs": [{k: v for k, v in x.items() if k != "group_key"} for x in r["runs"]]},
-                                 indent=2))
-        js.with_suffix(".md").write_text(to_markdown(r) + "\n")
-        plot(r, js.with_suffix(".png"))
-    except OSError as e:
-        raise CamkdError(f"cannot write --out {out}: {e.strerror or e}; choose a writable path") from None
-    return [str(js), str(js.with_suffix(".md")), str(js.with_suffix(".png"))]
+    return fig

@@ -6,8 +6,20 @@ targets (speed is measured by the benchmark itself, side by side, never by a tim
 
 import json
 import math
+import os
+import re
+from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
+
+from camkd.bench.common import cpu_model, device_info, device_text, output_prefix, write_result
+from camkd.bench.config import AccuracyConfig, SpeedConfig, StorageConfig
+from camkd.bench.stats import paired, paired_text, t_crit_95
+from camkd.errors import CamkdError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def finite_positive(x) -> bool:
@@ -35,7 +47,9 @@ def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
         assert finite_positive(v["samples_per_s"]) and finite_positive(v["MB_per_s"])
     b16, b32 = res["bytes_per_sample_view"]["float16"], res["bytes_per_sample_view"]["float32"]
     assert b32["logits"] > b16["logits"] > 0  # float32 is stored at twice the bytes (plus checksums)
-    assert "| ce (the limit) |" in out.with_suffix(".md").read_text()
+    assert whole["device"] == {"type": "cpu", "cpu": cpu_model(), "threads": [1]}  # measured on this CPU, at 1 thread
+    md = out.with_suffix(".md").read_text()
+    assert "| ce (the limit) |" in md and md.startswith(f"Device: CPU ({cpu_model()}, 1 thread);") and "GPU" not in md
     assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing but what --out asked for
     assert Image.open(out.with_suffix(".png")).size[0] > 100
 
@@ -51,3 +65,113 @@ def test_bench_writes_nothing_without_out(cli, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     r = cli(*args, "--method", "kdd")
     assert r.exit_code == 2 and r.output.startswith("error: bench speed: unknown method 'kdd'; choose from aekd, avg, camkd")
+
+
+def test_the_cli_defaults_are_the_configs(cli, monkeypatch):
+    """Each bench command without options runs its config class's defaults (stated once, in camkd/bench/config.py)."""
+    import camkd.bench.accuracy
+    import camkd.bench.speed
+    import camkd.bench.storage
+
+    seen = []
+
+    def capture(cfg):
+        seen.append(cfg)
+        raise CamkdError("captured")
+
+    for module, name in ((camkd.bench.speed, "run_speed"), (camkd.bench.accuracy, "run_accuracy"),
+                         (camkd.bench.storage, "run_storage")):
+        monkeypatch.setattr(module, name, capture)
+    for command in ("speed", "accuracy", "storage"):
+        assert cli("bench", command).output == "error: captured\n"
+    assert seen == [SpeedConfig(), AccuracyConfig(progress=True), StorageConfig()]  # progress: the CLI's unless -q
+
+
+def test_storage_defaults_are_the_equal_protocols():
+    from camkd.config import LossConfig
+
+    acc, sto = AccuracyConfig(), StorageConfig()
+    for key in ("root", "teacher_archs", "teacher_epochs", "student", "epochs", "limit", "batch_size", "lr", "dataset",
+                "device"):
+        assert getattr(sto, key) == getattr(acc, key), key
+    assert sto.kd_T == LossConfig().kd_T
+
+
+def test_paired_statistics():
+    p = paired([80.0, 81.0, 82.0], [79.0, 81.0, 80.0])
+    assert p["diffs"] == [1.0, 0.0, 2.0] and p["mean"] == 1.0 and p["sd"] == 1.0 and p["n"] == 3
+    assert p["threshold"] == pytest.approx(2 / math.sqrt(3)) and p["exceeds"] is False
+    q = paired([1.0, 1.1, 0.9], [0.0, 0.0, 0.0])
+    assert q["mean"] == pytest.approx(1.0) and q["sd"] == pytest.approx(0.1) and q["exceeds"] is True
+    assert p["t"] == pytest.approx(math.sqrt(3)) and p["t_crit_95"] == 4.303 and p["t_test_95"] is False
+    assert q["t"] == pytest.approx(10 * math.sqrt(3)) and q["t_test_95"] is True
+    # passes the 2-standard-error rule, not the t-test: what n = 3 allows
+    r = paired([87.95, 87.05, 87.78], [86.42, 86.27, 86.99])
+    assert r["exceeds"] is True and r["t"] == pytest.approx(4.16, abs=0.01) and r["t_test_95"] is False
+    assert t_crit_95(12) == 2.228 and t_crit_95(100) == 1.96 and t_crit_95(0) is None
+    assert paired([-1.0, -1.1, -0.9], [0.0, 0.0, 0.0])["exceeds"] is True  # either sign
+    s = paired([1.0, 2.0, 3.0], [0.5, 1.0, 2.5])  # differences 0.5, 1.0, 0.5: mean 2/3, sd 0.2887 > 2 x 0.2887 / sqrt(3)
+    assert abs(s["mean"] - 2 / 3) < 1e-12 and abs(s["sd"] - 0.288675) < 1e-6 and s["exceeds"]
+    assert paired_text(s) == "+0.67 +- 0.29 (beyond spread)" and paired_text(None) == "-"
+    one = paired([2.0], [1.5])  # one seed: no spread, nothing judged, and valid JSON (no NaN)
+    assert one["diffs"] == [0.5] and one["sd"] is None and one["t"] is None and not one["exceeds"] and not one["t_test_95"]
+    assert paired_text(one) == "+0.50" and "NaN" not in json.dumps(one)
+    with pytest.raises(ValueError, match="the same seeds"):
+        paired([1.0], [1.0, 2.0])
+
+
+def test_a_cpu_figure_never_names_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")  # as on a machine with a GPU
+    cpu = device_info("cpu", [1, 2])
+    assert cpu == {"type": "cpu", "cpu": cpu_model(), "threads": [1, 2]}
+    assert device_text(cpu) == f"CPU ({cpu_model()}, 1 and 2 threads)"
+    gpu = device_info(torch.device("cuda"), [4])
+    assert gpu["gpu"] == "NVIDIA H100" and device_text(gpu).startswith("GPU NVIDIA H100 (host CPU ")
+    assert cpu_model() and "model name" not in cpu_model()
+
+
+def test_out_is_a_prefix_checked_before_any_work(tmp_path):
+    for given in ("r", "r.json", "r.md", "r.png"):
+        assert output_prefix(tmp_path / given) == tmp_path / "r"
+    assert output_prefix(tmp_path / "run.v2") == tmp_path / "run.v2"  # another suffix is part of the name
+    with pytest.raises(CamkdError, match=r"is a folder; give a file name prefix such as .*result"):
+        output_prefix(tmp_path)
+    (tmp_path / "r.md").mkdir()
+    with pytest.raises(CamkdError, match=r"would write .*r\.md, which is a folder"):
+        output_prefix(tmp_path / "r")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(CamkdError, match=r"f is a file, not a folder"):
+        output_prefix(tmp_path / "f" / "sub" / "r")
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(CamkdError, match=r"cannot write in .*ro; choose a writable path"):
+            output_prefix(tmp_path / "ro" / "new" / "r")
+
+
+def test_write_result_writes_the_three_files(tmp_path):
+    from camkd.bench.common import new_figure
+
+    fig, axes = new_figure(1, 1, (3, 2))
+    axes[0][0].plot([1, 2], [3, 4])
+    paths = write_result({"a": 1}, tmp_path / "deep" / "r", "| t |", fig)
+    assert paths == [str(tmp_path / "deep" / f"r{s}") for s in (".json", ".md", ".png")]
+    assert json.loads(Path(paths[0]).read_text()) == {"a": 1} and Path(paths[1]).read_text() == "| t |\n"
+    assert Image.open(paths[2]).size == (300, 200)
+
+
+def test_benchmarks_md_states_current_results_only():
+    """Every result file in bench/results is a command's output named in BENCHMARKS.md (its --out), with the device
+    it ran on; every file BENCHMARKS.md links exists; no commit hashes, no per-commit history."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    results = sorted((ROOT / "bench" / "results").iterdir())
+    prefixes = sorted({p.with_suffix("") for p in results})
+    assert results == sorted(f for p in prefixes for f in (p.with_suffix(".json"), p.with_suffix(".md"), p.with_suffix(".png")))
+    for prefix in prefixes:
+        name = prefix.relative_to(ROOT)
+        assert re.search(rf"camkd bench \w+ .*--out {re.escape(str(name))}(\.json)?(?=[\s`]|$)", text, re.M), name
+        device = json.loads(prefix.with_suffix(".json").read_text())["device"]
+        assert device["type"] == "cpu" and device["cpu"] and device["threads"], name
+    for link in re.findall(r"\]\((bench/[^)]+)\)", text):
+        assert (ROOT / link).exists(), link
+    assert not re.search(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", text)  # no commit hashes
+    assert "| commit |" not in text

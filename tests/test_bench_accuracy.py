@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from camkd.bench import accuracy as A
+from camkd.bench.common import cpu_model, write_result
 from camkd.bench.teachers import decay_schedule, finished, history, teacher_identity
 
 
@@ -50,10 +51,12 @@ def test_first_run_makes_everything_and_reports(equal_run, tmp_path):
     assert len(inter[1]) == 3 and math.isclose(sum(inter[1]), 1.0, rel_tol=1e-4)
     for f in (root / "teachers").iterdir():  # folders named ARCH-HASH, each a finished run
         assert f.name.split("-")[0] in ("resnet8", "resnet14", "wrn_16_1") and finished(f, 1)
-    files = A.save(r, tmp_path / "res" / "equal.json")
+    assert r["device"] == {"type": "cpu", "cpu": cpu_model(), "threads": [torch.get_num_threads()]}
+    files = write_result(r, tmp_path / "res" / "equal", A.to_markdown(r), A.plot(r))
     assert json.loads((tmp_path / "res" / "equal.json").read_text())["protocol"] == "equal"
     md = (tmp_path / "res" / "equal.md").read_text()
     assert "| camkd - avg |" in md and "| camkd |" in md and "disagreement" in md and "feature level (inter_weights)" in md
+    assert f"; CPU ({cpu_model()}, " in md.splitlines()[0]
     from PIL import Image
 
     assert Image.open(files[2]).size[0] > 300
@@ -144,23 +147,6 @@ def test_protocol_specs_are_the_train_teacher_commands(cli, monkeypatch, tmp_pat
         assert teacher_identity(seen[-1], "fp") == teacher_identity(spec.train_config(), "fp"), spec.role
     assert teacher_identity(unequal[2].train_config(), "fp") != teacher_identity(equal[2].train_config(), "fp")
     assert decay_schedule(5) == [3, 4] and decay_schedule(240) == [150, 180, 210]
-
-
-def test_paired_arithmetic():
-    p = A.paired([80.0, 81.0, 82.0], [79.0, 81.0, 80.0])
-    assert p["diffs"] == [1.0, 0.0, 2.0] and p["mean"] == 1.0 and p["sd"] == 1.0
-    assert p["threshold"] == pytest.approx(2 / math.sqrt(3)) and p["exceeds"] is False
-    q = A.paired([1.0, 1.1, 0.9], [0.0, 0.0, 0.0])
-    assert q["mean"] == pytest.approx(1.0) and q["sd"] == pytest.approx(0.1) and q["exceeds"] is True
-    assert p["t"] == pytest.approx(math.sqrt(3)) and p["t_crit_95"] == 4.303 and p["t_test_95"] is False
-    assert q["t"] == pytest.approx(10 * math.sqrt(3)) and q["t_test_95"] is True
-    # passes the 2-standard-error rule, not the t-test: what n = 3 allows
-    r = A.paired([87.95, 87.05, 87.78], [86.42, 86.27, 86.99])
-    assert r["exceeds"] is True and r["t"] == pytest.approx(4.16, abs=0.01) and r["t_test_95"] is False
-    assert A.t_crit_95(12) == 2.228 and A.t_crit_95(100) == 1.96
-    assert A.paired([-1.0, -1.1, -0.9], [0.0, 0.0, 0.0])["exceeds"] is True  # either sign
-    with pytest.raises(ValueError):
-        A.paired([1.0], [1.0, 2.0])
 
 
 def test_disagreement_rate():

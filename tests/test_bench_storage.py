@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from camkd.bench.common import cpu_model
 from camkd.bench.storage import StorageConfig, run_storage, to_markdown
 from camkd.errors import CamkdError
 
@@ -27,24 +29,17 @@ def test_storage_bench_compares_bytes_and_reuses_everything(tmp_path):
     assert rows["int8zstd"]["runs"] == rows["int8"]["runs"] and rows["int8zstd"]["same_as"] == "int8"
     assert len(rows["topk2"]["tail_mass_mean"]) == 2 and all(0 < q < 1 for q in rows["topk2"]["tail_mass_mean"])
     assert rows["topk2"]["paired_vs_dense32"]["diffs"] == [rows["topk2"]["runs"][0] - rows["dense32"]["runs"][0]]
-    assert rows["topk2"]["paired_vs_dense32"]["exceeds_seed_spread"] is False  # one seed: no spread, no verdict
+    one_seed = rows["topk2"]["paired_vs_dense32"]
+    assert one_seed["sd"] is None and one_seed["exceeds"] is False  # one seed: no spread, no verdict
+    assert r["device"] == {"type": "cpu", "cpu": cpu_model(), "threads": [torch.get_num_threads()]}
     md = to_markdown(r)
-    assert all(f"| {name} |" in md for name in rows)
+    assert all(f"| {name} |" in md for name in rows) and f"; CPU ({cpu_model()}, " in md.splitlines()[0]
     # a rerun trains and writes nothing new
     ckpts = sorted(tmp_path.rglob("last.pth"))
     before = {p: p.stat().st_mtime_ns for p in ckpts}
     again = run_storage(_cfg(tmp_path))
     assert {p: p.stat().st_mtime_ns for p in sorted(tmp_path.rglob("last.pth"))} == before
     assert again["rows"]["topk2"]["runs"] == rows["topk2"]["runs"]
-
-
-def test_paired_rule():
-    from camkd.bench.storage import paired
-
-    p = paired([1.0, 2.0, 3.0], [0.5, 1.0, 2.5])  # differences 0.5, 1.0, 0.5: mean 2/3, sd 0.2887
-    assert p["diffs"] == [0.5, 1.0, 0.5] and abs(p["mean"] - 2 / 3) < 1e-12 and abs(p["std"] - 0.288675) < 1e-6
-    assert p["exceeds_seed_spread"]  # 0.667 > 2 x 0.2887 / sqrt(3) = 0.333
-    assert not paired([1.0, 0.0, 2.0], [0.5, 0.5, 0.5])["exceeds_seed_spread"]  # mean 0.5 < 2 x 1 / sqrt(3)
 
 
 def test_unknown_option_is_an_error(tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import math
-import re
 import shutil
 import statistics
 
@@ -17,7 +16,7 @@ from camkd.data import load_split
 from camkd.distill import distill
 from camkd.evaluate import evaluate_checkpoint
 from camkd.models import create_model
-from camkd.report import report, to_markdown
+from camkd.report import plot, report, short_names, to_markdown
 from camkd.train import train_teacher
 
 N = 96
@@ -190,50 +189,80 @@ def test_evaluate_a_reference_checkpoint(runs, cli, tmp_path):
     assert res.exit_code == 0 and "(256 images" not in res.output and "(10 images, the first 10 of the test split" in res.output
 
 
-def test_evaluate_reference_errors(runs, cli, tmp_path):
+def test_evaluate_reference_errors(runs, cli, tmp_path, one_error):
     torch.save({"model": load_checkpoint(runs["t0"] / "last.pth")["model"]}, tmp_path / "ref.pth")
     ref = tmp_path / "ref.pth"
-    one_error_line(cli("evaluate", f"resnet8={ref}"), r"no camkd meta, so it names no data; add --dataset .*synthetic")
-    one_error_line(cli("evaluate", f"resnet14={ref}", "-d", "synthetic"), r"does not fit arch 'resnet14'")
-    one_error_line(cli("evaluate", f"resnet8={ref}", "-d", "fashion-mnist"),
+    one_error(cli("evaluate", f"resnet8={ref}"), r"no camkd meta, so it names no data; add --dataset .*synthetic")
+    one_error(cli("evaluate", f"resnet14={ref}", "-d", "synthetic"), r"does not fit arch 'resnet14'")
+    one_error(cli("evaluate", f"resnet8={ref}", "-d", "fashion-mnist"),
                    r"10-class, 3-channel resnet8, but fashion-mnist has 10 classes and 1 channels; is it the right --dataset")
-    one_error_line(cli("evaluate", f"resnet14={runs['t0'] / 'last.pth'}"), r"camkd checkpoint of arch 'resnet8', not 'resnet14'")
-    one_error_line(cli("evaluate", runs["t0"] / "last.pth", "-d", "cifar10"), r"trained on synthetic, not cifar10; leave out --dataset")
+    one_error(cli("evaluate", f"resnet14={runs['t0'] / 'last.pth'}"), r"camkd checkpoint of arch 'resnet8', not 'resnet14'")
+    one_error(cli("evaluate", runs["t0"] / "last.pth", "-d", "cifar10"), r"trained on synthetic, not cifar10; leave out --dataset")
 
 
-def one_error_line(res, pattern):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
-    assert re.search(pattern, lines[0]), lines[0]
-
-
-def test_report_errors(runs, cli, tmp_path):
-    one_error_line(cli("report", tmp_path / "nope"), r"nope does not exist")
-    one_error_line(cli("report", runs["t0"] / "last.pth"), r"is a file, not a run folder.*camkd evaluate")
+def test_report_errors(runs, cli, tmp_path, one_error):
+    one_error(cli("report", tmp_path / "nope"), r"nope does not exist")
+    one_error(cli("report", runs["t0"] / "last.pth"), r"is a file, not a run folder.*camkd evaluate")
     (tmp_path / "e").mkdir()
-    one_error_line(cli("report", tmp_path / "e"), r"e is not a run folder \(no metrics.jsonl")
+    one_error(cli("report", tmp_path / "e"), r"e is not a run folder \(no metrics.jsonl")
     (tmp_path / "e" / "metrics.jsonl").write_text("")
-    one_error_line(cli("report", tmp_path / "e"), r"metrics.jsonl is empty")
+    one_error(cli("report", tmp_path / "e"), r"metrics.jsonl is empty")
     (tmp_path / "e" / "metrics.jsonl").write_text('{"epoch": 1, "test_top1": 5.0, "train_loss": 1.0}\n{"epo')
-    one_error_line(cli("report", tmp_path / "e"), r"metrics.jsonl line 2 is not JSON")
+    one_error(cli("report", tmp_path / "e"), r"metrics.jsonl line 2 is not JSON")
     (tmp_path / "e" / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    one_error_line(cli("report", tmp_path / "e"), r"line 1 is not a camkd epoch record")
+    one_error(cli("report", tmp_path / "e"), r"line 1 is not a camkd epoch record")
     shutil.copy(runs["t0"] / "metrics.jsonl", tmp_path / "e" / "metrics.jsonl")
-    one_error_line(cli("report", tmp_path / "e"), r"no last.pth or best.pth")
-    one_error_line(cli("report", runs["t0"], runs["t0"]), r"given twice")
-    one_error_line(cli("report"), r"missing argument .RUN")
+    one_error(cli("report", tmp_path / "e"), r"no last.pth or best.pth")
+    one_error(cli("report", runs["t0"], runs["t0"]), r"given twice")
+    one_error(cli("report"), r"missing argument .RUN")
+    one_error(cli("report", runs["t0"], "--out", tmp_path), r"--out .* is a folder; give a file name prefix such as")
+    (tmp_path / "file").write_text("")
+    one_error(cli("report", runs["t0"], "--out", tmp_path / "file" / "r.json"), r"file is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "file"]  # nothing written
 
 
-def test_evaluate_errors(runs, cli, tmp_path):
-    one_error_line(cli("evaluate", tmp_path / "nope.pth"), r"checkpoint .*nope.pth not found")
-    one_error_line(cli("evaluate", runs["t0"]), r"checkpoint .*t0 is a folder; give a checkpoint in it, e\.g\. .*t0/best\.pth")
-    one_error_line(cli("evaluate", runs["t0"] / "metrics.jsonl"), r"not a readable torch checkpoint")
+@pytest.mark.parametrize("given", ["rep", "rep.json", "rep.md", "rep.png"])
+def test_out_is_a_prefix(runs, cli, tmp_path, given):
+    res = cli("report", runs["t0"], "--out", tmp_path / given)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep.json", "rep.md", "rep.png"]
+    assert res.output.rstrip().endswith(", ".join(str(tmp_path / f"rep{s}") for s in (".json", ".md", ".png")))
+
+
+def test_short_names():
+    assert short_names(["/x/runs/t0", "/x/runs/c0"]) == ["t0", "c0"]
+    assert short_names(["runs/a/s0", "runs/b/s0", "runs/b/s1"]) == ["a/s0", "b/s0", "s1"]
+    assert short_names(["b", "a/b"]) == ["b", "a/b"] and short_names(["."]) == ["."]
+
+
+def test_plot_of_one_epoch_spans_that_epoch_with_short_legends(runs, tmp_path):
+    import matplotlib.pyplot as plt
+
+    _fake_run(runs["c0"], tmp_path / "a", 0, [5.0])  # one epoch each, teacher weights logged
+    _fake_run(runs["c0"], tmp_path / "b", 1, [7.0])
+    fig = plot(report([tmp_path / "a", tmp_path / "b"]))
+    try:
+        panels = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in panels] == ["test top-1 (%)", "train loss", "teacher weights (logit level)",
+                                                     "teacher weights (feature level)"]
+        for ax in panels:
+            assert ax.get_xlim() == (0.5, 1.5)
+            assert all(line.get_marker() == "o" for line in ax.get_lines())  # a single point shows
+        assert [t.get_text() for t in panels[0].get_legend().get_texts()] == ["a", "b"]
+        assert [t.get_text() for t in panels[2].get_legend().get_texts()] == ["a t0", "a t1", "b t0", "b t1"]
+    finally:
+        plt.close(fig)
+
+
+def test_evaluate_errors(runs, cli, tmp_path, one_error):
+    one_error(cli("evaluate", tmp_path / "nope.pth"), r"checkpoint .*nope.pth not found")
+    one_error(cli("evaluate", runs["t0"]), r"checkpoint .*t0 is a folder; give a checkpoint in it, e\.g\. .*t0/best\.pth")
+    one_error(cli("evaluate", runs["t0"] / "metrics.jsonl"), r"not a readable torch checkpoint")
     torch.save({"model": create_model("resnet8", num_classes=10).state_dict()}, tmp_path / "ref.pth")
-    one_error_line(cli("evaluate", tmp_path / "ref.pth"), r"no camkd meta, so it names no arch; pass it as ARCH=PATH")
-    one_error_line(cli("evaluate", runs["t0"] / "last.pth", "--split", "val"), r"invalid value for '--split'")
+    one_error(cli("evaluate", tmp_path / "ref.pth"), r"no camkd meta, so it names no arch; pass it as ARCH=PATH")
+    one_error(cli("evaluate", runs["t0"] / "last.pth", "--split", "val"), r"invalid value for '--split'")
     if not torch.cuda.is_available():
-        one_error_line(cli("evaluate", runs["t0"] / "last.pth", "--device", "cuda"), r"no CUDA device")
+        one_error(cli("evaluate", runs["t0"] / "last.pth", "--device", "cuda"), r"no CUDA device")
 
 
 # ---- TensorBoard ----------------------------------------------------------------------------------

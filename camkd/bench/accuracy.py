@@ -44,55 +44,26 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from camkd.bench.common import machine
+from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.config import PROTOCOLS, AccuracyConfig
+from camkd.bench.stats import RULE, paired
 from camkd.bench.teachers import HASH_CHARS, TeacherSpec, data_fingerprint, decay_schedule, digest, ensure_teacher, finished, history
+from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.methods import list_methods
 from camkd.progress import log
 
-PROTOCOLS = ("equal", "unequal")
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 PAIRS = (("camkd", "avg"), ("camkd", "kd"))
-RULE = "|mean| > 2 sd / sqrt(n)"
-# two-sided 5 % critical values of Student's t by degrees of freedom (n - 1); beyond the table, the normal's 1.96
-T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-             15: 2.131, 20: 2.086, 30: 2.042}
-
-
-@dataclass
-class AccuracyConfig:
-    protocol: str = "equal"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    data_options: dict = field(default_factory=dict)  # dataset loader options (synthetic's num_samples)
-    teacher_archs: list[str] = field(default_factory=lambda: ["resnet14", "wrn_16_1", "resnet20"])
-    teacher_epochs: int = 5
-    teacher_lr: float | None = None  # None: the train-teacher recipe's (0.05 for these archs)
-    teacher_batch_size: int = 64
-    teacher_seed: int = 0
-    weak_limit: int = 1000  # unequal: the weak teacher's training images (the first N)
-    noise_rate: float = 0.4  # unequal: the noisy teacher's label noise
-    noise_seed: int = 0
-    student: str = "resnet8"
-    epochs: int = 5  # student epochs
-    views: int | None = None  # cached views (epoch e uses view (e - 1) mod V); None: one per epoch
-    limit: int | None = 10000  # student training images (the first N; None: all)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    batch_size: int = 64
-    lr: float = 0.05
-    methods: list[str] = field(default_factory=list_methods)
-    online: bool = True  # also camkd --online with the first seed
-    features: list[str] = field(default_factory=lambda: ["penultimate", "hint:2"])
-    dtype: str = "float32"
-    aug_seed: int = 0
-    device: str = "auto"
-    root: str = "bench/accuracy-run"
-    progress: bool = False
 
 
 def teacher_specs(cfg: AccuracyConfig) -> list[TeacherSpec]:
@@ -134,7 +105,7 @@ def store_identity(cfg: AccuracyConfig, shas: list[str]) -> dict:
 
 
 def student_identity(cfg: AccuracyConfig, store_key: str, method: str, seed: int, online: bool) -> dict:
-    from camkd.distill import LossConfig
+    from camkd.config import LossConfig
 
     return {"kind": "student", "store": store_key, "method": method, "seed": seed, "online": online,
             "arch": cfg.student, "optim": asdict(_student_optim(cfg)), "loss": asdict(LossConfig())}
@@ -178,30 +149,6 @@ def _ensure_student(cfg: AccuracyConfig, store: Path, store_key: str, teachers: 
 
 
 # ----------------------------------------------------------------------------------------- analyses
-def t_crit_95(df: int) -> float:
-    """Two-sided 5 % critical t for ``df`` degrees of freedom (between table entries: the smaller df's, larger value)."""
-    if df < 1:
-        return float("nan")
-    return 1.96 if df > 30 else T_CRIT_95[max(k for k in T_CRIT_95 if k <= df)]
-
-
-def paired(a: list[float], b: list[float]) -> dict:
-    """Per-seed differences a - b, their mean, sd (n - 1), the threshold 2 sd / sqrt(n) and whether |mean| exceeds it;
-    also the paired t statistic and whether it passes a two-sided 5 % t-test (a stricter call for small n)."""
-    if len(a) != len(b):
-        raise ValueError("paired comparison needs the same seeds on both sides")
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = statistics.mean(d)
-    sd = statistics.stdev(d) if n > 1 else float("nan")
-    threshold = 2 * sd / math.sqrt(n) if n > 1 else float("nan")
-    t = mean / (sd / math.sqrt(n)) if n > 1 and sd > 0 else float("nan")
-    crit = t_crit_95(n - 1)
-    return {"diffs": d, "mean": mean, "sd": sd, "n": n, "threshold": threshold,
-            "exceeds": bool(n > 1 and abs(mean) > threshold), "t": t, "t_crit_95": crit,
-            "t_test_95": bool(n > 1 and not math.isnan(t) and abs(t) > crit)}
-
-
 def disagreement(preds: np.ndarray) -> list[list[float]]:
     """``preds`` [K, N] top-1 classes -> [K, K] fraction of the N samples where teachers i and j differ."""
     k = preds.shape[0]
@@ -248,7 +195,6 @@ def _teacher_test(cfg: AccuracyConfig, teachers: list[str]) -> dict:
     """Each teacher's test top-1 and the pairwise disagreement of their top-1 on the test split."""
     from camkd.data import load_split
     from camkd.data.views import normalize
-    from camkd.device import resolve_device
     from camkd.teachers import load_teachers
 
     dev = resolve_device(cfg.device)
@@ -281,6 +227,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
     """Train (or reuse) the teachers, the store and every student; return the tables and analyses."""
     t_start = time.perf_counter()
     specs = teacher_specs(cfg)
+    device = resolve_device(cfg.device)
     unknown = [m for m in cfg.methods if m not in list_methods()]
     if unknown:
         raise CamkdError(f"unknown method '{unknown[0]}'; choose from: {', '.join(list_methods())}")
@@ -350,7 +297,8 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
         h = history(f)
         t["logged_test_top1"] = h[-1]["test_top1"] if h else None
         t["train_images"] = torch.load(f / "last.pth", map_location="cpu", weights_only=True)["meta"].get("num_train")
-    return {"protocol": cfg.protocol, "machine": machine(), "config": asdict(cfg), "teachers": teachers,
+    return {"protocol": cfg.protocol, "machine": machine(), "device": device_info(device, [torch.get_num_threads()]),
+            "config": asdict(cfg), "teachers": teachers,
             "teacher_test": tt, "store": str(store), "table": table, "curves": curves, "paired": pairs, "rule": RULE,
             "cache_vs_online": agree, "weights_store_view0": w_store, "weights_logged": weight_curves,
             "inter_weights_logged": inter_curves,
@@ -368,8 +316,8 @@ def to_markdown(r: dict) -> str:
     lines = [f"**Protocol {r['protocol']}**: {c['dataset']}, student {c['student']} on the first {c['limit'] or 'all'} "
              f"training images, {c['epochs']} epochs ({c.get('views') or c['epochs']} cached views, {c['dtype']}), "
              f"batch {c['batch_size']}, "
-             f"lr {c['lr']}, seeds {', '.join(map(str, c['seeds']))}; {r['machine']['cpu']} ({r['machine']['cores']} cores"
-             f"{', ' + r['machine']['gpu'] if r['machine'].get('gpu') else ', no GPU'}), {r['machine']['date']}; "
+             f"lr {c['lr']}, seeds {', '.join(map(str, c['seeds']))}; {device_text(r['device'])}, "
+             f"{r['machine']['cores']} cores, {r['machine']['date']}; "
              f"this invocation {r['seconds'] / 60:.1f} min (it trained {len(r['work']['teachers'])} teachers, "
              f"{len(r['work']['students'])} students, {len(r['work']['stores'])} stores; the rest was reused)", "",
              "| teacher | arch | trained on | epochs | test top-1 % |", "|---|---|---|---|---|"]
@@ -393,7 +341,7 @@ def to_markdown(r: dict) -> str:
                   "| pair | per-seed differences | mean | sd | 2 sd / sqrt(n) | exceeds | t | paired t-test, 5 % two-sided |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, p in r["paired"].items():
-            crit = p.get("t_crit_95", float("nan"))
+            crit = p.get("t_crit_95")
             lines.append(f"| {name} | {', '.join(f'{d:+.2f}' for d in p['diffs'])} | {p['mean']:+.2f} | {_f(p['sd'], 2)} | "
                          f"{_f(p['threshold'], 2)} | {'yes' if p['exceeds'] else 'no'} | {_f(p.get('t'), 2)} | "
                          f"{'passes' if p.get('t_test_95') else 'does not pass'} (needs \\|t\\| > {_f(crit, 2)}) |")
@@ -429,14 +377,10 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
+def plot(r: dict) -> Figure:
     """Left: test top-1 per epoch per method (mean over seeds); right: final top-1 with the seeds' std as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = new_figure(1, 2, (12, 4.5))
+    ax, bx = axes[0]
     for name, runs in r["curves"].items():
         length = min(len(c) for c in runs)
         mean = [statistics.mean(c[i] for c in runs) for i in range(length)]
@@ -464,13 +408,4 @@ def plot(r: dict, path: Path) -> None:
     teach = ", ".join(f"{t['role']} {t['test_top1']:.1f}%" if t["role"] != t["arch"] else f"{t['arch']} {t['test_top1']:.1f}%"
                       for t in r["teachers"])
     fig.suptitle(f"{r['protocol']} teachers ({teach}) -> {c['student']}, {c['dataset']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save(r: dict, path: Path) -> list[str]:
-    """The result as JSON, its tables as Markdown and its plot as PNG beside it; returns the paths."""
-    from camkd.bench.common import write_result
-
-    return write_result(r, path, to_markdown(r), plot)
+    return fig

@@ -20,20 +20,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from camkd.bench.common import machine
+from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.config import SpeedConfig
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import atomic_save
-from camkd.config import DataConfig, OptimConfig, RunConfig
+from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import load_dataset
 from camkd.data.order import epoch_order
 from camkd.data.views import AugSpec, augment
 from camkd.device import resolve_device
-from camkd.distill import DistillConfig, LossConfig, distill
+from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.progress import log
@@ -41,25 +43,12 @@ from camkd.store import open_store
 from camkd.store.reader import FeatureStream
 from camkd.teachers import load_teachers, run_teachers
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 METHODS = [("kd", None), ("avg", None), ("ebkd", None), ("aekd", None), ("fitnet", None), ("camkd", 0.0), ("camkd", None)]
 ONLINE = [("avg", None), ("camkd", None)]
 INFER_BATCHES = (32, 64, 128, 256)
-
-
-@dataclass
-class SpeedConfig:
-    student: str = "vgg8"
-    teacher: str = "resnet32x4"
-    num_teachers: int = 3
-    num_classes: int = 100
-    samples: int = 384
-    batch_size: int = 64
-    repeats: int = 2
-    device: str = "auto"
-    threads: list[int] = field(default_factory=lambda: [1, 2])
-    online: bool = True
-    ranks: list[int] = field(default_factory=lambda: [1, 2])  # torchrun world sizes for the multi-rank rows ([] skips)
-    methods: list[str] | None = None  # the methods to time beside ce (None: every one; camkd gives both its rows)
 
 
 def _label(method: str, beta: float | None) -> str:
@@ -80,8 +69,8 @@ def run_speed(cfg: SpeedConfig) -> dict:
     before = torch.get_num_threads()
     try:
         ckpts = _teachers(cfg, work)
-        results: dict = {"machine": machine(), "device": str(device), "config": asdict(cfg), "by_threads": {}}
         counts = cfg.threads if device.type == "cpu" else [before]
+        results: dict = {"machine": machine(), "device": device_info(device, counts), "config": asdict(cfg), "by_threads": {}}
         for th in counts:
             torch.set_num_threads(th)
             log(f"[bench] {th} thread(s)")
@@ -236,8 +225,7 @@ def _reader_speed(store, repeats: int) -> dict:
 
 def to_markdown(r: dict) -> str:
     m, c = r["machine"], r["config"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores" + (f", GPU {m['gpu']}" if "gpu" in m else "") +
-             f"; device {r['device']}; torch {m['torch']}; camkd {m['camkd']}; {m['date']}",
+    lines = [f"Device: {device_text(r['device'])}; {m['cores']} cores; torch {m['torch']}; camkd {m['camkd']}; {m['date']}",
              f"Student {c['student']}, {c['num_teachers']} x {c['teacher']} teachers, {c['samples']} synthetic "
              f"{c['num_classes']}-class 32x32 samples, batch {c['batch_size']}; training rates are epoch 2 (every term "
              f"of every method runs), median of {c['repeats']} interleaved rounds (online: 1 round)."]
@@ -272,15 +260,10 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
+def plot(r: dict) -> Figure:
     """Training throughput bars per thread count: the limit, cached and online."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = list(r["by_threads"].items())
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
+    fig, axes = new_figure(1, len(runs), (6 * len(runs), 4.5))
     for ax, (th, t) in zip(axes[0], runs):
         med = t["train_images_per_s"]
         names = list(med)
@@ -289,14 +272,6 @@ def plot(r: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("training images/s, epoch 2")
         ax.set_title(f"{th} thread(s)")
-    fig.suptitle(f"{r['config']['student']} from {r['config']['num_teachers']} x {r['config']['teacher']} on {r['device']} "
-                 "(gray: alone, blue: store, red: --online)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save(r: dict, path: Path) -> list[str]:
-    from camkd.bench.common import write_result
-
-    return write_result(r, path, to_markdown(r), plot)
+    fig.suptitle(f"{r['config']['student']} from {r['config']['num_teachers']} x {r['config']['teacher']} on "
+                 f"{device_text(r['device'])}\n(gray: alone, blue: store, red: --online)", fontsize=10)
+    return fig

@@ -24,49 +24,29 @@ are reused when finished, so a rerun costs only what is new.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from camkd.bench.common import machine, write_result
-from camkd.bench.teachers import HASH_CHARS, TeacherSpec, decay_schedule, digest, finished, history
+import torch
+
+from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.config import STORE_OPTIONS, StorageConfig
+from camkd.bench.stats import RULE, paired, paired_text
+from camkd.bench.teachers import HASH_CHARS, TeacherSpec, decay_schedule, digest, ensure_teacher, finished, history
 from camkd.cache import CacheConfig, cache_teachers
-from camkd.config import DataConfig, OptimConfig, RunConfig
-from camkd.distill import DistillConfig, LossConfig, distill
+from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
+from camkd.device import resolve_device
+from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
 from camkd.progress import log
 from camkd.store import open_store
 from camkd.store.sizes import array_sizes
-from camkd.train import train_teacher
 
-OPTIONS: dict[str, dict] = {
-    "dense32": dict(dtype="float32"),
-    "dense16": dict(dtype="float16"),
-    "topk5": dict(dtype="float16", logits="topk:5"),
-    "topk2": dict(dtype="float16", logits="topk:2"),
-    "int8": dict(dtype="float16", feature_dtype="int8"),
-    "int8zstd": dict(dtype="float16", feature_dtype="int8", compressor="zstd"),
-}
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 BYTES_ONLY = {"int8zstd": "int8"}  # lossless variants: their students would equal these options' students
-
-
-@dataclass
-class StorageConfig:
-    root: str = "bench/accuracy-run"  # shared with bench accuracy: the same teachers are reused
-    data_dir: str | None = None
-    teacher_archs: list[str] = field(default_factory=lambda: ["resnet14", "wrn_16_1", "resnet20"])
-    teacher_epochs: int = 5
-    student: str = "resnet8"
-    epochs: int = 5
-    limit: int = 10000
-    seeds: int = 2
-    batch_size: int = 64
-    lr: float = 0.05
-    kd_T: float = 4.0
-    options: list[str] = field(default_factory=lambda: list(OPTIONS))
-    device: str = "auto"
-    dataset: str = "fashion-mnist"
-    teacher_limit: int | None = None  # None: the full training split (tests use a small one)
-    data_options: dict = field(default_factory=dict)  # dataset loader options (tests: synthetic's num_samples)
 
 
 def _teachers(cfg: StorageConfig) -> tuple[list[str], list[float]]:
@@ -75,10 +55,8 @@ def _teachers(cfg: StorageConfig) -> tuple[list[str], list[float]]:
     for arch in cfg.teacher_archs:
         spec = TeacherSpec(arch=arch, dataset=cfg.dataset, epochs=cfg.teacher_epochs, limit=cfg.teacher_limit,
                            options=dict(cfg.data_options))
-        folder = spec.folder(cfg.root, data_dir=cfg.data_dir)
-        if not finished(folder, cfg.teacher_epochs):
-            log(f"[bench storage] training teacher {arch} -> {folder}")
-            train_teacher(spec.train_config(folder, data_dir=cfg.data_dir, device=cfg.device))
+        log(f"[bench storage] teacher {arch} -> {spec.folder(cfg.root, data_dir=cfg.data_dir)}")
+        folder, _ = ensure_teacher(spec, cfg.root, data_dir=cfg.data_dir, device=cfg.device)
         paths.append(str(folder / "last.pth"))
         accs.append(history(folder)[-1]["test_top1"])
     return paths, accs
@@ -101,12 +79,13 @@ def _store_row(path: Path, kd_T: float) -> dict:
 
 
 def run_storage(cfg: StorageConfig) -> dict:
-    unknown = [o for o in cfg.options if o not in OPTIONS]
+    unknown = [o for o in cfg.options if o not in STORE_OPTIONS]
     if unknown:
-        raise CamkdError(f"unknown storage option(s) {', '.join(unknown)}; choose from {', '.join(OPTIONS)}")
+        raise CamkdError(f"unknown storage option(s) {', '.join(unknown)}; choose from {', '.join(STORE_OPTIONS)}")
     if cfg.seeds < 1 or cfg.epochs < 1:
         raise CamkdError("--seeds and --epochs must be at least 1")
     root = Path(cfg.root)
+    device = resolve_device(cfg.device)
     teachers, teacher_acc = _teachers(cfg)
     # the teachers' folders are content-addressed: with the data and the views they name the store
     tag = digest({"teachers": [Path(t).parent.name for t in teachers], "dataset": cfg.dataset, "limit": cfg.limit,
@@ -116,7 +95,7 @@ def run_storage(cfg: StorageConfig) -> dict:
     rows: dict[str, dict] = {}
     for name in cfg.options:
         path = root / "storage" / f"{name}-{tag}.zarr"
-        kw = dict(OPTIONS[name])
+        kw = dict(STORE_OPTIONS[name])
         if "logits" in kw:
             kw["kd_T"] = [cfg.kd_T]
         log(f"[bench storage] {name}: caching -> {path}")
@@ -149,31 +128,15 @@ def run_storage(cfg: StorageConfig) -> dict:
         for base in ("dense32", "dense16"):
             if base in rows and runs and name not in (base, "int8zstd"):
                 row[f"paired_vs_{base}"] = paired(runs, rows[base]["runs"])
-    return {"machine": machine(), "config": cfg.__dict__, "teachers": dict(zip(cfg.teacher_archs, teacher_acc)),
-            "rows": rows}
-
-
-def paired(runs: list[float], base: list[float]) -> dict:
-    """Per-seed differences to a baseline, their mean and sample std, and whether |mean| > 2 std / sqrt(n)
-    (the paired rule of bench accuracy; with one seed there is no spread and nothing is judged)."""
-    d = [a - b for a, b in zip(runs, base)]
-    sd = statistics.stdev(d) if len(d) > 1 else 0.0
-    return {"diffs": d, "mean": statistics.mean(d), "std": sd,
-            "exceeds_seed_spread": len(d) > 1 and abs(statistics.mean(d)) > 2 * sd / len(d) ** 0.5}
-
-
-def _paired_text(p: dict | None) -> str:
-    if not p:
-        return "-"
-    mark = " (beyond spread)" if p["exceeds_seed_spread"] else ""
-    return f"{p['mean']:+.2f} +- {p['std']:.2f}{mark}"
+    return {"machine": machine(), "device": device_info(device, [torch.get_num_threads()]), "config": asdict(cfg),
+            "teachers": dict(zip(cfg.teacher_archs, teacher_acc)), "rows": rows, "rule": RULE}
 
 
 def to_markdown(r: dict) -> str:
     c = r["config"]
     teachers = ", ".join(f"{a} {acc:.2f}%" for a, acc in r["teachers"].items())
     lines = [f"{c['dataset']}: teachers {teachers}; student {c['student']} (camkd, T={c['kd_T']:g}) on the first "
-             f"{c['limit']} training images, {c['epochs']} epochs = views, {c['seeds']} seeds; {r['machine']['cpu']}, "
+             f"{c['limit']} training images, {c['epochs']} epochs = views, {c['seeds']} seeds; {device_text(r['device'])}, "
              f"{r['machine']['date']}", "",
              "| option | logits B/sample-view | features B/sample-view | all B/sample-view | store | tail mass at T (mean per teacher) "
              "| top-1 % (mean +- std) | runs | paired vs dense32 | paired vs dense16 |",
@@ -189,24 +152,20 @@ def to_markdown(r: dict) -> str:
         runs = ", ".join(f"{x:.2f}" for x in row["runs"]) if not row.get("same_as") else "-"
         lines.append(f"| {name} | {row['logits_per_sample_view']:,.0f} | {row['features_per_sample_view']:,.0f} | "
                      f"{row['per_sample_view']:,.0f} | {row['store_bytes'] / 2**20:,.1f} MB | {tail} | {acc} | {runs} | "
-                     f"{_paired_text(row.get('paired_vs_dense32'))} | {_paired_text(row.get('paired_vs_dense16'))} |")
-    lines += ["", "Paired: per seed, the option's top-1 minus the baseline's, mean +- std over seeds; 'beyond spread' when "
-              "|mean| > 2 std / sqrt(seeds). The top-k and int8 stores have float16 values, so dense16 is their like-for-like "
+                     f"{paired_text(row.get('paired_vs_dense32'))} | {paired_text(row.get('paired_vs_dense16'))} |")
+    lines += ["", f"Paired: per seed, the option's top-1 minus the baseline's, mean +- sd over seeds; 'beyond spread' when "
+              f"{r['rule']}. The top-k and int8 stores have float16 values, so dense16 is their like-for-like "
               "baseline."]
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
+def plot(r: dict) -> Figure:
     """Left: final top-1 per option (mean, error bar = std over seeds); right: bytes per sample-view, logits and
     features stacked (log scale), so the top-k options' logit savings are visible beside the features."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(r["rows"])
     rows = [r["rows"][n] for n in names]
-    fig, (acc, size) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = new_figure(1, 2, (11, 4.5))
+    acc, size = axes[0]
     x = range(len(names))
     means = [row["mean"] if row["mean"] is not None else float("nan") for row in rows]
     acc.errorbar(x, means, yerr=[row["std"] for row in rows], fmt="o", capsize=4)
@@ -225,10 +184,4 @@ def plot(r: dict, path: Path) -> None:
     size.legend(fontsize=8)
     size.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{r['config']['dataset']}: store options, {len(r['teachers'])} teachers")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save(r: dict, path: Path) -> list[str]:
-    return write_result(r, path, to_markdown(r), plot)
+    return fig
