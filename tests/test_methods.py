@@ -144,7 +144,7 @@ def test_unknown_method_lists_names():
     assert str(e.value) == ("unknown method 'nope'; choose one of: aekd, avg, camkd, ce, ebkd, fitnet, kd")
 
 
-def test_required_features_and_defaults():
+def test_required_layers_and_defaults():
     s_shapes = [(16, 32, 32), (16, 32, 32), (32, 16, 16), (64, 8, 8), (64,)]
     pen = {"penultimate": [(64, 8, 8)] * 2}
     for name in ["ce", "kd", "avg", "ebkd", "aekd"]:
