@@ -236,7 +236,7 @@ def plot(r: dict) -> Figure:
         ax.set_title(titles[key])
         ax.set_xlabel("epoch")
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
