@@ -98,15 +98,6 @@ def chunk_file(store: Path, array: str, view: int, row_chunk: int) -> Path:
     return f
 
 
-def assert_clean_error(result, pattern: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    msg = [line for line in result.output.splitlines() if line.strip()]
-    assert len(msg) == 1 and msg[0].startswith("error: "), result.output
-    assert re.search(pattern, msg[0]), msg[0]
-    return msg[0]
-
-
 def recompute(ckpt: Path, n: int, seed: int, view: int, idx: np.ndarray):
     """An independent forward pass: checkpoint -> model, augmented batch, (features, logits)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -356,10 +347,10 @@ def test_other_dataset_is_named_first_and_the_rest_counted(tmp_path):
         cache_teachers(CacheConfig(dataset="fashion-mnist", **base))
 
 
-def test_features_none_with_layers_is_refused(cli, teachers, tmp_path):
+def test_features_none_with_layers_is_refused(cli, teachers, tmp_path, one_error):
     r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "-V", "1", "-f", "none", "-f",
             "penultimate", "--device", "cpu", "-q", "--out", tmp_path / "s.zarr")
-    assert_clean_error(r, r"-f none stores no features, but layers are given too \(none, penultimate\)")
+    one_error(r, r"-f none stores no features, but layers are given too \(none, penultimate\)")
     assert not (tmp_path / "s.zarr").exists()
 
 
@@ -369,34 +360,34 @@ def test_features_none_with_layers_is_refused(cli, teachers, tmp_path):
     (("--dtype", "float32"), r"dtype \(store: float16, now: float32\)"),
     (("-f", "hint:2"), r"features\.hint2 \(store: None"),
 ])
-def test_refuses_other_options_naming_the_difference(cli, teachers, small, change, pattern):
+def test_refuses_other_options_naming_the_difference(cli, teachers, small, change, pattern, one_error):
     path, args = small
     before = snapshot(path)
     new = args + list(change) if change[0] == "-f" else _replace_opt(args, *change)
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), pattern)
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), pattern)
     assert snapshot(path) == before
 
 
-def test_refuses_other_layers_dropped(cli, teachers, small):
+def test_refuses_other_layers_dropped(cli, teachers, small, one_error):
     path, args = small
     before = snapshot(path)
     new = _replace_opt(args, "-f", "none")
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), r"features\.penultimate \(store: \{")
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), r"features\.penultimate \(store: \{")
     assert snapshot(path) == before
 
 
-def test_refuses_other_teachers(cli, teachers, small, tmp_path):
+def test_refuses_other_teachers(cli, teachers, small, tmp_path, one_error):
     path, args = small
     before = snapshot(path)
-    assert_clean_error(cli("cache-teachers", "-t", teachers["wrn_16_1"], *args), r"teachers.*wrn_16_1")
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], "-t", teachers["wrn_16_1"], *args), r"teachers")
+    one_error(cli("cache-teachers", "-t", teachers["wrn_16_1"], *args), r"teachers.*wrn_16_1")
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], "-t", teachers["wrn_16_1"], *args), r"teachers")
     # same arch and file name, other weights: the message must name the checkpoint digest
     ckpt = torch.load(teachers["resnet8"], map_location="cpu", weights_only=True)
     ckpt["model"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
     other = tmp_path / "other" / teachers["resnet8"].name
     other.parent.mkdir()
     torch.save(ckpt, other)
-    msg = assert_clean_error(cli("cache-teachers", "-t", other, *args), r"sha256")
+    msg = one_error(cli("cache-teachers", "-t", other, *args), r"sha256")
     assert sha256_file(other)[:12] in msg and sha256_file(teachers["resnet8"])[:12] in msg, msg
     assert snapshot(path) == before
 
@@ -411,26 +402,26 @@ def test_overwrite_replaces(cli, teachers, small, tmp_path):
     assert open_store(copy).attrs["augmentation"]["seed"] == 7 and open_store(copy).progress().all()
 
 
-def test_refuses_path_that_is_no_store(cli, teachers, small, tmp_path):
+def test_refuses_path_that_is_no_store(cli, teachers, small, tmp_path, one_error):
     _, args = small
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(folder))),
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(folder))),
                        r"folder exists and is not a camkd store; choose another --out$")
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(folder)), "--overwrite"),
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(folder)), "--overwrite"),
                        r"folder exists and is not a Zarr store; refusing to delete it even with --overwrite")
     assert (folder / "notes.txt").read_text() == "mine"
     a_file = tmp_path / "file.zarr"
     a_file.write_text("mine")
     for extra in ([], ["--overwrite"]):
-        assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(a_file)), *extra),
+        one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(a_file)), *extra),
                            r"file\.zarr exists and is not a (camkd|Zarr) store")
         assert a_file.read_text() == "mine"
     plain = tmp_path / "plain.zarr"
     zarr.open_group(str(plain), mode="w").create_array("x", shape=(3,), dtype="i4")
     before = snapshot(plain)
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(plain))),
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(plain))),
                        r"plain\.zarr is a Zarr group but not a camkd store.*--overwrite")
     assert snapshot(plain) == before
     with pytest.raises(CamkdError, match="not a camkd store"):
@@ -439,25 +430,25 @@ def test_refuses_path_that_is_no_store(cli, teachers, small, tmp_path):
         open_store(folder)
 
 
-def test_refuses_bad_teacher_checkpoints(cli, teachers, small, tmp_path):
+def test_refuses_bad_teacher_checkpoints(cli, teachers, small, tmp_path, one_error):
     path, args = small
     before = snapshot(path)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage, not a checkpoint")
-    assert_clean_error(cli("cache-teachers", "-t", bad, *args), r"bad\.pth is not a readable (torch )?checkpoint")
-    assert_clean_error(cli("cache-teachers", "-t", tmp_path / "missing.pth", *args), r"missing\.pth not found")
+    one_error(cli("cache-teachers", "-t", bad, *args), r"bad\.pth is not a readable (torch )?checkpoint")
+    one_error(cli("cache-teachers", "-t", tmp_path / "missing.pth", *args), r"missing\.pth not found")
     # a reference checkpoint {'model': state_dict} of a 5-class resnet8
     five = tmp_path / "five.pth"
     torch.save({"model": create_model("resnet8", num_classes=5, in_channels=3).state_dict()}, five)
-    assert_clean_error(cli("cache-teachers", "-t", f"resnet8={five}", *args), r"five\.pth has 5 classes but synthetic has 10")
-    assert_clean_error(cli("cache-teachers", "-t", f"wrn_16_1={teachers['resnet8']}", *args), r"does not fit arch 'wrn_16_1'")
-    assert_clean_error(cli("cache-teachers", "-t", five, *args), r"names no arch.*ARCH=PATH")
+    one_error(cli("cache-teachers", "-t", f"resnet8={five}", *args), r"five\.pth has 5 classes but synthetic has 10")
+    one_error(cli("cache-teachers", "-t", f"wrn_16_1={teachers['resnet8']}", *args), r"does not fit arch 'wrn_16_1'")
+    one_error(cli("cache-teachers", "-t", five, *args), r"names no arch.*ARCH=PATH")
     assert snapshot(path) == before
 
 
 # ---- 6. corrupted and truncated chunks -----------------------------------------------------------
 
-def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path):
+def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path, one_error):
     path, _ = rt
     bad = clone(path, tmp_path / "bad.zarr")
     f = chunk_file(bad, "logits", 1, 0)  # view 1, rows 0:256 (one chunk per block)
@@ -483,7 +474,7 @@ def test_corrupt_and_truncated_chunks_are_named(cli, rt, teachers, tmp_path):
     # re-running the same cache-teachers command on it: a clean error, not a traceback
     args = ["-d", "synthetic", "--limit", str(N_RT), "-V", "2", "-f", "penultimate", "-f", "hint:2", "--dtype", "float32",
             "--aug-seed", str(RT["aug_seed"]), "--batch-size", "160", "--device", "cpu", "-q", "--out", bad]
-    assert_clean_error(cli("cache-teachers", *rt_teacher_args(teachers), *args), r"'logits' view 1")
+    one_error(cli("cache-teachers", *rt_teacher_args(teachers), *args), r"'logits' view 1")
 
 
 def test_chunk_truncated_to_nothing_is_reported(cli, rt, teachers, tmp_path):
@@ -518,6 +509,9 @@ def test_verify_passes_on_good_store(cli, rt, teachers):
     assert set(diffs) == {"logits"} | {f"features/{l}/t{k}" for l in ("penultimate", "hint2") for k in (0, 1)}
     assert max(diffs.values()) < 1e-3
     assert all("over 48 (view, index) pairs" in line for line in out if "largest difference" in line)  # 48 distinct pairs
+    # each beside the tolerance it was held to (float32: its epsilon relative, plus 1e-4 slack)
+    assert all(line.endswith("; tolerance per value x: 1.19e-07|x| + 0.0001(1 + |x|) (float32)")
+               for line in out if "largest difference" in line), out
 
 
 def test_verify_sample_pairs_are_distinct_and_cover_only_flagged_blocks(rt):
@@ -538,7 +532,7 @@ def test_verify_sample_pairs_are_distinct_and_cover_only_flagged_blocks(rt):
     assert every == [(v, i) for v in range(store.views) for i in range(store.n)]
 
 
-def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path):
+def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path, one_error):
     path, _ = rt
     bad = clone(path, tmp_path / "tampered.zarr")
     g = zarr.open_group(str(bad), mode="r+")
@@ -553,7 +547,7 @@ def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path):
     assert r.exit_code == 1 and "augmentation parameters of view 1" in r.output, r.output
     # the teachers must be the store's
     r = cli("cache-verify", path, "-t", teachers["wrn_16_1"], "-t", teachers["resnet8"], "--device", "cpu")
-    assert_clean_error(r, r"differ from the store's")
+    one_error(r, r"differ from the store's")
     # incomplete
     g["aug"][1] = np.asarray(zarr.open_group(str(path), mode="r")["aug"][1])
     g["progress"][1, 1] = 0
@@ -709,11 +703,11 @@ def test_disk_full_is_clean_and_resumable(teachers, uninterrupted, tiny_disk):
     assert_stores_equal(path, ref)
 
 
-def test_disk_full_while_creating(cli, teachers, small, tiny_disk):
+def test_disk_full_while_creating(cli, teachers, small, tiny_disk, one_error):
     _, args = small
     subprocess.run(["mount", "-o", "remount,size=8k", str(tiny_disk)], check=True)
     path = tiny_disk / "s.zarr"
-    assert_clean_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(path)),
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(path)),
                            "--no-space-check"), rf"^error: cannot create {re.escape(str(path))}: disk full$")
     assert not list(tiny_disk.iterdir())
 
@@ -752,6 +746,11 @@ def test_verify_without_teachers_checks_checksums_only(rt, tmp_path):
     rewrite(f, f.read_bytes()[:-3] + b"xyz")
     rep = cache_verify(bad, None)
     assert not rep.ok and rep.corrupt_blocks == [(0, 0)] and rep.lines[-1].startswith("verdict: CORRUPT"), rep.lines
+    assert rep.lines[1].startswith("CORRUPT: 1 unreadable block: logits view 0"), rep.lines  # one: singular
+    assert rep.lines[-1].startswith("verdict: CORRUPT — 1 written block is damaged"), rep.lines
+    rep = cache_verify(bad, None, repair=True)
+    assert rep.lines[-2:] == ["repaired: cleared the progress flags of 1 block and deleted their damaged chunks",
+                              "verdict: REPAIRED — rerun the same cache-teachers command to recompute that block"], rep.lines
 
 
 def test_repair_then_resume_is_byte_identical(rt, teachers, tmp_path):
@@ -785,7 +784,7 @@ def test_repair_then_resume_is_byte_identical(rt, teachers, tmp_path):
 
 # ---- 12. teachers: duplicates, provenance, mismatch messages -------------------------------------
 
-def test_same_teacher_twice_is_refused(cli, teachers, small, tmp_path):
+def test_same_teacher_twice_is_refused(cli, teachers, small, tmp_path, one_error):
     from camkd.teachers import load_teachers
 
     path, args = small
@@ -795,7 +794,7 @@ def test_same_teacher_twice_is_refused(cli, teachers, small, tmp_path):
     with pytest.raises(CamkdError, match=r"^teachers 1 and 3 are the same checkpoint \(sha256 [0-9a-f]{12}\): "
                                          rf"{re.escape(a)}, resnet8={re.escape(str(copy))}; give each teacher once$"):
         load_teachers([a, str(teachers["wrn_16_1"]), f"resnet8={copy}"])
-    assert_clean_error(cli("cache-teachers", "-t", a, "-t", a, *_replace_opt(args, "--out", str(tmp_path / "d.zarr"))),
+    one_error(cli("cache-teachers", "-t", a, "-t", a, *_replace_opt(args, "--out", str(tmp_path / "d.zarr"))),
                        r"teachers 1 and 2 are the same checkpoint")
     assert not (tmp_path / "d.zarr").exists()
 
@@ -893,3 +892,109 @@ def test_sizes_count_shards_and_show_per_sample_view(cli, rt):
     r = cli("cache-info", path)
     line = next(x for x in r.output.splitlines() if x.startswith("per sample-view"))
     assert "logits" in line and "features/hint2/t0" in line, line
+
+
+# ---- 14. errors before output, one store format, what the report says ----------------------------
+
+def test_refusals_come_before_the_plan(cli, teachers, small, tmp_path, one_error):
+    """Without -q cache-teachers prints its plan; a target it refuses is refused first, alone."""
+    path, args = small
+    loud = [a for a in args if a != "-q"]
+    a_file = tmp_path / "file.zarr"
+    a_file.write_text("mine")
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(loud, "--out", str(a_file))),
+              r"file\.zarr exists and is not a camkd store")
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(loud, "--dtype", "float32")),
+              r"made differently: dtype \(store: float16, now: float32\)")
+
+
+def test_feature_dtype_without_features_is_refused(cli, teachers, tmp_path, one_error):
+    r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "-V", "1", "-f", "none",
+            "--feature-dtype", "int8", "--device", "cpu", "--out", tmp_path / "s.zarr")
+    one_error(r, r"--feature-dtype int8 .* but -f none stores no features")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("options, suggested, not_suggested", [
+    (["--dtype", "float16", "-V", "2"], ["fewer views (-V)", "--feature-dtype int8", "fewer features (-f)"], ["--dtype"]),
+    (["--dtype", "float32", "-V", "1", "--feature-dtype", "int8"], ["float16 (--dtype)", "fewer features (-f)"],
+     ["-V)", "--feature-dtype"]),
+    (["--dtype", "float16", "-V", "1", "-f", "none"], [], ["cache ", "-V)", "--dtype", "-f)"]),
+])
+def test_space_error_suggests_only_what_shrinks_the_store(cli, teachers, tmp_path, monkeypatch, one_error, options,
+                                                          suggested, not_suggested):
+    from camkd.store import space
+
+    monkeypatch.setattr(space, "free_bytes", lambda path: 1000)
+    r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "--device", "cpu",
+            "--out", tmp_path / "s.zarr", *options)
+    line = one_error(r, r"s\.zarr needs .* more but .* has 1000 B free; free space, .*choose another --out")
+    assert all(s in line for s in suggested) and not any(s in line for s in not_suggested), line
+
+
+def _drop_attr(path: Path, key: str) -> None:
+    g = zarr.open_group(str(path), mode="r+")
+    attrs = dict(g.attrs["camkd"])
+    del attrs[key]
+    g.attrs["camkd"] = attrs
+
+
+def test_stores_of_earlier_layouts_are_refused_with_the_rebuild_command(cli, teachers, small, tmp_path, one_error):
+    path, args = small
+    old = clone(path, tmp_path / "old.zarr")
+    _drop_attr(old, "compressor")  # what a pre-release camkd wrote
+    rebuild = rf"written by an earlier camkd \(a pre-release layout \(no compressor recorded\)\); .*rebuild it with " \
+              rf"'camkd cache-teachers \.\.\. --out {re.escape(str(old))} --overwrite'"
+    with pytest.raises(CamkdError, match=rebuild):
+        open_store(old)
+    one_error(cli("cache-info", old), rebuild)
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(old))), rebuild)
+    r = cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(args, "--out", str(old)), "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert_stores_equal(old, path)
+    other = clone(path, tmp_path / "other.zarr")
+    g = zarr.open_group(str(other), mode="r+")
+    g.attrs["camkd"] = dict(g.attrs["camkd"], format_version=0)
+    one_error(cli("cache-info", other), r"earlier camkd \(store format 0\); this camkd reads format 1 only: rebuild")
+
+
+def test_report_sizes_in_a_unit_that_shows_them(rt):
+    from camkd.cache import format_cache_summary
+    from camkd.store.sizes import human
+
+    assert [human(x) for x in (0, 1023, 20 * 1024, 5 * 2**20 + 2**19, 3 * 2**30, 2**50)] == \
+        ["0 B", "1023 B", "20.0 KB", "5.5 MB", "3.0 GB", "1.0 PB"]
+    _, summary = rt
+    small = dict(summary, store_bytes=20 * 1024)
+    assert "store size 20.0 KB;" in format_cache_summary(small)
+
+
+def test_cache_teachers_and_cache_info_print_the_same_sizes(cli, teachers, tmp_path):
+    """The same per sample-view figures, in the same (sorted) order, from the same function."""
+    path = tmp_path / "z.zarr"
+    r = cli("cache-teachers", "-t", teachers["resnet8"], "-t", teachers["wrn_16_1"], "-d", "synthetic", "--limit", "64",
+            "-V", "1", "-f", "penultimate", "-f", "hint:1", "--compressor", "zstd", "--no-eval", "--device", "cpu", "-q",
+            "--out", path)
+    assert r.exit_code == 0, r.output
+    made = next(x for x in r.output.splitlines() if x.startswith("store size ")).split("; per sample-view ")[1]
+    info = cli("cache-info", path).output
+    shown = next(x for x in info.splitlines() if x.startswith("per sample-view ")).removeprefix("per sample-view ")
+    assert made == shown, (made, shown)
+    names = [part.rsplit(" ", 2)[0] for part in shown.split("(", 1)[1].rstrip(")").split(", ")]
+    assert names == sorted(names) and len(names) == 6, names  # aug, 4 features, logits
+
+
+def test_evaluation_names_the_whole_test_split_once(teachers, tmp_path, monkeypatch):
+    """Under torchrun each rank evaluates its slice; the main rank names the whole split, the others nothing."""
+    from camkd import cache, dist
+    from camkd.teachers import load_teachers
+
+    said = []
+    monkeypatch.setattr(cache, "log", said.append)
+    cfg = CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu", progress=True)
+    loaded = load_teachers(cfg.teachers)
+    n = len(cache._load(cfg, "test", torch.device("cpu")))
+    for rank in (0, 1):
+        acc = cache.teacher_test_accuracy(cfg, loaded, torch.device("cpu"), 64, dist.World(rank=rank, size=2))
+        assert len(acc) == 1
+    assert said == [f"evaluating 1 teacher on the synthetic test split ({n} images; --no-eval skips this)"], said

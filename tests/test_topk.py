@@ -350,3 +350,27 @@ def test_kd_on_a_topk_store_says_its_error_is_unbounded(stores, tmp_path, capsys
     assert warnings["avg"] == [] and len(warnings["kd"]) == 1
     assert "kd averages the teachers' logits" in warnings["kd"][0]
     assert "an error not bounded by the tail mass; prefer --method avg or camkd" in warnings["kd"][0]
+
+
+def test_dense_float16_and_topk_stores_report_the_same_teacher_accuracy(cli, tmp_path):
+    """float16 rounds two close logits to a tie: the dense store's argmax takes the first tied class, and the top-k
+    store keeps that class first (not float32's larger one), so both report the same accuracy."""
+    torch.manual_seed(0)
+    m = create_model("resnet8", num_classes=C, in_channels=3)
+    with torch.no_grad():  # classes 0 and 1 lead; float32: 1 by 0.001; float16 (a step of 1/64 at 20): mostly tied
+        m.fc.weight[1] = m.fc.weight[0]
+        m.fc.bias[0], m.fc.bias[1] = 20.0, 20.001
+    torch.save({"model": m.state_dict()}, tmp_path / "tie.pth")
+    common = ["-t", f"resnet8={tmp_path / 'tie.pth'}", "-d", "synthetic", "--limit", str(N), "-V", "1", "-f", "none",
+              "--dtype", "float16", "--no-eval", "--device", "cpu", "-q"]
+    dense, k2 = tmp_path / "dense.zarr", tmp_path / "k2.zarr"
+    printed = []
+    for out, extra in ((dense, []), (k2, ["--logits", "topk:2"])):
+        r = cli("cache-teachers", *common, *extra, "--out", out)
+        assert r.exit_code == 0, r.output
+        printed.append(next(line for line in r.output.splitlines() if line.strip().startswith("view 0:")))
+    assert printed[0] == printed[1], printed
+    z = open_store(dense).logits(0).numpy()[:, 0]  # [N, C] float16
+    assert (z[:, 0] == z[:, 1]).sum() > N // 2 and (z[:, :2].max(-1) > z[:, 2:].max(-1)).all()  # ties, at the top
+    kept = np.asarray(zarr.open_group(str(k2), mode="r")["topk/index"][0, :, 0])  # [N, k]
+    assert np.array_equal(kept[:, 0], z.argmax(-1)) and np.array_equal(kept[:, 1], 1 - z.argmax(-1))

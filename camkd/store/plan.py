@@ -20,6 +20,7 @@ import numpy as np
 
 from camkd.store import layout, topk
 from camkd.store.sizes import human
+from camkd.words import plural
 
 CRC = 4  # bytes of the crc32c codec per stored chunk
 INDEX_ENTRY = 16  # a shard's index: (offset, nbytes) uint64 per chunk
@@ -41,7 +42,7 @@ class StorePlan:
 
     def lines(self) -> list[str]:
         bound = ", upper bound (uncompressed; zstd makes it smaller)" if self.compressed else ""
-        out = [f"planned store: {self.views} views x {self.n} samples, blocks of {self.block_rows} rows{bound}"]
+        out = [f"planned store: {plural(self.views, 'view')} x {plural(self.n, 'sample')}, blocks of {self.block_rows} rows{bound}"]
         width = max(len(name) for name in self.arrays)
         for name, size in self.arrays.items():
             per = "" if name == layout.LABELS else f"  ({size / (self.n * self.views):,.0f} B per sample-view)"
