@@ -7,6 +7,8 @@ same modules in the same order on the same tensors, which is bitwise determinist
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,9 @@ def test_teacher_from_torchvision_weights(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(teacher.model(x), reference.eval()(x))
+
+
+def test_importing_the_models_leaves_torchvision_unloaded() -> None:
+    """torchvision is imported when a tv: model is built, not by every CLI start (about 1.5 s)."""
+    code = "import sys, camkd.models; assert 'torchvision' not in sys.modules, 'torchvision imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
