@@ -235,7 +235,7 @@ class EpochSums:
                    torch.zeros(k, device=device))
 
     def reduce(self) -> EpochSums:
-        """The sums over every rank, in one collective (float64 on the host's device)."""
+        """The sums over every rank, in one collective (as float64, on the device)."""
         names = sorted(self.losses)
         counts, *losses, weights, inter = all_sum_parts([self.counts, *(self.losses[n] for n in names), self.weights,
                                                          self.inter])
@@ -269,6 +269,7 @@ class _Loop:
         self._net_finds_unused = False
 
     def fit(self, identity: dict) -> FitResult:
+        """Resume (or start), then per epoch: train, check the losses were finite, evaluate, record, checkpoint."""
         main = self.world.main
         start_epoch = self.resume(identity) if self.folder.resume else 1
         if start_epoch > self.optim.epochs:
