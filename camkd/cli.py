@@ -7,6 +7,7 @@ Every input error is one line on stderr starting with ``error:`` and exit code 2
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -197,8 +198,40 @@ def _str(p: Path | None) -> str | None:
     return str(p) if p is not None else None
 
 
+# The options every training job (train-teacher, distill) takes, declared once: `run_options` appends them to a
+# command's signature (typer reads it) and hands them to the command as one dict, `run`.
+_RUN_OPTIONS = {
+    "seed": (SeedOpt, _R.seed), "device": (DeviceOpt, DeviceChoice.auto), "resume": (ResumeOpt, False),
+    "auto_resume": (AutoResumeOpt, False), "deterministic": (DeterministicOpt, False), "amp": (AmpOpt, False),
+    "sync_bn": (SyncBnOpt, False), "quiet": (QuietOpt, False),
+}
+
+
+def run_options(fn: Callable) -> Callable:
+    """Give a command the shared run options (``_RUN_OPTIONS``) as its ``run`` parameter."""
+    own = [p for name, p in inspect.signature(fn, eval_str=True).parameters.items() if name != "run"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+              for name, (annotation, default) in _RUN_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        run = {name: kwargs.pop(name) for name in _RUN_OPTIONS}
+        return fn(**kwargs, run=run)
+
+    wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared)
+    return wrapper
+
+
+def _run_config(out: Path | None, run: dict) -> RunConfig:
+    """The run part of a job's config from --out and the shared run options."""
+    return RunConfig(out=_str(out), resume=run["resume"], auto_resume=run["auto_resume"], device=run["device"].value,
+                     seed=run["seed"], deterministic=run["deterministic"], amp=run["amp"], sync_bn=run["sync_bn"],
+                     progress=not run["quiet"])
+
+
 @app.command("train-teacher")
 @friendly
+@run_options
 def train_teacher_cmd(
     arch: Annotated[str, typer.Option("--arch", "-m", help="Model name, e.g. resnet32x4 (see `camkd models`).")],
     dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Training data.")],
@@ -212,19 +245,13 @@ def train_teacher_cmd(
     lr_decay_epochs: DecayOpt = _TEACHER_DECAY,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _TO.nesterov,
     limit: LimitOpt = None,
-    device: DeviceOpt = DeviceChoice.auto,
-    seed: SeedOpt = _R.seed,
     aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: --seed].")] = None,
     label_noise: Annotated[float, typer.Option("--label-noise", metavar="RATE", help="Replace this fraction of the "
                            "training labels (in [0, 1)) by a uniformly chosen other class; the test split stays clean.")] = 0.0,
     label_noise_seed: Annotated[int, typer.Option("--label-noise-seed", help="Seed of which labels change and to what.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: runs/teachers/ARCH_DATASET_trial_T].")] = None,
-    resume: ResumeOpt = False,
-    auto_resume: AutoResumeOpt = False,
-    deterministic: DeterministicOpt = False,
-    amp: AmpOpt = False,
-    sync_bn: SyncBnOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    run: dict,
 ) -> None:
     """Train a teacher with the reference's recipe on seeded augmentation views."""
     from camkd.train import TrainConfig, train_teacher
@@ -235,9 +262,7 @@ def train_teacher_cmd(
                         label_noise=label_noise, label_noise_seed=label_noise_seed),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
-        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
-                      deterministic=deterministic, amp=amp, sync_bn=sync_bn,
-                      progress=not quiet),
+        run=_run_config(out, run),
     )
     s = train_teacher(cfg)
     if _main_rank():
@@ -338,6 +363,7 @@ def cache_verify_cmd(
 
 @app.command("distill")
 @friendly
+@run_options
 def distill_cmd(
     arch: Annotated[str, typer.Option("--arch", "-m", help="Student model, e.g. vgg8 (see `camkd models`).")],
     cache: Annotated[Optional[str], typer.Option("--cache", "-c", metavar="PATH|URL", help="Teacher store made by "
@@ -356,12 +382,8 @@ def distill_cmd(
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _O.nesterov,
     batch_size: BatchOpt = _O.batch_size,
     micro_batches: MicroOpt = _O.micro_batches,
-    seed: SeedOpt = _R.seed,
-    device: DeviceOpt = DeviceChoice.auto,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: "
                                                 "runs/students/ARCH_METHOD_MODE_sSEED].")] = None,
-    resume: ResumeOpt = False,
-    auto_resume: AutoResumeOpt = False,
     online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the "
                                          "store.")] = False,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="With --online: teacher checkpoints "
@@ -374,10 +396,8 @@ def distill_cmd(
     limit: LimitOpt = None,
     feature_memory_mb: Annotated[float, typer.Option("--feature-memory-mb", min=0.0, help="Hold a view's features in "
                                  "memory up to this size; stream beyond.")] = 4096.0,
-    deterministic: DeterministicOpt = False,
-    amp: AmpOpt = False,
-    sync_bn: SyncBnOpt = False,
-    quiet: QuietOpt = False,
+    *,
+    run: dict,
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
     from camkd.distill import DistillConfig, distill
@@ -388,9 +408,7 @@ def distill_cmd(
         loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
-        run=RunConfig(out=_str(out), resume=resume, auto_resume=auto_resume, device=device.value, seed=seed,
-                      deterministic=deterministic, amp=amp, sync_bn=sync_bn,
-                      progress=not quiet),
+        run=_run_config(out, run),
         data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
     )
     s = distill(cfg)
