@@ -1,7 +1,10 @@
 """The teacher store: a Zarr v3 group of teacher logits, features and heads over seeded views.
 
-writer.py fills it (`camkd cache-teachers`), reader.py serves it to distillation,
-info.py and verify.py inspect it. layout.py is the one place that names its arrays.
+The floor of camkd: it imports nothing above it (no models, methods, teachers or evaluation).
+writer.py fills it (`camkd cache-teachers`) from teachers handed in by camkd.cache (runner.py),
+with config.py, identity.py, space.py, schema.py, pipeline.py and summary.py; reader.py serves it
+to distillation; info.py, verify.py and stage.py read it without loading the writer (sizes.py:
+the read side's size helpers). layout.py is the one place that names its arrays.
 """
 
 from camkd.store.reader import Expect, TeacherStore, open_store
