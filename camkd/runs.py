@@ -95,11 +95,10 @@ class RunFolder:
         and the same trajectory-shaping ``options`` (:data:`FIXED_OPTIONS`; a checkpoint's saved options)."""
         ckpt = load_checkpoint(self.last)
         meta = ckpt.get("meta") or {}
-        for key, want in identity.items():
-            if meta.get(key) != want:
-                what = IDENTITY.get(key, key)
-                raise CamkdError(f"--resume: {self.last} was made with {what} {_differs(meta.get(key), want)}; "
-                                 "use the same options or another --out")
+        # named identity (arch, method, ...) first, then the options, then what options only shape (the data's
+        # fingerprint, which --label-noise-seed changes, say): a differing option is named, not described
+        named = [key for key in identity if key not in DERIVED]
+        self._check_identity(meta, identity, named)
         old = meta.get("options") or {}
         for path, flag in FIXED_OPTIONS.items():
             have, want = _dig(old, path), _dig(options or {}, path)
@@ -107,9 +106,18 @@ class RunFolder:
                 raise CamkdError(f"--resume: {self.last} was made with {flag} {_short(have)}, this run has {_short(want)}; "
                                  f"resume with the same {flag} (only --epochs may grow; device, ranks and --micro-batches may "
                                  "change) or choose another --out")
+        self._check_identity(meta, identity, [key for key in identity if key in DERIVED])
         if "optimizer" not in ckpt:
             raise CamkdError(f"--resume: {self.last} holds no optimizer state; it is not a camkd last checkpoint")
         return ckpt
+
+    def _check_identity(self, meta: dict, identity: dict, keys: list[str]) -> None:
+        for key in keys:
+            want = identity[key]
+            if meta.get(key) != want:
+                what = IDENTITY.get(key, key)
+                raise CamkdError(f"--resume: {self.last} was made with {what} {_differs(meta.get(key), want)}; "
+                                 "use the same options or another --out")
 
     def close(self) -> None:
         """At the end of a run (also a failed one): the TensorBoard writer flushes and stops."""
@@ -139,7 +147,8 @@ FIXED_OPTIONS = {
     ("optim", "momentum"): "momentum", ("optim", "weight_decay"): "weight_decay", ("optim", "nesterov"): "--nesterov",
     ("optim", "drop_last"): "drop_last", ("aug_seed",): "--aug-seed", ("loss", "gamma"): "--gamma",
     ("loss", "alpha"): "--alpha", ("loss", "beta"): "--beta", ("loss", "kd_T"): "--kd-T", ("loss", "aekd_C"): "--aekd-C",
-    ("loss", "hint_layer"): "--hint-layer",
+    ("loss", "hint_layer"): "--hint-layer", ("data", "limit"): "--limit", ("data", "label_noise"): "--label-noise",
+    ("data", "label_noise_seed"): "--label-noise-seed",
 }
 # What a checkpoint's identity keys are, in the user's words (the options that make them).
 IDENTITY = {
@@ -147,6 +156,7 @@ IDENTITY = {
     "dataset_fingerprint": "other training data (from the --cache store, or from --dataset, --limit and --data-dir)",
     "teachers": "other teachers (from the --cache store, or from --teacher)",
 }
+DERIVED = ("label_noise", "dataset_fingerprint", "teachers")  # identity that options shape: checked after them
 _MISSING = object()
 
 

@@ -14,6 +14,7 @@ must equal the dense store's loss to round-off.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,15 +299,14 @@ def test_ce_runs_from_a_store_whatever_temperatures_it_cached(stores, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_errors_are_one_line(cli, specs, tmp_path):
+def test_cli_errors_are_one_line(cli, one_error, specs, tmp_path):
     for args, msg in [(["--logits", "topk:10"], "keeps every one of the 10 classes"),
                       (["--logits", "top5"], "is not understood"),
                       (["--kd-T", "2"], "--kd-T is recorded only by a top-k store"),
                       (["--logits", "topk:3", "--kd-T", "-1"], "--kd-T must be positive")]:
         r = cli("cache-teachers", "-t", specs[0], "-d", "synthetic", "--limit", "64", "-V", "1", "--device", "cpu",
                 "--out", str(tmp_path / "x.zarr"), "--no-eval", "-q", *args)
-        lines = [line for line in r.output.splitlines() if line.strip()]
-        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.output
+        one_error(r, re.escape(msg))
         assert not (tmp_path / "x.zarr").exists()
 
 
