@@ -40,7 +40,8 @@ def atomic_save(obj: Any, path: Path) -> str:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a camkd or reference checkpoint on CPU; anything else is a one-line user error."""
+    """Load a camkd checkpoint, a reference ``{'model': state_dict}`` file or a bare state_dict (torchvision's format),
+    on CPU, as ``{'model': state_dict, ...}``; anything else is a one-line user error."""
     path = Path(path)
     if path.is_dir():
         found = [f.name for f in (path / "best.pth", path / "last.pth") if f.is_file()]
@@ -62,8 +63,11 @@ def load_checkpoint(path: str | Path) -> dict:
             kind = "it is truncated or corrupt: copy it again from where it came from"
         raise CamkdError(f"{path} is not a readable torch checkpoint ({kind}); use another checkpoint (a run folder "
                          "also has best.pth) or retrain") from None
+    if isinstance(ckpt, dict) and "model" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"model": ckpt}  # a bare state_dict: torchvision's own format (torch.save(model.state_dict()))
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise CamkdError(f"{path} is not a camkd or reference checkpoint (expected a dict with a 'model' state_dict)")
+        raise CamkdError(f"{path} is not a camkd or reference checkpoint (expected a state_dict, or a dict with a 'model' "
+                         "state_dict)")
     if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
         raise CamkdError(f"{path}: 'model' is not a state_dict of tensors")
     return ckpt

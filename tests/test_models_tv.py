@@ -144,11 +144,14 @@ def test_teacher_from_torchvision_weights(tmp_path: Path) -> None:
     _randomize_buffers(reference)
     path = tmp_path / "teacher.pth"
     torch.save({"model": reference.state_dict()}, path)
-    teacher = load_teacher(f"tv:mobilenet_v3_large={path}")
-    assert (teacher.arch, teacher.num_classes, teacher.in_channels) == ("tv:mobilenet_v3_large", NUM_CLASSES, 3)
+    bare = tmp_path / "bare.pth"
+    torch.save(reference.state_dict(), bare)  # torchvision's own format: the state_dict alone
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(teacher.model(x), reference.eval()(x))
+    for file in (path, bare):
+        teacher = load_teacher(f"tv:mobilenet_v3_large={file}")
+        assert (teacher.arch, teacher.num_classes, teacher.in_channels) == ("tv:mobilenet_v3_large", NUM_CLASSES, 3)
+        with torch.no_grad():
+            assert torch.equal(teacher.model(x), reference.eval()(x))
 
 
 def test_importing_the_models_leaves_torchvision_unloaded() -> None:
