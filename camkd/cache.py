@@ -14,7 +14,7 @@ import torch
 
 from camkd import dist
 from camkd.config import LossConfig
-from camkd.data import Dataset, load_split
+from camkd.data import DataSplit, load_split
 from camkd.device import resolve_device
 from camkd.evaluate import evaluate
 from camkd.methods import list_methods, required_layers
@@ -45,7 +45,7 @@ def cache_teachers(cfg: CacheConfig) -> dict:
                        lambda: teacher_test_accuracy(cfg, teachers, device, batch, world))
 
 
-def _load(cfg: CacheConfig, split: str, device: torch.device) -> Dataset:
+def _load(cfg: CacheConfig, split: str, device: torch.device) -> DataSplit:
     return load_split(cfg.dataset, split, device=device, data_dir=cfg.data_dir, download=cfg.download, limit=cfg.limit,
                       **cfg.options)
 
@@ -62,9 +62,8 @@ def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: tor
     if show:
         log(f"evaluating {plural(len(teachers), 'teacher')} on the {test.name} test split ({plural(len(test), 'image')}; "
             "--no-eval skips this)")
-    lo, hi = len(test) * world.rank // world.size, len(test) * (world.rank + 1) // world.size
     if world.active:
-        test = Dataset(test.name, test.split, test.images[lo:hi], test.labels[lo:hi], test.num_classes, test.norm)
+        test = test.subset(len(test) * world.rank // world.size, len(test) * (world.rank + 1) // world.size)
     out = []
     with Bar("evaluating", len(teachers) * len(test), enabled=show) as bar:
         for t, teacher in enumerate(teachers):

@@ -15,8 +15,7 @@ from torch import nn
 
 from camkd import dist
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
-from camkd.data import Dataset, check_dataset, load_split
-from camkd.data.views import AugSpec
+from camkd.data import DataSplit, check_dataset, load_split
 from camkd.errors import CamkdError
 from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
 from camkd.methods import METHODS, create_method, method_uses_teachers, required_layers, resolve_loss
@@ -90,10 +89,10 @@ def _dataset_data(cfg: DistillConfig, device: torch.device) -> TrainData:
     d = cfg.data
     train = load_split(d.dataset, "train", device=device, data_dir=d.data_dir, download=d.download, limit=d.limit, **d.options)
     test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
-    return TrainData(train, test, AugSpec(seed=cfg.aug_seed, norm=train.norm), views=cfg.optim.epochs)
+    return TrainData(train, test, train.aug_spec(cfg.aug_seed), views=cfg.optim.epochs)
 
 
-def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[str, ...], train: Dataset,
+def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[str, ...], train: DataSplit,
                  device: torch.device) -> tuple[LiveTeachers, dict, list[str]]:
     teachers = load_teachers(cfg.teachers, device=device)
     shas = [t.sha256 for t in teachers]
@@ -103,7 +102,7 @@ def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[s
         if t.num_classes != train.num_classes or t.in_channels != train.in_channels:
             raise CamkdError(f"teacher {t.path} ({t.num_classes} classes, {t.in_channels} channels) does not fit {train.name}")
     with torch.inference_mode():
-        tf = [t.model(torch.zeros((1,) + tuple(train.images.shape[1:]), device=device), is_feat=True)[0] for t in teachers]
+        tf = [t.model(torch.zeros(_image_shape(1, train), device=device), is_feat=True)[0] for t in teachers]
     index = {"penultimate": -2, **{f"hint{i}": i for i in range(len(tf[0]))}}
     shapes = {name: [tuple(f[i].shape[1:]) for f in tf] for name, i in index.items()
               if all(-len(f) <= i < len(f) and f[i].ndim == 4 for f in tf)}
@@ -115,10 +114,15 @@ def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[s
     return LiveTeachers(teachers, layers, index, block_rows=block_rows, window_blocks=window_blocks), shapes, shas
 
 
-def _student_shapes(model: nn.Module, train: Dataset, device: torch.device) -> list[tuple[int, ...]]:
+def _image_shape(n: int, data: DataSplit) -> tuple[int, int, int, int]:
+    """The shape of ``n`` images of ``data``: [n, C, S, S]."""
+    return (n, data.in_channels, data.image_size, data.image_size)
+
+
+def _student_shapes(model: nn.Module, train: DataSplit, device: torch.device) -> list[tuple[int, ...]]:
     model.eval()
     with torch.no_grad():
-        feats, _ = model(torch.zeros((2,) + tuple(train.images.shape[1:]), device=device), is_feat=True)
+        feats, _ = model(torch.zeros(_image_shape(2, train), device=device), is_feat=True)
     model.train()
     return [tuple(f.shape[1:]) for f in feats]
 

@@ -6,19 +6,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from camkd import dist
-from camkd.data import Dataset
+from camkd.data import DataSplit
 from camkd.data.views import normalize
 from camkd.errors import CamkdError
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, amp: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = 256, amp: bool = False) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean CE loss on un-augmented images.
 
     Counts accumulate on the device and are read once at the end (no per-batch host sync). Under
@@ -26,11 +27,10 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, amp: boo
     """
     was_training = model.training
     model.eval()
-    dev = data.images.device
+    dev = data.labels.device
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # top-1 hits, top-5 hits, CE sum, images
-    for start in range(0, len(data), batch_size):
-        x = normalize(data.images[start : start + batch_size], data.norm)
-        y = data.labels[start : start + batch_size]
+    for images, y in data.eval_batches(batch_size, dev):
+        x = normalize(images, data.norm)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
             logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -45,7 +45,7 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256, amp: boo
 
 
 def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, limit: int | None = None,
-                     path: str = "the checkpoint") -> tuple[Dataset, str]:
+                     path: str = "the checkpoint") -> tuple[DataSplit, str]:
     """The ``split`` a camkd checkpoint's run used, on the CPU, and a few words saying which samples these are.
 
     The checkpoint's meta names the dataset, classes, channels and normalization, and its saved
@@ -92,7 +92,7 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
                          f"{ds.num_classes} classes and {ds.in_channels} channels")
     if "normalization" in meta:
         norm = Normalization(tuple(meta["normalization"]["mean"]), tuple(meta["normalization"]["std"]))
-        ds = Dataset(ds.name, ds.split, ds.images, ds.labels, ds.num_classes, norm)
+        ds = replace(ds, norm=norm)
     if limit is not None:
         if limit < len(ds):
             what = f"the first {limit} of {what}"
@@ -100,7 +100,7 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
     return ds, what
 
 
-def _store_train(cache: str | None, data_dir: str | None, path: str) -> Dataset:
+def _store_train(cache: str | None, data_dir: str | None, path: str) -> DataSplit:
     from camkd.store import open_store
     from camkd.store.reader import load_cached_data
 

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 import camkd
 from camkd import dist
 from camkd.config import OptimConfig, RunConfig
-from camkd.data import Dataset
+from camkd.data import DataSplit
 from camkd.data.order import epoch_order, view_of_epoch
-from camkd.data.views import AugSpec, augment
+from camkd.data.views import AugSpec, normalize
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
@@ -32,7 +32,7 @@ from camkd.methods import Method, StudentOut, TeacherOut
 from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
-from camkd.sources import TeacherSource
+from camkd.sources import TeacherSource, batch_stream
 
 CHECK_EVERY = 200  # steps between reads of the non-finite flag (and of the bar's loss) from the device
 SMALL_LR_ARCHS = ("mobilenetv2", "shufflev1", "shufflev2")
@@ -50,10 +50,10 @@ def lr_at(epoch: int, base_lr: float, decay_epochs: list[int], rate: float = 0.1
 
 @dataclass
 class TrainData:
-    """What the loop trains on: the training split (uint8 on the device), the test split, the views."""
+    """What the loop trains on: the training split (its labels on the device), the test split, the views."""
 
-    train: Dataset
-    test: Dataset
+    train: DataSplit
+    test: DataSplit
     spec: AugSpec
     views: int
 
@@ -170,9 +170,9 @@ def start_run(run: RunConfig, out: Path) -> tuple[torch.device, RunFolder, dist.
     return device, folder, world
 
 
-def build_model(arch: str, train: Dataset, run: RunConfig) -> nn.Module:
+def build_model(arch: str, train: DataSplit, run: RunConfig) -> nn.Module:
     """The model to train, seeded by ``run.seed``, on the data's device (channels-last with --amp, SyncBN with --sync-bn)."""
-    device = train.images.device
+    device = train.labels.device
     torch.manual_seed(run.seed)
     model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
     if device.type == "cuda" and run.amp:
@@ -256,7 +256,7 @@ class _Loop:
         self.model, self.method, self.source, self.data = model, method, source, data
         self.optim, self.run, self.folder, self.meta, self.hooks = optim, run, folder, meta, hooks
         self.world = dist.current()
-        self.device = data.train.images.device
+        self.device = data.train.labels.device
         self.amp = run.amp and self.device.type == "cuda"
         self.parts = max(1, optim.micro_batches)  # BatchNorm micro-batches per process
         self.slices = self.world.size * self.parts  # slices of a global batch
@@ -334,13 +334,14 @@ class _Loop:
         windows = epoch_order(n, seed=self.run.seed, epoch=epoch, block_rows=source.block_rows,
                               window_blocks=source.window_blocks)
         sums = EpochSums.zeros(source.num_teachers, self.device)
+        order = [g for g, _ in batch_stream(((w, {}) for w in windows), optim.batch_size, drop_last=optim.drop_last)]
+        views = data.train.view_batches(data.spec, view, [g[self._mine(g)] for g in order if self._trains(g)], self.device)
         with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=self.run.progress and world.main) as bar:
             for gidx, gdata in source.batches(view, windows, optim.batch_size, drop_last=optim.drop_last):
-                if len(gidx) % self.slices or len(gidx) // self.slices < 2:  # a trailing batch that does not split evenly
+                if not self._trains(gidx):
                     continue
-                per = len(gidx) // world.size
-                mine = slice(world.rank * per, (world.rank + 1) * per)
-                self.step(net, epoch, view, gidx[mine], _slice_data(gdata, mine), sums)
+                mine = self._mine(gidx)
+                self.step(net, epoch, view, gidx[mine], _slice_data(gdata, mine), next(views), sums)
                 status = None
                 if sums.steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps, summed so every rank stops alike
                     _check_no_nonfinite(dist.all_sum(sums.counts[2].clone()), epoch, sums.steps, self.folder)
@@ -350,11 +351,22 @@ class _Loop:
                     break
         return sums
 
-    def step(self, net: nn.Module, epoch: int, view: int, idx, batch_data, sums: EpochSums) -> None:
-        """One optimizer step on this process's rows ``idx`` of a global batch; adds to ``sums``."""
+    def _trains(self, gidx) -> bool:
+        """Whether a global batch splits into the slices (a trailing batch that does not is skipped)."""
+        return len(gidx) % self.slices == 0 and len(gidx) // self.slices >= 2
+
+    def _mine(self, gidx) -> slice:
+        """This rank's contiguous rows of a global batch."""
+        per = len(gidx) // self.world.size
+        return slice(self.world.rank * per, (self.world.rank + 1) * per)
+
+    def step(self, net: nn.Module, epoch: int, view: int, idx, batch_data, views, sums: EpochSums) -> None:
+        """One optimizer step on this process's rows ``idx`` of a global batch, whose uint8 views and their
+        parameters are ``views`` (from the split's view_batches); adds to ``sums``."""
         data, parts, device = self.data, self.parts, self.device
         it = torch.from_numpy(idx).to(device, non_blocking=True)
-        x, params = augment(data.train.images, idx, data.spec, view, on_device=it)
+        images, params, _ = views
+        x = normalize(images, data.spec.norm)
         if sums.steps == 0:
             self.source.check_view(view, idx, params)
         tout = self.source.teacher_outputs(it, x, batch_data)
@@ -389,7 +401,7 @@ class _Loop:
         sums.steps += 1
         self.step_total += 1
 
-    def evaluate(self, test: Dataset) -> dict[str, float]:
+    def evaluate(self, test: DataSplit) -> dict[str, float]:
         """Test accuracy of rank 0's BatchNorm statistics (what is saved), on every rank's slice of the test split."""
         dist.broadcast_buffers(self.model)
         return evaluate(self.model, test, amp=self.amp)
@@ -441,13 +453,11 @@ def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:
     return t.slice(sl)
 
 
-def _rank_slice(test: Dataset, world: dist.World) -> Dataset:
+def _rank_slice(test: DataSplit, world: dist.World) -> DataSplit:
     """This rank's disjoint, unpadded slice of the test split (evaluate() sums the counts over ranks)."""
     if not world.active:
         return test
-    bounds = [len(test) * r // world.size for r in range(world.size + 1)]
-    sl = slice(bounds[world.rank], bounds[world.rank + 1])
-    return Dataset(test.name, test.split, test.images[sl], test.labels[sl], test.num_classes, test.norm)
+    return test.subset(len(test) * world.rank // world.size, len(test) * (world.rank + 1) // world.size)
 
 
 def _check_no_nonfinite(nonfinite: Tensor, epoch: int, steps: int, folder: RunFolder) -> None:

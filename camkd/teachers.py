@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from camkd.checkpoint import load_checkpoint, sha256_file
-from camkd.data import Dataset
+from camkd.data import DataSplit
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store.reader import TeacherStore
@@ -138,7 +138,7 @@ def runner(teachers: list[Teacher], device: torch.device) -> TeacherRunner:
                          run=lambda x, layers: run_teachers(teachers, x, layers))
 
 
-def check_teachers(teachers: list[Teacher], data: Dataset) -> None:
+def check_teachers(teachers: list[Teacher], data: DataSplit) -> None:
     """Teachers that take the data's images and predict its classes."""
     for t in teachers:
         if t.num_classes != data.num_classes:
@@ -148,10 +148,10 @@ def check_teachers(teachers: list[Teacher], data: Dataset) -> None:
             raise CamkdError(f"teacher {t.path} takes {t.in_channels}-channel images but {data.name} has {data.in_channels}")
 
 
-def feature_shapes(teachers: list[Teacher], data: Dataset, layers: dict[str, int], device: torch.device) -> dict[str, list[tuple]]:
+def feature_shapes(teachers: list[Teacher], data: DataSplit, layers: dict[str, int], device: torch.device) -> dict[str, list[tuple]]:
     """{layer: per-teacher (c, h, w)} of the requested feature maps, from one blank image; a clear error for an index
     a teacher does not have or that is not a feature map."""
-    x = torch.zeros((1,) + tuple(data.images.shape[1:]), dtype=torch.float32, device=device)
+    x = torch.zeros((1, data.in_channels, data.image_size, data.image_size), dtype=torch.float32, device=device)
     shapes: dict[str, list[tuple]] = {name: [] for name in layers}
     for t in teachers:
         with torch.inference_mode():

@@ -9,7 +9,6 @@ from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.noise import apply_label_noise, check_rate
-from camkd.data.views import AugSpec
 from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
 from camkd.methods import create_method
 from camkd.models import resolve_arch
@@ -57,7 +56,7 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     model = build_model(arch, train, cfg.run)
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],
                            teacher_feat_shapes={}).to(device)
-    spec = AugSpec(seed=cfg.aug_seed, norm=train.norm)
+    spec = train.aug_spec(cfg.aug_seed)
     meta = {"arch": model.arch, "method": "ce", "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
             "num_train": len(train), "normalization": train.norm.to_dict(), "label_noise": noise, "options": asdict(cfg)}

@@ -8,6 +8,6 @@ registers them all (one import line per loader module below).
 from __future__ import annotations
 
 from camkd.data import cifar, fashion_mnist, synthetic  # noqa: F401 - registration happens on import
-from camkd.data.base import DATASETS, Dataset, Normalization, check_dataset, dataset_names, load_dataset, load_split
+from camkd.data.base import DATASETS, Dataset, DataSplit, Normalization, check_dataset, dataset_names, load_dataset, load_split
 
-__all__ = ["DATASETS", "Dataset", "Normalization", "check_dataset", "dataset_names", "load_dataset", "load_split"]
+__all__ = ["DATASETS", "DataSplit", "Dataset", "Normalization", "check_dataset", "dataset_names", "load_dataset", "load_split"]

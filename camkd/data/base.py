@@ -1,16 +1,30 @@
-"""The in-memory dataset type, its fingerprint, and the name -> loader registry."""
+"""The one interface of a dataset split (:class:`DataSplit`), its in-memory implementation, and the name -> loader registry.
+
+Two kinds of split implement :class:`DataSplit`: :class:`Dataset` (uint8 images [N, C, H, W] in memory, a batch
+is one gather on the device) and :class:`camkd.data.folder.FolderDataset` (a file listing, images decoded in
+worker processes). The training loop, the teacher sources, the store and evaluation use only the interface.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from camkd.errors import CamkdError
 from camkd.registry import Registry
+
+if TYPE_CHECKING:
+    from camkd.data.views import AugSpec
+
+# one training batch: (uint8 views [B, C, S, S] on the device, augmentation params [B, P] on the CPU,
+# CRC-32 of each view (np.uint32 [B]) or None where the views are not decoded from files)
+ViewBatch = tuple[torch.Tensor, torch.Tensor, "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -24,9 +38,49 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
+class DataSplit(Protocol):
+    """One split of a dataset, as every job uses it: in memory (:class:`Dataset`) or files (``FolderDataset``)."""
+
+    name: str
+    split: str
+    labels: torch.Tensor  # int64 [N], on the device the split was moved to
+    num_classes: int
+    norm: Normalization
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def limit(self, n: int | None) -> DataSplit:
+        """The first ``n`` samples (all when None)."""
+
+    def to(self, device: torch.device | str) -> DataSplit:
+        """The split with its labels (and images, if held) on ``device``."""
+
+    def subset(self, lo: int, hi: int) -> DataSplit:
+        """Samples lo..hi-1 (a rank's slice of the test split)."""
+
+    def aug_spec(self, seed: int) -> AugSpec:
+        """The augmentation of this kind of data with views seeded by ``seed``."""
+
+    def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
+                     device: torch.device) -> Iterator[ViewBatch]:
+        """The uint8 training views of each batch of sample indices, in order (see :data:`ViewBatch`)."""
+
+    def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 un-augmented images on ``device``, their labels) in order, ``batch_size`` at a time."""
+
+
 @dataclass
 class Dataset:
-    """One split of a dataset, whole in memory."""
+    """One split of a dataset, whole in memory (a :class:`DataSplit`)."""
 
     name: str
     split: str
@@ -82,8 +136,33 @@ class Dataset:
             self.name, self.split, self.images.to(device), self.labels.to(device), self.num_classes, self.norm, self._fingerprint
         )
 
+    def subset(self, lo: int, hi: int) -> Dataset:
+        """Samples lo..hi-1, sharing the images (views, not copies)."""
+        return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.num_classes, self.norm)
 
-Loader = Callable[..., Dataset]
+    def aug_spec(self, seed: int) -> AugSpec:
+        """The 32-px recipe (views.py): pad 4, crop, flip."""
+        from camkd.data.views import AugSpec
+
+        return AugSpec(seed=seed, norm=self.norm)
+
+    def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
+                     device: torch.device) -> Iterator[ViewBatch]:
+        """One gather and crop per batch on the images' device (views.apply_params), lazily; no hashes."""
+        from camkd.data.views import apply_params, view_params
+
+        for idx in index_batches:
+            params = view_params(spec, view, idx)
+            on_device = torch.as_tensor(np.asarray(idx, dtype=np.int64)).to(self.images.device, non_blocking=True)
+            yield apply_params(self.images[on_device], params, spec.padding).to(device), params, None
+
+    def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Slices of the images as they are."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start : start + batch_size].to(device), self.labels[start : start + batch_size].to(device)
+
+
+Loader = Callable[..., DataSplit]
 DATASETS: Registry[Loader] = Registry("dataset")  # filled by the loader modules, which camkd/data/__init__.py imports
 
 
@@ -110,7 +189,7 @@ def load_dataset(
     download: bool = False,
     limit: int | None = None,
     **options,
-) -> Dataset:
+) -> DataSplit:
     """Load ``split`` ('train' or 'test') of dataset ``name`` into memory (CPU)."""
     check_dataset(name)
     if data_dir is not None and not download and not Path(data_dir).is_dir():
@@ -124,7 +203,7 @@ def load_dataset(
 def load_split(
     name: str, split: str, *, device: torch.device | str = "cpu", data_dir: str | Path | None = None,
     download: bool = False, limit: int | None = None, **options,
-) -> Dataset:
+) -> DataSplit:
     """:func:`load_dataset` then one move to ``device``; the fingerprint is computed on the CPU copy first."""
     ds = load_dataset(name, split, data_dir=data_dir, download=download, limit=limit if split == "train" else None, **options)
     ds.fingerprint  # noqa: B018 - computed on CPU, before the move

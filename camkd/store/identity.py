@@ -14,7 +14,7 @@ from enum import Enum
 
 import zarr
 
-from camkd.data import Dataset
+from camkd.data import DataSplit
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.progress import log
@@ -33,7 +33,7 @@ class Target(Enum):
     CONTINUE = "continue"  # a store of the same identity: fill its missing blocks, extend its views
 
 
-def identity(cfg: CacheConfig, teachers: TeacherRunner, train: Dataset, spec: AugSpec, layers: dict, shapes: dict,
+def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, layers: dict, shapes: dict,
              logits: topk.LogitsSpec) -> dict:
     """Everything that must match for a store to be continued (not the number of views, not checkpoint paths)."""
     return {

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import zarr
 
-from camkd.data import Dataset
-from camkd.data.views import AugSpec, augment
+from camkd.data import DataSplit
+from camkd.data.views import AugSpec, normalize
 from camkd.errors import CamkdError
 from camkd.progress import Bar
 from camkd.store import layout, topk
@@ -116,7 +116,7 @@ def _wait(blk: _Block) -> None:
         fut.result()
 
 
-def compute_blocks(g: zarr.Group, path: Location, teachers: TeacherRunner, train: Dataset, spec: AugSpec, shapes: dict,
+def compute_blocks(g: zarr.Group, path: Location, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, shapes: dict,
                    batch: int, todo: list[tuple[int, int]], rows_todo: int, *, progress: bool) -> None:
     """Run the teachers over the unfinished (view, block) units ``todo`` (``rows_todo`` rows) and write each one whole."""
     attrs = g.attrs[layout.ATTRS_KEY]
@@ -130,12 +130,10 @@ def compute_blocks(g: zarr.Group, path: Location, teachers: TeacherRunner, train
                 blk = buffers[i % 2]
                 _wait(blk)
                 rows = layout.block_slice(b, n, block)
-                m = rows.stop - rows.start
-                for s in range(0, m, batch):
-                    idx = torch.arange(rows.start + s, rows.start + min(s + batch, m))
-                    x, params = augment(train.images, idx, spec, view=v)
-                    logits, feats = teachers.run(x, layers)
-                    blk.put(s, params, logits, feats, train.labels[idx.to(train.labels.device)])
+                batches = [np.arange(s, min(s + batch, rows.stop)) for s in range(rows.start, rows.stop, batch)]
+                for idx, (images, params, _) in zip(batches, train.view_batches(spec, v, batches, teachers.device)):
+                    logits, feats = teachers.run(normalize(images, spec.norm), layers)
+                    blk.put(int(idx[0]) - rows.start, params, logits, feats, train.labels[torch.from_numpy(idx).to(train.labels.device)])
                     bar.update(len(idx), f"view {v + 1}/{views}")
                 writer.submit(v, b, rows, blk)
             for blk in buffers:

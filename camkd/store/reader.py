@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import zarr
 
-from camkd.data import Dataset, Normalization, load_dataset
+from camkd.data import DataSplit, Normalization, load_dataset
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
@@ -176,7 +176,7 @@ def check_expect(store: TeacherStore, e: Expect) -> None:
                          "rerun the same cache-teachers command to finish it")
 
 
-def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tuple[Dataset, Dataset, AugSpec]:
+def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tuple[DataSplit, DataSplit, AugSpec]:
     """The training split a store was made from (checked by fingerprint), its test split, and its augmentation."""
     ds = store.attrs["dataset"]
     candidates: list[dict] = [{}]
@@ -196,7 +196,7 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tup
     aug = store.attrs["augmentation"]
     norm = Normalization(tuple(aug["normalization"]["mean"]), tuple(aug["normalization"]["std"]))
     spec = AugSpec(seed=aug["seed"], norm=norm, padding=aug["padding"], recipe=aug["recipe"])
-    if spec.to_dict() != AugSpec(seed=aug["seed"], norm=train.norm).to_dict():
+    if spec.to_dict() != train.aug_spec(aug["seed"]).to_dict():
         raise CamkdError(f"{store.path} was cached with augmentation {aug}, which this camkd does not replay; re-cache")
     return train, test, spec
 

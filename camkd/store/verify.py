@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from camkd.data.views import augment, view_params
+from camkd.data.views import normalize
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
 from camkd.store.location import Location, listed_sizes
@@ -249,11 +249,11 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
     for v in sorted({p[0] for p in pairs}):
         idx = np.array([i for vv, i in pairs if vv == v], dtype=np.int64)
         stored_aug = np.asarray(store.g[layout.AUG].oindex[v, idx])
-        if not np.array_equal(stored_aug, view_params(spec, v, idx).numpy()):
+        images, params, _ = next(train.view_batches(spec, v, [idx], teachers.device))
+        if not np.array_equal(stored_aug, params.numpy()):
             mismatch = True
             lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
-        x, _ = augment(train.images, torch.from_numpy(idx), spec, view=v)
-        logits, feats = teachers.run(x, layers)
+        logits, feats = teachers.run(normalize(images, spec.norm), layers)
         if store.logits_spec.kind == "dense":
             checks = {layout.LOGITS: (logits.float().cpu().numpy(),
                                       np.asarray(store.g[layout.LOGITS].oindex[v, idx]).astype(np.float32), a["dtype"], None)}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from camkd import dist
-from camkd.data import Dataset
+from camkd.data import DataSplit
 from camkd.data.views import AugSpec
 from camkd.progress import log
 from camkd.store import layout, topk
@@ -28,7 +28,7 @@ from camkd.store.space import check_space
 from camkd.store.summary import record_tail_mass, summarize
 
 
-def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: Dataset, layers: dict[str, int], shapes: dict,
+def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, layers: dict[str, int], shapes: dict,
                 batch: int, world: dist.World, test_accuracy: Callable[[], list[float] | None]) -> dict:
     """Write (or continue, or extend) the store; returns a summary for the report.
 
@@ -38,7 +38,7 @@ def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: Dataset, layer
     progress flag, so the store is byte-identical for any number of ranks and resumes under another.
     """
     lspec = topk.parse_logits(cfg.logits, cfg.kd_T, train.num_classes)
-    spec = AugSpec(seed=cfg.aug_seed, norm=train.norm)
+    spec = train.aug_spec(cfg.aug_seed)
     ident = identity(cfg, teachers, train, spec, layers, shapes, lspec)
     path = cfg.out_path([t["arch"] for t in teachers.provenance])
     # decided (and refused, before any output) by every rank before rank 0 changes anything
@@ -58,7 +58,7 @@ def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: Dataset, layer
     return _fill(path, cfg, teachers, train, spec, shapes, batch, world)
 
 
-def _block_rows(cfg: CacheConfig, k: int, train: Dataset, shapes: dict, batch: int, logits: topk.LogitsSpec) -> int:
+def _block_rows(cfg: CacheConfig, k: int, train: DataSplit, shapes: dict, batch: int, logits: topk.LogitsSpec) -> int:
     """Rows per writer unit of a new store with these options."""
     fdtype = cfg.stored_feature_dtype
     return block_rows_for(k, train.num_classes, np.dtype(layout.DTYPES[cfg.dtype]).itemsize, shapes, batch, len(train),
@@ -66,7 +66,7 @@ def _block_rows(cfg: CacheConfig, k: int, train: Dataset, shapes: dict, batch: i
                           logits=logits)
 
 
-def _fill(path: Location, cfg: CacheConfig, teachers: TeacherRunner, train: Dataset, spec: AugSpec, shapes: dict,
+def _fill(path: Location, cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, shapes: dict,
           batch: int, world: dist.World) -> dict:
     """This rank's share of the unfinished blocks (unit i goes to rank i mod W: one writer per unit), then the summary."""
     g = path.open_group("r+")
@@ -83,7 +83,7 @@ def _fill(path: Location, cfg: CacheConfig, teachers: TeacherRunner, train: Data
         if mine:
             compute_blocks(g, path, teachers, train, spec, shapes, batch, mine, rows, progress=cfg.progress and world.main)
     elapsed = time.perf_counter() - t0
-    rows_all = int(dist.all_sum(torch.tensor([rows], dtype=torch.int64, device=train.images.device)).item())
+    rows_all = int(dist.all_sum(torch.tensor([rows], dtype=torch.int64, device=train.labels.device)).item())
     if not world.main:
         return {"path": str(path), "rows_computed": rows, "seconds": elapsed}
     record_tail_mass(g, path)
