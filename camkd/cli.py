@@ -105,6 +105,10 @@ _TEACHER_DECAY, _DISTILL_DECAY = [str(e) for e in _TO.lr_decay_epochs], [str(e) 
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files (torchvision's layout).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the dataset if missing (needs network).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training samples.", min=1)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", metavar="N", help="Image folders: train and evaluate "
+                         "on N x N views [default: 224 for imagefolder, 64 for tinyimagenet].")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Image folders: processes decoding the "
+                       "images, 0 = this one [default: the CPUs, at most 8].")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the model's init and the sample order.")]
 DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-exact reruns).")]
@@ -194,6 +198,11 @@ def _main_rank() -> bool:
     return dist.current().main
 
 
+def _loader_options(image_size: int | None, workers: int | None) -> dict:
+    """--image-size and --workers as dataset loader options (only those given: a dataset refuses one it does not take)."""
+    return {k: v for k, v in (("image_size", image_size), ("workers", workers)) if v is not None}
+
+
 def _str(p: Path | None) -> str | None:
     return str(p) if p is not None else None
 
@@ -249,6 +258,8 @@ def train_teacher_cmd(
     label_noise: Annotated[float, typer.Option("--label-noise", metavar="RATE", help="Replace this fraction of the "
                            "training labels (in [0, 1)) by a uniformly chosen other class; the test split stays clean.")] = 0.0,
     label_noise_seed: Annotated[int, typer.Option("--label-noise-seed", help="Seed of which labels change and to what.")] = 0,
+    image_size: ImageSizeOpt = None,
+    workers: WorkersOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: runs/teachers/ARCH_DATASET_trial_T].")] = None,
     *,
     run: dict,
@@ -259,7 +270,8 @@ def train_teacher_cmd(
     cfg = TrainConfig(
         arch=arch, trial=trial, aug_seed=aug_seed,
         data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
-                        label_noise=label_noise, label_noise_seed=label_noise_seed),
+                        label_noise=label_noise, label_noise_seed=label_noise_seed,
+                        options=_loader_options(image_size, workers)),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
         run=_run_config(out, run),
@@ -282,6 +294,8 @@ def cache_teachers_cmd(
     limit: LimitOpt = None,
     aug_seed: Annotated[int, typer.Option("--aug-seed", help="Seed of the augmentation views.")] = 0,
     seed: OldSeedOpt = None,
+    image_size: ImageSizeOpt = None,
+    workers: WorkersOpt = None,
     features: Annotated[Optional[list[str]], typer.Option("--features", "-f", metavar="LAYER", help="Teacher features to store: "
                         "penultimate (what camkd needs), hint:L, or none (repeat) [default: penultimate].")] = None,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = DtypeChoice.float16,
@@ -317,7 +331,7 @@ def cache_teachers_cmd(
                       views=views, aug_seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
                       out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
                       feature_dtype=feature_dtype.value if feature_dtype else None, compressor=compressor.value,
-                      space_check=not no_space_check, logits=logits, **kw)
+                      space_check=not no_space_check, logits=logits, options=_loader_options(image_size, workers), **kw)
     if kd_t:
         if not logits.strip().lower().startswith("top"):
             raise CamkdError("--kd-T is recorded only by a top-k store (--logits topk:K); a dense store serves every temperature")
@@ -394,6 +408,10 @@ def distill_cmd(
                                           "fixes its own).")] = 0,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", metavar="N", help="With --online and no --cache, "
+                          "image folders: N x N views [default: 224 for imagefolder, 64 for tinyimagenet; a store fixes "
+                          "its own].")] = None,
+    workers: WorkersOpt = None,
     feature_memory_mb: Annotated[float, typer.Option("--feature-memory-mb", min=0.0, help="Hold a view's features in "
                                  "memory up to this size; stream beyond.")] = 4096.0,
     *,
@@ -409,7 +427,8 @@ def distill_cmd(
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
         run=_run_config(out, run),
-        data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit),
+        data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit,
+                        options=_loader_options(image_size, workers)),
     )
     s = distill(cfg)
     if _main_rank():

@@ -69,6 +69,9 @@ def _check_options(cfg: DistillConfig) -> tuple[str, tuple[str, ...]]:
     if cfg.cache and cfg.aug_seed != DistillConfig.aug_seed:
         raise CamkdError(f"--aug-seed applies only to --online without --cache: the store fixes its own views (their seed "
                          f"is in 'camkd cache-info {cfg.cache}'); drop --aug-seed")
+    if cfg.cache and "image_size" in cfg.data.options:
+        raise CamkdError("--image-size applies only to --online without --cache: a store fixes the size of its views "
+                         f"('camkd cache-info {cfg.cache}' shows it); drop --image-size")
     if cfg.online and not cfg.cache:
         if not cfg.data.dataset:
             raise CamkdError("--online without --cache needs --dataset")
@@ -80,7 +83,7 @@ def _store_data(store: TeacherStore, cfg: DistillConfig, device: torch.device) -
     if cfg.data.dataset and cfg.data.dataset != store.attrs["dataset"]["name"]:
         raise CamkdError(f"{store.path} caches dataset '{store.attrs['dataset']['name']}', not '{cfg.data.dataset}'; "
                          f"use a store made for {cfg.data.dataset}")
-    train, test, spec = load_cached_data(store, data_dir=cfg.data.data_dir)
+    train, test, spec = load_cached_data(store, data_dir=cfg.data.data_dir, workers=cfg.data.options.get("workers"))
     check_expect(store, Expect(dataset_fingerprint=train.fingerprint, num_classes=train.num_classes, augmentation=spec.to_dict()))
     return TrainData(train.to(device), test.to(device), spec, store.views)
 

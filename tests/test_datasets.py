@@ -99,5 +99,5 @@ def test_synthetic_deterministic_and_fingerprint():
 
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(CamkdError, match="cifar10, cifar100, fashion-mnist, synthetic"):
+    with pytest.raises(CamkdError, match="cifar10, cifar100, fashion-mnist, imagefolder, synthetic, tinyimagenet"):
         load_dataset("imagenet", "train")

@@ -1,13 +1,14 @@
-"""Datasets as uint8 tensors in memory: one load, then batches are index slices.
+"""Datasets: uint8 tensors in memory (batches are index slices) or image folders (decoded by workers).
 
-Every loader returns a :class:`Dataset` (images [N, C, H, W] uint8, labels [N] int64).
-Names: ``cifar100``, ``cifar10``, ``fashion-mnist``, ``synthetic``; importing this package
-registers them all (one import line per loader module below).
+Every loader returns a :class:`DataSplit`: an in-memory :class:`Dataset` (images [N, C, H, W] uint8, labels [N]
+int64) or a ``FolderDataset``.
+Names: ``cifar100``, ``cifar10``, ``fashion-mnist``, ``synthetic`` (in memory) and ``imagefolder``,
+``tinyimagenet`` (files, folder.py); importing this package registers them all.
 """
 
 from __future__ import annotations
 
-from camkd.data import cifar, fashion_mnist, synthetic  # noqa: F401 - registration happens on import
+from camkd.data import cifar, fashion_mnist, folder, synthetic  # noqa: F401 - registration happens on import
 from camkd.data.base import DATASETS, Dataset, DataSplit, Normalization, check_dataset, dataset_names, load_dataset, load_split
 
 __all__ = ["DATASETS", "DataSplit", "Dataset", "Normalization", "check_dataset", "dataset_names", "load_dataset", "load_split"]

@@ -8,6 +8,7 @@ worker processes). The training loop, the teacher sources, the store and evaluat
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,16 @@ def check_dataset(name: str) -> None:
     DATASETS.resolve(name)
 
 
+def _check_options(name: str, loader: Loader, options: dict) -> None:
+    """Refuse a loader option (``image_size``, ``workers``, ...) that dataset ``name`` does not take, naming the flag."""
+    taken = inspect.signature(loader).parameters
+    for key in options:
+        if key not in taken:
+            flag = "--" + key.replace("_", "-")
+            users = [n for n in dataset_names() if key in inspect.signature(DATASETS.get(n)).parameters]
+            raise CamkdError(f"{flag} does not apply to {name}" + (f"; it applies to {', '.join(users)}" if users else ""))
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -196,7 +207,9 @@ def load_dataset(
         raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files (or add --download)")
     if split not in ("train", "test"):
         raise CamkdError(f"unknown split '{split}'; choose train or test")
-    ds = DATASETS.get(name)(split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
+    loader = DATASETS.get(name)
+    _check_options(name, loader, options)
+    ds = loader(split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
     return ds.limit(limit)
 
 

@@ -18,6 +18,7 @@ import torch
 import zarr
 
 from camkd.data import DataSplit, Normalization, load_dataset
+from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
@@ -176,14 +177,18 @@ def check_expect(store: TeacherStore, e: Expect) -> None:
                          "rerun the same cache-teachers command to finish it")
 
 
-def load_cached_data(store: TeacherStore, *, data_dir: str | None = None) -> tuple[DataSplit, DataSplit, AugSpec]:
-    """The training split a store was made from (checked by fingerprint), its test split, and its augmentation."""
+def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
+                     workers: int | None = None) -> tuple[DataSplit, DataSplit, AugSpec]:
+    """The training split a store was made from (checked by fingerprint), its test split, and its augmentation.
+    ``workers``: decoding processes of an image-folder dataset (None: its default; refused by in-memory ones)."""
     ds = store.attrs["dataset"]
-    candidates: list[dict] = [{}]
-    test_opts: dict = {}
+    test_opts: dict = {} if workers is None else {"workers": workers}
     if ds["name"] == "synthetic":
-        # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
-        test_opts = dict(num_classes=ds["num_classes"], image_size=ds["image_size"], channels=ds["in_channels"])
+        test_opts.update(num_classes=ds["num_classes"], image_size=ds["image_size"], channels=ds["in_channels"])
+    elif ds["name"] in FOLDER_DATASETS:  # the store fixes the image size
+        test_opts["image_size"] = ds["image_size"]
+    candidates = [test_opts]
+    if ds["name"] == "synthetic":  # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
         candidates = [dict(test_opts, num_samples=ds["n"]), test_opts]
     for opts in candidates:
         train = load_dataset(ds["name"], ds["split"], data_dir=data_dir, limit=ds["n"], **opts)

@@ -1,0 +1,220 @@
+"""Image folders as a dataset split: a file listing whose images are decoded in worker processes.
+
+:class:`FolderDataset` is the second implementation of :class:`camkd.data.base.DataSplit` (the first
+holds uint8 images in memory). It holds a :class:`~camkd.data.listing.Listing` (relative path, byte
+size, label per sample; nothing decoded) and an image size. Training views come from
+:func:`camkd.data.decode.load_train_view`: the RandomResizedCrop box and flip of (aug seed, view,
+index, the image's size), Pillow's one decode + crop + resize path, and the CRC-32 of the uint8
+view, all computed in a worker; evaluation images are :func:`~camkd.data.decode.load_eval`'s
+resize to round(size / 0.875) + centre crop. A torch DataLoader runs the workers (started with
+"spawn": zarr's event loop and CUDA do not survive fork; persistent across epochs), uint8 batches
+go through pinned memory to the device, and normalization happens there (views.normalize).
+
+Registered names: ``imagefolder`` (ImageNet's layout, ``--image-size`` 224 by default) and
+``tinyimagenet`` (tiny-imagenet-200 as distributed, 64 by default), both with ImageNet's statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from camkd.data.base import Normalization, ViewBatch, register_dataset
+from camkd.data.decode import load_eval, load_train_view, pixel_hash
+from camkd.data.listing import LISTERS, Listing
+from camkd.data.rrc import RECIPE
+from camkd.data.views import AugSpec
+from camkd.errors import CamkdError
+
+IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DEFAULT_SIZE = {"imagefolder": 224, "tinyimagenet": 64}
+FOLDER_DATASETS = tuple(DEFAULT_SIZE)  # the names whose data are files (the others are in memory)
+PARAMS = ("top", "left", "height", "width", "flip")  # a folder view's augmentation parameters, in this order
+_EVAL = -1  # the view number of an evaluation image in a worker's key
+
+
+def default_workers() -> int:
+    """Decoding workers when --workers is not given: the CPUs this process may use, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+class _Images(torch.utils.data.Dataset):
+    """What a worker process holds: the files and the size. An item is keyed by (aug seed, view, index);
+    view -1 is the evaluation image. Returns (uint8 [3, S, S], params int32 [5], CRC-32 as int64)."""
+
+    def __init__(self, files: list[str], size: int) -> None:
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seed, view, index = key
+        path = self.files[index]
+        try:
+            if view == _EVAL:
+                x, params = load_eval(path, self.size), np.zeros(5, dtype=np.int32)
+            else:
+                x, box, flip = load_train_view(path, seed=seed, view=view, index=index, size=self.size)
+                params = np.append(box, flip).astype(np.int32)
+        except (OSError, ValueError) as e:
+            raise CamkdError(f"cannot decode {path}: {e}; fix or remove the file") from None
+        return x, torch.from_numpy(params), torch.tensor(pixel_hash(x), dtype=torch.int64)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The batches of keys the next pass of the loader reads (set before each pass; the loader and its workers stay)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class FolderDataset:
+    """One split of an image-folder dataset (a :class:`~camkd.data.base.DataSplit`): files, decoded by workers."""
+
+    name: str
+    split: str
+    listing: Listing
+    labels: torch.Tensor  # int64 [N]
+    num_classes: int
+    norm: Normalization
+    size: int
+    workers: int
+    _loader: DataLoader | None = field(default=None, repr=False, compare=False)
+    _keys: _Keys = field(default_factory=_Keys, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, listing: Listing, size: int, workers: int) -> FolderDataset:
+        labels = torch.from_numpy(np.array(listing.labels, dtype=np.int64))
+        return cls(listing.name, listing.split, listing, labels, listing.num_classes, IMAGENET_NORM, size, workers)
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    @property
+    def in_channels(self) -> int:
+        return 3
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    @property
+    def fingerprint(self) -> str:
+        """The listing's fingerprint (paths, byte sizes, labels) and the image size."""
+        return hashlib.sha256(f"{self.listing.fingerprint}|{self.size}".encode()).hexdigest()
+
+    def _with(self, listing: Listing, labels: torch.Tensor) -> FolderDataset:
+        return FolderDataset(self.name, self.split, listing, labels, self.num_classes, self.norm, self.size, self.workers)
+
+    def limit(self, n: int | None) -> FolderDataset:
+        """The first ``n`` files (all when None); the classes stay whole."""
+        if n is None or n == len(self):
+            return self
+        listing = self.listing.limit(n)
+        return self._with(listing, self.labels[: len(listing)].clone())
+
+    def to(self, device: torch.device | str) -> FolderDataset:
+        """The labels on ``device`` (the images are read from the files, batch by batch)."""
+        return self._with(self.listing, self.labels.to(device))
+
+    def subset(self, lo: int, hi: int) -> FolderDataset:
+        """Files lo..hi-1."""
+        ls = self.listing
+        part = Listing(ls.name, ls.root, ls.split, ls.paths[lo:hi], ls.sizes[lo:hi], ls.labels[lo:hi], ls.classes)
+        return self._with(part, self.labels[lo:hi])
+
+    def aug_spec(self, seed: int) -> AugSpec:
+        """RandomResizedCrop + flip (rrc.py) seeded by ``seed``, ImageNet's normalization."""
+        return AugSpec(seed=seed, norm=self.norm, padding=0, recipe=RECIPE)
+
+    def file(self, i: int) -> str:
+        """Sample ``i``'s path relative to the dataset folder (what messages name)."""
+        return self.listing.paths[i]
+
+    def loader(self, device: torch.device) -> DataLoader:
+        """The one DataLoader of this split (made on first use; its workers persist across passes)."""
+        if self._loader is None:
+            files = [self.listing.file(i) for i in range(len(self))]
+            w = self.workers
+            self._loader = DataLoader(_Images(files, self.size), batch_sampler=self._keys, num_workers=w,
+                                      pin_memory=device.type == "cuda", persistent_workers=w > 0,
+                                      multiprocessing_context="spawn" if w > 0 else None)
+        return self._loader
+
+    def _read(self, keys: list[list[tuple[int, int, int]]], device: torch.device) -> Iterator[ViewBatch]:
+        loader = self.loader(device)
+        self._keys.batches = keys
+        try:
+            for x, params, crc in loader:
+                yield x.to(device, non_blocking=True), params, crc.numpy().astype(np.uint32)
+        except CamkdError as e:  # from a worker: its message, without the traceback the DataLoader adds
+            raise CamkdError(str(e).rstrip().rsplit("CamkdError: ", 1)[-1]) from None
+
+    def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
+                     device: torch.device) -> Iterator[ViewBatch]:
+        """The training views of each batch, decoded and cropped by the workers, with their boxes and CRC-32s."""
+        keys = [[(spec.seed, view, int(i)) for i in idx] for idx in index_batches]
+        return self._read(keys, device)
+
+    def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Resize to round(size / 0.875) and centre-crop ``size``, by the workers."""
+        keys = [[(0, _EVAL, i) for i in range(s, min(s + batch_size, len(self)))] for s in range(0, len(self), batch_size)]
+        for (x, _, _), k in zip(self._read(keys, device), keys):
+            yield x, self.labels[k[0][2] : k[-1][2] + 1].to(device)
+
+
+def check_size(size: int) -> None:
+    if size < 1:
+        raise CamkdError(f"--image-size must be at least 1 pixel, got {size}")
+
+
+def check_workers(workers: int) -> None:
+    if workers < 0:
+        raise CamkdError(f"--workers must be 0 (decode in this process) or more, got {workers}")
+
+
+def load_folder(name: str, split: str, data_dir: Path | None, image_size: int | None, workers: int | None) -> FolderDataset:
+    """List ``split`` of the folder dataset ``name`` under ``data_dir`` (nothing is decoded)."""
+    if data_dir is None:
+        raise CamkdError(f"--dataset {name} reads image files: give --data-dir, the folder that holds train/ and val/")
+    size = DEFAULT_SIZE[name] if image_size is None else image_size
+    check_size(size)
+    workers = default_workers() if workers is None else workers
+    check_workers(workers)
+    return FolderDataset.of(LISTERS[name](data_dir, split), size, workers)
+
+
+@register_dataset("imagefolder")
+def imagefolder(*, split: str, data_dir: Path | None, download: bool = False, image_size: int | None = None,
+                workers: int | None = None) -> FolderDataset:
+    """ImageNet's layout: ROOT/train/CLASS/* and ROOT/val/CLASS/*, classes by sorted folder name."""
+    _no_download(download, "imagefolder")
+    return load_folder("imagefolder", split, data_dir, image_size, workers)
+
+
+@register_dataset("tinyimagenet")
+def tinyimagenet(*, split: str, data_dir: Path | None, download: bool = False, image_size: int | None = None,
+                 workers: int | None = None) -> FolderDataset:
+    """tiny-imagenet-200 as distributed (wnids.txt, train/WNID/images/*, val/images/* + val_annotations.txt)."""
+    _no_download(download, "tinyimagenet")
+    return load_folder("tinyimagenet", split, data_dir, image_size, workers)
+
+
+def _no_download(download: bool, name: str) -> None:
+    if download:
+        raise CamkdError(f"--download does not fetch {name}; download it yourself and give --data-dir")
