@@ -172,7 +172,8 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
             check_layers(shapes, layers, str(cfg.cache))
             source = StoreTeachers(store, layers, device, memory_budget_mb=cfg.feature_memory_mb,
                                    window_blocks=cfg.window_blocks,
-                                   temperature=cfg.loss.kd_T if method_uses_teachers(cfg.method) else None)
+                                   temperature=cfg.loss.kd_T if method_uses_teachers(cfg.method) else None,
+                                   sample_name=data.train.sample_name)
             shas = [t["sha256"] for t in store.attrs["teachers"]]
     _warn_kd_on_topk(cfg, store)
 

@@ -365,10 +365,9 @@ class _Loop:
         parameters are ``views`` (from the split's view_batches); adds to ``sums``."""
         data, parts, device = self.data, self.parts, self.device
         it = torch.from_numpy(idx).to(device, non_blocking=True)
-        images, params, _ = views
+        images, params, hashes = views
         x = normalize(images, data.spec.norm)
-        if sums.steps == 0:
-            self.source.check_view(view, idx, params)
+        self.source.check_view(view, idx, params, hashes)  # host arrays only: no wait on the device
         tout = self.source.teacher_outputs(it, x, batch_data)
         y = data.train.labels[it]
         if self.amp:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from camkd import dist
+from camkd.data.decode import decoder_versions
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
 from camkd.store import topk
@@ -39,8 +40,9 @@ class TeacherSource(Protocol):
     def batches(self, view: int, windows: list[np.ndarray], batch_size: int, *, drop_last: bool) -> Iterator[tuple[np.ndarray, Any]]:
         """(indices, opaque per-batch data) in the epoch's order."""
 
-    def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor) -> None:
-        """Called on a view's first batch with the augmentation parameters the loop replayed."""
+    def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor, hashes: np.ndarray | None) -> None:
+        """Called on every batch with the augmentation parameters the loop replayed and its views' CRC-32s (image
+        folders; None for in-memory data): a source that read the teachers' outputs checks they are of these views."""
 
     def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
         """The teachers' outputs for the batch (indices on the device, augmented images)."""
@@ -86,7 +88,7 @@ class NoTeachers:
     def batches(self, view, windows, batch_size, *, drop_last):
         return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
 
-    def check_view(self, view, idx, params) -> None:
+    def check_view(self, view, idx, params, hashes) -> None:
         """Nothing to check: the images are augmented here and now, not read from a store."""
 
     def teacher_outputs(self, idx, x, data) -> TeacherOut:
@@ -107,10 +109,12 @@ class StoreTeachers:
     """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], device: torch.device, *, memory_budget_mb: float,
-                 window_blocks: int = 4, stage_dir: str | None = None, temperature: float | None = None) -> None:
+                 window_blocks: int = 4, stage_dir: str | None = None, temperature: float | None = None,
+                 sample_name: Callable[[int], str] = "sample {}".format) -> None:
         """``temperature``: the run's kd_T; a top-k store must have cached it (its logits are rebuilt at it).
-        None for a method that reads no teacher logits (``ce``): a top-k store's logits are then not read at all."""
-        self.store, self.layers, self.device = store, layers, device
+        None for a method that reads no teacher logits (``ce``): a top-k store's logits are then not read at all.
+        ``sample_name``: sample i in a message (the training split's sample_name)."""
+        self.store, self.layers, self.device, self.sample_name = store, layers, device, sample_name
         self.is_topk = store.logits_spec.kind == "topk"
         self.no_logits = self.is_topk and temperature is None
         if self.is_topk and not self.no_logits:
@@ -140,6 +144,8 @@ class StoreTeachers:
         self._logits: torch.Tensor | None = None
         self._topk: dict[str, torch.Tensor] = {}
         self._feats: dict[str, list[torch.Tensor]] = {}
+        self._aug: np.ndarray | None = None  # the current view's stored augmentation and pixel hashes, on the host
+        self._pixels: np.ndarray | None = None
 
     def prefetch(self, view: int) -> None:
         """Start staging ``view`` of a remote store in the background (nothing for a local store)."""
@@ -171,6 +177,7 @@ class StoreTeachers:
         if view == self._view:
             return
         self._src = self._view_source(view)
+        self._aug, self._pixels = self._src.aug(view), self._src.pixels(view)
         if self.no_logits:
             self._topk = {}
         elif self.is_topk:
@@ -193,10 +200,19 @@ class StoreTeachers:
         if self.stager is not None:
             self.stager.close()
 
-    def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor) -> None:
-        if not np.array_equal(self._src.aug(view)[idx], params.numpy()):
-            raise CamkdError(f"{self.store.path}: the stored augmentation of view {view} differs from its seeded replay; "
-                             "the store was made by an incompatible camkd; re-cache")
+    def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor, hashes: np.ndarray | None) -> None:
+        """The batch's replayed parameters equal the stored ones, and its views' CRC-32s the stored ones (on the host)."""
+        stored = self._aug[idx]
+        if not np.array_equal(stored, params.numpy()):
+            row = int(np.flatnonzero((stored != params.numpy()).any(axis=1))[0])
+            raise CamkdError(f"{self.store.path}: the stored augmentation of view {view} differs from its seeded replay "
+                             f"(first: {self.sample_name(int(idx[row]))}); the store was made by an incompatible camkd; re-cache")
+        if self._pixels is not None and not np.array_equal(self._pixels[idx], hashes):
+            row = int(np.flatnonzero(self._pixels[idx] != hashes)[0])
+            raise CamkdError(f"{self.store.path}: the pixels of {self.sample_name(int(idx[row]))} in view {view} differ from "
+                             f"the ones the teachers saw; the store's decoder: {_versions(self.store.attrs.get('decoder_versions'))}; "
+                             f"this machine's: {_versions(decoder_versions())}; distill with the store's decoder versions "
+                             "(or re-cache on this machine)")
 
     def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Streamed) -> TeacherOut:
         if self.window_blocks is None:
@@ -230,13 +246,18 @@ class LiveTeachers:
     def batches(self, view, windows, batch_size, *, drop_last):
         return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
 
-    def check_view(self, view, idx, params) -> None:
+    def check_view(self, view, idx, params, hashes) -> None:
         """Nothing to check: the images are augmented here and now, not read from a store."""
 
     def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
         logits, feats = run_teachers(self.teachers, x, self.layer_index)
         feats = {k: [f.clone() for f in v] for k, v in feats.items()}  # out of inference mode, usable by autograd ops
         return TeacherOut(logits=logits.clone(), features=feats, heads=self.heads)
+
+
+def _versions(v: dict | None) -> str:
+    """``pillow 13.0.0, libjpeg_turbo 3.2.0, ...``: decoder versions in one line."""
+    return ", ".join(f"{k} {val}" for k, val in (v or {}).items()) or "not recorded"
 
 
 def check_layers(available: dict[str, list], needed: tuple[str, ...], where: str) -> None:

@@ -78,6 +78,15 @@ class DataSplit(Protocol):
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 un-augmented images on ``device``, their labels) in order, ``batch_size`` at a time."""
 
+    def sample_name(self, i: int) -> str:
+        """Sample ``i`` in a message (its file, where it has one)."""
+
+    def store_attrs(self) -> dict:
+        """What a store of this data records beside the dataset (and a continuing run must match): none in memory."""
+
+    def store_arrays(self) -> dict[str, np.ndarray]:
+        """Per-sample arrays a store of this data keeps beside the labels, by name: none in memory."""
+
 
 @dataclass
 class Dataset:
@@ -161,6 +170,15 @@ class Dataset:
         """Slices of the images as they are."""
         for start in range(0, len(self), batch_size):
             yield self.images[start : start + batch_size].to(device), self.labels[start : start + batch_size].to(device)
+
+    def sample_name(self, i: int) -> str:
+        return f"sample {i}"
+
+    def store_attrs(self) -> dict:
+        return {}
+
+    def store_arrays(self) -> dict[str, np.ndarray]:
+        return {}
 
 
 Loader = Callable[..., DataSplit]

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from camkd.data.base import Normalization, ViewBatch, register_dataset
-from camkd.data.decode import load_eval, load_train_view, pixel_hash
+from camkd.data.decode import DECODER, decoder_versions, load_eval, load_train_view, pixel_hash
 from camkd.data.listing import LISTERS, Listing
 from camkd.data.rrc import RECIPE
 from camkd.data.views import AugSpec
@@ -142,9 +142,20 @@ class FolderDataset:
         """RandomResizedCrop + flip (rrc.py) seeded by ``seed``, ImageNet's normalization."""
         return AugSpec(seed=seed, norm=self.norm, padding=0, recipe=RECIPE)
 
-    def file(self, i: int) -> str:
-        """Sample ``i``'s path relative to the dataset folder (what messages name)."""
+    def sample_name(self, i: int) -> str:
+        """Sample ``i``'s file, relative to the dataset folder."""
         return self.listing.paths[i]
+
+    def store_attrs(self) -> dict:
+        """The data kind, the decoder and the versions of what touches the pixels, and the classes (by folder name)."""
+        return {"data_kind": "files", "decoder": DECODER, "decoder_versions": decoder_versions(),
+                "classes": list(self.listing.classes)}
+
+    def store_arrays(self) -> dict[str, np.ndarray]:
+        """The file listing: relative path, byte size, label per sample."""
+        ls = self.listing
+        return {"path": np.array(ls.paths, dtype=np.dtypes.StringDType()), "size": np.asarray(ls.sizes, dtype=np.int64),
+                "label": np.asarray(ls.labels, dtype=np.int64)}
 
     def loader(self, device: torch.device) -> DataLoader:
         """The one DataLoader of this split (made on first use; its workers persist across passes)."""

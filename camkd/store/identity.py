@@ -12,6 +12,7 @@ import re
 import shutil
 from enum import Enum
 
+import numpy as np
 import zarr
 
 from camkd.data import DataSplit
@@ -47,6 +48,7 @@ def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: 
         "compressor": cfg.compressor,
         "logits": logits.to_dict(),
         "features": {name: {"index": idx, "shapes": [list(s) for s in shapes[name]]} for name, idx in layers.items()},
+        **train.store_attrs(),  # image folders: data kind, decoder and its versions, classes (none for in-memory data)
     }
 
 
@@ -83,7 +85,7 @@ def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
             raise CamkdError(f"{path} holds objects but no Zarr store; refusing to delete them even with --overwrite")
         return Target.RECREATE
     attrs = _open_existing(path, "r").attrs[layout.ATTRS_KEY]
-    old = {k: attrs[k] for k in ident}
+    old = {k: attrs.get(k) for k in ident}
     old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
     diff = _differences(old, ident)
     if diff:
@@ -120,8 +122,8 @@ def _open_existing(path: Location, mode: str) -> zarr.Group:
     return g
 
 
-def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, labels,
-                   shapes: dict, test_acc: list[float] | None, block: int) -> None:
+def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig, teachers: TeacherRunner,
+                   samples: dict[str, np.ndarray], shapes: dict, test_acc: list[float] | None, block: int) -> None:
     """Do what check_target decided: delete and create, create, or open (removing temporary files, adding views)."""
     if target is Target.RECREATE:
         if not cfg.overwrite:
@@ -133,11 +135,11 @@ def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig
         # no rename on object storage: metadata written in place, marked CREATING until the attrs are written
         # (a rerun after a kill creates it anew); the progress flags make the filling resumable as on disk
         try:
-            schema.create(path, ident, cfg, teachers, labels, shapes, test_acc, block)
+            schema.create(path, ident, cfg, teachers, samples, shapes, test_acc, block)
         except OSError as e:
             raise CamkdError(f"cannot create {path}: {e.strerror or e}; rerun the same command") from None
     else:
-        _create_local(path, ident, cfg, teachers, labels, shapes, test_acc, block)
+        _create_local(path, ident, cfg, teachers, samples, shapes, test_acc, block)
 
 
 def _continue(path: Location, cfg: CacheConfig) -> None:
@@ -152,7 +154,7 @@ def _continue(path: Location, cfg: CacheConfig) -> None:
         schema.append_views(g, cfg.views)
 
 
-def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, labels, shapes: dict,
+def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, samples: dict[str, np.ndarray], shapes: dict,
                   test_acc: list[float] | None, block: int) -> None:
     """Built under a temporary name and renamed when whole: a run killed while creating leaves no half store."""
     local = path.local_path
@@ -164,7 +166,7 @@ def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: Teach
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        schema.create(parse_location(tmp), ident, cfg, teachers, labels, shapes, test_acc, block)
+        schema.create(parse_location(tmp), ident, cfg, teachers, samples, shapes, test_acc, block)
         tmp.rename(local)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

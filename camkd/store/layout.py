@@ -6,12 +6,14 @@ names and functions here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync  # zarr's own bridge to its async Store API
 
+from camkd.data import rrc, views
 from camkd.data.order import block_slice  # noqa: F401 - the store's blocks are the order's blocks
 from camkd.errors import CamkdError
 
@@ -36,7 +38,10 @@ HEAD_DIMS = {0: (), 1: ("out",), 2: ("out", "in"), 4: ("out", "in", "kh", "kw")}
 
 # -- array names ------------------------------------------------------------------------------------
 LABELS = "labels"  # [N] int64
-AUG = "aug"  # [V, N, 3] int16 (dx, dy, flip)
+AUG = "aug"  # [V, N, 3] int16 (dx, dy, flip); image-folder stores: [V, N, 5] int32 (top, left, height, width, flip)
+PIXELS = "pixels"  # image-folder stores: [V, N] uint32, CRC-32 of each uint8 view the teachers saw
+FILES_GROUP = "files"  # image-folder stores: the file listing, [N] each: path (string), size (int64), label (int64)
+FILES = ("path", "size", "label")
 LOGITS = "logits"  # [V, N, K, C] (a dense store)
 PROGRESS = "progress"  # [V, blocks] uint8, 1 = block durable
 TOPK_GROUP = "topk"
@@ -48,6 +53,34 @@ HEADS_GROUP = "heads"
 VIEW_DIMS = ("view", "sample")  # the first two dimensions of every [V, N, ...] array
 FEATURE_DIMS = VIEW_DIMS + ("channel", "height", "width")
 SCALE_DIMS = VIEW_DIMS + ("channel",)
+
+
+@dataclass(frozen=True)
+class AugLayout:
+    """How a store keeps its views' augmentation, by the recipe that made them."""
+
+    params: tuple[str, ...]  # the columns of ``aug``
+    dtype: type
+    pixels: bool  # whether ``pixels`` (one CRC-32 per view) is kept
+
+
+AUG_LAYOUTS = {
+    views.RECIPE: AugLayout(("dx", "dy", "flip"), np.int16, pixels=False),
+    rrc.RECIPE: AugLayout(("top", "left", "height", "width", "flip"), np.int32, pixels=True),
+}
+
+
+def aug_layout(augmentation: dict) -> AugLayout:
+    """The layout of a store's ``aug`` (and ``pixels``) for its recorded augmentation."""
+    recipe = augmentation.get("recipe")
+    if recipe not in AUG_LAYOUTS:
+        raise CamkdError(f"the store's augmentation recipe '{recipe}' is not one this camkd replays; re-cache")
+    return AUG_LAYOUTS[recipe]
+
+
+def files_path(name: str) -> str:
+    """The path of one array of the file listing (a name of FILES)."""
+    return f"{FILES_GROUP}/{name}"
 
 
 def topk_path(name: str) -> str:
@@ -70,10 +103,10 @@ def feature_arrays(attrs: dict) -> list[str]:
 
 def staged_prefixes(layers: tuple[str, ...]) -> tuple[str, ...]:
     """Path prefixes of the [V, N, ...] arrays a reader of ``layers`` needs: aug, the logits, those layers' features."""
-    return (AUG, LOGITS, f"{TOPK_GROUP}/") + tuple(f"{FEATURES_GROUP}/{layer}/" for layer in layers)
+    return (AUG, PIXELS, LOGITS, f"{TOPK_GROUP}/") + tuple(f"{FEATURES_GROUP}/{layer}/" for layer in layers)
 
 
-def describe_arrays(spec: LogitsSpec, int8: bool) -> dict[str, str]:
+def describe_arrays(spec: LogitsSpec, int8: bool, aug: AugLayout = AUG_LAYOUTS[views.RECIPE]) -> dict[str, str]:
     """The attrs' ``arrays``: what each array holds, in words (for a reader with plain zarr)."""
     out = {LABELS: "[N] int64", AUG: "[V, N, 3] int16 (dx, dy, flip)", LOGITS: "[V, N, K, C]",
            f"{FEATURES_GROUP}/<layer>/t<k>": "[V, N, c, h, w] per teacher",
@@ -87,6 +120,10 @@ def describe_arrays(spec: LogitsSpec, int8: bool) -> dict[str, str]:
             topk_path("log_tail"): "[V, N, K, len(kd_T)] float32 log of the mass at T outside the kept classes",
             topk_path("ce"): "[V, N, K] float32 cross-entropy against the label at T = 1",
             topk_path("log_entropy"): "[V, N, K] float32 log entropy at T = 1"})
+    if aug.pixels:
+        out[AUG] = f"[V, N, {len(aug.params)}] {np.dtype(aug.dtype).name} ({', '.join(aug.params)})"
+        out[PIXELS] = "[V, N] uint32 CRC-32 (zlib) of each uint8 view [3, S, S] the teachers saw"
+        out[FILES_GROUP + "/path|size|label"] = "[N] each: file path relative to the data folder, byte size, label"
     if int8:
         out[f"{FEATURES_GROUP}/<layer>/t<k>"] = "[V, N, c, h, w] int8 per teacher; feature = q * scale"
         out[f"{FEATURES_GROUP}/<layer>/t<k>{SCALE_SUFFIX}"] = "[V, N, c] float32 per teacher"

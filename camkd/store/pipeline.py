@@ -35,7 +35,9 @@ class _Block:
         np_dtype = layout.DTYPES[attrs["dtype"]]
         self.dtype = attrs["dtype"]
         self.spec = topk.LogitsSpec.from_attrs(attrs)
-        self.aug = np.empty((rows, 3), dtype=np.int16)
+        aug = layout.aug_layout(attrs["augmentation"])
+        self.aug = np.empty((rows, len(aug.params)), dtype=aug.dtype)
+        self.pixels = np.empty(rows, dtype=np.uint32) if aug.pixels else None
         if self.spec.kind == "dense":
             self.logits = {layout.LOGITS: np.empty((rows, k, c), dtype=np_dtype)}
         else:
@@ -47,12 +49,15 @@ class _Block:
         self.feats = {name: [np.empty((rows,) + tuple(s), dtype=fd) for s in shapes[name]] for name in attrs["features"]}
         self.pending: Future | None = None  # the write of the block these buffers hold
 
-    def put(self, s: int, params: torch.Tensor, logits: torch.Tensor, feats: dict[str, list[torch.Tensor]],
-            labels: torch.Tensor) -> None:
+    def put(self, s: int, params: torch.Tensor, hashes: np.ndarray | None, logits: torch.Tensor,
+            feats: dict[str, list[torch.Tensor]], labels: torch.Tensor) -> None:
         """Copy one batch's outputs into rows s: (dtype conversion and device-to-host copy in one pass, no temporaries).
-        ``labels``: the batch's labels (a top-k store's cross-entropies need them)."""
+        ``hashes``: the views' CRC-32s (image folders); ``labels``: the batch's labels (a top-k store's cross-entropies
+        need them)."""
         e = s + len(logits)
         torch.from_numpy(self.aug[s:e]).copy_(params)
+        if self.pixels is not None:
+            self.pixels[s:e] = hashes
         if self.spec.kind == "dense":
             torch.from_numpy(self.logits[layout.LOGITS][s:e]).copy_(logits)
         else:
@@ -74,7 +79,8 @@ class _Writer:
         self.layer_names, self.k, self.int8 = list(attrs["features"]), k, attrs["feature_dtype"] == "int8"
         self.logit_names = layout.logit_arrays(topk.LogitsSpec.from_attrs(attrs))
         # opened once: on object storage each g[name] is a metadata GET
-        names = [layout.AUG, layout.PROGRESS] + self.logit_names + layout.feature_arrays(attrs)
+        self.pixels = layout.aug_layout(attrs["augmentation"]).pixels
+        names = [layout.AUG, layout.PROGRESS] + self.logit_names + layout.feature_arrays(attrs) + ([layout.PIXELS] if self.pixels else [])
         self.arrays = {name: g[name] for name in names}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-writer")
         self.failed = threading.Event()
@@ -89,6 +95,8 @@ class _Writer:
         try:
             a = self.arrays
             a[layout.AUG][v, rows] = blk.aug[:m]
+            if self.pixels:
+                a[layout.PIXELS][v, rows] = blk.pixels[:m]
             for name in self.logit_names:
                 a[name][v, rows] = blk.logits[name][:m]
             for name in self.layer_names:
@@ -131,9 +139,10 @@ def compute_blocks(g: zarr.Group, path: Location, teachers: TeacherRunner, train
                 _wait(blk)
                 rows = layout.block_slice(b, n, block)
                 batches = [np.arange(s, min(s + batch, rows.stop)) for s in range(rows.start, rows.stop, batch)]
-                for idx, (images, params, _) in zip(batches, train.view_batches(spec, v, batches, teachers.device)):
+                for idx, (images, params, hashes) in zip(batches, train.view_batches(spec, v, batches, teachers.device)):
                     logits, feats = teachers.run(normalize(images, spec.norm), layers)
-                    blk.put(int(idx[0]) - rows.start, params, logits, feats, train.labels[torch.from_numpy(idx).to(train.labels.device)])
+                    blk.put(int(idx[0]) - rows.start, params, hashes, logits, feats,
+                            train.labels[torch.from_numpy(idx).to(train.labels.device)])
                     bar.update(len(idx), f"view {v + 1}/{views}")
                 writer.submit(v, b, rows, blk)
             for blk in buffers:

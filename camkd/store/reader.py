@@ -7,6 +7,7 @@ shuffled within a window of blocks in memory, the next window prefetched by a th
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ import zarr
 
 from camkd.data import DataSplit, Normalization, load_dataset
 from camkd.data.folder import FOLDER_DATASETS
+from camkd.data.listing import Listing, check_unchanged
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
@@ -72,6 +74,16 @@ class TeacherStore:
 
     def aug(self, view: int) -> np.ndarray:
         return self.read_array(layout.AUG, view, f"view {view} ")
+
+    def pixels(self, view: int) -> np.ndarray | None:
+        """[N] uint32 CRC-32 of each view the teachers saw (image-folder stores), None where the store keeps none."""
+        return self.read_array(layout.PIXELS, view, f"view {view} ") if layout.aug_layout(self.attrs["augmentation"]).pixels else None
+
+    def listing(self, root: str | Path) -> Listing:
+        """The file listing an image-folder store was made from, rooted at ``root`` (its arrays under ``files/``)."""
+        ds = self.attrs["dataset"]
+        path, size, label = (self.read_array(layout.files_path(name)) for name in layout.FILES)
+        return Listing(ds["name"], os.fspath(root), ds["split"], [str(p) for p in path], size, label, self.attrs["classes"])
 
     def progress(self) -> np.ndarray:
         return self.read_array(layout.PROGRESS)
@@ -190,10 +202,18 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
     candidates = [test_opts]
     if ds["name"] == "synthetic":  # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
         candidates = [dict(test_opts, num_samples=ds["n"]), test_opts]
+    files = data_dir is not None and layout.files_path("path") in store.g  # an image folder: name the first changed file
     for opts in candidates:
-        train = load_dataset(ds["name"], ds["split"], data_dir=data_dir, limit=ds["n"], **opts)
+        try:
+            train = load_dataset(ds["name"], ds["split"], data_dir=data_dir, limit=ds["n"], **opts)
+        except CamkdError:  # e.g. fewer files than the store's samples
+            if files:
+                check_unchanged(store.listing(data_dir), data_dir)
+            raise
         if train.fingerprint == ds["fingerprint"]:
             break
+    if train.fingerprint != ds["fingerprint"] and files:
+        check_unchanged(store.listing(data_dir), data_dir)
     if train.fingerprint != ds["fingerprint"]:
         raise CamkdError(f"{store.path} was cached from other data than {ds['name']} here (fingerprint {ds['fingerprint'][:12]}, "
                          f"N {ds['n']}); the dataset changed since caching: give the same --data-dir or re-cache")

@@ -20,11 +20,14 @@ from camkd.store.runner import TeacherRunner
 CREATING = "camkd_creating"  # the only attr of a remote store whose creation has not finished
 
 
-def create(target: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, labels: np.ndarray, shapes: dict,
-           test_acc: list[float] | None, block: int) -> zarr.Group:
-    """Write the group, every array's metadata, labels and heads, then the attrs. A local store is built under a
-    temporary name (the caller renames it); a remote one in place, marked CREATING until its attrs are written."""
+def create(target: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, samples: dict[str, np.ndarray],
+           shapes: dict, test_acc: list[float] | None, block: int) -> zarr.Group:
+    """Write the group, every array's metadata, the per-sample arrays (``samples``: the labels, and an image folder's
+    file listing) and heads, then the attrs. A local store is built under a temporary name (the caller renames it);
+    a remote one in place, marked CREATING until its attrs are written."""
+    labels = samples[layout.LABELS]
     n, k, c = len(labels), teachers.num_teachers, ident["dataset"]["num_classes"]
+    aug = layout.aug_layout(ident["augmentation"])
     logits = topk.LogitsSpec.from_attrs(ident)
     np_dtype = layout.DTYPES[cfg.dtype]
     itemsize = np.dtype(np_dtype).itemsize
@@ -44,7 +47,13 @@ def create(target: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRun
 
     g.create_array(layout.LABELS, data=labels.astype(np.int64), chunks=(min(n, 1 << 18),), compressors=crc,
                    dimension_names=("sample",))
-    arr(layout.AUG, (cfg.views, n, 3), np.int16, 6, layout.VIEW_DIMS + ("param",))
+    for name, data in samples.items():
+        if name != layout.LABELS:
+            g.create_array(name, data=data, chunks=(min(n, 1 << 18),), compressors=crc, dimension_names=("sample",))
+    width, item = len(aug.params), np.dtype(aug.dtype).itemsize
+    arr(layout.AUG, (cfg.views, n, width), aug.dtype, width * item, layout.VIEW_DIMS + ("param",))
+    if aug.pixels:
+        arr(layout.PIXELS, (cfg.views, n), np.uint32, 4, layout.VIEW_DIMS)
     if logits.kind == "dense":
         arr(layout.LOGITS, (cfg.views, n, k, c), np_dtype, k * c * itemsize, layout.VIEW_DIMS + ("teacher", "class"))
     else:
@@ -65,7 +74,7 @@ def create(target: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRun
     attrs = dict(ident)
     attrs["teachers"] = teachers.provenance
     attrs.update({"views": cfg.views, "block_rows": block, "camkd_version": camkd.__version__,
-                  "arrays": layout.describe_arrays(logits, int8=fdtype == "int8")})
+                  "arrays": layout.describe_arrays(logits, int8=fdtype == "int8", aug=aug)})
     if cfg.compressor == "zstd":
         attrs["compression"] = f"zstd level {layout.ZSTD_LEVEL} on the view x sample arrays, before their crc32c"
     if fdtype == "int8":
@@ -84,6 +93,8 @@ def append_views(g: zarr.Group, views: int) -> None:
     """Grow every per-view array to ``views`` (new views are empty, their progress flags 0)."""
     attrs = g.attrs[layout.ATTRS_KEY]
     names = [layout.AUG, layout.PROGRESS] + layout.logit_arrays(topk.LogitsSpec.from_attrs(attrs)) + layout.feature_arrays(attrs)
+    if layout.aug_layout(attrs["augmentation"]).pixels:
+        names.append(layout.PIXELS)
     for name in names:
         a = g[name]
         a.resize((views,) + a.shape[1:])

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import zarr
 
+from camkd.data.decode import decoder_versions
 from camkd.data.views import normalize
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
@@ -240,7 +241,9 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
     if [t["sha256"] for t in teachers.provenance] != shas:
         raise CamkdError(f"the --teacher checkpoints differ from the store's (sha256 {[s[:12] for s in shas]}); "
                          "pass the same checkpoints in the same order")
-    train, _, spec = load_cached_data(store, data_dir=data_dir)
+    # an image folder's sample is decoded in this process (a few hundred files: no worker processes to start)
+    workers = 0 if layout.aug_layout(a["augmentation"]).pixels else None
+    train, _, spec = load_cached_data(store, data_dir=data_dir, workers=workers)
     train = train.to(teachers.device)
     pairs = _sample_pairs(store, flags, sample, seed)
     layers = {name: spec_["index"] for name, spec_ in a["features"].items()}
@@ -249,10 +252,19 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
     for v in sorted({p[0] for p in pairs}):
         idx = np.array([i for vv, i in pairs if vv == v], dtype=np.int64)
         stored_aug = np.asarray(store.g[layout.AUG].oindex[v, idx])
-        images, params, _ = next(train.view_batches(spec, v, [idx], teachers.device))
+        images, params, hashes = next(train.view_batches(spec, v, [idx], teachers.device))
         if not np.array_equal(stored_aug, params.numpy()):
             mismatch = True
             lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
+        if hashes is not None:  # an image-folder store: the views decoded here against the pixels the teachers saw
+            stored_pixels = np.asarray(store.g[layout.PIXELS].oindex[v, idx])
+            if not np.array_equal(stored_pixels, hashes):
+                mismatch = True
+                first = train.sample_name(int(idx[np.flatnonzero(stored_pixels != hashes)[0]]))
+                lines.append(f"MISMATCH: pixels of view {v} differ from the ones the teachers saw (first: {first}); the "
+                             f"store's decoder: {a.get('decoder_versions')}, this machine's: {decoder_versions()}")
+            else:
+                lines.append(f"pixels of view {v}: {len(idx)} views decoded from the files match the stored CRC-32s")
         logits, feats = teachers.run(normalize(images, spec.norm), layers)
         if store.logits_spec.kind == "dense":
             checks = {layout.LOGITS: (logits.float().cpu().numpy(),

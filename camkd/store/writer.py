@@ -54,7 +54,9 @@ def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, lay
     test_acc = test_accuracy() if target is not Target.CONTINUE else None
     with dist.agree("creating or opening the store"):
         if world.main:
-            open_or_create(path, target, ident, cfg, teachers, train.labels.cpu().numpy(), shapes, test_acc, block)
+            samples = {layout.LABELS: train.labels.cpu().numpy(),
+                       **{layout.files_path(name): a for name, a in train.store_arrays().items()}}
+            open_or_create(path, target, ident, cfg, teachers, samples, shapes, test_acc, block)
     return _fill(path, cfg, teachers, train, spec, shapes, batch, world)
 
 
