@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperArgument, TyperGroup
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); older releases use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -40,7 +40,9 @@ class OneLineErrors(TyperGroup):
         except ClickException as e:
             ctx = getattr(e, "ctx", None)  # the (sub)command's own help: 'camkd bench speed --help'
             where = f"; see '{' '.join(['camkd', *ctx.command_path.split()[1:]]) if ctx else 'camkd'} --help'"
-            msg = e.format_message().replace("Value error, ", "").rstrip(".")
+            # one line: a missing choice lists the choices one per line ("Choose from:\n\ta,\n\tb")
+            msg = " ".join(e.format_message().replace("Value error, ", "").split()).rstrip(".").replace(". Choose from:",
+                                                                                                     "; choose from")
             typer.echo(f"error: {msg[0].lower() + msg[1:] if msg else msg}{where}", err=True)
             sys.exit(2)
         except Abort:
@@ -49,14 +51,20 @@ class OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def get_command(self, ctx, cmd_name: str):
-        """The command, its arguments shown in --help by their metavar alone (``STORE``, ``RUN...``), as click
-        shows them: typer appends the Python type (``STORE <str>``, ``RUN <list[Path]>``) and braces the usage."""
+        """The command, its parameters named in --help as click names them rather than by typer's Python types
+        (``STORE <str>``, ``RUN <list[Path]>``, ``--arch <str>``, ``--epochs <int range>``): arguments by their
+        metavar (``STORE``, ``RUN...``), options by theirs or else by their name (``--arch ARCH``), choices as
+        ``a|b|c``."""
         cmd = super().get_command(ctx, cmd_name)
         for param in getattr(cmd, "params", []):
             if isinstance(param, TyperArgument) and param.metavar:
                 name = param.metavar + ("..." if param.nargs != 1 else "")
                 param.display_type_rich = lambda ctx: None
                 param._rich_display_name = param._usage_display_name = lambda name=name: name
+            elif isinstance(param, TyperOption) and not param.is_flag and param.metavar is None:
+                desc = param.type_descriptor
+                choices = desc.choices if desc.is_choice else None
+                param.metavar = "|".join(str(getattr(c, "value", c)) for c in choices) if choices else param.name.upper()
         return cmd
 
 
@@ -421,7 +429,7 @@ def distill_cmd(
     from camkd.distill import DistillConfig, distill
 
     cfg = DistillConfig(
-        arch=arch, method=method.value, cache=_str(cache), online=online, teachers=teacher or [], aug_seed=aug_seed,
+        arch=arch, method=method.value, cache=cache or None, online=online, teachers=teacher or [], aug_seed=aug_seed,
         feature_memory_mb=feature_memory_mb,
         loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),

@@ -24,6 +24,14 @@ from camkd.errors import CamkdError
 from camkd.progress import log
 
 
+def _outermost_missing(path: Path) -> Path:
+    """The highest folder of ``path``'s that does not exist yet (``path`` itself when its parent exists)."""
+    p = path.absolute()
+    while not p.parent.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -67,8 +75,11 @@ class RunFolder:
     def start(self, resume_epoch: int | None) -> None:
         """Create the folder and the metrics file (on resume: drop lines past the checkpoint's epoch)."""
         try:
-            self._made = not self.path.exists()
+            # the outermost folder this run creates (--out's parents too): removed whole if the run fails early
+            self._made = None if self.path.exists() else _outermost_missing(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
+            if resume_epoch is None:  # a new run in a folder a run killed before its first checkpoint left: its scalars go
+                shutil.rmtree(self.path / "tb", ignore_errors=True)
             self.tb = TensorBoardLog.open(self.path / "tb", resume_epoch)
             if resume_epoch is None or not self.metrics.exists():
                 self.metrics.write_text("")
@@ -84,8 +95,8 @@ class RunFolder:
         is left behind). A resumed run, or one with a checkpoint, keeps everything."""
         if self.resume or self.last.exists() or not hasattr(self, "_made"):
             return
-        if self._made:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if self._made is not None:
+            shutil.rmtree(self._made, ignore_errors=True)
         else:  # the folder was there before (empty of runs, as check() made sure): only our files go
             self.metrics.unlink(missing_ok=True)
             shutil.rmtree(self.path / "tb", ignore_errors=True)
@@ -103,7 +114,7 @@ class RunFolder:
         for path, flag in FIXED_OPTIONS.items():
             have, want = _dig(old, path), _dig(options or {}, path)
             if have is not _MISSING and want is not _MISSING and have != want:
-                raise CamkdError(f"--resume: {self.last} was made with {flag} {_short(have)}, this run has {_short(want)}; "
+                raise CamkdError(f"--resume: {self.last} was made with {_given(flag, have)}, this run has {_given(flag, want)}; "
                                  f"resume with the same {flag} (only --epochs may grow; device, ranks and --micro-batches may "
                                  "change) or choose another --out")
         self._check_identity(meta, identity, [key for key in identity if key in DERIVED])
@@ -166,6 +177,11 @@ def _dig(d: dict, path: tuple[str, ...]):
             return _MISSING
         d = d[key]
     return d
+
+
+def _given(flag: str, value) -> str:
+    """'--limit 64', or 'no --limit' for an option left out (None), as a user would say it."""
+    return f"no {flag}" if value is None else f"{flag} {_short(value)}"
 
 
 def _differs(have, want) -> str:

@@ -66,3 +66,34 @@ def test_help_names_arguments_by_their_metavar(command, usage, cli):
 
 def test_missing_argument_is_one_line(cli, one_error):
     one_error(cli("cache-info"), r"missing argument 'STORE'; see 'camkd cache-info --help'")
+
+
+def test_credentials_in_a_file_url_are_refused_too(cli, one_error):
+    line = one_error(cli("cache-info", "file://user:s3cr3tpw@host/x.zarr"), r"the file:// URL carries credentials")
+    assert "s3cr3tpw" not in line and "user" not in line
+
+
+def test_a_store_url_that_cannot_connect_is_one_line(cli, one_error):
+    """ftp's client connects when it is made (port 9 on the loopback: refused at once, no DNS, no network)."""
+    one_error(cli("cache-info", "ftp://127.0.0.1:9/x.zarr"), r"cannot reach ftp://127.0.0.1:9/x.zarr: ")
+
+
+def test_a_missing_choice_option_is_one_line_naming_the_choices(cli, one_error):
+    one_error(cli("train-teacher", "-m", "resnet8"), r"missing option '--dataset' / '-d'; choose from cifar10, .*synthetic")
+
+
+def test_an_empty_store_is_a_missing_store(cli, one_error):
+    one_error(cli("distill", "-c", "", "-m", "resnet8", "--device", "cpu"), r"give --cache STORE")
+
+
+COMMANDS = [["train-teacher"], ["cache-teachers"], ["cache-info"], ["cache-verify"], ["distill"], ["report"], ["evaluate"],
+            ["models"], ["demo"], ["bench", "speed"], ["bench", "accuracy"], ["bench", "storage"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_shows_no_python_types(command, cli):
+    """Options are named by their metavar or name (--arch ARCH), choices as a|b; never typer's <str>, <int range>."""
+    r = cli(*command, "--help")
+    assert r.exit_code == 0, r.output
+    for noise in ("<str>", "<int", "<float", "<path>", "list[", "<bool>"):
+        assert noise not in r.output, (noise, r.output)

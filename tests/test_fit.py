@@ -100,7 +100,7 @@ def test_a_defaulted_option_is_recorded_and_compared_as_its_value(tmp_path):
     options = load_checkpoint(tmp_path / "r" / "last.pth")["meta"]["options"]
     assert options["optim"]["lr"] == 0.05 and options["aug_seed"] == 3  # resnet8's default lr; the run's seed
     train_teacher(train_cfg(**kw, epochs=2, seed=3, lr=0.05, aug_seed=3, out=str(tmp_path / "r"), resume=True))
-    with pytest.raises(CamkdError, match=r"made with --lr 0\.05, this run has 0\.1;") as e:
+    with pytest.raises(CamkdError, match=r"made with --lr 0\.05, this run has --lr 0\.1;") as e:
         train_teacher(train_cfg(**kw, epochs=3, seed=3, lr=0.1, out=str(tmp_path / "r"), resume=True))
     assert "None" not in str(e.value)
 
@@ -139,3 +139,40 @@ def test_without_tensorboard_no_files_and_one_note(tmp_path, monkeypatch, capsys
         assert not (tmp_path / name / "tb").exists()
     assert capsys.readouterr().err.count("tensorboard is not installed") == 1
     camkd.runs._no_tensorboard_note.cache_clear()
+
+
+def _stop_in_epoch_1():
+    from camkd.fit import Hooks
+
+    def on_step(epoch, losses):
+        raise KeyboardInterrupt
+
+    return Hooks(on_step=on_step)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folders_it_made(tmp_path):
+    """--out's parents that the run created go too: no empty folder is left behind."""
+    out = tmp_path / "a" / "b" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(train_cfg(**TINY, epochs=1, out=str(out)), hooks=_stop_in_epoch_1())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_run_drops_the_scalars_of_a_run_killed_in_its_first_epoch(tmp_path):
+    """A run killed before its first checkpoint leaves tb/ (kill -9 cleans nothing up); the next new run in that folder
+    (e.g. --auto-resume after a restart) starts TensorBoard anew instead of keeping the dead run's event file."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "r"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "events.out.tfevents.0.dead").write_bytes(b"stale")
+    (out / "metrics.jsonl").write_text("")
+    train_teacher(train_cfg(**TINY, epochs=1, out=str(out), auto_resume=True))
+    events = sorted(p.name for p in (out / "tb").iterdir())
+    assert len(events) == 1 and not events[0].endswith(".dead"), events
+    assert [m["epoch"] for m in metrics(out)] == [1]
+
+
+def test_an_option_left_out_is_named_as_left_out(tmp_path):
+    train_teacher(train_cfg(**TINY, epochs=1, limit=32, out=str(tmp_path / "r")))
+    with pytest.raises(CamkdError, match=r"was made with --limit 32, this run has no --limit;"):
+        train_teacher(train_cfg(**TINY, epochs=2, out=str(tmp_path / "r"), resume=True))

@@ -75,7 +75,7 @@ def test_train_teacher_records_noise(cli, one_error, tmp_path):
     # resuming the noisy run with another seed is refused: a noisy teacher is a different run
     r = cli("train-teacher", "-m", "resnet8", "-d", "synthetic", "--epochs", "2", "--batch-size", "32", "--limit", "128",
             "--label-noise", "0.25", "--label-noise-seed", "8", "--device", "cpu", "--out", out, "--resume", "-q")
-    one_error(r, r"was made with --label-noise-seed 7, this run has 8; resume with the same --label-noise-seed")
+    one_error(r, r"was made with --label-noise-seed 7, this run has --label-noise-seed 8; resume with the same --label-noise-seed")
 
 
 def test_cli_rejects_bad_rate(cli, one_error, tmp_path):

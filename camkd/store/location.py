@@ -73,6 +73,8 @@ class Location:
             raise CamkdError(f"{self.url} needs {pkg}: {how}") from None
         except ValueError as e:  # fsspec: unknown protocol
             raise CamkdError(f"{self.url}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a client that connects when made (ftp, sftp): unknown host, refused, ...
+            raise CamkdError(f"cannot reach {self.url}: {_reason(e)}") from None
 
     def open_group(self, mode: str, **kw) -> zarr.Group:
         """zarr.open_group on this location (``mode`` as zarr's: r, r+, w, a)."""
@@ -169,6 +171,9 @@ def parse_location(where: str | os.PathLike | Location) -> Location:
         p = str(Path(text))
         return Location(p, "file", p)
     protocol, rest = m.group(1).lower(), m.group(2)
+    if _carries_credentials(protocol, rest):  # nothing of the URL is echoed: any part of it may be the secret
+        raise CamkdError(f"the {protocol}:// URL carries credentials (USER:SECRET@ before the bucket); remove them from the URL "
+                         "and give them through the environment (" + ENV_HINT.get(_family(protocol), "see your storage client") + ")")
     if protocol in LOCAL_PROTOCOLS:
         if rest.startswith("localhost/"):
             rest = rest[len("localhost"):]
@@ -176,9 +181,6 @@ def parse_location(where: str | os.PathLike | Location) -> Location:
             raise CamkdError(f"{text}: no path after {protocol}://")
         p = str(Path(rest))
         return Location(p, "file", p)
-    if _carries_credentials(protocol, rest):  # nothing of the URL is echoed: any part of it may be the secret
-        raise CamkdError(f"the {protocol}:// URL carries credentials (USER:SECRET@ before the bucket); remove them from the URL "
-                         "and give them through the environment (" + ENV_HINT.get(_family(protocol), "see your storage client") + ")")
     rest = rest.rstrip("/")
     bucket = rest.split("/", 1)[0]
     if not bucket:
