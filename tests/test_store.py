@@ -336,14 +336,15 @@ def test_more_views_append_without_recomputing(teachers, tmp_path):
 
 # ---- 5. refusals ---------------------------------------------------------------------------------
 
-def test_other_dataset_is_named_first_and_the_rest_counted(tmp_path):
+def test_other_dataset_is_named_first(tmp_path):
     torch.manual_seed(0)
     torch.save({"model": create_model("resnet8", num_classes=10, in_channels=1).state_dict()}, tmp_path / "t.pth")
     base = dict(teachers=[f"resnet8={tmp_path / 't.pth'}"], limit=64, views=1, features=["none"], out=str(tmp_path / "s.zarr"),
                 device="cpu", progress=False, evaluate=False)
     cache_teachers(CacheConfig(dataset="synthetic", options={"channels": 1, "image_size": 28}, **base))
-    with pytest.raises(CamkdError, match=r"made differently: dataset\.name \(store: synthetic, now: fashion-mnist\); .* "
-                                         r"\(and \d+ more\); use --overwrite"):
+    with pytest.raises(CamkdError, match=r"made differently: --dataset synthetic in the store, fashion-mnist now; the "
+                                         r"training data differ \(fingerprint [0-9a-f]{12}\.\.\. in the store, "
+                                         r"[0-9a-f]{12}\.\.\. now\); .*; use --overwrite"):
         cache_teachers(CacheConfig(dataset="fashion-mnist", **base))
 
 
@@ -355,10 +356,11 @@ def test_features_none_with_layers_is_refused(cli, teachers, tmp_path, one_error
 
 
 @pytest.mark.parametrize("change, pattern", [
-    (("--limit", "100"), r"made differently: .*dataset\.fingerprint.*dataset\.n \(store: 128, now: 100\).*--overwrite"),
-    (("--aug-seed", "7"), r"augmentation\.seed \(store: 0, now: 7\)"),
-    (("--dtype", "float32"), r"dtype \(store: float16, now: float32\)"),
-    (("-f", "hint:2"), r"features\.hint2 \(store: None"),
+    (("--limit", "100"), r"made differently: the store caches 128 samples \(--limit 128\), this run has 100; use "
+                         r"--overwrite"),
+    (("--aug-seed", "7"), r"made differently: --aug-seed 0 in the store, 7 now; use"),
+    (("--dtype", "float32"), r"made differently: --dtype float16 in the store, float32 now; use"),
+    (("-f", "hint:2"), r"made differently: the store holds no hint2 features \(-f penultimate\), this run asks for them; "),
 ])
 def test_refuses_other_options_naming_the_difference(cli, teachers, small, change, pattern, one_error):
     path, args = small
@@ -368,27 +370,43 @@ def test_refuses_other_options_naming_the_difference(cli, teachers, small, chang
     assert snapshot(path) == before
 
 
+def test_store_without_features_names_dtype_alone_and_the_asked_layer(cli, teachers, tmp_path, one_error):
+    """-f none stores no features: their type is no difference; a layer asked for says the store was made with -f none."""
+    args = ["-d", "synthetic", "--limit", "64", "-V", "1", "--device", "cpu", "-q", "--no-eval", "--out", tmp_path / "s.zarr"]
+    assert cli("cache-teachers", "-t", teachers["resnet8"], "-f", "none", *args).exit_code == 0
+    line = one_error(cli("cache-teachers", "-t", teachers["resnet8"], "-f", "none", "--dtype", "float32", *args),
+                     r"made differently: --dtype float16 in the store, float32 now; use --overwrite")
+    assert "--feature-dtype" not in line, line
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], "-f", "penultimate", *args),
+              r"made differently: the store holds no penultimate features \(-f none\), this run asks for them; use")
+
+
 def test_refuses_other_layers_dropped(cli, teachers, small, one_error):
     path, args = small
     before = snapshot(path)
     new = _replace_opt(args, "-f", "none")
-    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *new), r"features\.penultimate \(store: \{")
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], *new),
+              r"made differently: the store holds penultimate features \(-f penultimate\), this run does not ask for them; ")
     assert snapshot(path) == before
 
 
 def test_refuses_other_teachers(cli, teachers, small, tmp_path, one_error):
     path, args = small
     before = snapshot(path)
-    one_error(cli("cache-teachers", "-t", teachers["wrn_16_1"], *args), r"teachers.*wrn_16_1")
-    one_error(cli("cache-teachers", "-t", teachers["resnet8"], "-t", teachers["wrn_16_1"], *args), r"teachers")
+    h8, h16 = sha256_file(teachers["resnet8"])[:12], sha256_file(teachers["wrn_16_1"])[:12]
+    one_error(cli("cache-teachers", "-t", teachers["wrn_16_1"], *args),
+              rf"made differently: teacher 1 is resnet8 \(sha256 {h8}\.\.\.\) in the store, wrn_16_1 \(sha256 {h16}\.\.\.\) now; ")
+    one_error(cli("cache-teachers", "-t", teachers["resnet8"], "-t", teachers["wrn_16_1"], *args),
+              r"made differently: the store has 1 teacher \(resnet8\), this run 2 \(resnet8, wrn_16_1\); ")
     # same arch and file name, other weights: the message must name the checkpoint digest
     ckpt = torch.load(teachers["resnet8"], map_location="cpu", weights_only=True)
     ckpt["model"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
     other = tmp_path / "other" / teachers["resnet8"].name
     other.parent.mkdir()
     torch.save(ckpt, other)
-    msg = one_error(cli("cache-teachers", "-t", other, *args), r"sha256")
+    msg = one_error(cli("cache-teachers", "-t", other, *args), r"teacher 1 is resnet8 \(sha256 \w{12}\.\.\.\) in the store")
     assert sha256_file(other)[:12] in msg and sha256_file(teachers["resnet8"])[:12] in msg, msg
+    assert sha256_file(other)[:13] not in msg, msg
     assert snapshot(path) == before
 
 
@@ -905,7 +923,7 @@ def test_refusals_come_before_the_plan(cli, teachers, small, tmp_path, one_error
     one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(loud, "--out", str(a_file))),
               r"file\.zarr exists and is not a camkd store")
     one_error(cli("cache-teachers", "-t", teachers["resnet8"], *_replace_opt(loud, "--dtype", "float32")),
-              r"made differently: dtype \(store: float16, now: float32\)")
+              r"made differently: --dtype float16 in the store, float32 now")
 
 
 def test_feature_dtype_without_features_is_refused(cli, teachers, tmp_path, one_error):

@@ -159,9 +159,9 @@ def test_verify_int8_catches_wrong_values(spec, stores, tmp_path):
 def test_resume_with_another_feature_dtype_or_compressor_is_refused(spec, stores, tmp_path):
     path = tmp_path / "s.zarr"
     shutil.copytree(stores["i8"], path)
-    with pytest.raises(CamkdError, match=r"feature_dtype \(store: int8, now: float32\)"):
+    with pytest.raises(CamkdError, match=r"made differently: --feature-dtype int8 in the store, float32 now; use"):
         cache_teachers(CacheConfig(teachers=[spec], out=str(path), **BASE, dtype="float32"))
-    with pytest.raises(CamkdError, match=r"compressor \(store: none, now: zstd\)"):
+    with pytest.raises(CamkdError, match=r"made differently: --compressor none in the store, zstd now; use"):
         cache_teachers(CacheConfig(teachers=[spec], out=str(path), **BASE, **KINDS["i8z"]))
     # the same options continue it (nothing left to do)
     summary = cache_teachers(CacheConfig(teachers=[spec], out=str(path), **BASE, **KINDS["i8"]))

@@ -21,6 +21,7 @@ from camkd.errors import CamkdError
 from camkd.progress import log
 from camkd.store import layout, schema, topk
 from camkd.store.config import CacheConfig
+from camkd.store.differences import differences
 from camkd.store.location import Location, parse_location
 from camkd.store.runner import TeacherRunner
 
@@ -52,26 +53,6 @@ def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: 
     }
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and a != b \
-                and all(isinstance(x, dict) for x in a + b):  # e.g. teachers: name the field that differs
-            for i, (x, y) in enumerate(zip(a, b)):
-                out += _differences(x, y, f"{prefix}{key}.{i}.")
-        elif a != b:
-            out.append(f"{prefix}{key} (store: {_short(a)}, now: {_short(b)})")
-    return out
-
-
-def _short(v) -> str:
-    s = str(v)
-    return s if len(s) <= 70 else s[:67] + "..."
-
-
 def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
     """What this run will do with ``path``, refusing (before any output) a target it must not touch or continue."""
     if not path.exists():
@@ -87,9 +68,8 @@ def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
     attrs = _open_existing(path, "r").attrs[layout.ATTRS_KEY]
     old = {k: attrs.get(k) for k in ident}
     old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
-    diff = _differences(old, ident)
+    diff = differences(old, ident)
     if diff:
-        diff.sort(key=lambda d: not d.split(" (")[0].endswith("name"))  # a differing name first (dataset.name: the data)
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}{more}; use --overwrite to replace it or "
                          "another --out")
