@@ -107,7 +107,7 @@ def _teacher_optim() -> OptimConfig:
 _O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
 _SPEED, _ACC, _STORAGE = SpeedConfig(), AccuracyConfig(), StorageConfig()  # stated once in camkd/bench/config.py
 ProtocolChoice = _choices("Protocol", list(PROTOCOLS))
-_TEACHER_DECAY, _DISTILL_DECAY = [str(e) for e in _TO.lr_decay_epochs], [str(e) for e in _O.lr_decay_epochs]
+_DISTILL_DECAY = [str(e) for e in _O.lr_decay_epochs]
 
 # Options shared across commands (huggingface_hub style aliases).
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files (torchvision's layout).")]
@@ -246,6 +246,32 @@ def _run_config(out: Path | None, run: dict) -> RunConfig:
                      progress=not run["quiet"])
 
 
+def _recipe_default(name: str) -> str:
+    """train-teacher's default of one optimizer value as --help states it: in-memory data's, then image folders' if other."""
+    from camkd.data.folder import FOLDER_DATASETS
+    from camkd.train import recipe
+
+    memory, files = (getattr(recipe(d), name) for d in ("cifar100", FOLDER_DATASETS[0]))
+    text = [",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" for v in (memory, files)]
+    return f"[default: {text[0]}]" if text[0] == text[1] else f"[default: {text[0]}; {text[1]} for image folders]"
+
+
+# train-teacher's optimizer options: left out, each comes from the dataset kind's recipe (camkd.train.recipe)
+TeacherEpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help=f"Training epochs {_recipe_default('epochs')}.")]
+TeacherBatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch size (split over torchrun's "
+                            f"ranks) {_recipe_default('batch_size')}.")]
+TeacherLrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate [default: 0.05, 0.01 for "
+                         "MobileNetV2/ShuffleV1/V2; 0.1 x batch / 256 for image folders].")]
+TeacherDecayOpt = Annotated[Optional[list[str]], typer.Option("--lr-decay-epochs", metavar="EPOCH", help="Epochs after "
+                            "which the lr decays (repeat the option, or give a comma-separated list) "
+                            f"{_recipe_default('lr_decay_epochs')}.")]
+TeacherDecayRateOpt = Annotated[Optional[float], typer.Option("--lr-decay-rate", min=0.0, metavar="RATE", help="Factor of "
+                                "each lr decay " f"{_recipe_default('lr_decay_rate')}.")]
+MomentumOpt = Annotated[Optional[float], typer.Option("--momentum", min=0.0, help=f"SGD momentum {_recipe_default('momentum')}.")]
+WeightDecayOpt = Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="SGD weight decay "
+                           f"{_recipe_default('weight_decay')}.")]
+
+
 @app.command("train-teacher")
 @friendly
 @run_options
@@ -255,11 +281,14 @@ def train_teacher_cmd(
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
     trial: Annotated[int, typer.Option("--trial", help="Trial number (part of the default --out).")] = 0,
-    epochs: EpochsOpt = _TO.epochs,
-    batch_size: BatchOpt = _TO.batch_size,
+    epochs: TeacherEpochsOpt = None,
+    batch_size: TeacherBatchOpt = None,
     micro_batches: MicroOpt = _TO.micro_batches,
-    lr: LrOpt = None,
-    lr_decay_epochs: DecayOpt = _TEACHER_DECAY,
+    lr: TeacherLrOpt = None,
+    lr_decay_epochs: TeacherDecayOpt = None,
+    lr_decay_rate: TeacherDecayRateOpt = None,
+    momentum: MomentumOpt = None,
+    weight_decay: WeightDecayOpt = None,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _TO.nesterov,
     limit: LimitOpt = None,
     aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: --seed].")] = None,
@@ -272,7 +301,7 @@ def train_teacher_cmd(
     *,
     run: dict,
 ) -> None:
-    """Train a teacher with the reference's recipe on seeded augmentation views."""
+    """Train a teacher on seeded augmentation views: the reference's recipe on 28-32 px data, torchvision's on image folders."""
     from camkd.train import TrainConfig, train_teacher
 
     cfg = TrainConfig(
@@ -280,8 +309,9 @@ def train_teacher_cmd(
         data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
                         label_noise=label_noise, label_noise_seed=label_noise_seed,
                         options=_loader_options(image_size, workers)),
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
-                          nesterov=nesterov, drop_last=_TO.drop_last, micro_batches=micro_batches),
+        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs or []) or None,
+                          lr_decay_rate=lr_decay_rate, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                          drop_last=_TO.drop_last, micro_batches=micro_batches),
         run=_run_config(out, run),
     )
     s = train_teacher(cfg)

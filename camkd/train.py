@@ -8,21 +8,52 @@ from pathlib import Path
 from camkd import dist
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
+from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.noise import apply_label_noise, check_rate
 from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
 from camkd.methods import create_method
 from camkd.models import resolve_arch
 from camkd.sources import NoTeachers
 
+RECIPE_FIELDS = ("epochs", "batch_size", "lr_decay_epochs", "lr_decay_rate", "momentum", "weight_decay")
+"""The optimizer options whose default depends on the kind of data (and ``lr``, which also depends on the arch)."""
+
+FOLDER_LR_PER_256 = 0.1  # image folders: lr 0.1 per 256 images of the global batch (torchvision's reference)
+
 
 def teacher_optim() -> OptimConfig:
-    """The reference's teacher recipe (RepDistiller train_teacher.py): no nesterov, the last partial batch kept."""
-    return OptimConfig(nesterov=False, drop_last=False)
+    """train-teacher's options before the data is known: no nesterov, the last partial batch kept, and every value
+    of :data:`RECIPE_FIELDS` and ``lr`` None, which :func:`resolve_recipe` fills from the dataset's recipe."""
+    return replace(OptimConfig(nesterov=False, drop_last=False, lr=None), **dict.fromkeys(RECIPE_FIELDS))
+
+
+def recipe(dataset: str) -> OptimConfig:
+    """The teacher recipe of ``dataset``'s kind, its ``lr`` left None (it depends on the arch or the batch).
+
+    In-memory 28-32 px data: the reference's (RepDistiller train_teacher.py): 240 epochs of batch 64, decay x0.1
+    after 150/180/210, momentum 0.9, weight decay 5e-4. Image folders: torchvision's ImageNet reference: 90 epochs
+    of batch 256, decay x0.1 after 30/60/80, momentum 0.9, weight decay 1e-4. Both: no nesterov, no dropped batch.
+    """
+    if dataset in FOLDER_DATASETS:
+        return OptimConfig(epochs=90, batch_size=256, lr=None, lr_decay_epochs=[30, 60, 80], lr_decay_rate=0.1,
+                           momentum=0.9, weight_decay=1e-4, nesterov=False, drop_last=False)
+    return OptimConfig(nesterov=False, drop_last=False, lr=None)
+
+
+def resolve_recipe(optim: OptimConfig, dataset: str, arch: str) -> OptimConfig:
+    """``optim`` with every value left None taken from ``dataset``'s :func:`recipe`, and the lr made explicit:
+    0.1 x batch / 256 for image folders, the arch's default otherwise (0.05, or 0.01 for MobileNetV2/ShuffleV1/V2)."""
+    base = recipe(dataset)
+    out = replace(optim, **{k: getattr(base, k) for k in RECIPE_FIELDS if getattr(optim, k) is None})
+    if out.lr is None and dataset in FOLDER_DATASETS:
+        out = replace(out, lr=FOLDER_LR_PER_256 * out.batch_size / 256)
+    return resolve_lr(out, arch)
 
 
 @dataclass
 class TrainConfig:
-    """All options of a teacher run; saved into every checkpoint."""
+    """All options of a teacher run; saved into every checkpoint, with the recipe's values resolved (the optimizer
+    values left None come from the dataset kind's recipe: :func:`resolve_recipe`)."""
 
     arch: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -40,9 +71,10 @@ class TrainConfig:
 def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
-    # the numbers the run uses, defaulted ones made explicit, so the checkpoint records them and a resume compares them
-    cfg = replace(cfg, optim=resolve_lr(cfg.optim, arch), aug_seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed)
     check_dataset(cfg.data.dataset)
+    # the numbers the run uses, defaulted ones made explicit, so the checkpoint records them and a resume compares them
+    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch),
+                  aug_seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed)
     check_rate(cfg.data.label_noise)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
 

@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from camkd.config import DataConfig, RunConfig
-from camkd.fit import default_lr
 from camkd.models import resolve_arch
-from camkd.train import TrainConfig, teacher_optim
+from camkd.train import TrainConfig, resolve_recipe, teacher_optim
 
 HASH_CHARS = 12
 
@@ -56,10 +55,9 @@ def data_fingerprint(dataset: str, *, data_dir: str | None, limit: int | None, o
 def teacher_identity(cfg: TrainConfig, fingerprint: str) -> dict:
     """What decides a teacher's weights (``fingerprint``: the clean training data after its limit)."""
     arch = resolve_arch(cfg.arch)
-    optim = asdict(cfg.optim)
-    optim["lr"] = optim["lr"] if optim["lr"] is not None else default_lr(arch)
-    optim["lr_decay_epochs"] = sorted(optim["lr_decay_epochs"])
     d = cfg.data
+    optim = asdict(resolve_recipe(cfg.optim, d.dataset, arch))
+    optim["lr_decay_epochs"] = sorted(optim["lr_decay_epochs"])
     noise = {"rate": d.label_noise, "seed": d.label_noise_seed} if d.label_noise else None
     return {"kind": "teacher", "arch": arch,
             "data": {"dataset": d.dataset, "fingerprint": fingerprint, "limit": d.limit, "options": d.options,
@@ -79,7 +77,7 @@ class TeacherSpec:
     epochs: int = 5
     lr_decay_epochs: list[int] | None = None  # None: decay_schedule(epochs)
     lr: float | None = None  # None: the recipe's (0.05, or 0.01 for MobileNetV2/ShuffleV1/V2)
-    batch_size: int = field(default_factory=lambda: teacher_optim().batch_size)
+    batch_size: int | None = None  # None: the dataset's teacher recipe (train.recipe)
     limit: int | None = None
     label_noise: float = 0.0
     label_noise_seed: int = 0
