@@ -137,9 +137,9 @@ def test_bad_input(cli, one_error, folder, tmp_path):
 
 # -- stores of image folders ---------------------------------------------------------------------------
 
-def _cache_args(folder, store, *teachers):
+def _cache_args(folder, store, *teachers, views: int = 2):
     return ("cache-teachers", *[a for t in teachers for a in ("-t", t)], "--dataset", "imagefolder", "--data-dir", folder,
-            "--image-size", SIZE, "--workers", "0", "--views", "2", "--dtype", "float32", "--batch-size", "8",
+            "--image-size", SIZE, "--workers", "0", "--views", str(views), "--dtype", "float32", "--batch-size", "8",
             "--out", store, "-q")
 
 
@@ -250,3 +250,126 @@ def test_cache_verify_recomputes_from_the_files(cli, store, folder):
     r = cli("cache-verify", store["path"], *[a for t in store["teachers"] for a in ("-t", t)], "--data-dir", folder)
     assert r.exit_code == 0, r.output
     assert "match the stored CRC-32s" in r.output and "verdict: OK" in r.output
+
+
+# -- interrupted and resumed, many ranks, --limit ----------------------------------------------------------
+
+def _tree(root) -> dict:
+    """Every file of a store, by relative path: two stores are byte-identical when these are equal."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _flags(path):
+    import zarr
+
+    try:
+        return np.asarray(zarr.open_array(str(path / "progress"), mode="r")[...])
+    except Exception:  # not created yet
+        return None
+
+
+def test_cache_killed_while_writing_resumes_byte_identical(cli, store, folder, tmp_path):
+    """kill -9 of cache-teachers over files once some (view, block) units are flagged; the rerun completes the store
+    byte for byte as one uninterrupted run writes it (files/path strings, boxes and CRC-32s included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    views = 8
+    whole = tmp_path / "whole.zarr"
+    assert cli(*_cache_args(folder, whole, *store["teachers"], views=views)).exit_code == 0
+    cmd = [sys.executable, "-m", "camkd.cli", *map(str, _cache_args(folder, "OUT", *store["teachers"], views=views))]
+    for attempt in range(3):
+        killed = tmp_path / f"killed{attempt}.zarr"
+        proc = subprocess.Popen([str(killed) if a == "OUT" else a for a in cmd], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        while proc.poll() is None:
+            flags = _flags(killed)
+            if flags is not None and 0 < flags.sum() < flags.size:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait()
+        after = _flags(killed)
+        if proc.returncode == -signal.SIGKILL and after is not None and 0 < after.sum() < after.size:
+            break
+    else:
+        pytest.fail("could not kill cache-teachers while it was writing")
+    r = cli(*_cache_args(folder, killed, *store["teachers"], views=views))
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+    assert _tree(killed) == _tree(whole)
+
+
+def test_cache_interrupted_while_creating_resumes_byte_identical(cli, store, folder, tmp_path, interrupted_creation):
+    """Stopped while creating the arrays (the file listing's among them): the same command goes on to the same bytes."""
+    out = tmp_path / "s.zarr"
+    assert cli(*_cache_args(folder, out, *store["teachers"])).exit_code == 130
+    interrupted_creation.restore()
+    r = cli(*_cache_args(folder, out, *store["teachers"]))
+    assert r.exit_code == 0, r.output
+    assert _tree(out) == _tree(store["path"])
+
+
+def _same_weights(a, b) -> None:
+    wa, wb = load_checkpoint(a), load_checkpoint(b)
+    for part in ("model", "method"):
+        assert wa[part].keys() == wb[part].keys()
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), (part, k)
+
+
+def test_distill_interrupted_and_resumed_equals_uninterrupted(store, folder, tmp_path):
+    """Stopped (as by Ctrl-C) in epoch 2 of a run from a folder store, then --resume: the weights of one whole run."""
+    from camkd.fit import Hooks
+
+    def stop_in_epoch_2(epoch, losses):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    kw = dict(method="camkd", cache=str(store["path"]), epochs=3)
+    _distill(tmp_path, "whole", folder, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        _distill(tmp_path, "resumed", folder, hooks=Hooks(on_step=stop_in_epoch_2), **kw)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1
+    _distill(tmp_path, "resumed", folder, resume=True, **kw)
+    _same_weights(tmp_path / "whole" / "last.pth", tmp_path / "resumed" / "last.pth")
+
+
+def test_two_ranks_equal_one_process_with_two_micro_batches(store, folder, tmp_path):
+    """torchrun's 2 ranks (gloo) distilling from a folder store, each decoding its slice of every batch, == one process
+    with --micro-batches 2, bit for bit."""
+    from test_dist import VENV_BIN, assert_same_weights, one_process, torchrun
+
+    base = ["distill", "-m", "resnet8", "-c", store["path"], "--data-dir", folder, "--workers", "0", "--method", "camkd",
+            "--batch-size", "8", "--epochs", "2", "--lr", "0.02", "--seed", "3", "--deterministic", "--device", "cpu", "-q"]
+    r = torchrun("--no-python", VENV_BIN / "camkd", *base, "--out", tmp_path / "w2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = one_process(VENV_BIN / "camkd", *base, "--micro-batches", "2", "--out", tmp_path / "m2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(tmp_path / "w2" / "last.pth", tmp_path / "m2" / "last.pth")
+
+
+def test_a_limited_store_compares_only_its_files(cli, one_error, store, folder, tmp_path):
+    """A store of the first 12 files (--limit 12: ant_00-07, bee_00-03): files after them may change; a change among
+    them is named, and nothing after them is."""
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    limited = tmp_path / "limited.zarr"
+    r = cli(*_cache_args(copy, limited, *store["teachers"]), "--limit", "12")
+    assert r.exit_code == 0, r.output
+    shutil.copy(copy / "train" / "ant" / "ant_00.jpg", copy / "train" / "cat" / "cat_99.jpg")  # added after the 12
+    (copy / "train" / "cat" / "cat_00.jpg").write_bytes(b"not the same file")  # replaced after the 12
+    args = ("distill", "--arch", "resnet8", "--cache", limited, "--data-dir", copy, "--workers", "0", "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu", "-q")
+    r = cli(*args, "--out", tmp_path / "ok")
+    assert r.exit_code == 0, r.output
+    shutil.copy(copy / "train" / "cat" / "cat_01.jpg", copy / "train" / "bee" / "bee_01.jpg")  # replaced among the 12
+    line = one_error(cli(*args, "--out", tmp_path / "no"), r"the first 12 files of .* changed since the store was "
+                     r"written: train/bee/bee_01\.jpg was replaced \(\d+ bytes then, \d+ now\) "
+                     r"\(0 added, 0 removed, 1 replaced, 0 relabelled\)")
+    assert "cat" not in line.split("written:")[1]
+    shutil.copy(copy / "train" / "ant" / "ant_00.jpg", copy / "train" / "ant" / "ant_05b.jpg")  # added among the 12
+    one_error(cli(*args, "--out", tmp_path / "no"), r"train/ant/ant_05b\.jpg was added \(1 added, 0 removed, 1 replaced, "
+              r"0 relabelled, 1 past the first 12\)")

@@ -357,34 +357,45 @@ LISTERS: dict[str, Callable[[str | Path, str], Listing]] = {"imagefolder": list_
 
 
 def check_unchanged(recorded: Listing, root: str | Path) -> Listing:
-    """Re-list ``root`` as ``recorded`` was listed and return the new listing when it is the same data.
+    """Re-list ``root`` as ``recorded`` was listed and return the new listing's first ``len(recorded)`` files when
+    they are the same data.
 
-    Otherwise a CamkdError names the first file added, removed, replaced (size changed) or relabelled, with
-    the count of each: distillation must not read other files than the teachers saw. A file rewritten
-    with the same byte size is not seen here (nothing is read); the per-view pixel hashes catch that.
+    A store holds the first N files of its folder's listing (all of them, or ``--limit N``): only those are
+    compared, so files after them (beyond the limit) may change freely. Otherwise a CamkdError names the first file
+    added, removed, replaced (size changed) or relabelled among them, with the count of each: distillation must not
+    read other files than the teachers saw. A file rewritten with the same byte size is not seen here (nothing is
+    read); the per-view pixel hashes catch that.
     """
     if recorded.name not in LISTERS:
         raise CamkdError(f"the recorded listing is of '{recorded.name}', which camkd cannot list; choose {' or '.join(LISTERS)}")
-    current = LISTERS[recorded.name](root, recorded.split)
+    whole = LISTERS[recorded.name](root, recorded.split)
+    current = whole.limit(min(len(recorded), len(whole)))
     if current.fingerprint == recorded.fingerprint:
         return current
     if current.classes != recorded.classes:
         raise CamkdError(f"the classes of {current.root} changed since the store was written "
                          f"({len(recorded.classes)} then, {len(current.classes)} now); restore the folder or rebuild the store")
-    raise CamkdError(f"{current.root} changed since the store was written: {_differences(recorded, current)}; "
+    which = f"the first {len(recorded)} files of {current.root}" if len(whole) > len(recorded) else current.root
+    raise CamkdError(f"{which} changed since the store was written: {_differences(recorded, current, set(whole.paths))}; "
                      f"restore the files or rebuild the store from this folder")
 
 
-def _differences(recorded: Listing, current: Listing) -> str:
-    """``train/a/x.jpg was added (1 added, 0 removed, 2 replaced, 0 relabelled)``: the first change in path order, then counts."""
+def _differences(recorded: Listing, current: Listing, present: set[str]) -> str:
+    """``train/a/x.jpg was added (1 added, 0 removed, 2 replaced, 0 relabelled)``: the first change in path order, then
+    counts. ``current`` is the folder's first ``len(recorded)`` files and ``present`` every file of the folder: a
+    recorded file that is still there but pushed past the first N (by an addition before it) is named as such."""
     then = dict(zip(recorded.paths, zip(recorded.sizes.tolist(), recorded.labels.tolist())))
     now = dict(zip(current.paths, zip(current.sizes.tolist(), current.labels.tolist())))
+    gone = then.keys() - now.keys()
     changes: dict[str, list[tuple[str, str]]] = {
         "added": [(p, f"{p} was added") for p in now.keys() - then.keys()],
-        "removed": [(p, f"{p} was removed") for p in then.keys() - now.keys()],
+        "removed": [(p, f"{p} was removed") for p in gone - present],
         "replaced": [],
         "relabelled": [],
     }
+    pushed = [(p, f"{p} is no longer among the first {len(recorded)} files") for p in gone & present]
+    if pushed:
+        changes[f"past the first {len(recorded)}"] = pushed
     for path in then.keys() & now.keys():
         (size_then, label_then), (size_now, label_now) = then[path], now[path]
         if size_then != size_now:
