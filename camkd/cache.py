@@ -69,6 +69,8 @@ def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: tor
         for t, teacher in enumerate(teachers):
             out.append(evaluate(teacher.model, test, batch_size=batch)["top1"])
             bar.update(len(test), f"teacher {t + 1}/{len(teachers)}")
+    if show:
+        log("teacher test top-1 (%): " + " / ".join(f"{a:.2f}" for a in out))
     return out
 
 
@@ -96,9 +98,12 @@ def servable_methods(layers: list[str] | set[str]) -> tuple[list[str], dict[str,
 
 
 def format_cache_summary(s: dict) -> str:
-    """The end-of-run report of cache-teachers: what was cached, the teachers' accuracy per view, sizes, methods."""
+    """The end-of-run report of cache-teachers: what was cached, the teachers' accuracy on each cached training view,
+    sizes, methods (a store that was complete already: the one line that says so)."""
+    if s.get("complete"):
+        return s["message"]
     lines = [f"cached {s['rows_computed']} sample-views in {s['seconds']:.1f}s ({s['samples_per_s']:.0f} samples/s) -> {s['path']}"]
-    lines.append("teacher accuracy per view (%): " + ", ".join(s["teachers"]))
+    lines.append("teacher top-1 on the cached training views (%): " + ", ".join(s["teachers"]))
     for v, accs in enumerate(s["view_accuracy"]):
         lines.append(f"  view {v}: " + "  ".join(f"{a:.2f}" for a in accs))
     lines.append(f"store size {human(s['store_bytes'])}; per sample-view {per_sample_view_text(s['bytes_per_sample_view'])}")

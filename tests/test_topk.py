@@ -324,7 +324,7 @@ def test_verify_recomputes_a_topk_store_and_finds_a_damaged_index(specs, tmp_pat
 
 
 def test_plan_matches_the_written_topk_store(stores):
-    from camkd.store.plan import METADATA, plan_store
+    from camkd.store.plan import plan_store
     from camkd.store.sizes import array_sizes
 
     store = open_store(stores["k5"])
@@ -333,7 +333,7 @@ def test_plan_matches_the_written_topk_store(stores):
                       logits=store.logits_spec)
     sizes = array_sizes(store.g)
     for name in (layout.topk_path(a) for a in layout.TOPK):
-        assert abs(plan.arrays[name] - sizes[name]) <= METADATA, (name, plan.arrays[name], sizes[name])
+        assert plan.arrays[name] == sizes[name], (name, plan.arrays[name], sizes[name])
 
 
 def test_kd_on_a_topk_store_says_its_error_is_unbounded(stores, tmp_path, capsys):

@@ -125,13 +125,18 @@ def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig
 def _continue(path: Location, cfg: CacheConfig) -> None:
     g = _open_existing(path, "r+")
     attrs = g.attrs[layout.ATTRS_KEY]
-    if path.is_local:  # object stores have no temporary files: a PUT is whole or absent
-        for f in path.local_path.rglob("*.partial"):
-            if _PARTIAL.fullmatch(f.name):
-                f.unlink(missing_ok=True)
+    remove_partial_files(path)
     if cfg.views > attrs["views"]:
         log(f"extending {path} from {attrs['views']} to {cfg.views} views")
         schema.append_views(g, cfg.views)
+
+
+def remove_partial_files(path: Location) -> None:
+    """Delete the temporary files of writes a kill interrupted (object stores have none: a PUT is whole or absent)."""
+    if path.is_local:
+        for f in path.local_path.rglob("*.partial"):
+            if _PARTIAL.fullmatch(f.name):
+                f.unlink(missing_ok=True)
 
 
 def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, samples: dict[str, np.ndarray], shapes: dict,

@@ -68,6 +68,7 @@ AUG_LAYOUTS = {
     views.RECIPE: AugLayout(("dx", "dy", "flip"), np.int16, pixels=False),
     rrc.RECIPE: AugLayout(("top", "left", "height", "width", "flip"), np.int32, pixels=True),
 }
+CROP_AUG = AUG_LAYOUTS[views.RECIPE]  # the 32-px recipe's (padded crop and flip)
 
 
 def aug_layout(augmentation: dict) -> AugLayout:

@@ -19,13 +19,15 @@ from camkd.data.views import AugSpec
 from camkd.progress import log
 from camkd.store import layout, topk
 from camkd.store.config import CacheConfig
-from camkd.store.identity import Target, check_target, identity, open_or_create
+from camkd.store.identity import Target, check_target, identity, open_or_create, remove_partial_files
 from camkd.store.location import Location
 from camkd.store.pipeline import compute_blocks
-from camkd.store.plan import block_rows_for
+from camkd.store.plan import block_rows_for, plan_store
 from camkd.store.runner import TeacherRunner
+from camkd.store.schema import sample_arrays
 from camkd.store.space import check_space
 from camkd.store.summary import record_tail_mass, summarize
+from camkd.words import plural
 
 
 def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, layers: dict[str, int], shapes: dict,
@@ -43,29 +45,58 @@ def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, lay
     path = cfg.out_path([t["arch"] for t in teachers.provenance])
     # decided (and refused, before any output) by every rank before rank 0 changes anything
     target = check_target(path, ident, cfg)
-    block = _block_rows(cfg, teachers.num_teachers, train, shapes, batch, lspec)
-    plan = check_space(cfg, path, target is not Target.CONTINUE, n=len(train), k=teachers.num_teachers,
-                       num_classes=train.num_classes, shapes=shapes, block=block, logits=lspec)
+    samples = {layout.LABELS: train.labels.cpu().numpy(),
+               **{layout.files_path(name): a for name, a in train.store_arrays().items()}}
+    aug = layout.aug_layout(ident["augmentation"])
+    block, views, done = _block_rows(cfg, teachers.num_teachers, train, shapes, batch, lspec, aug), cfg.views, None
+    if target is Target.CONTINUE:
+        block, stored_views, done = _stored(path)
+        views = max(views, stored_views)
+        if done.all() and cfg.views <= stored_views and not cfg.dry_run:
+            if world.main:
+                remove_partial_files(path)
+            return _complete(path, cfg, stored_views, len(train))
+        if cfg.views < stored_views and world.main:
+            log(f"{path} has {plural(stored_views, 'view')}; -V {cfg.views} below that changes nothing")
+    plan = plan_store(n=len(train), views=views, k=teachers.num_teachers, num_classes=train.num_classes, dtype=cfg.dtype,
+                      shapes=shapes, block_rows=block, feature_dtype=cfg.stored_feature_dtype, compressor=cfg.compressor,
+                      logits=lspec, aug=aug, samples=sample_arrays(samples),
+                      heads=teachers.heads)
+    lines = check_space(cfg, path, plan, done, shapes)
     if cfg.dry_run:
-        return {"dry_run": True, "path": str(path), "plan": plan}
+        return {"dry_run": True, "path": str(path), "plan": lines}
     if world.main and cfg.progress:
-        for line in plan:
+        for line in lines:
             log(line)
     test_acc = test_accuracy() if target is not Target.CONTINUE else None
     with dist.agree("creating or opening the store"):
         if world.main:
-            samples = {layout.LABELS: train.labels.cpu().numpy(),
-                       **{layout.files_path(name): a for name, a in train.store_arrays().items()}}
             open_or_create(path, target, ident, cfg, teachers, samples, shapes, test_acc, block)
     return _fill(path, cfg, teachers, train, spec, shapes, batch, world)
 
 
-def _block_rows(cfg: CacheConfig, k: int, train: DataSplit, shapes: dict, batch: int, logits: topk.LogitsSpec) -> int:
+def _stored(path: Location) -> tuple[int, int, np.ndarray]:
+    """A continued store's rows per block, views and progress flags [views, blocks] (bool)."""
+    g = path.open_group("r")
+    attrs = g.attrs[layout.ATTRS_KEY]
+    return attrs["block_rows"], attrs["views"], np.asarray(g[layout.PROGRESS][:]).astype(bool)
+
+
+def _complete(path: Location, cfg: CacheConfig, views: int, n: int) -> dict:
+    """A store that already holds every asked view: one line, nothing computed (no plan, no teacher evaluation)."""
+    below = f"; -V {cfg.views} is below its {plural(views, 'view')} and changes nothing" if cfg.views < views else ""
+    line = (f"{path} is complete ({plural(views, 'view')} x {plural(n, 'sample')}): nothing to compute{below} "
+            "(a larger -V adds views)")
+    return {"complete": True, "path": str(path), "plan": [line], "message": line}
+
+
+def _block_rows(cfg: CacheConfig, k: int, train: DataSplit, shapes: dict, batch: int, logits: topk.LogitsSpec,
+                aug: layout.AugLayout) -> int:
     """Rows per writer unit of a new store with these options."""
     fdtype = cfg.stored_feature_dtype
     return block_rows_for(k, train.num_classes, np.dtype(layout.DTYPES[cfg.dtype]).itemsize, shapes, batch, len(train),
                           feature_itemsize=np.dtype(layout.FEATURE_DTYPES[fdtype]).itemsize, scales=fdtype == "int8",
-                          logits=logits)
+                          logits=logits, aug=aug)
 
 
 def _fill(path: Location, cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, shapes: dict,
