@@ -421,13 +421,16 @@ def distill_cmd(
     cache: Annotated[Optional[str], typer.Option("--cache", "-c", metavar="PATH|URL", help="Teacher store made by "
                                                  "cache-teachers (a path, or s3://, gs://, file://).")] = None,
     method: Annotated[MethodChoice, typer.Option("--method", help="Distillation method.")] = MethodChoice.camkd,
-    gamma: Annotated[float, typer.Option("-r", "--gamma", help="Weight of the cross-entropy term.")] = _L.gamma,
-    alpha: Annotated[float, typer.Option("-a", "--alpha", help="Weight of the logit distillation term.")] = _L.alpha,
+    gamma: Annotated[Optional[float], typer.Option("-r", "--gamma", help="Weight of the cross-entropy term "
+                                                   f"[default: {_L.gamma:g}].")] = None,
+    alpha: Annotated[Optional[float], typer.Option("-a", "--alpha", help="Weight of the logit distillation term "
+                                                   f"[default: {_L.alpha:g}].")] = None,
     beta: Annotated[Optional[float], typer.Option("-b", "--beta", help="Weight of the feature term [default: camkd 50, "
-                                                  "fitnet 100].")] = _L.beta,
-    kd_t: Annotated[float, typer.Option("--kd-T", help="Distillation temperature.")] = _L.kd_T,
-    aekd_c: Annotated[float, typer.Option("--aekd-C", help="AEKD's C (nu = 1/(C*K)).")] = _L.aekd_C,
-    hint_layer: Annotated[int, typer.Option("--hint-layer", help="FitNet hint layer index.")] = _L.hint_layer,
+                                                  "fitnet 100].")] = None,
+    kd_t: Annotated[Optional[float], typer.Option("--kd-T", help=f"Distillation temperature [default: {_L.kd_T:g}].")] = None,
+    aekd_c: Annotated[Optional[float], typer.Option("--aekd-C", help=f"AEKD's C (nu = 1/(C*K)) [default: {_L.aekd_C:g}].")] = None,
+    hint_layer: Annotated[Optional[int], typer.Option("--hint-layer", help="FitNet hint layer index "
+                                                      f"[default: {_L.hint_layer}].")] = None,
     epochs: EpochsOpt = _O.epochs,
     lr: LrOpt = None,
     lr_decay_epochs: DecayOpt = _DISTILL_DECAY,
@@ -457,11 +460,15 @@ def distill_cmd(
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
     from camkd.distill import DistillConfig, distill
+    from camkd.methods import check_given_options
 
+    given = {k: v for k, v in {"gamma": gamma, "alpha": alpha, "beta": beta, "kd_T": kd_t, "aekd_C": aekd_c,
+                               "hint_layer": hint_layer}.items() if v is not None}
+    check_given_options(method.value, list(given))
     cfg = DistillConfig(
         arch=arch, method=method.value, cache=cache or None, online=online, teachers=teacher or [], aug_seed=aug_seed,
         feature_memory_mb=feature_memory_mb,
-        loss=LossConfig(gamma=gamma, alpha=alpha, beta=beta, kd_T=kd_t, aekd_C=aekd_c, hint_layer=hint_layer),
+        loss=LossConfig(**given),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
                           nesterov=nesterov, micro_batches=micro_batches),
         run=_run_config(out, run),

@@ -204,7 +204,22 @@ def test_out_must_be_a_folder_of_its_own(stores, cli, tmp_path, one_error):
     one_error(r, "--aug-seed applies only to --online without --cache")
     assert not (tmp_path / "t").exists()
     r = cli(*base, "--kd-T", "-4", "--out", tmp_path / "t")
-    one_error(r, r"kd_T \(--kd-T\) must be > 0, got -4.0")
+    one_error(r, r"^error: --kd-T must be > 0, got -4.0$")
+    assert not (tmp_path / "t").exists()
+
+
+def test_loss_options_the_method_does_not_use_are_refused(cli, one_error, stores, tmp_path):
+    """An option given explicitly that the method never reads is one error naming it and the methods that use it."""
+    base = ["distill", "-m", "resnet8", "-c", stores["float16"], "--epochs", "1", "--device", "cpu", "-q", "--out",
+            tmp_path / "t"]
+    one_error(cli(*base, "--method", "avg", "--aekd-C", "2", "--hint-layer", "3", "-b", "7"),
+              r"^error: -b/--beta \(used by camkd, fitnet\), --aekd-C \(used by aekd\) and --hint-layer \(used by fitnet\) "
+              r"do nothing with --method avg; drop them or choose a method that uses them$")
+    one_error(cli(*base, "--method", "ce", "--kd-T", "2"),
+              r"^error: --kd-T \(used by aekd, avg, camkd, ebkd, fitnet, kd\) does nothing with --method ce; drop it")
+    # bad values are named by their options, not LossConfig's fields
+    one_error(cli(*base, "--method", "aekd", "--aekd-C", "0"), r"^error: --aekd-C must be > 0, got 0.0$")
+    one_error(cli(*base, "--method", "ce", "-r", "-1"), r"^error: -r/--gamma must be >= 0, got -1.0$")
     assert not (tmp_path / "t").exists()
 
 

@@ -149,6 +149,10 @@ class AEKD(LogitMethod):
             raise CamkdError(f"aekd supports at most {MAX_TEACHERS} teachers (exact QP), got {cfg.num_teachers}")
         self.C = float(cfg.loss.aekd_C)
 
+    @classmethod
+    def loss_options(cls) -> tuple[str, ...]:
+        return super().loss_options() + ("aekd_C",)
+
     def batch_stats(self, student_logits: Tensor, teachers: TeacherOut) -> Tensor:
         return aekd_gradient_sums(student_logits, teachers.logits, T=self.kd_T, kept=teachers.kept)
 

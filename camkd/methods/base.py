@@ -150,6 +150,11 @@ class Method(nn.Module):
         """Whether the method reads the teachers' outputs at all (``ce`` does not)."""
         return True
 
+    @classmethod
+    def loss_options(cls) -> tuple[str, ...]:
+        """The :class:`LossConfig` fields the method reads (an option given for another field does nothing)."""
+        return ("gamma",)
+
     def uniform_weights(self, like: Tensor) -> Tensor:
         """Equal shares [K] (float32) on ``like``'s device."""
         return torch.full((self.num_teachers,), 1.0 / self.num_teachers, device=like.device)
@@ -164,6 +169,10 @@ class LogitMethod(Method):
     """
 
     feature_loss: str = ""  # name of the beta term; "" for none
+
+    @classmethod
+    def loss_options(cls) -> tuple[str, ...]:
+        return ("gamma", "alpha", "kd_T") + (("beta",) if cls.feature_loss else ())
 
     def kd_term(self, student_logits: Tensor, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(unscaled KD loss, the teachers' shares [K] of this batch, summing to 1).
@@ -218,6 +227,10 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
+LOSS_FLAGS = {"gamma": "-r/--gamma", "alpha": "-a/--alpha", "beta": "-b/--beta", "kd_T": "--kd-T", "aekd_C": "--aekd-C",
+              "hint_layer": "--hint-layer"}  # LossConfig field -> the distill option that sets it
+
+
 def _positive_int(what: str, v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise CamkdError(f"{what} must be a positive integer, got {v!r}")
@@ -252,15 +265,27 @@ def method_uses_teachers(name: str) -> bool:
     return METHODS.get(name).uses_teachers()
 
 
+def check_given_options(name: str, given: list[str]) -> None:
+    """Refuse loss options (LossConfig field names) given explicitly that method ``name`` does not read."""
+    unused = [o for o in given if o not in METHODS.get(name).loss_options()]
+    if not unused:
+        return
+    users = {o: [m for m in list_methods() if o in METHODS.get(m).loss_options()] for o in unused}
+    parts = [f"{LOSS_FLAGS[o]} (used by {', '.join(users[o])})" for o in unused]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    verb, it = ("does", "it") if len(parts) == 1 else ("do", "them")
+    raise CamkdError(f"{text} {verb} nothing with --method {name}; drop {it} or choose a method that uses {it}")
+
+
 def _checked_loss(loss: LossConfig) -> LossConfig:
     if isinstance(loss.hint_layer, bool) or not isinstance(loss.hint_layer, int):
-        raise CamkdError(f"hint_layer must be an integer, got {loss.hint_layer!r}")
+        raise CamkdError(f"{LOSS_FLAGS['hint_layer']} must be an integer, got {loss.hint_layer!r}")
     return LossConfig(
-        gamma=_finite("gamma (-r/--gamma)", loss.gamma),
-        alpha=_finite("alpha (-a/--alpha)", loss.alpha),
-        beta=None if loss.beta is None else _finite("beta (-b/--beta)", loss.beta),
-        kd_T=_finite("kd_T (--kd-T)", loss.kd_T, positive=True),
-        aekd_C=_finite("aekd_C (--aekd-C)", loss.aekd_C, positive=True),
+        gamma=_finite(LOSS_FLAGS["gamma"], loss.gamma),
+        alpha=_finite(LOSS_FLAGS["alpha"], loss.alpha),
+        beta=None if loss.beta is None else _finite(LOSS_FLAGS["beta"], loss.beta),
+        kd_T=_finite(LOSS_FLAGS["kd_T"], loss.kd_T, positive=True),
+        aekd_C=_finite(LOSS_FLAGS["aekd_C"], loss.aekd_C, positive=True),
         hint_layer=loss.hint_layer,
     )
 

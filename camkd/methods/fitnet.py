@@ -105,6 +105,10 @@ class FitNetMKD(LogitMethod):
     def features_needed(cls, *, beta: float, hint_layer: int) -> tuple[str, ...]:
         return (f"hint{hint_layer}",) if beta > 0 else ()
 
+    @classmethod
+    def loss_options(cls) -> tuple[str, ...]:
+        return super().loss_options() + ("hint_layer",)
+
     def kd_term(self, student_logits: Tensor, teachers: TeacherOut, labels: Tensor) -> tuple[Tensor, Tensor]:
         return avg_mkd_loss(student_logits, teachers.logits, T=self.kd_T, kept=teachers.kept), self.uniform_weights(student_logits)
 
