@@ -33,6 +33,7 @@ from camkd.models import create_model
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
 from camkd.sources import TeacherSource, batch_stream
+from camkd.words import plural
 
 CHECK_EVERY = 200  # steps between reads of the non-finite flag (and of the bar's loss) from the device
 SMALL_LR_ARCHS = ("mobilenetv2", "shufflev1", "shufflev2")
@@ -274,8 +275,9 @@ class _Loop:
         start_epoch = self.resume(identity) if self.folder.resume else 1
         if start_epoch > self.optim.epochs:
             if main:
-                log(f"{self.folder.path} is already finished: it has trained {start_epoch - 1} epochs (--epochs "
-                    f"{self.optim.epochs}); nothing to do, no file changed (raise --epochs to train on)")
+                done = start_epoch - 1
+                log(f"{self.folder.path} is already finished: it has trained {plural(done, 'epoch')} (--epochs "
+                    f"{self.optim.epochs}); nothing to do, no file changed (raise --epochs above {done} to train on)")
             return self.result
         if main:
             self.folder.start(resume_epoch=start_epoch - 1 if self.folder.resume else None)

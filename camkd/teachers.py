@@ -18,6 +18,7 @@ from camkd.checkpoint import load_checkpoint, sha256_file
 from camkd.data import DataSplit
 from camkd.errors import CamkdError
 from camkd.models import create_model
+from camkd.store import layout
 from camkd.store.reader import TeacherStore
 from camkd.store.runner import TeacherRunner
 
@@ -158,9 +159,11 @@ def feature_shapes(teachers: list[Teacher], data: DataSplit, layers: dict[str, i
             feats, _ = t.model(x, is_feat=True)
         for name, idx in layers.items():
             if not -len(feats) <= idx < len(feats):
-                raise CamkdError(f"--features {name}: {t.arch} has only {len(feats)} feature outputs (indices 0..{len(feats) - 1})")
+                raise CamkdError(f"--features {layout.layer_option(name)}: {t.arch} has only {len(feats)} feature outputs "
+                                 f"(indices 0..{len(feats) - 1})")
             if feats[idx].ndim != 4:
-                raise CamkdError(f"--features {name}: {t.arch}'s feature {idx} is not a feature map; pick another index")
+                raise CamkdError(f"--features {layout.layer_option(name)}: {t.arch}'s feature {idx} is not a feature map; "
+                                 "pick another index")
             shapes[name].append(tuple(feats[idx].shape[1:]))
     return shapes
 

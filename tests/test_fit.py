@@ -80,8 +80,13 @@ def test_a_finished_run_is_left_untouched(cli, tmp_path):
     for epochs in ("1", "2"):
         r = cli(*cli_args(out, "--epochs", epochs, "--resume"))
         assert r.exit_code == 0, r.output
-        assert "is already finished: it has trained 2 epochs" in r.output and "resuming" not in r.output
+        assert "is already finished: it has trained 2 epochs (--epochs " in r.output and "resuming" not in r.output
+        assert "(raise --epochs above 2 to train on)" in r.output, r.output
         assert files(out) == before  # byte for byte: no metrics line, no TensorBoard file, no checkpoint rewritten
+    one = tmp_path / "one"
+    assert cli(*cli_args(one, "--epochs", "1")).exit_code == 0
+    r = cli(*cli_args(one, "--epochs", "1", "--resume"))
+    assert "it has trained 1 epoch (--epochs 1)" in r.output and "raise --epochs above 1" in r.output, r.output
     s = train_teacher(train_cfg(arch="resnet8", dataset="synthetic", limit=64, batch_size=32, progress=False, epochs=2,
                                 out=str(out), auto_resume=True))  # the same run through the API
     assert s["history"] == [] and s["last_top1"] == metrics(out)[-1]["test_top1"] and files(out) == before

@@ -932,6 +932,12 @@ def test_refusals_come_before_the_plan(cli, teachers, small, tmp_path, one_error
               r"made differently: --dtype float16 in the store, float32 now")
 
 
+def test_a_layer_the_teacher_lacks_is_named_as_given(cli, teachers, tmp_path, one_error):
+    r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "-V", "1", "-f", "hint:99",
+            "--device", "cpu", "--out", tmp_path / "s.zarr")
+    one_error(r, r"^error: --features hint:99: resnet8 has only \d+ feature outputs")
+
+
 def test_feature_dtype_without_features_is_refused(cli, teachers, tmp_path, one_error):
     r = cli("cache-teachers", "-t", teachers["resnet8"], "-d", "synthetic", "--limit", "64", "-V", "1", "-f", "none",
             "--feature-dtype", "int8", "--device", "cpu", "--out", tmp_path / "s.zarr")

@@ -121,6 +121,7 @@ def test_topk_arrays_equal_the_dense_logits_and_exact_scalars(stores):
     assert stats["mean"][0] > stats["mean"][2]  # the soft teacher leaves more mass out than the peaked one
     info = cache_info(stores["k5"])
     assert "top-5 of 10 classes" in info and "tail mass  at T=4" in info
+    assert re.search(r"logsumexp and tail at --kd-T [\d., ]+$", info.split("top-5 of 10 classes")[1].splitlines()[0])
 
 
 def test_rebuilt_batch_keeps_the_exact_log_probabilities(stores):
@@ -303,7 +304,8 @@ def test_cli_errors_are_one_line(cli, one_error, specs, tmp_path):
     for args, msg in [(["--logits", "topk:10"], "keeps every one of the 10 classes"),
                       (["--logits", "top5"], "is not understood"),
                       (["--kd-T", "2"], "--kd-T is recorded only by a top-k store"),
-                      (["--logits", "topk:3", "--kd-T", "-1"], "--kd-T must be positive")]:
+                      (["--logits", "topk:3", "--kd-T", "-1"], "--kd-T must be positive (each a temperature to distill "
+                                                               "at), got -1")]:
         r = cli("cache-teachers", "-t", specs[0], "-d", "synthetic", "--limit", "64", "-V", "1", "--device", "cpu",
                 "--out", str(tmp_path / "x.zarr"), "--no-eval", "-q", *args)
         one_error(r, re.escape(msg))

@@ -20,7 +20,7 @@ def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
     if spec.kind == "dense":
         return f"logits     dense ({num_classes} classes)"
     return (f"logits     top-{spec.k} of {num_classes} classes per teacher, exact CE/entropy, logsumexp and tail at "
-            f"kd_T {', '.join(f'{t:g}' for t in spec.temperatures)}")
+            f"--kd-T {', '.join(f'{t:g}' for t in spec.temperatures)}")
 
 
 def cache_info(path: str | Path) -> str:

@@ -73,7 +73,8 @@ def parse_logits(text: str, temperatures: list[float], num_classes: int | None =
                          f"(or K < {num_classes})")
     temps = tuple(sorted({float(t) for t in temperatures}))
     if not temps or any(not math.isfinite(t) or t <= 0 for t in temps):
-        raise CamkdError(f"--kd-T must be positive numbers (the temperatures to distill at), got {list(temperatures)}")
+        raise CamkdError(f"--kd-T must be positive (each a temperature to distill at), got "
+                         f"{', '.join(f'{t:g}' for t in temperatures) or 'none'}")
     return LogitsSpec("topk", k, temps)
 
 
