@@ -208,6 +208,13 @@ def test_out_must_be_a_folder_of_its_own(stores, cli, tmp_path, one_error):
     assert not (tmp_path / "t").exists()
 
 
+def test_data_dir_does_not_apply_to_a_synthetic_store(cli, one_error, stores, tmp_path):
+    r = cli("distill", "-m", "resnet8", "-c", stores["float16"], "--epochs", "1", "--device", "cpu", "-q",
+            "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "t")
+    one_error(r, r"^error: --data-dir does not apply to synthetic data \(it is generated, not read from files\); drop it$")
+    assert not (tmp_path / "t").exists()
+
+
 def test_loss_options_the_method_does_not_use_are_refused(cli, one_error, stores, tmp_path):
     """An option given explicitly that the method never reads is one error naming it and the methods that use it."""
     base = ["distill", "-m", "resnet8", "-c", stores["float16"], "--epochs", "1", "--device", "cpu", "-q", "--out",

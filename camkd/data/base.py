@@ -222,6 +222,8 @@ def load_dataset(
     """Load ``split`` ('train' or 'test') of dataset ``name`` into memory (CPU)."""
     check_dataset(name)
     if data_dir is not None and not download and not Path(data_dir).is_dir():
+        if name == "synthetic":  # generated in memory: no files to find
+            raise CamkdError("--data-dir does not apply to synthetic data (it is generated, not read from files); drop it")
         raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files (or add --download)")
     if split not in ("train", "test"):
         raise CamkdError(f"unknown split '{split}'; choose train or test")
