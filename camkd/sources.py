@@ -209,10 +209,15 @@ class StoreTeachers:
                              f"(first: {self.sample_name(int(idx[row]))}); the store was made by an incompatible camkd; re-cache")
         if self._pixels is not None and not np.array_equal(self._pixels[idx], hashes):
             row = int(np.flatnonzero(self._pixels[idx] != hashes)[0])
+            stored, here = self.store.attrs.get("decoder_versions"), decoder_versions()
+            if stored == here:  # the same decoder, so the file itself changed (its size did not: the listing matched)
+                why = (f"this machine decodes with the store's versions ({_versions(here)}), so the file's content changed "
+                       "since the store was written; restore it, or re-cache from this folder")
+            else:
+                why = (f"the store's decoder: {_versions(stored)}; this machine's: {_versions(here)}; distill with the "
+                       "store's decoder versions (or re-cache on this machine)")
             raise CamkdError(f"{self.store.path}: the pixels of {self.sample_name(int(idx[row]))} in view {view} differ from "
-                             f"the ones the teachers saw; the store's decoder: {_versions(self.store.attrs.get('decoder_versions'))}; "
-                             f"this machine's: {_versions(decoder_versions())}; distill with the store's decoder versions "
-                             "(or re-cache on this machine)")
+                             f"the ones the teachers saw; {why}")
 
     def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Streamed) -> TeacherOut:
         if self.window_blocks is None:

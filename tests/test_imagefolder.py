@@ -237,13 +237,31 @@ def test_other_pixels_stop_distillation_naming_the_file(cli, one_error, store, f
             x[0, 0, 0] = x[0, 0, 0] ^ 1
         return x, box, flip
 
+    import camkd.sources
+
     monkeypatch.setattr(folder_module, "load_train_view", other_decoder)
+    monkeypatch.setattr(camkd.sources, "decoder_versions", lambda: {"decoder": "pillow-rgb+crop+bilinear", "pillow": "0.0"})
     line = one_error(cli("distill", "--arch", "resnet8", "--cache", store["path"], "--data-dir", folder, "--workers", "0",
                          "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", tmp_path / "s"),
                      r"pixels of train/cat/cat_03\.jpg in view 0 differ")
-    assert "the store's decoder: decoder pillow" in line and "this machine's: decoder pillow" in line
+    assert "the store's decoder: decoder pillow" in line and "this machine's: decoder pillow-rgb+crop+bilinear, pillow 0.0" in line
     r = cli("cache-verify", store["path"], *[a for t in store["teachers"] for a in ("-t", t)], "--data-dir", folder)
     assert r.exit_code != 0 and "MISMATCH: pixels of view" in r.output and "cat_03.jpg" in r.output, r.output
+
+
+def test_a_file_rewritten_with_the_same_size_is_named(cli, one_error, store, folder, tmp_path):
+    """The listing sees sizes only; the pixel hashes catch other content of the same size (same decoder here)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    path = copy / "train" / "cat" / "cat_03.jpg"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55  # inside the entropy-coded data: other pixels, same size
+    path.write_bytes(bytes(data))
+    one_error(cli("distill", "--arch", "resnet8", "--cache", store["path"], "--data-dir", copy, "--workers", "0",
+                  "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", tmp_path / "s"),
+              r"pixels of train/cat/cat_03\.jpg in view 0 differ .*the store's versions .*so the file's content changed")
 
 
 def test_cache_verify_recomputes_from_the_files(cli, store, folder):
