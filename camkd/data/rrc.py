@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from camkd.data.views import hash_counter
+from camkd.data.views import hash_counter, hash_fields
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -87,30 +87,28 @@ def rrc_boxes(seed: int, view: int, indices: np.ndarray, heights: np.ndarray | i
 
     heights, widths: one per index (or one for all). Returns (boxes int32 [n, 4] as (top, left,
     height, width), flips uint8 [n], 1 = mirror left-right after the resize). Vectorized over the
-    samples; only the up-to-10 tries loop, each over the samples no try has placed yet.
+    samples and the tries: every try's draws are computed and the first that fits is taken (a try's draws
+    depend only on its fields, so this is torchvision's loop; one image's box costs a few numpy calls).
     """
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     hs, ws = (np.broadcast_to(np.asarray(v, dtype=np.int64), idx.shape) for v in (heights, widths))
     _check(idx, hs, ws, scale, ratio)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    draws = hash_fields(seed, view, idx, _TRY_FIELD0 + np.arange(4 * TRIES)).reshape(idx.size, TRIES, 4)
+    target = (hs * ws)[:, None] * (scale[0] + uniform01(draws[..., 0]) * (scale[1] - scale[0]))  # [n, tries]
+    r = np.exp(log_r[0] + uniform01(draws[..., 1]) * (log_r[1] - log_r[0]))
+    w, h = np.rint(np.sqrt(target * r)), np.rint(np.sqrt(target / r))
+    ok = (w > 0) & (w <= ws[:, None]) & (h > 0) & (h <= hs[:, None])
+    placed = np.flatnonzero(ok.any(axis=1))  # the first try that fits wins, as in torchvision's loop
+    t = ok[placed].argmax(axis=1)
+    w, h = w[placed, t].astype(np.int64), h[placed, t].astype(np.int64)
+    top = below(draws[placed, t, 2], hs[placed] - h + 1)
+    left = below(draws[placed, t, 3], ws[placed] - w + 1)
     boxes = np.zeros((idx.size, 4), dtype=np.int64)
-    todo = np.arange(idx.size)
-    for t in range(TRIES):
-        if todo.size == 0:
-            break
-        field = _TRY_FIELD0 + 4 * t
-        i, hi, wi = idx[todo], hs[todo], ws[todo]
-        target = (hi * wi) * (scale[0] + uniform01(hash_counter(seed, view, i, field)) * (scale[1] - scale[0]))
-        r = np.exp(log_r[0] + uniform01(hash_counter(seed, view, i, field + 1)) * (log_r[1] - log_r[0]))
-        w, h = np.rint(np.sqrt(target * r)), np.rint(np.sqrt(target / r))
-        ok = (w > 0) & (w <= wi) & (h > 0) & (h <= hi)
-        w, h, i, hi, wi = w[ok].astype(np.int64), h[ok].astype(np.int64), i[ok], hi[ok], wi[ok]
-        top = below(hash_counter(seed, view, i, field + 2), hi - h + 1)
-        left = below(hash_counter(seed, view, i, field + 3), wi - w + 1)
-        boxes[todo[ok]] = np.stack([top, left, h, w], axis=1)
-        todo = todo[~ok]
-    if todo.size:
-        boxes[todo] = _fallback(hs[todo], ws[todo], ratio)
+    boxes[placed] = np.stack([top, left, h, w], axis=1)
+    unplaced = np.flatnonzero(~ok.any(axis=1))
+    if unplaced.size:
+        boxes[unplaced] = _fallback(hs[unplaced], ws[unplaced], ratio)
     flips = (hash_counter(seed, view, idx, _FLIP_FIELD) >> np.uint64(63)).astype(np.uint8)
     return boxes.astype(np.int32), flips
 
