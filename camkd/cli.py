@@ -23,7 +23,7 @@ try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); 
 except ImportError:  # pragma: no cover
     from click.exceptions import Abort, ClickException, NoArgsIsHelpError
 
-from camkd.bench.config import PROTOCOLS, AccuracyConfig, SpeedConfig, StorageConfig
+from camkd.bench.config import PROTOCOLS, AccuracyConfig, DataBenchConfig, SpeedConfig, StorageConfig
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
 
@@ -105,7 +105,7 @@ def _teacher_optim() -> OptimConfig:
 
 
 _O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
-_SPEED, _ACC, _STORAGE = SpeedConfig(), AccuracyConfig(), StorageConfig()  # stated once in camkd/bench/config.py
+_SPEED, _ACC, _STORAGE, _DATA = SpeedConfig(), AccuracyConfig(), StorageConfig(), DataBenchConfig()  # stated once in camkd/bench/config.py
 ProtocolChoice = _choices("Protocol", list(PROTOCOLS))
 _DISTILL_DECAY = [str(e) for e in _O.lr_decay_epochs]
 
@@ -651,6 +651,32 @@ def bench_storage_cmd(
     prefix = _out_prefix(out)
     r = run_storage(StorageConfig(root=str(root), data_dir=_str(data_dir), options=list(option), epochs=epochs,
                                   limit=limit, seeds=seeds, kd_T=kd_t, device=device.value))
+    _show(r, to_markdown, plot, prefix)
+
+
+@bench_app.command("data")
+@friendly
+def bench_data_cmd(
+    images: Annotated[int, typer.Option("--images", min=1, help="JPEGs to generate (500x375 and 375x500).")] = _DATA.images,
+    classes: Annotated[int, typer.Option("--classes", min=1, help="Class folders they are spread over.")] = _DATA.classes,
+    image_size: Annotated[int, typer.Option("--image-size", min=1, metavar="N", help="Side of the training views.")] = _DATA.image_size,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = _DATA.batch_size,
+    workers: Annotated[list[int], typer.Option("--workers", min=0, metavar="N", help="Worker processes to measure at, "
+                                               "0 = the main process (repeat).")] = _DATA.workers,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved timed rounds (after a warm-up "
+                                         "round).")] = _DATA.repeats,
+    root: Annotated[Optional[Path], typer.Option("--root", metavar="FOLDER", help="Write the images here and keep them; "
+                    "a folder that already holds train/CLASS/* is measured as it is [default: a temporary folder].")] = None,
+    device: DeviceOpt = _DATA.device,
+    out: OutOpt = None,
+) -> None:
+    """Training views/s of camkd's image-folder loader against torchvision's ImageFolder + DataLoader (RandomResizedCrop,
+    flip, ToTensor, Normalize) on the same JPEGs and worker counts, side by side."""
+    from camkd.bench.data import plot, run_data, to_markdown
+
+    prefix = _out_prefix(out)
+    r = run_data(DataBenchConfig(images=images, classes=classes, image_size=image_size, batch_size=batch_size,
+                                 workers=list(workers), repeats=repeats, root=_str(root), device=device.value))
     _show(r, to_markdown, plot, prefix)
 
 

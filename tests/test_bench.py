@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from camkd.bench.common import cpu_model, device_info, device_text, output_prefix, write_result
-from camkd.bench.config import AccuracyConfig, SpeedConfig, StorageConfig
+from camkd.bench.config import AccuracyConfig, DataBenchConfig, SpeedConfig, StorageConfig
 from camkd.bench.stats import paired, paired_text, t_crit_95
 from camkd.errors import CamkdError
 
@@ -70,6 +70,7 @@ def test_bench_writes_nothing_without_out(cli, one_error, tmp_path, monkeypatch)
 def test_the_cli_defaults_are_the_configs(cli, monkeypatch):
     """Each bench command without options runs its config class's defaults (stated once, in camkd/bench/config.py)."""
     import camkd.bench.accuracy
+    import camkd.bench.data
     import camkd.bench.speed
     import camkd.bench.storage
 
@@ -80,11 +81,11 @@ def test_the_cli_defaults_are_the_configs(cli, monkeypatch):
         raise CamkdError("captured")
 
     for module, name in ((camkd.bench.speed, "run_speed"), (camkd.bench.accuracy, "run_accuracy"),
-                         (camkd.bench.storage, "run_storage")):
+                         (camkd.bench.storage, "run_storage"), (camkd.bench.data, "run_data")):
         monkeypatch.setattr(module, name, capture)
-    for command in ("speed", "accuracy", "storage"):
+    for command in ("speed", "accuracy", "storage", "data"):
         assert cli("bench", command).output == "error: captured\n"
-    assert seen == [SpeedConfig(), AccuracyConfig(progress=True), StorageConfig()]  # progress: the CLI's unless -q
+    assert seen == [SpeedConfig(), AccuracyConfig(progress=True), StorageConfig(), DataBenchConfig()]  # progress: the CLI's unless -q
 
 
 def test_storage_defaults_are_the_equal_protocols():
@@ -175,3 +176,26 @@ def test_benchmarks_md_states_current_results_only():
         assert (ROOT / link).exists(), link
     assert not re.search(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", text)  # no commit hashes
     assert "| commit |" not in text
+
+
+def test_bench_data_smoke(cli, one_error, tmp_path, monkeypatch):
+    """camkd's folder loader and torchvision's on 8 generated JPEGs at 32 px, in the main process."""
+    monkeypatch.chdir(tmp_path)  # whatever the bench writes outside --out (and --root) would land here
+    args = ["bench", "data", "--images", "8", "--classes", "2", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+            "--repeats", "1", "--device", "cpu"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"Device: CPU ({cpu_model()}, 1 thread);") and "| 0 |" in r.output
+    assert list(tmp_path.iterdir()) == []  # the images went to a temporary folder, removed
+    out = tmp_path / "results" / "data"
+    r = cli(*args, "--root", tmp_path / "images", "--out", out)
+    assert r.exit_code == 0, r.output
+    whole = json.loads(out.with_suffix(".json").read_text())
+    assert whole["data"]["images"] == 8 and whole["data"]["classes"] == 2 and whole["device"]["type"] == "cpu"
+    rates = whole["images_per_s"]["0"]
+    assert finite_positive(rates["camkd"]) and finite_positive(rates["torchvision"])
+    assert whole["camkd_over_torchvision"]["0"] == pytest.approx(rates["camkd"] / rates["torchvision"])
+    assert len(list((tmp_path / "images" / "train").rglob("*.jpg"))) == 8  # --root keeps them
+    assert Image.open(next((tmp_path / "images" / "train").rglob("*.jpg"))).size in ((500, 375), (375, 500))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "results"]
+    one_error(cli(*args[:2], "--images", "2", "--classes", "3"), r"^error: bench data: --classes 3 is more than --images 2")

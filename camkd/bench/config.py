@@ -100,3 +100,21 @@ class StorageConfig:
     dataset: str = _EQUAL.dataset
     teacher_limit: int | None = None  # None: the full training split (tests use a small one)
     data_options: dict = field(default_factory=dict)  # dataset loader options (tests: synthetic's num_samples)
+
+
+@dataclass
+class DataBenchConfig:
+    """`bench data`: camkd's image-folder loader against torchvision's ImageFolder + DataLoader on the same JPEGs."""
+
+    images: int = 256  # generated JPEGs (ImageNet-sized; ignored with a root that already holds train/)
+    classes: int = 4
+    width: int = 500  # ImageNet's typical 500x375 (every other image is 375x500)
+    height: int = 375
+    quality: int = 90  # JPEG quality of the generated images
+    image_size: int = 224  # the training views' side
+    batch_size: int = 32
+    workers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    repeats: int = 3  # interleaved timed rounds, after one warm-up round
+    root: str | None = None  # where the images are (written there when it has no train/); None: a temporary folder
+    device: str = "auto"
+
