@@ -570,7 +570,9 @@ def test_verify_fails_on_tampered_store(cli, rt, teachers, tmp_path, one_error):
     assert r.exit_code == 1 and "augmentation parameters of view 1" in r.output, r.output
     # the teachers must be the store's
     r = cli("cache-verify", path, "-t", teachers["wrn_16_1"], "-t", teachers["resnet8"], "--device", "cpu")
-    one_error(r, r"differ from the store's")
+    one_error(r, r"-t number 1 \(.*wrn_16_1.*\) is not the store's teacher 1 \(resnet8")
+    one_error(cli("cache-verify", path, "-t", teachers["resnet8"], "--device", "cpu"),
+              r"the store has 2 teachers \(resnet8, wrn_16_1\), 1 given with -t")
     # incomplete
     g["aug"][1] = np.asarray(zarr.open_group(str(path), mode="r")["aug"][1])
     g["progress"][1, 1] = 0

@@ -213,11 +213,25 @@ def _topk_checks(store: TeacherStore, v: int, idx: np.ndarray, logits: torch.Ten
     index = torch.from_numpy(got["index"].astype(np.int64)).clamp(0, logits.shape[-1] - 1)
     dtype = store.attrs["dtype"]
     values = layout.topk_path("values")
-    checks = {values: (logits.gather(-1, index).numpy(), got["values"].astype(np.float32), dtype, None),
-              f"{values} (top k)": (ref["values"], got["values"].astype(np.float32), dtype, None)}
+    # the index through the logits it points at (a damaged class index shows), the values against the recomputed top k
+    checks = {f"{layout.topk_path('index')} (the recomputed logits of the stored classes)":
+              (logits.gather(-1, index).numpy(), got["values"].astype(np.float32), dtype, None),
+              values: (ref["values"], got["values"].astype(np.float32), dtype, None)}
     for name in ("lse", "log_tail", "ce", "log_entropy"):
         checks[layout.topk_path(name)] = (ref[name], got[name].astype(np.float32), "float32", None)
     return checks
+
+
+def _check_same_teachers(stored: list[dict], given: list[dict]) -> None:
+    """The -t checkpoints are the store's, in its order: else one line saying how many it has and which differs."""
+    if len(given) != len(stored):
+        raise CamkdError(f"the store has {plural(len(stored), 'teacher')} ({', '.join(t['arch'] for t in stored)}), "
+                         f"{len(given)} given with -t; pass all of them, in the store's order")
+    for k, (s, g) in enumerate(zip(stored, given)):
+        if s["sha256"] != g["sha256"]:
+            raise CamkdError(f"-t number {k + 1} ({g.get('path', g['arch'])}, sha256 {g['sha256'][:12]}) is not the store's "
+                             f"teacher {k + 1} ({s['arch']}, {s.get('checkpoint', '')} sha256 {s['sha256'][:12]}); pass the "
+                             "store's checkpoints in its order")
 
 
 def _sample_pairs(store: TeacherStore, flags: np.ndarray, sample: int, seed: int) -> list[tuple[int, int]]:
@@ -237,10 +251,7 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
                data_dir: str | None) -> bool:
     """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
     a = store.attrs
-    shas = [t["sha256"] for t in a["teachers"]]
-    if [t["sha256"] for t in teachers.provenance] != shas:
-        raise CamkdError(f"the --teacher checkpoints differ from the store's (sha256 {[s[:12] for s in shas]}); "
-                         "pass the same checkpoints in the same order")
+    _check_same_teachers(a["teachers"], teachers.provenance)
     # an image folder's sample is decoded in this process (a few hundred files: no worker processes to start)
     workers = 0 if layout.aug_layout(a["augmentation"]).pixels else None
     train, _, spec = load_cached_data(store, data_dir=data_dir, workers=workers)
