@@ -391,3 +391,20 @@ def test_a_limited_store_compares_only_its_files(cli, one_error, store, folder, 
     shutil.copy(copy / "train" / "ant" / "ant_00.jpg", copy / "train" / "ant" / "ant_05b.jpg")  # added among the 12
     one_error(cli(*args, "--out", tmp_path / "no"), r"train/ant/ant_05b\.jpg was added \(1 added, 0 removed, 1 replaced, "
               r"0 relabelled, 1 past the first 12\)")
+
+
+def test_dry_run_plans_without_reading_an_image(cli, store, tmp_path):
+    """--dry-run lists the folder (names and byte sizes) and plans from it: 2,100 files that no decoder could read
+    give the plan, and nothing is written."""
+    root = tmp_path / "big"
+    for split, n in (("train", 2100), ("val", 3)):
+        for i in range(n):
+            d = root / split / CLASSES[i % 3]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:05d}.jpg").write_bytes(b"not an image")
+    out = tmp_path / "s.zarr"
+    r = cli("cache-teachers", "-t", store["teachers"][0], "--dataset", "imagefolder", "--data-dir", root, "--image-size",
+            "224", "--views", "100", "--logits", "topk:2", "--out", out, "--dry-run", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "planned store: 100 views x 2100 samples" in r.output and "files/*" in r.output and "pixels" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
