@@ -195,6 +195,7 @@ def test_bench_data_smoke(cli, one_error, tmp_path, monkeypatch):
     rates = whole["images_per_s"]["0"]
     assert finite_positive(rates["camkd"]) and finite_positive(rates["torchvision"])
     assert whole["camkd_over_torchvision"]["0"] == pytest.approx(rates["camkd"] / rates["torchvision"])
+    assert [len(v) for v in whole["rounds"]["0"].values()] == [1, 1]  # --repeats 1: one timed round each
     assert len(list((tmp_path / "images" / "train").rglob("*.jpg"))) == 8  # --root keeps them
     assert Image.open(next((tmp_path / "images" / "train").rglob("*.jpg"))).size in ((500, 375), (375, 500))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "results"]

@@ -122,8 +122,8 @@ def _timed(run: Callable[[np.ndarray], int], order: np.ndarray, device: torch.de
     return n / (time.perf_counter() - t0)
 
 
-def _measure(root: Path, cfg: DataBenchConfig, device: torch.device, n: int) -> dict[str, dict[str, float]]:
-    """Median images/s per loader and worker count, from interleaved rounds after one warm-up round."""
+def _measure(root: Path, cfg: DataBenchConfig, device: torch.device, n: int) -> dict[str, dict[str, list[float]]]:
+    """Images/s of every timed round per worker count and loader, from interleaved rounds after one warm-up round."""
     loaders = {w: {"camkd": _CamkdPass(root, cfg, w, device), "torchvision": _TorchvisionPass(root, cfg, w, device)}
                for w in cfg.workers}
     rates: dict[tuple[str, int], list[float]] = {}
@@ -135,7 +135,7 @@ def _measure(root: Path, cfg: DataBenchConfig, device: torch.device, n: int) -> 
                 rate = _timed(run, order, device)
                 if round_ > 0:  # round 0 warms the workers, the page cache and the allocator
                     rates.setdefault((name, w), []).append(rate)
-    return {str(w): {name: statistics.median(rates[(name, w)]) for name in ("camkd", "torchvision")} for w in cfg.workers}
+    return {str(w): {name: rates[(name, w)] for name in ("camkd", "torchvision")} for w in cfg.workers}
 
 
 def _check(cfg: DataBenchConfig) -> None:
@@ -162,13 +162,14 @@ def run_data(cfg: DataBenchConfig) -> dict:
         listing = list_imagefolder(root, "train")
         torch.set_num_threads(1)
         try:
-            rates = _measure(root, cfg, device, len(listing))
+            rounds = _measure(root, cfg, device, len(listing))
         finally:
             torch.set_num_threads(before)
+    rates = {w: {name: statistics.median(v) for name, v in r.items()} for w, r in rounds.items()}
     ratios = {w: r["camkd"] / r["torchvision"] for w, r in rates.items()}
     return {"machine": machine(), "device": device_info(device, [1]), "config": asdict(cfg),
             "data": {"images": len(listing), "classes": listing.num_classes, "mean_bytes": float(np.mean(listing.sizes))},
-            "images_per_s": rates, "camkd_over_torchvision": ratios, "target": TARGET}
+            "images_per_s": rates, "rounds": rounds, "camkd_over_torchvision": ratios, "target": TARGET}
 
 
 def to_markdown(r: dict) -> str:
@@ -178,10 +179,12 @@ def to_markdown(r: dict) -> str:
              f"{d['mean_bytes'] / 1024:.0f} KiB, {d['classes']} classes) -> RandomResizedCrop {c['image_size']} + flip + "
              f"ImageNet normalization on the device, batch {c['batch_size']}; median of {c['repeats']} interleaved "
              "rounds after a warm-up round.", "",
-             "| workers | camkd images/s | torchvision images/s | camkd / torchvision |", "|---|---|---|---|"]
+             "| workers | camkd images/s (rounds' range) | torchvision images/s (range) | camkd / torchvision |",
+             "|---|---|---|---|"]
     for w, rate in r["images_per_s"].items():
-        ratio = r["camkd_over_torchvision"][w]
-        lines.append(f"| {w} | {rate['camkd']:.0f} | {rate['torchvision']:.0f} | **{ratio:.2f}x** (target {r['target']}x) |")
+        ratio, spread = r["camkd_over_torchvision"][w], {k: f"{min(v):.0f}-{max(v):.0f}" for k, v in r["rounds"][w].items()}
+        lines.append(f"| {w} | {rate['camkd']:.0f} ({spread['camkd']}) | {rate['torchvision']:.0f} ({spread['torchvision']}) "
+                     f"| **{ratio:.2f}x** (target {r['target']}x) |")
     return "\n".join(lines)
 
 
