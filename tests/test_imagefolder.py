@@ -209,6 +209,34 @@ def test_cached_equals_online_on_a_folder(store, folder, tmp_path):
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=1e-5), k
 
 
+def test_cached_equals_online_with_torchvision_teacher_and_student(folder, tmp_path):
+    """A torchvision teacher (its own state_dict file: what torchvision ships) cached over a folder, and a torchvision
+    student distilled from the store and with the teacher live: the same losses step by step, the same weights."""
+    import torchvision
+
+    from camkd.cache import CacheConfig, cache_teachers
+
+    torch.manual_seed(3)
+    teacher = torchvision.models.get_model("shufflenet_v2_x0_5", weights=None, num_classes=len(CLASSES))
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    spec = f"tv:shufflenet_v2_x0_5={tmp_path / 'teacher.pth'}"
+    path = tmp_path / "tv.zarr"
+    cache_teachers(CacheConfig(teachers=[spec], dataset="imagefolder", data_dir=str(folder), views=1, dtype="float32",
+                               features=["none"], batch_size=8, device="cpu", out=str(path), progress=False, evaluate=False,
+                               options={"image_size": 32, "workers": 0}))
+    steps = []
+    for name, kw in (("cached", {}), ("online", {"online": True, "teachers": [spec]})):
+        rec = StepRecorder()
+        _distill(tmp_path, name, folder, arch="tv:resnet18", method="avg", epochs=1, cache=str(path), hooks=rec, **kw)
+        steps.append(np.array([s["loss"] for s in rec.table()]))
+    assert len(steps[0]) == len(steps[1]) == 3
+    assert (np.abs(steps[0] - steps[1]) / np.abs(steps[1])).max() <= 1e-5
+    wa = load_checkpoint(tmp_path / "cached" / "last.pth")["model"]
+    wb = load_checkpoint(tmp_path / "online" / "last.pth")["model"]
+    for k in wa:  # the tolerance of tests/test_distill.py's cache == online
+        assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=1e-5), k
+
+
 def test_changed_folder_is_refused_naming_the_file(cli, one_error, store, folder, tmp_path):
     args = ("distill", "--arch", "resnet8", "--cache", store["path"], "--workers", "0", "--epochs", "1", "--batch-size", "8",
             "--device", "cpu", "--out", tmp_path / "s")
