@@ -132,11 +132,42 @@ def group_runs(rows: list[dict]) -> list[dict]:
             ws = [m[key] for m in members]
             g[key] = [statistics.fmean(col) for col in zip(*ws)] if all(ws) and len({len(w) for w in ws}) == 1 else None
         out.append(g)
-    labels = [g["label"] for g in out]
-    for i, g in enumerate(out):
-        if labels.count(g["label"]) > 1:
-            g["label"] += f" (config {labels[:i + 1].count(g['label'])})"
+    keys = list(groups)
+    for label in {g["label"] for g in out}:
+        same = [i for i, g in enumerate(out) if g["label"] == label]
+        if len(same) > 1:  # groups that look alike: name what sets them apart
+            for i, text in zip(same, _what_differs([keys[i] for i in same])):
+                out[i]["label"] += f" ({text})"
     return out
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def _what_differs(group_keys: list[str], most: int = 2) -> list[str]:
+    """Per group, the settings in which groups of one label differ, as options: ``--cache dense.zarr, epochs 2``."""
+    flat = [_flat(json.loads(k)) for k in group_keys]
+    differ = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1)
+
+    def name(key: str) -> str:
+        last = key.rsplit(".", 1)[-1]
+        return "epochs" if last == "epochs_done" else "--" + last.replace("_", "-")
+
+    def value(v) -> str:
+        text = Path(v).name if isinstance(v, str) and "/" in v else json.dumps(v) if not isinstance(v, str) else v
+        return text if len(text) <= 24 else text[:21] + "..."
+
+    texts = []
+    for f in flat:
+        parts = [f"{name(k)} {value(f.get(k))}" for k in differ[:most]]
+        texts.append(", ".join(parts) + (", ..." if len(differ) > most else ""))
+    return texts
 
 
 def report(paths: list[str | Path], *, group: bool = False) -> dict:

@@ -131,6 +131,8 @@ def test_group_mean_and_sample_std(runs, tmp_path):
     assert g["final_train_loss"]["mean"] == pytest.approx(4.0, rel=1e-12) and g["final_train_loss"]["std"] == pytest.approx(1.0)
     assert other["runs"] == [str(tmp_path / "d")] and other["final_top1"] == {"mean": 60.0, "std": None}
     assert "| 23.33 ± 15.28 |" in to_markdown(r)
+    # two groups of one arch and method are labelled by what sets them apart, as options
+    assert (g["label"], other["label"]) == ("resnet8 camkd (--lr 0.05)", "resnet8 camkd (--lr 0.1)")
 
 
 def test_teachers_and_students_group_apart(runs):
