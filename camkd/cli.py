@@ -667,25 +667,32 @@ def bench_data_cmd(
                                          "round).")] = _DATA.repeats,
     root: Annotated[Optional[Path], typer.Option("--root", metavar="FOLDER", help="Write the images here and keep them; "
                     "a folder that already holds train/CLASS/* is measured as it is [default: a temporary folder].")] = None,
+    store_image_size: Annotated[int, typer.Option("--store-image-size", min=1, metavar="N", help="Side of the views in "
+                                "the store parts (cache-teachers, distill; 224 px takes minutes on a CPU).")] = _DATA.store_image_size,
+    teacher_arch: Annotated[list[str], typer.Option("--teacher-arch", metavar="ARCH", help="Random-init teachers the "
+                            "store parts cache (repeat).")] = _DATA.teacher_archs,
+    student: Annotated[str, typer.Option("--student", metavar="ARCH", help="The store parts' student.")] = _DATA.student,
     device: DeviceOpt = _DATA.device,
     out: OutOpt = None,
 ) -> None:
     """Training views/s of camkd's image-folder loader against torchvision's ImageFolder + DataLoader (RandomResizedCrop,
-    flip, ToTensor, Normalize) on the same JPEGs and worker counts, side by side."""
+    flip, ToTensor, Normalize) on the same JPEGs and worker counts, side by side; then, on the same JPEGs and camkd's
+    loader at the largest worker count, cache-teachers against plain inference and distill (kd, avg) against ce."""
     from camkd.bench.data import plot, run_data, to_markdown
 
     prefix = _out_prefix(out)
     r = run_data(DataBenchConfig(images=images, classes=classes, image_size=image_size, batch_size=batch_size,
-                                 workers=list(workers), repeats=repeats, root=_str(root), device=device.value))
+                                 workers=list(workers), repeats=repeats, root=_str(root), device=device.value,
+                                 store_image_size=store_image_size, teacher_archs=list(teacher_arch), student=student))
     _show(r, to_markdown, plot, prefix)
 
 
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""
-    from camkd.models import list_models
+    from camkd.models import MODELS, list_models
 
-    typer.echo("\n".join(list_models()))
+    typer.echo("\n".join([*list_models(), *MODELS.families()]))
 
 
 @app.command("demo")

@@ -179,13 +179,16 @@ def test_benchmarks_md_states_current_results_only():
 
 
 def test_bench_data_smoke(cli, one_error, tmp_path, monkeypatch):
-    """camkd's folder loader and torchvision's on 8 generated JPEGs at 32 px, in the main process."""
+    """camkd's folder loader and torchvision's on 8 generated JPEGs at 32 px, in the main process; then the store
+    parts (cache-teachers against plain inference, distill against ce) at 16 px."""
     monkeypatch.chdir(tmp_path)  # whatever the bench writes outside --out (and --root) would land here
     args = ["bench", "data", "--images", "8", "--classes", "2", "--image-size", "32", "--batch-size", "4", "--workers", "0",
-            "--repeats", "1", "--device", "cpu"]
+            "--repeats", "1", "--device", "cpu", "--store-image-size", "16", "--teacher-arch", "resnet8"]
     r = cli(*args)
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"Device: CPU ({cpu_model()}, 1 thread);") and "| 0 |" in r.output
+    assert "RandomResizedCrop **16 px** views (the table above: 32 px)" in r.output  # the size the store parts used
+    assert "| cache-teachers " in r.output and "| distill --method kd " in r.output
     assert list(tmp_path.iterdir()) == []  # the images went to a temporary folder, removed
     out = tmp_path / "results" / "data"
     r = cli(*args, "--root", tmp_path / "images", "--out", out)
@@ -196,7 +199,18 @@ def test_bench_data_smoke(cli, one_error, tmp_path, monkeypatch):
     assert finite_positive(rates["camkd"]) and finite_positive(rates["torchvision"])
     assert whole["camkd_over_torchvision"]["0"] == pytest.approx(rates["camkd"] / rates["torchvision"])
     assert [len(v) for v in whole["rounds"]["0"].values()] == [1, 1]  # --repeats 1: one timed round each
+    store = whole["store"]
+    assert (store["image_size"], store["workers"], store["teachers"], store["student"]) == (16, 0, ["resnet8"], "resnet8")
+    assert set(store["distill_over_ce"]) == {"kd", "avg"} and set(store["train_images_per_s"]) == {"ce", "kd", "avg"}
+    for v in [store["cache_over_inference"], *store["distill_over_ce"].values(), *store["samples_per_s"].values(),
+              *store["train_images_per_s"].values()]:
+        assert finite_positive(v)
+    assert store["distill_over_ce"]["kd"] == pytest.approx(store["train_images_per_s"]["kd"] / store["train_images_per_s"]["ce"])
+    assert store["cache_over_inference"] == pytest.approx(store["samples_per_s"]["cache"] / store["samples_per_s"]["inference"])
+    assert all(len(v) == 1 for v in store["rounds"].values())
     assert len(list((tmp_path / "images" / "train").rglob("*.jpg"))) == 8  # --root keeps them
+    assert len(list((tmp_path / "images" / "val").rglob("*.jpg"))) == 2  # one per class, for distill's evaluation
     assert Image.open(next((tmp_path / "images" / "train").rglob("*.jpg"))).size in ((500, 375), (375, 500))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "results"]
     one_error(cli(*args[:2], "--images", "2", "--classes", "3"), r"^error: bench data: --classes 3 is more than --images 2")
+    one_error(cli(*args[:2], "--student", "resnet9"), r"^error: bench data: unknown arch 'resnet9'; choose one of: ")

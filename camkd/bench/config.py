@@ -115,6 +115,11 @@ class DataBenchConfig:
     batch_size: int = 32
     workers: list[int] = field(default_factory=lambda: [0, 1, 2])
     repeats: int = 3  # interleaved timed rounds, after one warm-up round
-    root: str | None = None  # where the images are (written there when it has no train/); None: a temporary folder
+    root: str | None = None  # where the images are (each missing split written there); None: a temporary folder
     device: str = "auto"
+    # the store parts (cache-teachers vs plain inference, distill vs ce) on the same folder and loader, at the largest
+    # worker count; their views are smaller than the loader table's, as models at 224 px take minutes per pass on a CPU
+    store_image_size: int = 64
+    teacher_archs: list[str] = field(default_factory=lambda: ["resnet8", "resnet14"])  # random-init: speed ignores weights
+    student: str = "resnet8"
 
