@@ -690,9 +690,9 @@ def bench_data_cmd(
 @app.command("models")
 def models_cmd() -> None:
     """List the model zoo."""
-    from camkd.models import list_models
+    from camkd.models import MODELS, list_models
 
-    typer.echo("\n".join(list_models()))
+    typer.echo("\n".join([*list_models(), *MODELS.families()]))
 
 
 @app.command("demo")

@@ -4,16 +4,30 @@ Each kind has one :class:`Registry` in its package's base module, and the packag
 imports every module that registers an entry, so importing the package (or any module in it)
 fills the table; nothing imports lazily. ``create_x(name)`` functions look entries up with
 :meth:`Registry.get`, whose error names the unknown entry and every known one.
+
+A :class:`Prefix` stands for a whole family of names too many to list (``timm:NAME``): its own
+``resolve`` checks the part after the prefix, so the family's package is imported only when one
+of its names is looked up.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from camkd.errors import CamkdError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Prefix(Generic[T]):
+    """Every name ``PREFIX + REST``: ``resolve(REST)`` gives REST's spelling (or raises CamkdError), ``entry(REST)`` its entry."""
+
+    resolve: Callable[[str], str]
+    entry: Callable[[str], T]
+    shown: str  # how listings show the family, e.g. "timm:NAME (any timm model)"
 
 
 class Registry(Generic[T]):
@@ -22,6 +36,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, *, ignore_case: bool = False) -> None:
         self.kind, self.ignore_case = kind, ignore_case
         self._entries: dict[str, T] = {}
+        self._prefixes: dict[str, Prefix[T]] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register the decorated function or class under ``name``."""
@@ -39,6 +54,14 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
 
+    def add_prefix(self, prefix: str, family: Prefix[T]) -> None:
+        """Register every name starting with ``prefix`` (matched as names are: case-insensitively if so looked up)."""
+        self._prefixes[prefix] = family
+
+    def families(self) -> list[str]:
+        """How each prefix family is shown in listings (its names are too many to list)."""
+        return [family.shown for family in self._prefixes.values()]
+
     def names(self) -> list[str]:
         """Every registered name, sorted."""
         return sorted(self._entries)
@@ -53,11 +76,18 @@ class Registry(Generic[T]):
         for n in self._entries:
             if self._key(n) == self._key(name):
                 return n
+        for prefix, family in self._prefixes.items():
+            if self._key(name).startswith(self._key(prefix)):
+                return prefix + family.resolve(name[len(prefix) :])
         raise CamkdError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
 
     def get(self, name: str) -> T:
-        """The entry registered as ``name`` (see :meth:`resolve`)."""
-        return self._entries[self.resolve(name)]
+        """The entry registered as ``name`` (see :meth:`resolve`), or built by the prefix family ``name`` belongs to."""
+        resolved = self.resolve(name)
+        if resolved in self._entries:
+            return self._entries[resolved]
+        prefix = next(p for p in self._prefixes if resolved.startswith(p))
+        return self._prefixes[prefix].entry(resolved[len(prefix) :])
 
     def _key(self, name: str) -> str:
         return name.lower() if self.ignore_case else name

@@ -6,7 +6,7 @@ use :func:`create_model`.
 
 from __future__ import annotations
 
-from camkd.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, tv, vgg, wrn  # noqa: F401 - registration on import
+from camkd.models import mobilenetv2, resnet, shufflenetv1, shufflenetv2, timm_models, tv, vgg, wrn  # noqa: F401 - registration on import
 from camkd.models.registry import (
     MODELS,
     CifarModel,
