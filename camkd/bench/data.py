@@ -344,8 +344,7 @@ def _plot_store(ax, s: dict) -> None:
     bars += [(f"distill {m} / ce", v, t["distill_over_ce"]) for m, v in s["distill_over_ce"].items()]
     y = np.arange(len(bars))
     ax.barh(y, [b[1] for b in bars], color="tab:blue")
-    ax.scatter([b[2] for b in bars], y, marker="|", s=400, color="black", label="target")
+    ax.scatter([b[2] for b in bars], y, marker="|", s=400, color="black")
     ax.set_yticks(y, [b[0] for b in bars])
     ax.invert_yaxis()
-    ax.set_xlabel(f"ratio ({s['image_size']} px views, {s['workers']} workers)")
-    ax.legend()
+    ax.set_xlabel(f"ratio ({s['image_size']} px views, {s['workers']} workers; black tick: the target)")
