@@ -88,6 +88,19 @@ class DataSplit(Protocol):
         """Per-sample arrays a store of this data keeps beside the labels, by name: none in memory."""
 
 
+def limits(n: int | None, size: int, name: str, split: str) -> bool:
+    """Whether ``--limit n`` cuts a split of ``size`` samples: False for None or the whole split; more than the split
+    holds, or not positive, is refused (one line), never capped."""
+    if n is None or n == size:
+        return False
+    if n <= 0:
+        raise CamkdError(f"--limit must be positive, got {n}")
+    if n > size:
+        raise CamkdError(f"--limit {n} is more than the {size} samples of {name}'s {split} split; "
+                         f"give at most --limit {size}, or drop --limit to use them all")
+    return True
+
+
 @dataclass
 class Dataset:
     """One split of a dataset, whole in memory (a :class:`DataSplit`)."""
@@ -131,13 +144,8 @@ class Dataset:
 
     def limit(self, n: int | None) -> Dataset:
         """The first ``n`` samples (all when ``n`` is None); more than the split holds is refused, not capped."""
-        if n is None or n == len(self):
+        if not limits(n, len(self), self.name, self.split):
             return self
-        if n <= 0:
-            raise CamkdError(f"--limit must be positive, got {n}")
-        if n > len(self):
-            raise CamkdError(f"--limit {n} is more than the {len(self)} samples of {self.name}'s {self.split} split; "
-                             f"give at most --limit {len(self)}, or drop --limit to use them all")
         return Dataset(self.name, self.split, self.images[:n].clone(), self.labels[:n].clone(), self.num_classes, self.norm)
 
     def to(self, device: torch.device | str) -> Dataset:

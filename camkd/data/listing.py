@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from camkd.data.base import limits
 from camkd.errors import CamkdError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -102,13 +103,8 @@ class Listing:
 
         The classes stay whole, so labels and the model's output size do not change with ``n``.
         """
-        if n is None or n == len(self):
+        if not limits(n, len(self), self.name, self.split):
             return self
-        if n <= 0:
-            raise CamkdError(f"--limit must be positive, got {n}")
-        if n > len(self):
-            raise CamkdError(f"--limit {n} is more than the {len(self)} samples of {self.name}'s {self.split} split; "
-                             f"give at most --limit {len(self)}, or drop --limit to use them all")
         return Listing(self.name, self.root, self.split, self.paths[:n], self.sizes[:n], self.labels[:n], self.classes)
 
     def to_dict(self) -> dict:
