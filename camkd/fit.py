@@ -132,8 +132,8 @@ class Trainee(nn.Module):
 def _wrap(trainee: Trainee, device: torch.device, *, find_unused: bool) -> nn.Module:
     """DDP over the ranks (it averages gradients and broadcasts rank 0's buffers at each forward).
 
-    ``find_unused``: some parameters get no gradient in this epoch (CA-MKD's Embeds in epoch 1), so DDP must
-    look for them after each backward; asking for it in an epoch where every parameter is used makes DDP warn."""
+    ``find_unused``: some parameters get no gradient in the run's first epoch (CA-MKD's Embeds in epoch 1), so DDP
+    must look for them after each backward."""
     if not dist.current().active:
         return trainee
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -267,7 +267,6 @@ class _Loop:
         self.result = FitResult()
         self.step_total = 0
         self._net: nn.Module | None = None  # see network()
-        self._net_finds_unused = False
 
     def fit(self, identity: dict) -> FitResult:
         """Resume (or start), then per epoch: train, check the losses were finite, evaluate, record, checkpoint."""
@@ -301,13 +300,13 @@ class _Loop:
         return self.result
 
     def network(self, epoch: int) -> nn.Module:
-        """The trainee as this epoch trains it: under torchrun wrapped in DDP, rewrapped only when whether every
-        parameter takes part changes (CA-MKD's and FitNet's modules join in epoch 2). The ranks hold equal
-        parameters and buffers at an epoch's start, so the new wrapper's broadcast from rank 0 changes nothing."""
-        find_unused = not self.method.uses_all_parameters(epoch)
-        if self._net is None or find_unused != self._net_finds_unused:
-            self._net = None  # the old DDP's hooks go with it before the new one registers its own
-            self._net, self._net_finds_unused = _wrap(self.trainee, self.device, find_unused=find_unused), find_unused
+        """The trainee, under torchrun wrapped in DDP once per run, told to look for unused parameters when the
+        run's first epoch has some (CA-MKD's and FitNet's modules join in epoch 2). DDP then notes once per rank,
+        from epoch 2, that it found none (a C++ warning Python cannot filter). A new DDP made when the modules
+        join avoids the note but was seen to abort a rank in C++ ("terminate called without an active
+        exception") in one of five suite runs (the cause not proven), so the one wrapper stays."""
+        if self._net is None:
+            self._net = _wrap(self.trainee, self.device, find_unused=not self.method.uses_all_parameters(epoch))
         return self._net
 
     def resume(self, identity: dict) -> int:

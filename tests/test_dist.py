@@ -92,7 +92,6 @@ def test_two_ranks_equal_one_process_with_two_micro_batches(store, topk_store, t
     runs = [f"{m}@{store}" for m in list_methods()] + [f"{m}@{topk_store}" for m in ("aekd", "camkd")]
     r = torchrun("--no-python", sys.executable, WORKERS / "distill_methods.py", tmp_path / "w2", 1, 2, *runs)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "find_unused_parameters" not in r.stderr  # DDP looks for unused parameters only where there are (epoch 1)
     r = one_process(sys.executable, WORKERS / "distill_methods.py", tmp_path / "m2", 2, 2, *runs)
     assert r.returncode == 0, r.stderr[-3000:]
     folders = sorted(p.name for p in (tmp_path / "w2").iterdir())
