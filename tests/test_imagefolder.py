@@ -318,31 +318,23 @@ def test_cache_killed_while_writing_resumes_byte_identical(cli, store, folder, t
     """kill -9 of cache-teachers over files once some (view, block) units are flagged; the rerun completes the store
     byte for byte as one uninterrupted run writes it (files/path strings, boxes and CRC-32s included)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from helpers import kill_while_writing
 
     views = 8
     whole = tmp_path / "whole.zarr"
     assert cli(*_cache_args(folder, whole, *store["teachers"], views=views)).exit_code == 0
     cmd = [sys.executable, "-m", "camkd.cli", *map(str, _cache_args(folder, "OUT", *store["teachers"], views=views))]
-    for attempt in range(3):
+
+    def start(attempt: int):
         killed = tmp_path / f"killed{attempt}.zarr"
         proc = subprocess.Popen([str(killed) if a == "OUT" else a for a in cmd], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        while proc.poll() is None:
-            flags = _flags(killed)
-            if flags is not None and 0 < flags.sum() < flags.size:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        proc.wait()
-        after = _flags(killed)
-        if proc.returncode == -signal.SIGKILL and after is not None and 0 < after.sum() < after.size:
-            break
-    else:
-        pytest.fail("could not kill cache-teachers while it was writing")
+        return proc, killed
+
+    _, killed, _ = kill_while_writing(start, _flags, attempts=3)
     r = cli(*_cache_args(folder, killed, *store["teachers"], views=views))
     assert r.exit_code == 0 and "resuming" in r.output, r.output
     assert _tree(killed) == _tree(whole)

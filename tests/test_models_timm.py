@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers import assert_loads_strictly, randomize_buffers
 
 from camkd.errors import CamkdError
 from camkd.models import MODELS, create_model, resolve_arch
@@ -32,14 +32,6 @@ HEAD_KEYS = {  # the children timm's forward_head runs: mobilenetv3's conv_head 
     "mobilenetv3_small_050": {"conv_head.weight", "conv_head.bias", "classifier.weight", "classifier.bias"},
     "efficientnet_b0": {"classifier.weight", "classifier.bias"},
 }
-
-
-def _randomize_buffers(model: nn.Module) -> None:
-    """BN running statistics away from their defaults, so loading and eval-mode forwards depend on them."""
-    with torch.no_grad():
-        for buf in model.buffers():
-            if buf.is_floating_point():
-                buf.uniform_(0.5, 1.5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -70,19 +62,13 @@ def test_feats_and_head(name: str) -> None:
 def test_loads_timm_state_dict_strictly(name: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
     reference = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
-    _randomize_buffers(reference)
+    randomize_buffers(reference)
     path = tmp_path / "weights.pth"
-    torch.save(reference.state_dict(), path)
-
-    model = build(name, num_classes=NUM_CLASSES)
-    assert list(model.state_dict()) == list(reference.state_dict())
-    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), reference.eval()(x))
+    assert_loads_strictly(build(name, num_classes=NUM_CLASSES), reference, path)
 
     teacher = load_teacher(f"timm:{name}={path}")  # the bare state_dict: num_classes and in_channels read off it
     assert (teacher.arch, teacher.num_classes, teacher.in_channels) == (f"timm:{name}", NUM_CLASSES, 3)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(teacher.model(x), reference(x))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
+from helpers import assert_loads_strictly, randomize_buffers
 
 from camkd.errors import CamkdError
 from camkd.models import create_model, list_models
@@ -28,14 +28,6 @@ NUM_CLASSES = 7
 # side of each feature map on a 64 x 64 input, read off torchvision's definitions: one map per stage, the
 # stride-2 stem first (resnet and shufflenet max-pool before their first stage; convnext's stem has stride 4)
 MAP_SIDES = {"convnext_tiny": [16, 8, 4, 2], "shufflenet_v2_x0_5": [32, 8, 4, 2], "shufflenet_v2_x1_0": [32, 8, 4, 2]}
-
-
-def _randomize_buffers(model: nn.Module) -> None:
-    """BN running statistics away from their defaults, so loading and eval-mode forwards depend on them."""
-    with torch.no_grad():
-        for buf in model.buffers():
-            if buf.is_floating_point():
-                buf.uniform_(0.5, 1.5)
 
 
 def test_names_are_the_issue_list() -> None:
@@ -78,16 +70,9 @@ def test_feats_and_head(name: str) -> None:
 def test_loads_torchvision_state_dict_strictly(name: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
     reference = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
-    _randomize_buffers(reference)
+    randomize_buffers(reference)
     path = tmp_path / "weights.pth"
-    torch.save(reference.state_dict(), path)
-
-    model = build(name, num_classes=NUM_CLASSES)
-    assert list(model.state_dict()) == list(reference.state_dict())
-    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), reference.eval()(x))
+    assert_loads_strictly(build(name, num_classes=NUM_CLASSES), reference, path)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -141,7 +126,7 @@ def test_teacher_from_torchvision_weights(tmp_path: Path) -> None:
     """``-t tv:NAME=PATH``: num_classes and in_channels read off the weights, torchvision's logits."""
     torch.manual_seed(4)
     reference = torchvision.models.get_model("mobilenet_v3_large", weights=None, num_classes=NUM_CLASSES)
-    _randomize_buffers(reference)
+    randomize_buffers(reference)
     path = tmp_path / "teacher.pth"
     torch.save({"model": reference.state_dict()}, path)
     bare = tmp_path / "bare.pth"

@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from helpers import kill_while_writing
 from typer.testing import CliRunner
 
 from camkd.cache import CacheConfig, cache_teachers
@@ -256,24 +256,16 @@ def uninterrupted(teachers, tmp_path_factory):
 
 
 def test_resume_after_sigkill_is_bit_identical(teachers, uninterrupted, tmp_path):
-    views = 2
-    for attempt in range(5):
-        if attempt == 3:
-            views = 6  # it kept finishing before the kill: more work
+    def views_of(attempt: int) -> int:
+        return 2 if attempt < 3 else 6  # from the fourth try on more work, if it kept finishing before the kill
+
+    def start(attempt: int):
         killed = tmp_path / f"killed{attempt}.zarr"
-        proc = subprocess.Popen(cache_cmd(teachers, killed, views), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None:
-            flags = _progress(killed)
-            if flags is not None and 0 < flags.sum() < flags.size:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        proc.wait()
-        after = _progress(killed)
-        if proc.returncode == -signal.SIGKILL and after is not None and 0 < after.sum() < after.size:
-            break
-    else:
-        pytest.fail("could not kill cache-teachers while it was writing")
+        cmd = cache_cmd(teachers, killed, views_of(attempt))
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), killed
+
+    attempt, killed, after = kill_while_writing(start, _progress, attempts=5)
+    views = views_of(attempt)
     print(f"killed at attempt {attempt} with {int(after.sum())}/{after.size} blocks flagged")
     resumed = subprocess.run(cache_cmd(teachers, killed, views), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
