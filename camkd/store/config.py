@@ -41,6 +41,8 @@ class CacheConfig:
     evaluate: bool = True  # measure each teacher's test accuracy when creating the store
     logits: str = "dense"  # "topk:K": the k largest logits per teacher plus exact scalars (store/topk.py)
     kd_T: list[float] = field(default_factory=lambda: [4.0])  # top-k: the temperatures to distill at
+    precision: str = "fp32"  # the teachers' forward: fp32 | bf16 | fp16 autocast (the stored dtype is its own option)
+    channels_last: bool = False  # the teachers and their input batches in NHWC memory format
 
     @property
     def stored_feature_dtype(self) -> str:
