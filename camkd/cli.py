@@ -486,6 +486,13 @@ bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in 
 app.add_typer(bench_app, name="bench")
 
 
+BenchPrecisionChoice = _choices("BenchPrecision", ["fp32", "bf16", "fp16"])
+BenchPrecisionOpt = Annotated[BenchPrecisionChoice, typer.Option("--precision", help="Autocast of every run the benchmark "
+                              "makes (fp16 with a gradient scaler).")]
+BenchChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="NHWC models and batches in every run the "
+                                 "benchmark makes.")]
+
+
 @bench_app.command("speed")
 @friendly
 def bench_speed_cmd(
@@ -505,15 +512,19 @@ def bench_speed_cmd(
     method: Annotated[Optional[list[str]], typer.Option("--method", "-m", metavar="NAME", help="Time only these methods "
                       "beside ce (repeat; camkd gives its beta=0 and +features rows) [default: every method].")] = None,
     device: DeviceOpt = _SPEED.device,
+    precision: BenchPrecisionOpt = _SPEED.precision,
+    channels_last: BenchChannelsLastOpt = _SPEED.channels_last,
     out: OutOpt = None,
 ) -> None:
-    """Throughput of the student alone, cached and online distillation, caching, the reader, torchrun ranks."""
+    """Throughput of the student alone (beside a plain PyTorch loop), cached and online distillation, caching, the
+    reader, torchrun ranks."""
     from camkd.bench.speed import plot, run_speed, to_markdown
 
     prefix = _out_prefix(out)
     r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
-                              threads=list(threads), ranks=[] if no_ranks else list(ranks), methods=method))
+                              threads=list(threads), ranks=[] if no_ranks else list(ranks), methods=method,
+                              precision=precision.value, channels_last=channels_last))
     _show(r, to_markdown, plot, prefix)
 
 

@@ -37,7 +37,11 @@ def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
     assert set(whole["ranks"]) == {"ce", "camkd+features"}
     assert all(finite_positive(v["2"]) for v in whole["ranks"].values())
     res = whole["by_threads"]["1"]
-    assert set(res) >= {"cache", "reader", "train_images_per_s", "cached_over_ce", "cached_over_online", "bytes_per_sample_view"}
+    assert set(res) >= {"cache", "reader", "train_images_per_s", "cached_over_ce", "cached_over_online", "bytes_per_sample_view",
+                        "ce_over_plain", "rounds"}
+    med = res["train_images_per_s"]
+    assert finite_positive(med["plain"]) and res["ce_over_plain"] == pytest.approx(med["ce"] / med["plain"])
+    assert [len(v) for v in res["rounds"].values()] == [1, 1] and res["targets"]["ce_over_plain"] == 0.98
     names = {"avg", "camkd(beta=0)", "camkd+features"}
     assert set(res["cached_over_ce"]) == names and set(res["cached_over_online"]) == {"avg", "camkd+features"}
     assert res["cache"]["best_inference_batch"] in (32, 64, 128, 256)
@@ -49,7 +53,9 @@ def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
     assert b32["logits"] > b16["logits"] > 0  # float32 is stored at twice the bytes (plus checksums)
     assert whole["device"] == {"type": "cpu", "cpu": cpu_model(), "threads": [1]}  # measured on this CPU, at 1 thread
     md = out.with_suffix(".md").read_text()
-    assert "| ce (the limit) |" in md and md.startswith(f"Device: CPU ({cpu_model()}, 1 thread);") and "GPU" not in md
+    assert "| ce (the limit) |" in md and "| plain PyTorch loop |" in md and "ce / plain PyTorch loop: **" in md
+    assert "Precision fp32, channels-last off (every run)." in md and whole["config"]["precision"] == "fp32"
+    assert md.startswith(f"Device: CPU ({cpu_model()}, 1 thread);") and "GPU" not in md
     assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing but what --out asked for
     assert Image.open(out.with_suffix(".png")).size[0] > 100
 
@@ -58,13 +64,30 @@ def test_bench_writes_nothing_without_out(cli, one_error, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     args = ["bench", "speed", "--student", "resnet8", "--teacher-arch", "resnet8", "-K", "1", "--samples", "64",
             "--batch-size", "16", "--repeats", "1", "--threads", "1", "--no-online", "--no-ranks", "--device", "cpu"]
-    r = cli(*args, "--method", "kd")  # ce and kd only
+    r = cli(*args, "--method", "kd", "--precision", "bf16", "--channels-last")  # ce, the plain loop and kd only
     assert r.exit_code == 0, r.output
     rows = [line.split("|")[1].strip() for line in r.output.splitlines() if line.startswith("| ") and "img" not in line]
-    assert rows[:3] == ["variant", "ce (the limit)", "kd"] and "avg" not in rows
+    assert rows[:4] == ["variant", "ce (the limit)", "plain PyTorch loop", "kd"] and "avg" not in rows
+    assert "Precision bf16, channels-last on (every run)." in r.output
     assert list(tmp_path.iterdir()) == []
     r = cli(*args, "--method", "kdd")
     one_error(r, r"^error: bench speed: unknown method 'kdd'; choose from aekd, avg, camkd")
+    one_error(cli(*args, "--precision", "fp8"), r"^error: .*'fp8' is not one of 'fp32', 'bf16', 'fp16'")
+
+
+@pytest.mark.parametrize("precision,channels_last", [("fp32", False), ("bf16", True)])
+def test_plain_loop_times_each_epoch(precision, channels_last):
+    """The plain PyTorch loop `bench speed` sets beside ce: one rate per epoch (fp16, slow on a CPU: test_cuda.py)."""
+    from camkd.bench.plain import plain_images_per_s
+    from camkd.config import OptimConfig
+    from camkd.data import load_dataset
+
+    train = load_dataset("synthetic", "train", num_samples=48, num_classes=10)
+    rates = plain_images_per_s("resnet8", train, batch_size=16, optim=OptimConfig(lr=0.01), precision=precision,
+                               channels_last=channels_last, epochs=2)
+    assert len(rates) == 2 and all(finite_positive(v) for v in rates)
+    with pytest.raises(CamkdError, match=r"unknown --precision 'fp8'; choose fp32, bf16, fp16"):
+        plain_images_per_s("resnet8", train, batch_size=16, optim=OptimConfig(), precision="fp8")
 
 
 def test_the_cli_defaults_are_the_configs(cli, monkeypatch):

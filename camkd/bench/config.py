@@ -42,6 +42,8 @@ class SpeedConfig:
     online: bool = True
     ranks: list[int] = field(default_factory=lambda: [1, 2])  # torchrun world sizes for the multi-rank rows ([] skips)
     methods: list[str] | None = None  # the methods to time beside ce (None: every one; camkd gives both its rows)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: every run it makes (distill, cache-teachers, plain loop, inference)
+    channels_last: bool = False  # NHWC models and batches in every run it makes
 
 
 @dataclass

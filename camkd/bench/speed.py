@@ -1,6 +1,7 @@
 """`camkd bench speed`: throughput ratios, measured interleaved in one process, at each thread count.
 
-For each thread count: a. the student alone (`ce`), the limit; b. distillation from the store,
+For each thread count: a. the student alone (`ce`), the limit, beside a plain PyTorch loop of the same
+student, data, crop/flip and SGD (camkd/bench/plain.py: what `ce` itself is measured against); b. distillation from the store,
 every method; c. --online (teachers re-run each step) for avg and camkd; d. cache-teachers
 against the best plain teacher inference (inference_mode, the fastest of several batch sizes);
 e. the reader alone; f. bytes per sample-view.
@@ -8,6 +9,8 @@ e. the reader alone; f. bytes per sample-view.
 Training throughput is the loop's own figure for **epoch 2**, the first epoch in which every
 term of every method runs (CA-MKD skips its feature term in epoch 1, as the reference does);
 evaluation is excluded. Variants run in rounds (A B C ... A B C ...), the median is reported.
+``--precision`` and ``--channels-last`` go to every run it makes (distill, cache-teachers, the plain loop, the
+plain teacher inference, the torchrun rows); the result records the device they ran on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from camkd.bench.common import device_info, device_text, machine, new_figure
 from camkd.bench.config import SpeedConfig
+from camkd.bench.plain import autocast, check_precision, plain_images_per_s
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import atomic_save
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 METHODS = [("kd", None), ("avg", None), ("ebkd", None), ("aekd", None), ("fitnet", None), ("camkd", 0.0), ("camkd", None)]
 ONLINE = [("avg", None), ("camkd", None)]
 INFER_BATCHES = (32, 64, 128, 256)
+PLAIN = "plain"  # the plain PyTorch loop's row (camkd/bench/plain.py)
 
 
 def _label(method: str, beta: float | None) -> str:
@@ -64,6 +69,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
     unknown = [m for m in cfg.methods or [] if m not in known]
     if unknown:
         raise CamkdError(f"bench speed: unknown method {unknown[0]!r}; choose from {', '.join(known)} (ce always runs)")
+    check_precision(cfg.precision)
     device = resolve_device(cfg.device)
     work = Path(tempfile.mkdtemp(prefix="camkd-bench-"))
     before = torch.get_num_threads()
@@ -95,14 +101,19 @@ def _teachers(cfg: SpeedConfig, work: Path) -> list[str]:
     return ckpts
 
 
-def _inference_rate(teachers, images: torch.Tensor, spec: AugSpec, layers: dict, batch: int, device: torch.device) -> float:
-    """Plain teacher inference over the samples (augmentation and the copy to the host included, nothing written)."""
+def _inference_rate(teachers, images: torch.Tensor, spec: AugSpec, layers: dict, batch: int, device: torch.device,
+                    cfg: SpeedConfig) -> float:
+    """Plain teacher inference over the samples (augmentation and the copy to the host included, nothing written),
+    at the run's precision and memory format."""
     n = images.shape[0]
     t0 = time.perf_counter()
     for s in range(0, n, batch):
         idx = torch.arange(s, min(s + batch, n))
         x, _ = augment(images, idx, spec, view=0)
-        logits, feats = run_teachers(teachers, x, layers)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.precision):
+            logits, feats = run_teachers(teachers, x, layers)
         logits.to(torch.float16).cpu()
         for per in feats.values():
             for t in per:
@@ -120,15 +131,20 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
 
     # d. cache-teachers against the best plain inference, interleaved
     teachers = load_teachers(ckpts, device=device)
+    if cfg.channels_last:
+        for t in teachers:
+            t.model.to(memory_format=torch.channels_last)
+    fast = dict(precision=cfg.precision, channels_last=cfg.channels_last)  # what every run it makes is given
     spec = AugSpec(seed=0, norm=train.norm)
     layers = {"penultimate": -2}
     infer: dict[int, list[float]] = {b: [] for b in INFER_BATCHES}
     cache_rates = []
     for r in range(cfg.repeats):
         for b in INFER_BATCHES:
-            infer[b].append(_inference_rate(teachers, train.images, spec, layers, b, device))
+            infer[b].append(_inference_rate(teachers, train.images, spec, layers, b, device, cfg))
         s = cache_teachers(CacheConfig(teachers=ckpts, **synth, views=1, features=["penultimate"], dtype="float16",
-                                       device=str(device), out=str(work / f"store{r}.zarr"), progress=False, evaluate=False))
+                                       device=str(device), out=str(work / f"store{r}.zarr"), progress=False, evaluate=False,
+                                       **fast))
         cache_rates.append(s["samples_per_s"])
     best_b = max(INFER_BATCHES, key=lambda b: statistics.median(infer[b]))
     out["cache"] = {"inference_samples_per_s": {b: statistics.median(v) for b, v in infer.items()},
@@ -140,34 +156,44 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
     # f. bytes per sample-view; the training store (penultimate and hint 2, float16)
     store_path = work / "store16.zarr"
     s16 = cache_teachers(CacheConfig(teachers=ckpts, **synth, views=2, features=["penultimate", "hint:2"], dtype="float16",
-                                     device=str(device), out=str(store_path), progress=False, evaluate=False))
+                                     device=str(device), out=str(store_path), progress=False, evaluate=False, **fast))
     s32 = cache_teachers(CacheConfig(teachers=ckpts, **synth, views=1, features=["penultimate", "hint:2"], dtype="float32",
-                                     device=str(device), out=str(work / "store32.zarr"), progress=False, evaluate=False))
+                                     device=str(device), out=str(work / "store32.zarr"), progress=False, evaluate=False,
+                                     **fast))
     out["bytes_per_sample_view"] = {"float16": s16["bytes_per_sample_view"], "float32": s32["bytes_per_sample_view"]}
 
     # e. the reader alone
     out["reader"] = _reader_speed(open_store(store_path), cfg.repeats)
 
-    # a, b, c. training throughput in epoch 2, interleaved rounds (round 0 warms up)
-    variants = [("ce", None, False)] + [(m, b, False) for m, b in _chosen(cfg, METHODS)]
+    # a, b, c. training throughput in epoch 2, interleaved rounds (round 0 warms up); the plain loop right after ce
+    variants = [("ce", None, False), (PLAIN, None, False)] + [(m, b, False) for m, b in _chosen(cfg, METHODS)]
+    optim = OptimConfig(epochs=2, batch_size=cfg.batch_size, lr=0.01)
     rates: dict[str, list[float]] = {}
     for r in range(cfg.repeats + 1):
         for method, beta, online in variants + ([(m, b, True) for m, b in _chosen(cfg, ONLINE)] if cfg.online and r == 1 else []):
             name = ("online " if online else "") + _label(method, beta)
-            run_dir = work / f"run_{r}_{name.replace(' ', '_')}"
-            s = distill(DistillConfig(arch=cfg.student, method=method, cache=str(store_path), online=online,
-                                      teachers=ckpts if online else [], loss=LossConfig(beta=beta),
-                                      data=DataConfig(dataset=None), optim=OptimConfig(epochs=2, batch_size=cfg.batch_size, lr=0.01),
-                                      run=RunConfig(device=str(device), out=str(run_dir), progress=False)))
+            if method == PLAIN:  # the same samples, batch, epochs and SGD as ce's run; epoch 2's rate
+                rate = plain_images_per_s(cfg.student, train, batch_size=cfg.batch_size, optim=optim, **fast)[-1]
+            else:
+                run_dir = work / f"run_{r}_{name.replace(' ', '_')}"
+                s = distill(DistillConfig(arch=cfg.student, method=method, cache=str(store_path), online=online,
+                                          teachers=ckpts if online else [], loss=LossConfig(beta=beta),
+                                          data=DataConfig(dataset=None), optim=optim,
+                                          run=RunConfig(device=str(device), out=str(run_dir), progress=False, **fast)))
+                rate = s["history"][-1]["images_per_s"]
+                shutil.rmtree(run_dir, ignore_errors=True)
             if r > 0:
-                rates.setdefault(name, []).append(s["history"][-1]["images_per_s"])
-            shutil.rmtree(run_dir, ignore_errors=True)
+                rates.setdefault(name, []).append(rate)
         log(f"[bench] training round {r}/{cfg.repeats} done")
     med = {k: statistics.median(v) for k, v in rates.items()}
     out["train_images_per_s"] = med
-    out["cached_over_ce"] = {k: v / med["ce"] for k, v in med.items() if k != "ce" and not k.startswith("online ")}
+    out["ce_over_plain"] = med["ce"] / med[PLAIN]
+    out["rounds"] = {"ce": rates["ce"], PLAIN: rates[PLAIN]}  # the pair's every timed round
+    log(f"[bench] ce {out['ce_over_plain']:.3f} of the plain PyTorch loop")
+    out["cached_over_ce"] = {k: v / med["ce"] for k, v in med.items() if k not in ("ce", PLAIN) and not k.startswith("online ")}
     out["cached_over_online"] = {k: med[k] / med["online " + k] for k in out["cached_over_ce"] if "online " + k in med}
-    out["targets"] = {"logit_methods_over_ce": 0.95, "camkd_features_over_ce": 0.85, "cache_over_inference": 0.90}
+    out["targets"] = {"ce_over_plain": 0.98, "logit_methods_over_ce": 0.95, "camkd_features_over_ce": 0.85,
+                      "cache_over_inference": 0.90}
     return out
 
 
@@ -187,7 +213,7 @@ def _ranks(cfg: SpeedConfig, device: torch.device, store: Path, work: Path) -> d
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(w),
                        "-m", "camkd.cli", "distill", "-m", cfg.student, "-c", str(store), "--method", method,
                        "--epochs", "2", "--batch-size", str(cfg.batch_size), "--lr", "0.01", "--device", str(device.type),
-                       "--out", str(run_dir), "-q"]
+                       "--out", str(run_dir), "-q", *_fast_options(cfg)]
                 env = dict(os.environ, OMP_NUM_THREADS="1")
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if p.returncode != 0:
@@ -197,6 +223,11 @@ def _ranks(cfg: SpeedConfig, device: torch.device, store: Path, work: Path) -> d
             out.setdefault(name, {})[str(w)] = statistics.median(rates)
         log(f"[bench] {name} under torchrun: " + ", ".join(f"W={w} {v:.0f} img/s" for w, v in out[name].items()))
     return out
+
+
+def _fast_options(cfg: SpeedConfig) -> list[str]:
+    """--precision and --channels-last for a `camkd distill` command line (only those that differ from the default)."""
+    return (["--precision", cfg.precision] if cfg.precision != "fp32" else []) + (["--channels-last"] if cfg.channels_last else [])
 
 
 def _reader_speed(store, repeats: int) -> dict:
@@ -226,6 +257,7 @@ def _reader_speed(store, repeats: int) -> dict:
 def to_markdown(r: dict) -> str:
     m, c = r["machine"], r["config"]
     lines = [f"Device: {device_text(r['device'])}; {m['cores']} cores; torch {m['torch']}; camkd {m['camkd']}; {m['date']}",
+             f"Precision {c.get('precision', 'fp32')}, channels-last {'on' if c.get('channels_last') else 'off'} (every run).",
              f"Student {c['student']}, {c['num_teachers']} x {c['teacher']} teachers, {c['samples']} synthetic "
              f"{c['num_classes']}-class 32x32 samples, batch {c['batch_size']}; training rates are epoch 2 (every term "
              f"of every method runs), median of {c['repeats']} interleaved rounds (online: 1 round)."]
@@ -233,12 +265,17 @@ def to_markdown(r: dict) -> str:
         med = t["train_images_per_s"]
         lines += ["", f"**{th} thread(s)**", "", "| variant | train images/s | / ce (the limit) | cached / online |",
                   "|---|---|---|---|", f"| ce (the limit) | {med['ce']:.0f} | 1.000 | |"]
+        if PLAIN in med:
+            lines.append(f"| plain PyTorch loop | {med[PLAIN]:.0f} | {med[PLAIN] / med['ce']:.3f} | |")
         for k, ratio in t["cached_over_ce"].items():
             online = t["cached_over_online"].get(k)
             lines.append(f"| {k} | {med[k]:.0f} | {ratio:.3f} | {f'{online:.2f}x' if online else ''} |")
         for k, v in med.items():
             if k.startswith("online "):
                 lines.append(f"| {k} | {v:.1f} | {v / med['ce']:.3f} | |")
+        if "ce_over_plain" in t:
+            lines += ["", f"ce / plain PyTorch loop: **{t['ce_over_plain']:.3f}** (target 0.98; the same student, samples, "
+                          "batch, crop/flip and SGD, epoch 2, interleaved)"]
         ca = t["cache"]
         per_b = ", ".join(f"{b}: {v:.1f}" for b, v in ca["inference_samples_per_s"].items())
         lines += ["", f"cache-teachers {ca['cache_samples_per_s']:.1f} samples/s vs the best plain inference "
@@ -267,7 +304,7 @@ def plot(r: dict) -> Figure:
     for ax, (th, t) in zip(axes[0], runs):
         med = t["train_images_per_s"]
         names = list(med)
-        colors = ["gray" if n == "ce" else ("tab:red" if n.startswith("online ") else "tab:blue") for n in names]
+        colors = ["gray" if n in ("ce", PLAIN) else ("tab:red" if n.startswith("online ") else "tab:blue") for n in names]
         ax.barh(names, [med[n] for n in names], color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("training images/s, epoch 2")
