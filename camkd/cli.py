@@ -23,7 +23,7 @@ try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); 
 except ImportError:  # pragma: no cover
     from click.exceptions import Abort, ClickException, NoArgsIsHelpError
 
-from camkd.bench.config import PROTOCOLS, AccuracyConfig, DataBenchConfig, SpeedConfig, StorageConfig
+from camkd.bench.config import PROTOCOLS, AccuracyConfig, DataBenchConfig, ReferenceProtocolConfig, SpeedConfig, StorageConfig
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
 
@@ -106,6 +106,7 @@ def _teacher_optim() -> OptimConfig:
 
 _O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
 _SPEED, _ACC, _STORAGE, _DATA = SpeedConfig(), AccuracyConfig(), StorageConfig(), DataBenchConfig()  # stated once in camkd/bench/config.py
+_REF = ReferenceProtocolConfig()
 ProtocolChoice = _choices("Protocol", list(PROTOCOLS))
 _DISTILL_DECAY = [str(e) for e in _O.lr_decay_epochs]
 
@@ -525,6 +526,41 @@ def bench_speed_cmd(
                               batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
                               threads=list(threads), ranks=[] if no_ranks else list(ranks), methods=method,
                               precision=precision.value, channels_last=channels_last))
+    _show(r, to_markdown, plot, prefix)
+
+
+@bench_app.command("protocol")
+@friendly
+def bench_protocol_cmd(
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Training samples (CIFAR-100-shaped, synthetic; "
+                                         "CIFAR-100 has 50,000).")] = _REF.samples,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Steps of epoch 2 to time, extrapolated to the "
+                                                 f"epoch [default: {_REF.steps}].")] = _REF.steps,
+    whole_epoch: Annotated[bool, typer.Option("--whole-epoch", help="Time the whole of epoch 2 instead of "
+                                              "--steps.")] = False,
+    cache_views: Annotated[int, typer.Option("--cache-views", min=1, help="Whole views to time caching over.")] = _REF.cache_views,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="The protocol's epochs.")] = _REF.epochs,
+    views: Annotated[int, typer.Option("--views", min=1, help="The protocol's cached views.")] = _REF.views,
+    test_samples: Annotated[int, typer.Option("--test-samples", min=1, help="Images of the evaluation every epoch "
+                                              "makes.")] = _REF.test_samples,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _REF.batch_size,
+    student: Annotated[str, typer.Option("--student", help="Student model.")] = _REF.student,
+    teacher: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = _REF.teacher,
+    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = _REF.num_teachers,
+    device: DeviceOpt = _REF.device,
+    precision: BenchPrecisionOpt = _REF.precision,
+    channels_last: BenchChannelsLastOpt = _REF.channels_last,
+    out: OutOpt = None,
+) -> None:
+    """The reference protocol's time (CA-MKD: 3 x resnet32x4 -> vgg8 on CIFAR-100, 240 epochs), projected from short
+    measurements: 240 views cached + 240 epochs from the store, beside 240 epochs of --online."""
+    from camkd.bench.protocol import plot, run_protocol, to_markdown
+
+    prefix = _out_prefix(out)
+    r = run_protocol(ReferenceProtocolConfig(samples=samples, steps=None if whole_epoch else steps, cache_views=cache_views,
+                                             epochs=epochs, views=views, test_samples=test_samples, batch_size=batch_size,
+                                             student=student, teacher=teacher, num_teachers=num_teachers,
+                                             device=device.value, precision=precision.value, channels_last=channels_last))
     _show(r, to_markdown, plot, prefix)
 
 

@@ -51,6 +51,22 @@ def device_info(device: torch.device | str, threads: list[int]) -> dict:
     return info
 
 
+def random_teachers(arch: str, count: int, num_classes: int, work: Path) -> list[str]:
+    """``count`` random-weight ``arch`` teachers (seeds 0 .. count-1) saved as camkd checkpoints in ``work``; their
+    paths. Speed does not depend on the weights."""
+    from camkd.checkpoint import atomic_save
+    from camkd.models import create_model
+
+    ckpts = []
+    for k in range(count):
+        torch.manual_seed(k)
+        m = create_model(arch, num_classes=num_classes, in_channels=3)
+        path = Path(work) / f"teacher{k}.pth"
+        atomic_save({"model": m.state_dict(), "meta": {"arch": m.arch, "num_classes": num_classes, "in_channels": 3}}, path)
+        ckpts.append(str(path))
+    return ckpts
+
+
 def device_text(d: dict) -> str:
     """``CPU (Intel Xeon ..., 1 and 2 threads)`` or ``GPU NAME (host CPU ..., 1 thread)``."""
     threads = " and ".join(str(t) for t in d["threads"])

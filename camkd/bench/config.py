@@ -47,6 +47,29 @@ class SpeedConfig:
 
 
 @dataclass
+class ReferenceProtocolConfig:
+    """`bench protocol`: the reference protocol's time (CA-MKD on CIFAR-100: 3 x resnet32x4 -> vgg8, 240 epochs of
+    batch 64), projected from short measurements on CIFAR-100-shaped synthetic data and random-weight teachers."""
+
+    student: str = "vgg8"
+    teacher: str = "resnet32x4"
+    num_teachers: int = 3
+    num_classes: int = 100
+    samples: int = 50000  # CIFAR-100's training images
+    test_samples: int = 10000  # CIFAR-100's test images: one evaluation per epoch, both ways
+    batch_size: int = 64
+    epochs: int = 240  # the protocol's epochs
+    views: int = 240  # the protocol's cached views (one per epoch)
+    method: str = "camkd"
+    cache_views: int = 1  # views cached to measure caching samples/s (every sample of each)
+    steps: int | None = 200  # timed steps of epoch 2, extrapolated to the epoch (None: the whole epoch)
+    warmup_steps: int = 20  # steps of epoch 1 before the timed ones (checkpointed; the timed run resumes at epoch 2)
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+
+
+@dataclass
 class AccuracyConfig:
     """`bench accuracy`: three teachers of one protocol, one store, every method over seeds."""
 

@@ -29,11 +29,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.common import device_info, device_text, machine, new_figure, random_teachers
 from camkd.bench.config import SpeedConfig
 from camkd.bench.plain import autocast, check_precision, plain_images_per_s
 from camkd.cache import CacheConfig, cache_teachers
-from camkd.checkpoint import atomic_save
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import load_dataset
 from camkd.data.order import epoch_order
@@ -41,7 +40,6 @@ from camkd.data.views import AugSpec, augment
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
-from camkd.models import create_model
 from camkd.progress import log
 from camkd.store import open_store
 from camkd.store.reader import FeatureStream
@@ -74,31 +72,22 @@ def run_speed(cfg: SpeedConfig) -> dict:
     work = Path(tempfile.mkdtemp(prefix="camkd-bench-"))
     before = torch.get_num_threads()
     try:
-        ckpts = _teachers(cfg, work)
+        ckpts = random_teachers(cfg.teacher, cfg.num_teachers, cfg.num_classes, work)
         counts = cfg.threads if device.type == "cpu" else [before]
         results: dict = {"machine": machine(), "device": device_info(device, counts), "config": asdict(cfg), "by_threads": {}}
         for th in counts:
             torch.set_num_threads(th)
             log(f"[bench] {th} thread(s)")
             results["by_threads"][str(th)] = _run(cfg, device, ckpts, work / f"t{th}")
-        if cfg.ranks:
-            results["ranks"] = _ranks(cfg, device, work / "t1" / "store16.zarr", work / "ranks")
+        ranks = cfg.ranks if device.type != "cuda" else [w for w in cfg.ranks if w <= torch.cuda.device_count()]
+        if ranks != cfg.ranks:
+            log(f"[bench] torchrun rows only up to the {torch.cuda.device_count()} GPU(s) here: W = {ranks}")
+        if ranks:
+            results["ranks"] = _ranks(cfg, device, work / f"t{counts[0]}" / "store16.zarr", work / "ranks", ranks)
         return results
     finally:
         torch.set_num_threads(before)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _teachers(cfg: SpeedConfig, work: Path) -> list[str]:
-    """Random-weight teachers saved as camkd checkpoints (speed does not depend on the weights)."""
-    ckpts = []
-    for k in range(cfg.num_teachers):
-        torch.manual_seed(k)
-        m = create_model(cfg.teacher, num_classes=cfg.num_classes, in_channels=3)
-        path = work / f"teacher{k}.pth"
-        atomic_save({"model": m.state_dict(), "meta": {"arch": m.arch, "num_classes": cfg.num_classes, "in_channels": 3}}, path)
-        ckpts.append(str(path))
-    return ckpts
 
 
 def _inference_rate(teachers, images: torch.Tensor, spec: AugSpec, layers: dict, batch: int, device: torch.device,
@@ -197,8 +186,9 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
     return out
 
 
-def _ranks(cfg: SpeedConfig, device: torch.device, store: Path, work: Path) -> dict:
-    """Epoch-2 throughput of `camkd distill` under torchrun with W processes (one thread each), W in cfg.ranks.
+def _ranks(cfg: SpeedConfig, device: torch.device, store: Path, work: Path, ranks: list[int]) -> dict:
+    """Epoch-2 throughput of `camkd distill` under torchrun with W processes (one thread each), W in ``ranks``
+    (on CUDA one GPU per process).
 
     Every W runs as a fresh torchrun job (start-up excluded: the figure is the loop's own), so W = 1
     pays the same process costs. On a CPU the ranks share the machine's cores.
@@ -206,7 +196,7 @@ def _ranks(cfg: SpeedConfig, device: torch.device, store: Path, work: Path) -> d
     out: dict = {}
     for method, beta in (("ce", None), ("camkd", None)):
         name = _label(method, beta)
-        for w in cfg.ranks:
+        for w in ranks:
             rates = []
             for r in range(cfg.repeats):
                 run_dir = work / f"{name}_w{w}_{r}"
