@@ -13,6 +13,16 @@ from typer.testing import CliRunner
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are collected everywhere and skipped where no CUDA device is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none available here)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def cli():
     """Invoke the camkd CLI in-process; returns the click Result (exit_code, output)."""

@@ -69,7 +69,7 @@ def test_normalize_matches_totensor_normalize(data):
     assert torch.equal(x, (data.images[:4].float() / 255 - mean) / std)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py); the rest of the CUDA tier: tests/test_cuda.py
 def test_cpu_and_cuda_give_identical_images(data):
     spec = spec_for(data)
     idx = torch.arange(len(data))
