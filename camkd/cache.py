@@ -18,6 +18,7 @@ from camkd.data import DataSplit, load_split
 from camkd.device import resolve_device
 from camkd.evaluate import evaluate
 from camkd.methods import list_methods, required_layers
+from camkd.precision import Precision
 from camkd.progress import Bar, log
 from camkd.store import layout
 from camkd.store.config import CacheConfig, batch_size_for, check_options
@@ -34,6 +35,7 @@ def cache_teachers(cfg: CacheConfig) -> dict:
     """Load the teachers and the training data, then write (or continue, or extend) the store; returns a summary."""
     layers = check_options(cfg)
     device = dist.device_for(resolve_device(cfg.device))
+    precision = Precision.of(cfg.precision, device, channels_last=cfg.channels_last)  # refused before any work
     world = dist.init(device)
     batch = batch_size_for(cfg, device)
     with dist.agree("loading the teachers and the data"):
@@ -41,8 +43,8 @@ def cache_teachers(cfg: CacheConfig) -> dict:
         train = _load(cfg, "train", device)
         check_teachers(teachers, train)
         shapes = feature_shapes(teachers, train, layers, device)
-    return write_store(cfg, runner(teachers, device), train, layers, shapes, batch, world,
-                       lambda: teacher_test_accuracy(cfg, teachers, device, batch, world))
+    return write_store(cfg, runner(teachers, device, precision), train, layers, shapes, batch, world,
+                       lambda: teacher_test_accuracy(cfg, teachers, device, batch, world, precision))
 
 
 def _load(cfg: CacheConfig, split: str, device: torch.device) -> DataSplit:
@@ -51,8 +53,9 @@ def _load(cfg: CacheConfig, split: str, device: torch.device) -> DataSplit:
 
 
 def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: torch.device, batch: int,
-                          world: dist.World) -> list[float] | None:
-    """Each teacher's top-1 on the test split (recorded in the store), or None with evaluate=False.
+                          world: dist.World, precision: Precision | None = None) -> list[float] | None:
+    """Each teacher's top-1 on the test split (recorded in the store) in the caching ``precision``, or None with
+    evaluate=False.
     Under torchrun each rank evaluates a disjoint slice and the counts are summed; the main rank says so once."""
     if not cfg.evaluate:
         return None
@@ -67,7 +70,7 @@ def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: tor
     out = []
     with Bar("evaluating", len(teachers) * len(test), enabled=show) as bar:
         for t, teacher in enumerate(teachers):
-            out.append(evaluate(teacher.model, test, batch_size=batch)["top1"])
+            out.append(evaluate(teacher.model, test, batch_size=batch, precision=precision)["top1"])
             bar.update(len(test), f"teacher {t + 1}/{len(teachers)}")
     if show:
         log("teacher test top-1 (%): " + " / ".join(f"{a:.2f}" for a in out))
@@ -77,10 +80,17 @@ def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: tor
 def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = 256, seed: int = 0,
                  data_dir: str | None = None, device: str = "auto", repair: bool = False) -> VerifyReport:
     """Check a store (store/verify.py); with ``teachers`` (checkpoint specs, in the store's order) also recompute
-    ``sample`` random (view, index) pairs. The teachers are loaded only once the checksums pass."""
+    ``sample`` random (view, index) pairs, in the precision and layout the store records for them. The teachers are
+    loaded only once the checksums pass."""
     def load():
+        from camkd.store import open_store
+        from camkd.store.identity import PRECISION_BEFORE
+
         dev = resolve_device(device)
-        return runner(load_teachers(teachers, device=dev), dev)
+        attrs = open_store(path).attrs
+        precision = Precision.of(attrs.get("teacher_precision", PRECISION_BEFORE), dev,
+                                 channels_last=bool(attrs.get("teacher_channels_last", False)))
+        return runner(load_teachers(teachers, device=dev), dev, precision)
 
     return verify_store(path, load if teachers else None, sample=sample, seed=seed, data_dir=data_dir, repair=repair)
 

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover
 from camkd.bench.config import PROTOCOLS, AccuracyConfig, DataBenchConfig, ReferenceProtocolConfig, SpeedConfig, StorageConfig
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.errors import CamkdError
+from camkd.precision import PRECISIONS
 
 
 class OneLineErrors(TyperGroup):
@@ -121,7 +122,13 @@ WorkersOpt = Annotated[Optional[int], typer.Option("--workers", metavar="N", hel
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the model's init and the sample order.")]
 DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-exact reruns).")]
-AmpOpt = Annotated[bool, typer.Option("--amp", help="bf16 autocast and channels-last on CUDA.")]
+PrecisionChoice = _choices("Precision", list(PRECISIONS))
+PrecisionOpt = Annotated[PrecisionChoice, typer.Option("--precision", help="Autocast of the forward passes: bf16, or fp16 "
+                         "with a gradient scaler; fp32 is exact.")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Models and input batches in channels-last (NHWC) "
+                            "memory format.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the student and the method's trainable parts "
+                       "(needs a C++ compiler on CPU, Triton on CUDA).")]
 SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun's ranks (CUDA only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
@@ -220,8 +227,9 @@ def _str(p: Path | None) -> str | None:
 # command's signature (typer reads it) and hands them to the command as one dict, `run`.
 _RUN_OPTIONS = {
     "seed": (SeedOpt, _R.seed), "device": (DeviceOpt, DeviceChoice.auto), "resume": (ResumeOpt, False),
-    "auto_resume": (AutoResumeOpt, False), "deterministic": (DeterministicOpt, False), "amp": (AmpOpt, False),
-    "sync_bn": (SyncBnOpt, False), "quiet": (QuietOpt, False),
+    "auto_resume": (AutoResumeOpt, False), "deterministic": (DeterministicOpt, False),
+    "precision": (PrecisionOpt, PrecisionChoice(_R.precision)), "channels_last": (ChannelsLastOpt, _R.channels_last),
+    "compile": (CompileOpt, _R.compile), "sync_bn": (SyncBnOpt, False), "quiet": (QuietOpt, False),
 }
 
 
@@ -243,7 +251,8 @@ def run_options(fn: Callable) -> Callable:
 def _run_config(out: Path | None, run: dict) -> RunConfig:
     """The run part of a job's config from --out and the shared run options."""
     return RunConfig(out=_str(out), resume=run["resume"], auto_resume=run["auto_resume"], device=run["device"].value,
-                     seed=run["seed"], deterministic=run["deterministic"], amp=run["amp"], sync_bn=run["sync_bn"],
+                     seed=run["seed"], deterministic=run["deterministic"], precision=run["precision"].value,
+                     channels_last=run["channels_last"], compile=run["compile"], sync_bn=run["sync_bn"],
                      progress=not run["quiet"])
 
 
@@ -352,6 +361,10 @@ def cache_teachers_cmd(
                                                       "256 on CUDA].")] = None,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the teachers' test accuracy (not recorded).")] = False,
     device: DeviceOpt = DeviceChoice.auto,
+    precision: Annotated[PrecisionChoice, typer.Option("--precision", help="Autocast of the teachers' forward (recorded: a "
+                         "store continues only in its own); the stored type is --dtype.")] = PrecisionChoice.fp32,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Teachers and input batches in channels-last "
+                             "(NHWC) memory format.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="PATH|URL", help="Store: a path, or s3://, gs://, "
                                                "file:// [default: cache/DATASET_ARCHS_sSEED.zarr].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made differently.")] = False,
@@ -370,7 +383,8 @@ def cache_teachers_cmd(
                       views=views, aug_seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
                       out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
                       feature_dtype=feature_dtype.value if feature_dtype else None, compressor=compressor.value,
-                      space_check=not no_space_check, logits=logits, options=_loader_options(image_size, workers), **kw)
+                      space_check=not no_space_check, logits=logits, options=_loader_options(image_size, workers),
+                      precision=precision.value, channels_last=channels_last, **kw)
     if kd_t:
         if not logits.strip().lower().startswith("top"):
             raise CamkdError("--kd-T is recorded only by a top-k store (--logits topk:K); a dense store serves every temperature")

@@ -61,7 +61,6 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0  # model init and sample order (the augmentation views have their own seed)
     deterministic: bool = False
-    amp: bool = False  # to be replaced by precision + channels_last (issue 18)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward passes (fp16 with a gradient scaler)
     channels_last: bool = False  # NHWC memory format for the model and its input batches
     compile: bool = False  # torch.compile of the student and the method's trainable parts

@@ -17,7 +17,7 @@ from camkd import dist
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import DataSplit, check_dataset, load_split
 from camkd.errors import CamkdError
-from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
+from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, run_precision, start_run
 from camkd.methods import METHODS, create_method, method_uses_teachers, required_layers, resolve_loss
 from camkd.models import resolve_arch
 from camkd.progress import log
@@ -114,7 +114,9 @@ def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[s
     if store is not None:  # follow the cached run's order exactly, streamed or not
         block_rows = store.block_rows
         window_blocks = streamed_window(store, layers, cfg.feature_memory_mb, cfg.window_blocks)
-    return LiveTeachers(teachers, layers, index, block_rows=block_rows, window_blocks=window_blocks), shapes, shas
+    live = LiveTeachers(teachers, layers, index, block_rows=block_rows, window_blocks=window_blocks,
+                        precision=run_precision(cfg.run, device))  # the teachers in the run's precision and layout
+    return live, shapes, shas
 
 
 def _image_shape(n: int, data: DataSplit) -> tuple[int, int, int, int]:

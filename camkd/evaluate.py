@@ -16,22 +16,25 @@ from camkd import dist
 from camkd.data import DataSplit
 from camkd.data.views import normalize
 from camkd.errors import CamkdError
+from camkd.precision import Precision
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = 256, amp: bool = False) -> dict[str, float]:
+def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = 256, precision: Precision | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean CE loss on un-augmented images.
 
     Counts accumulate on the device and are read once at the end (no per-batch host sync). Under
     torchrun each rank passes its own slice of the split and the counts are summed over ranks.
+    ``precision``: the forward's autocast and memory format (fp32 and the default layout when None).
     """
     was_training = model.training
     model.eval()
     dev = data.labels.device
+    precision = precision or Precision(device_type=dev.type)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # top-1 hits, top-5 hits, CE sum, images
     for images, y in data.eval_batches(batch_size, dev):
-        x = normalize(images, data.norm)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+        x = precision.prepare_input(normalize(images, data.norm))
+        with precision.autocast():
             logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[0] += (top[:, 0] == y).sum()

@@ -30,6 +30,7 @@ from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
 from camkd.methods import Method, StudentOut, TeacherOut
 from camkd.models import create_model
+from camkd.precision import Precision
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
 from camkd.sources import TeacherSource, batch_stream
@@ -97,9 +98,12 @@ class Trainee(nn.Module):
     under torchrun, over the ranks, so every slice sees the global batch's value.
     """
 
-    def __init__(self, model: nn.Module, method: Method) -> None:
+    def __init__(self, model: nn.Module, method: Method, student: Callable | None = None) -> None:
+        """``student``: what runs the model's forward (its compiled form under --compile), kept out of the module's
+        children so that no state_dict gains ``_orig_mod.`` keys; the model itself by default."""
         super().__init__()
         self.model, self.method = model, method
+        self.__dict__["student"] = student if student is not None else model
         self.saved: list[tuple[nn.Module, list[Tensor]]] = []  # BatchNorm buffers after the first part's forward
 
     def forward(self, x: Tensor, tout: TeacherOut, y: Tensor, epoch: int, parts: int, split: bool) -> list[tuple]:
@@ -110,7 +114,7 @@ class Trainee(nn.Module):
             if p == 1:
                 self.saved.append((self.model, _buffers(self.model)))
             sl = slice(p * m, (p + 1) * m)
-            feats, logits = self.model(x[sl], is_feat=True)
+            feats, logits = self.student(x[sl], is_feat=True)
             outs.append((sl, _slice_out(tout, sl), feats, logits))
         stats = None
         if split:  # the global batch is split (ranks or micro-batches): its statistics are sums over the slices
@@ -164,6 +168,7 @@ def start_run(run: RunConfig, out: Path) -> tuple[torch.device, RunFolder, dist.
     device = dist.device_for(resolve_device(run.device))
     if run.sync_bn and device.type != "cuda":
         raise CamkdError("--sync-bn needs CUDA (DDP refuses SyncBatchNorm on CPU); drop --sync-bn or use --device cuda")
+    run_precision(run, device)  # an unsupported --precision or a --compile without its compiler: refused before any work
     folder = RunFolder(out, resume=run.resume, auto_resume=run.auto_resume)
     folder.check()
     world = dist.init(device)
@@ -171,13 +176,18 @@ def start_run(run: RunConfig, out: Path) -> tuple[torch.device, RunFolder, dist.
     return device, folder, world
 
 
+def run_precision(run: RunConfig, device: torch.device) -> Precision:
+    """The run's --precision, --channels-last and --compile on ``device``, checked."""
+    return Precision.of(run.precision, device, channels_last=run.channels_last, compile=run.compile)
+
+
 def build_model(arch: str, train: DataSplit, run: RunConfig) -> nn.Module:
-    """The model to train, seeded by ``run.seed``, on the data's device (channels-last with --amp, SyncBN with --sync-bn)."""
+    """The model to train, seeded by ``run.seed``, on the data's device (channels-last with --channels-last, SyncBN
+    with --sync-bn)."""
     device = train.labels.device
     torch.manual_seed(run.seed)
     model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
-    if device.type == "cuda" and run.amp:
-        model = model.to(memory_format=torch.channels_last)
+    model = run_precision(run, device).to_memory_format(model)
     if run.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -258,12 +268,17 @@ class _Loop:
         self.optim, self.run, self.folder, self.meta, self.hooks = optim, run, folder, meta, hooks
         self.world = dist.current()
         self.device = data.train.labels.device
-        self.amp = run.amp and self.device.type == "cuda"
+        self.precision = run_precision(run, self.device)
         self.parts = max(1, optim.micro_batches)  # BatchNorm micro-batches per process
         self.slices = self.world.size * self.parts  # slices of a global batch
-        self.trainee = Trainee(model, method)
+        self.trainee = Trainee(model, method, self.precision.maybe_compile(model))
+        compile_trainable_parts(method, self.precision)
+        # fp16: torch's fused SGD, which reads the scaler's overflow flag on the device (the unfused step reads it on the
+        # host); fp32 and bf16 keep the default implementation, so fp32 is exactly what it always was
+        fused = {"fused": True} if self.precision.scales else {}
         self.opt = torch.optim.SGD(list(model.parameters()) + list(method.parameters()), lr=optim.lr,
-                                   momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+                                   momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov, **fused)
+        self.scaler = self.precision.scaler()
         self.result = FitResult()
         self.step_total = 0
         self._net: nn.Module | None = None  # see network()
@@ -313,9 +328,12 @@ class _Loop:
         """Load the last checkpoint into the model, the method and the optimizer; returns the epoch to start.
         Every rank reads it (a shared filesystem), so all start equal."""
         ckpt = self.folder.load_last(identity, options=self.meta.get("options"))
+        _check_same_precision(ckpt, self.run.precision, self.folder)
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt.get("method", {}))
         self.opt.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:  # fp16's loss scale and its growth tracker: the resumed run scales as the uninterrupted one
+            self.scaler.load_state_dict(ckpt["scaler"])
         r = self.result
         r.best_top1, r.best_epoch = ckpt["best"]["top1"], ckpt["best"]["epoch"]
         r.last_top1 = ckpt["meta"]["accuracy"]
@@ -371,10 +389,9 @@ class _Loop:
         self.source.check_view(view, idx, params, hashes)  # host arrays only: no wait on the device
         tout = self.source.teacher_outputs(it, x, batch_data)
         y = data.train.labels[it]
-        if self.amp:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.precision.prepare_input(x)
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self.precision.autocast():
             results = net(x, tout, y, epoch, parts, self.slices > 1)
         total = None
         m = len(idx) // parts
@@ -393,10 +410,11 @@ class _Loop:
             sums.counts[0] += (logits.detach().argmax(1) == y[p * m : (p + 1) * m]).sum()
             if self.hooks.on_step is not None:
                 self.hooks.on_step(epoch, losses)
-        (total / parts if parts > 1 else total).backward()
+        self.scaler.scale(total / parts if parts > 1 else total).backward()  # fp32, bf16: no scaling (the loss itself)
         for module, saved in self.trainee.saved:  # as under DDP, only the first slice's BatchNorm statistics persist
             _restore(module, saved)
-        self.opt.step()
+        self.scaler.step(self.opt)  # fp16: the step is skipped when a gradient overflowed; otherwise opt.step()
+        self.scaler.update()
         sums.counts[1] += len(idx)
         sums.steps += 1
         self.step_total += 1
@@ -404,7 +422,7 @@ class _Loop:
     def evaluate(self, test: DataSplit) -> dict[str, float]:
         """Test accuracy of rank 0's BatchNorm statistics (what is saved), on every rank's slice of the test split."""
         dist.broadcast_buffers(self.model)
-        return evaluate(self.model, test, amp=self.amp)
+        return evaluate(self.model, test, precision=self.precision)
 
     def record(self, epoch: int, sums: EpochSums, acc: dict[str, float], train_time: float) -> dict:
         """The epoch's line of metrics.jsonl: epoch, view, lr, loss_NAME per loss term, train_loss, train_acc,
@@ -442,9 +460,32 @@ class _Loop:
         r = self.result
         self.folder.write_metrics(record)
         meta = {**self.meta, "epoch": epoch, "accuracy": acc["top1"], "top5": acc["top5"], "camkd_version": camkd.__version__}
-        self.folder.save({"model": self.model.state_dict(), "method": self.method.state_dict(),
-                          "optimizer": self.opt.state_dict(), "meta": meta,
-                          "best": {"top1": r.best_top1, "epoch": r.best_epoch}}, is_best=r.best_epoch == epoch)
+        state = {"model": self.model.state_dict(), "method": self.method.state_dict(), "optimizer": self.opt.state_dict(),
+                 "meta": meta, "best": {"top1": r.best_top1, "epoch": r.best_epoch}}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        self.folder.save(state, is_best=r.best_epoch == epoch)
+
+
+def compile_trainable_parts(method: Method, precision: Precision) -> None:
+    """Under --compile, the method's trainable modules (CA-MKD's embeddings, FitNet's regressors: the members of
+    its module lists, or a child module with parameters) compiled in place, so its state_dict keeps its keys."""
+    if not precision.compile:
+        return
+    for child in method.children():
+        for part in (child if isinstance(child, nn.ModuleList) else [child]):
+            if any(True for _ in part.parameters()):
+                precision.compile_in_place(part)
+
+
+def _check_same_precision(ckpt: dict, precision: str, folder: RunFolder) -> None:
+    """--precision changes the numbers a run computes, so a resumed run keeps its run's (a checkpoint from before the
+    option trained in fp32). --channels-last and --compile change kernels only and may differ."""
+    run = ((ckpt.get("meta") or {}).get("options") or {}).get("run") or {}
+    have = run.get("precision", "fp32")
+    if have != precision:
+        raise CamkdError(f"--resume: {folder.last} was made with --precision {have}, this run has --precision {precision}; "
+                         "resume with the same --precision or choose another --out")
 
 
 def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:

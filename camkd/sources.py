@@ -25,9 +25,10 @@ from camkd import dist
 from camkd.data.decode import decoder_versions
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
+from camkd.precision import Precision
 from camkd.store import topk
 from camkd.store.reader import FeatureStream, TeacherStore
-from camkd.teachers import Teacher, run_teachers, stored_heads
+from camkd.teachers import Teacher, prepare, run_teachers, stored_heads
 
 Streamed = dict[str, list[np.ndarray]]
 
@@ -238,12 +239,14 @@ class LiveTeachers:
     """Teacher outputs computed on every batch (kept for the cache == online proof and comparisons).
 
     ``block_rows``/``window_blocks`` follow the store it replays when one is given, so the order
-    is the cached run's exactly.
+    is the cached run's exactly. ``precision``: the teachers' forward (the run's --precision and
+    --channels-last, as cache-teachers runs them with its own), fp32 when None.
     """
 
     def __init__(self, teachers: list[Teacher], layers: tuple[str, ...], layer_index: dict[str, int], *,
-                 block_rows: int = 1, window_blocks: int | None = None) -> None:
-        self.teachers, self.layers = teachers, layers
+                 block_rows: int = 1, window_blocks: int | None = None, precision: Precision | None = None) -> None:
+        self.precision = precision
+        self.teachers, self.layers = prepare(teachers, precision) if precision is not None else teachers, layers
         self.num_teachers, self.block_rows, self.window_blocks = len(teachers), block_rows, window_blocks
         self.layer_index = {name: layer_index[name] for name in layers}
         self.heads = [t.model.get_head() for t in teachers]
@@ -255,7 +258,7 @@ class LiveTeachers:
         """Nothing to check: the images are augmented here and now, not read from a store."""
 
     def teacher_outputs(self, idx: torch.Tensor, x: torch.Tensor, data: Any) -> TeacherOut:
-        logits, feats = run_teachers(self.teachers, x, self.layer_index)
+        logits, feats = run_teachers(self.teachers, x, self.layer_index, self.precision)
         feats = {k: [f.clone() for f in v] for k, v in feats.items()}  # out of inference mode, usable by autograd ops
         return TeacherOut(logits=logits.clone(), features=feats, heads=self.heads)
 

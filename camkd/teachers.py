@@ -18,6 +18,7 @@ from camkd.checkpoint import load_checkpoint, sha256_file
 from camkd.data import DataSplit
 from camkd.errors import CamkdError
 from camkd.models import create_model
+from camkd.precision import Precision
 from camkd.store import layout
 from camkd.store.reader import TeacherStore
 from camkd.store.runner import TeacherRunner
@@ -116,27 +117,47 @@ def load_teachers(specs: list[str], device: torch.device | str = "cpu") -> list[
 
 
 @torch.inference_mode()
-def run_teachers(teachers: list[Teacher], x: torch.Tensor, layers: dict[str, int]) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """All teachers on the same batch: logits [B, K, C] and requested features per layer per teacher."""
+def run_teachers(teachers: list[Teacher], x: torch.Tensor, layers: dict[str, int],
+                 precision: Precision | None = None) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+    """All teachers on the same batch: logits [B, K, C] and requested features per layer per teacher, float32.
+
+    ``precision``: the forward's autocast and memory format (the teachers' weights already in it: :func:`prepare`);
+    under bf16/fp16 the outputs are cast back to float32, so what follows (the store, the methods) is the same."""
+    precision = precision or Precision(device_type=x.device.type)
+    x = precision.prepare_input(x)
     logits, feats = [], {name: [] for name in layers}
+    with precision.autocast():
+        for t in teachers:
+            if layers:
+                fs, out = t.model(x, is_feat=True)
+                for name, i in layers.items():
+                    feats[name].append(fs[i])
+            else:
+                out = t.model(x)
+            logits.append(out)
+    out = torch.stack(logits, dim=1)
+    if precision.dtype is not None:
+        out, feats = out.float(), {name: [f.float() for f in per] for name, per in feats.items()}
+    return out, feats
+
+
+def prepare(teachers: list[Teacher], precision: Precision) -> list[Teacher]:
+    """The teachers' weights in ``precision``'s memory format (in place); returns them."""
     for t in teachers:
-        if layers:
-            fs, out = t.model(x, is_feat=True)
-            for name, i in layers.items():
-                feats[name].append(fs[i])
-        else:
-            out = t.model(x)
-        logits.append(out)
-    return torch.stack(logits, dim=1), feats
+        precision.to_memory_format(t.model)
+    return teachers
 
 
-def runner(teachers: list[Teacher], device: torch.device) -> TeacherRunner:
-    """The teachers as the store sees them: provenance, head weights, and a function that runs them on a batch."""
+def runner(teachers: list[Teacher], device: torch.device, precision: Precision | None = None) -> TeacherRunner:
+    """The teachers as the store sees them: provenance, head weights, and a function that runs them on a batch
+    (in ``precision``: fp32 and the default layout when None)."""
     provenance = [{"arch": t.arch, "checkpoint": t.path.name, "path": str(t.path), "sha256": t.sha256,
                    "num_classes": t.num_classes} for t in teachers]
     heads = [{key: value.detach().cpu().numpy() for key, value in t.model.get_head().state_dict().items()} for t in teachers]
+    precision = precision or Precision(device_type=device.type)
+    prepare(teachers, precision)
     return TeacherRunner(provenance=provenance, heads=heads, device=device,
-                         run=lambda x, layers: run_teachers(teachers, x, layers))
+                         run=lambda x, layers: run_teachers(teachers, x, layers, precision))
 
 
 def check_teachers(teachers: list[Teacher], data: DataSplit) -> None:

@@ -63,7 +63,7 @@ def teacher_identity(cfg: TrainConfig, fingerprint: str) -> dict:
             "data": {"dataset": d.dataset, "fingerprint": fingerprint, "limit": d.limit, "options": d.options,
                      "label_noise": noise},
             "optim": optim, "seed": cfg.run.seed, "aug_seed": cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed,
-            "amp": cfg.run.amp, "sync_bn": cfg.run.sync_bn}
+            "precision": cfg.run.precision, "sync_bn": cfg.run.sync_bn}
 
 
 @dataclass

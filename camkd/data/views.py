@@ -16,6 +16,7 @@ the augmented image is bit-identical wherever it is computed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,9 +88,18 @@ def view_params(spec: AugSpec, view: int, indices: np.ndarray | torch.Tensor) ->
 def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 normalized, as ToTensor (x / 255) then Normalize ((x - m) / s)."""
     x = images.to(torch.float32, copy=True).div_(255.0)  # in place: the same arithmetic, one float batch allocated
-    mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    mean, std = _norm_tensors(tuple(norm.mean), tuple(norm.std), x.device)
     return x.sub_(mean).div_(std)
+
+
+@functools.cache
+def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std as float32 [1, C, 1, 1] on ``device``, made once per (normalization, device): no host-to-device
+    copy per batch. Ordinary tensors even when first asked for under inference mode (they serve training steps too)."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 def apply_params(images: torch.Tensor, params: torch.Tensor, padding: int = 4) -> torch.Tensor:

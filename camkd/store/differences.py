@@ -22,6 +22,7 @@ OPTIONS = {
     "feature_dtype": "--feature-dtype",
     "compressor": "--compressor",
     "logits": "--logits",
+    "teacher_precision": "--precision",
 }
 
 

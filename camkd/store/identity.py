@@ -1,7 +1,7 @@
 """Which store a run continues: its identity, the target's state, and opening or creating it.
 
-A store is continued only by a run of the same identity (data, augmentation, teachers' weights,
-dtypes, compressor, logits, features); any difference is refused, naming it. check_target decides
+A store is continued only by a run of the same identity (data, augmentation, teachers' weights and
+precision, dtypes, compressor, logits, features); any difference is refused, naming it. check_target decides
 what a run will do with its --out before anything is printed or written; open_or_create does it.
 """
 
@@ -26,6 +26,8 @@ from camkd.store.location import Location, parse_location
 from camkd.store.runner import TeacherRunner
 
 IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the same weights from anywhere continue a store
+RECORDED_ONLY = ("teacher_channels_last",)  # recorded in the store, not compared: the layout changes kernels, not the math
+PRECISION_BEFORE = "fp32"  # the teachers' precision of a store made before it was recorded
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's temporary file of a write that a kill interrupted
 
 
@@ -37,13 +39,16 @@ class Target(Enum):
 
 def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, layers: dict, shapes: dict,
              logits: topk.LogitsSpec) -> dict:
-    """Everything that must match for a store to be continued (not the number of views, not checkpoint paths)."""
+    """Everything that must match for a store to be continued (not the number of views, not checkpoint paths), and
+    what is recorded beside it (:data:`RECORDED_ONLY`: the teachers' memory format, free to change like the device)."""
     return {
         "format_version": layout.FORMAT_VERSION,
         "dataset": {"name": train.name, "split": train.split, "n": len(train), "fingerprint": train.fingerprint,
                     "num_classes": train.num_classes, "in_channels": train.in_channels, "image_size": train.image_size},
         "augmentation": spec.to_dict(),
         "teachers": [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in teachers.provenance],
+        "teacher_precision": cfg.precision,  # autocast of the teachers' forward: other numbers, so part of the identity
+        "teacher_channels_last": cfg.channels_last,
         "dtype": cfg.dtype,
         "feature_dtype": cfg.stored_feature_dtype,
         "compressor": cfg.compressor,
@@ -66,9 +71,11 @@ def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
             raise CamkdError(f"{path} holds objects but no Zarr store; refusing to delete them even with --overwrite")
         return Target.RECREATE
     attrs = _open_existing(path, "r").attrs[layout.ATTRS_KEY]
-    old = {k: attrs.get(k) for k in ident}
+    compared = {k: v for k, v in ident.items() if k not in RECORDED_ONLY}
+    old = {k: attrs.get(k) for k in compared}
     old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
-    diff = differences(old, ident)
+    old["teacher_precision"] = attrs.get("teacher_precision", PRECISION_BEFORE)
+    diff = differences(old, compared)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}{more}; use --overwrite to replace it or "
