@@ -187,7 +187,7 @@ def test_benchmarks_md_states_current_results_only():
     """Every result file in bench/results is a command's output named in BENCHMARKS.md (its --out), with the device
     it ran on; every file BENCHMARKS.md links exists; no commit hashes, no per-commit history."""
     text = (ROOT / "BENCHMARKS.md").read_text()
-    results = sorted((ROOT / "bench" / "results").iterdir())
+    results = sorted(p for p in (ROOT / "bench" / "results").iterdir() if p.name != "gpu")  # gpu/: bench/gpu.sh's, below
     prefixes = sorted({p.with_suffix("") for p in results})
     assert results == sorted(f for p in prefixes for f in (p.with_suffix(".json"), p.with_suffix(".md"), p.with_suffix(".png")))
     for prefix in prefixes:
@@ -197,6 +197,13 @@ def test_benchmarks_md_states_current_results_only():
         assert device["type"] == "cpu" and device["cpu"] and device["threads"], name
     for link in re.findall(r"\]\((bench/[^)]+)\)", text):
         assert (ROOT / link).exists(), link
+    gpu = ROOT / "bench" / "results" / "gpu"
+    if gpu.exists():  # bench/gpu.sh's results: named in BENCHMARKS.md by the script, GPU figures labelled as such
+        assert "bench/gpu.sh" in text
+        for js in gpu.glob("*.json"):
+            device = json.loads(js.read_text())["device"]
+            assert device["type"] == "cuda" and device["gpu"], js
+            assert js.with_suffix(".md").read_text().startswith(f"Device: GPU {device['gpu']} "), js
     assert not re.search(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", text)  # no commit hashes
     assert "| commit |" not in text
 
@@ -237,3 +244,29 @@ def test_bench_data_smoke(cli, one_error, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "results"]
     one_error(cli(*args[:2], "--images", "2", "--classes", "3"), r"^error: bench data: --classes 3 is more than --images 2")
     one_error(cli(*args[:2], "--student", "resnet9"), r"^error: bench data: unknown arch 'resnet9'; choose one of: ")
+
+
+def test_gpu_script_parses_and_says_so_without_nvidia_smi(tmp_path):
+    """bench/gpu.sh is valid bash, and where nvidia-smi is missing (a PATH without it) or fails it stops with one
+    line before writing anything."""
+    import shutil
+    import subprocess
+
+    script, bash = ROOT / "bench" / "gpu.sh", shutil.which("bash")
+    assert subprocess.run([bash, "-n", script], capture_output=True, text=True).returncode == 0
+    results = ROOT / "bench" / "results"
+    before = sorted(results.rglob("*"))
+    bare = tmp_path / "bin"  # a PATH with nothing in it: no nvidia-smi, and no other command either
+    bare.mkdir()
+    r = subprocess.run([bash, script], env={"PATH": str(bare)}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "bench/gpu.sh: nvidia-smi not found: this script needs an NVIDIA GPU and its driver; nothing was run\n"
+    smi = bare / "nvidia-smi"  # there, but failing as it does without a driver
+    smi.write_text("#!" + bash + "\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\n"
+                   "echo 'Make sure that the latest NVIDIA driver is installed and running.'\nexit 9\n")
+    smi.chmod(0o755)
+    r = subprocess.run([bash, script], env={"PATH": str(bare)}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("bench/gpu.sh: nvidia-smi failed (no usable GPU or driver): NVIDIA-SMI has failed because it "
+                        "could not communicate with the NVIDIA driver.\n")
+    assert sorted(results.rglob("*")) == before and list(tmp_path.iterdir()) == [bare]

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# camkd's GPU checks and benchmarks in one run: bash bench/gpu.sh (from anywhere; nothing to edit).
+#
+# On a machine where nvidia-smi works: prints the GPU (nvidia-smi), makes the venv if .venv is missing, then
+#   1. the CUDA test tier (pytest -m cuda),
+#   2. camkd bench protocol --device cuda (the reference protocol's projected time),
+#   3. camkd bench speed --device cuda in fp32, bf16, bf16 + channels-last,
+# each under its own time limit, so one that fails or hangs does not take the others' time: the script goes on
+# and says at the end which failed. The checks share a budget of CAMKD_GPU_BUDGET_S seconds (default 470: under
+# 8 minutes on one H100); making a missing venv (pip, about 2.5 min) comes before it and is reported apart.
+# Results go to bench/results/gpu/: gpu.log (everything printed), nvidia-smi.txt, pytest-cuda.log,
+# protocol.{json,md,png}, speed-fp32.*, speed-bf16.*, speed-bf16-cl.* (each run overwrites them).
+# Exit code: 0 when every step passed, 1 when any failed or ran out of time, 2 without a usable GPU.
+set -u
+
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "bench/gpu.sh: nvidia-smi not found: this script needs an NVIDIA GPU and its driver; nothing was run" >&2
+    exit 2
+fi
+here=${BASH_SOURCE[0]%/*}
+[[ $here == "${BASH_SOURCE[0]}" ]] && here=.
+cd "$here/.." || exit 2
+if ! smi=$(nvidia-smi 2>&1); then
+    echo "bench/gpu.sh: nvidia-smi failed (no usable GPU or driver): ${smi%%$'\n'*}" >&2
+    exit 2
+fi
+
+OUT=bench/results/gpu
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu.log") 2>&1
+echo "bench/gpu.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname) in $(pwd)"
+echo "$smi" | tee "$OUT/nvidia-smi.txt"
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "== setup: .venv is missing; making it (python3 -m venv .venv && pip install -e '.[test]')"
+    t0=$SECONDS
+    if ! { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }; then
+        echo "bench/gpu.sh: making the venv failed (see above); nothing was run"
+        exit 1
+    fi
+    echo "== setup: done in $((SECONDS - t0))s (not counted in the checks' budget)"
+fi
+PY=.venv/bin/python
+CAMKD=.venv/bin/camkd
+if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "bench/gpu.sh: nvidia-smi works but torch in .venv sees no CUDA device ($($PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1)); install a CUDA build of torch"
+    exit 2
+fi
+$PY -c 'import torch, camkd; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), camkd {camkd.__version__}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")'
+
+BUDGET=${CAMKD_GPU_BUDGET_S:-470}
+DEADLINE=$((SECONDS + BUDGET))
+RESERVE=30  # seconds kept for each step still to come
+OK=() FAILED=()
+
+# step NAME CAP_S STEPS_AFTER CMD...: CMD under timeout, at most CAP_S and what the budget leaves after keeping
+# RESERVE seconds for each of the STEPS_AFTER steps still to come.
+step() {
+    local name=$1 cap=$2 after=$3
+    shift 3
+    local limit=$((DEADLINE - SECONDS - RESERVE * after))
+    ((limit > cap)) && limit=$cap
+    if ((limit < 20)); then
+        echo "== $name: NOT RUN (too little of the ${BUDGET}s budget left)"
+        FAILED+=("$name (not run: out of time)")
+        return
+    fi
+    echo
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$SECONDS rc=0
+    timeout --kill-after=15 "$limit" "$@" || rc=$?
+    if ((rc == 0)); then
+        OK+=("$name ($((SECONDS - t0))s)")
+    elif ((rc == 124 || rc == 137)); then
+        FAILED+=("$name (stopped at its ${limit}s limit)")
+    else
+        FAILED+=("$name (exit code $rc after $((SECONDS - t0))s)")
+    fi
+    echo "== $name: $([[ $rc == 0 ]] && echo ok || echo "FAILED (exit code $rc)") after $((SECONDS - t0))s"
+}
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS (the tier's --deterministic runs)
+
+step "CUDA tier (pytest -m cuda)" 170 4 \
+    bash -c "set -o pipefail; $PY -m pytest -q -m cuda -n 4 -p no:cacheprovider -rfEs tests 2>&1 | tee $OUT/pytest-cuda.log"
+step "bench protocol --device cuda" 140 3 $CAMKD bench protocol --device cuda --out "$OUT/protocol"
+step "bench speed --device cuda (fp32)" 110 2 $CAMKD bench speed --device cuda --out "$OUT/speed-fp32"
+step "bench speed --device cuda --precision bf16" 70 1 \
+    $CAMKD bench speed --device cuda --precision bf16 --no-ranks --out "$OUT/speed-bf16"
+step "bench speed --device cuda --precision bf16 --channels-last" 70 0 \
+    $CAMKD bench speed --device cuda --precision bf16 --channels-last --no-ranks --out "$OUT/speed-bf16-cl"
+
+echo
+echo "== bench/gpu.sh: $((SECONDS - DEADLINE + BUDGET))s for the checks (budget ${BUDGET}s); results in $OUT/"
+for s in "${OK[@]}"; do echo "   ok      $s"; done
+for s in "${FAILED[@]}"; do echo "   FAILED  $s"; done
+((${#FAILED[@]} == 0))
