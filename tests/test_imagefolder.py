@@ -256,18 +256,17 @@ def test_other_pixels_stop_distillation_naming_the_file(cli, one_error, store, f
     """Another decoder, simulated: one file's views come out one level brighter in one pixel."""
     from camkd.data import folder as folder_module
 
-    real = folder_module.load_train_view
+    real = folder_module.train_view_into
 
-    def other_decoder(path, **kw):
-        x, box, flip = real(path, **kw)
-        if path.endswith("cat_03.jpg"):
-            x = x.clone()
-            x[0, 0, 0] = x[0, 0, 0] ^ 1
-        return x, box, flip
+    def other_decoder(img, box, flip, size, out):
+        real(img, box, flip, size, out)
+        if img.filename.endswith("cat_03.jpg"):
+            out[0, 0, 0] ^= 1
+        return out
 
     import camkd.sources
 
-    monkeypatch.setattr(folder_module, "load_train_view", other_decoder)
+    monkeypatch.setattr(folder_module, "train_view_into", other_decoder)
     monkeypatch.setattr(camkd.sources, "decoder_versions", lambda: {"decoder": "pillow-rgb+crop+bilinear", "pillow": "0.0"})
     line = one_error(cli("distill", "--arch", "resnet8", "--cache", store["path"], "--data-dir", folder, "--workers", "0",
                          "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", tmp_path / "s"),

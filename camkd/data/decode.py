@@ -63,12 +63,15 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _to_tensor(img: Image.Image, flip: int) -> torch.Tensor:
-    """RGB PIL image -> uint8 [3, H, W], mirrored left-right if ``flip``."""
+def _into(img: Image.Image, flip: int, out: np.ndarray) -> np.ndarray:
+    """RGB PIL image -> ``out`` (uint8 [3, H, W], C order), mirrored left-right if ``flip``; returns ``out``."""
     a = np.asarray(img)
-    if flip:
-        a = a[:, ::-1]
-    return torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))
+    out[...] = (a[:, ::-1] if flip else a).transpose(2, 0, 1)
+    return out
+
+
+def _new(size: int) -> np.ndarray:
+    return np.empty((3, size, size), dtype=np.uint8)
 
 
 def _crop_resize(img: Image.Image, box: Sequence[int], size: int) -> Image.Image:
@@ -80,31 +83,45 @@ def _crop_resize(img: Image.Image, box: Sequence[int], size: int) -> Image.Image
     return img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
 
 
+def train_view_into(img: Image.Image, box: Sequence[int], flip: int, size: int, out: np.ndarray) -> np.ndarray:
+    """The one training-view path: ``box`` (top, left, height, width) of the opened image, decoded to RGB, cropped,
+    resized to ``size`` x ``size``, mirrored if ``flip``, written into ``out`` (uint8 [3, size, size]); returns ``out``."""
+    return _into(_crop_resize(_rgb(img), box, size), flip, out)
+
+
+def eval_view_into(img: Image.Image, size: int, out: np.ndarray, crop_fraction: float = 0.875) -> np.ndarray:
+    """The one evaluation path: torchvision's ``Resize(round(size / crop_fraction))`` + ``CenterCrop(size)`` of the
+    opened image into ``out`` (uint8 [3, size, size]); returns ``out``."""
+    width, height = img.size
+    g = center_crop_box(height, width, size, crop_fraction)
+    resized = _rgb(img).resize((g.resize_w, g.resize_h), Image.Resampling.BILINEAR)
+    return _into(resized.crop((g.left, g.top, g.left + size, g.top + size)), 0, out)
+
+
 def load_view(source: Source, box: Sequence[int], flip: int, size: int) -> torch.Tensor:
     """The training view: uint8 [3, size, size] of ``box`` (top, left, height, width) of the image, resized, flipped if ``flip``."""
     with open_image(source) as img:
-        return _to_tensor(_crop_resize(_rgb(img), box, size), flip)
+        return torch.from_numpy(train_view_into(img, box, flip, size, _new(size)))
 
 
 def load_train_view(source: Source, *, seed: int, view: int, index: int, size: int,
                     scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO) -> tuple[torch.Tensor, np.ndarray, int]:
     """Sample ``index``'s view ``view``: its box and flip come from :func:`rrc_boxes` on the image's size (read from its header).
 
-    Returns (uint8 [3, size, size], box int32 [4] as (top, left, height, width), flip).
+    Returns (uint8 [3, size, size], box int32 [4] as (top, left, height, width), flip). The loader's workers do the
+    same a batch at a time (``folder.py``: one :func:`rrc_boxes` call for the batch's header sizes, then
+    :func:`train_view_into` per image into the batch's array).
     """
     with open_image(source) as img:
         width, height = img.size
         boxes, flips = rrc_boxes(seed, view, np.array([index]), height, width, scale=scale, ratio=ratio)
-        return _to_tensor(_crop_resize(_rgb(img), boxes[0], size), int(flips[0])), boxes[0], int(flips[0])
+        return torch.from_numpy(train_view_into(img, boxes[0], int(flips[0]), size, _new(size))), boxes[0], int(flips[0])
 
 
 def load_eval(source: Source, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
     """The evaluation view: uint8 [3, size, size], torchvision's ``Resize(round(size / crop_fraction))`` + ``CenterCrop(size)``."""
     with open_image(source) as img:
-        width, height = img.size
-        g = center_crop_box(height, width, size, crop_fraction)
-        resized = _rgb(img).resize((g.resize_w, g.resize_h), Image.Resampling.BILINEAR)
-        return _to_tensor(resized.crop((g.left, g.top, g.left + size, g.top + size)), 0)
+        return torch.from_numpy(eval_view_into(img, size, _new(size), crop_fraction))
 
 
 def decoder_versions() -> dict[str, str | None]:

@@ -3,10 +3,10 @@
 :class:`FolderDataset` is the second implementation of :class:`camkd.data.base.DataSplit` (the first
 holds uint8 images in memory). It holds a :class:`~camkd.data.listing.Listing` (relative path, byte
 size, label per sample; nothing decoded) and an image size. Training views come from
-:func:`camkd.data.decode.load_train_view`: the RandomResizedCrop box and flip of (aug seed, view,
-index, the image's size), Pillow's one decode + crop + resize path, and the CRC-32 of the uint8
-view, all computed in a worker; evaluation images are :func:`~camkd.data.decode.load_eval`'s
-resize to round(size / 0.875) + centre crop. A torch DataLoader runs the workers (started with
+:func:`camkd.data.decode.train_view_into` (what ``load_train_view`` does, a batch at a time): the
+RandomResizedCrop box and flip of (aug seed, view, index, the image's size), Pillow's one decode + crop
++ resize path, and the CRC-32 of the uint8 view, all computed in a worker; evaluation images are
+:func:`~camkd.data.decode.eval_view_into`'s resize to round(size / 0.875) + centre crop. A torch DataLoader runs the workers (started with
 "spawn": zarr's event loop and CUDA do not survive fork; persistent across epochs), uint8 batches
 go through pinned memory to the device, and normalization happens there (views.normalize).
 
@@ -16,6 +16,7 @@ Registered names: ``imagefolder`` (ImageNet's layout, ``--image-size`` 224 by de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,9 +28,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from camkd.data.base import Normalization, ViewBatch, register_dataset
-from camkd.data.decode import DECODER, decoder_versions, load_eval, load_train_view, pixel_hash
+from camkd.data.decode import DECODER, decoder_versions, eval_view_into, open_image, pixel_hashes, train_view_into
 from camkd.data.listing import LISTERS, Listing
-from camkd.data.rrc import RECIPE
+from camkd.data.rrc import RECIPE, rrc_boxes
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 
@@ -38,6 +39,7 @@ DEFAULT_SIZE = {"imagefolder": 224, "tinyimagenet": 64}
 FOLDER_DATASETS = tuple(DEFAULT_SIZE)  # the names whose data are files (the others are in memory)
 PARAMS = ("top", "left", "height", "width", "flip")  # a folder view's augmentation parameters, in this order
 _EVAL = -1  # the view number of an evaluation image in a worker's key
+_OPEN_AT_ONCE = 64  # files a worker holds open while it makes a batch
 
 
 def default_workers() -> int:
@@ -47,7 +49,11 @@ def default_workers() -> int:
 
 class _Images(torch.utils.data.Dataset):
     """What a worker process holds: the files and the size. An item is keyed by (aug seed, view, index);
-    view -1 is the evaluation image. Returns (uint8 [3, S, S], params int32 [5], CRC-32 as int64)."""
+    view -1 is the evaluation image. A batch of keys gives (uint8 [B, 3, S, S], params int32 [B, 5], CRC-32s as
+    int64 [B]), made whole in the worker (``__getitems__``, which the DataLoader calls with a batch's keys): the
+    boxes of a batch come from one :func:`rrc_boxes` call on the images' header sizes, every view is written into
+    the batch's one array (in shared memory in a worker, so it reaches the main process without another copy),
+    and there is no per-sample tensor and no collation copy."""
 
     def __init__(self, files: list[str], size: int) -> None:
         self.files, self.size = files, size
@@ -56,17 +62,51 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seed, view, index = key
-        path = self.files[index]
+        x, params, crc = self.__getitems__([key])
+        return x[0], params[0], crc[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, s = len(keys), self.size
+        x = torch.empty((n, 3, s, s), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            x.share_memory_()
+        out, params = x.numpy(), np.zeros((n, 5), dtype=np.int32)
+        for lo in range(0, n, _OPEN_AT_ONCE):  # bounded open files for any batch size
+            self._views(keys[lo : lo + _OPEN_AT_ONCE], out[lo : lo + _OPEN_AT_ONCE], params[lo : lo + _OPEN_AT_ONCE])
+        return x, torch.from_numpy(params), torch.from_numpy(pixel_hashes(out).astype(np.int64))
+
+    def _views(self, keys: Sequence[tuple[int, int, int]], out: np.ndarray, params: np.ndarray) -> None:
+        with contextlib.ExitStack() as stack:
+            imgs = []
+            for _, _, index in keys:
+                with self._named(index):
+                    imgs.append(stack.enter_context(open_image(self.files[index])))
+            groups: dict[tuple[int, int], list[int]] = {}
+            for row, (seed, view, _) in enumerate(keys):
+                if view != _EVAL:
+                    groups.setdefault((seed, view), []).append(row)
+            for (seed, view), rows in groups.items():
+                widths, heights = np.array([imgs[r].size for r in rows], dtype=np.int64).T
+                boxes, flips = rrc_boxes(seed, view, np.array([keys[r][2] for r in rows]), heights, widths)
+                params[rows, :4], params[rows, 4] = boxes, flips
+            for row, ((_, view, index), img) in enumerate(zip(keys, imgs)):
+                with self._named(index):
+                    if view == _EVAL:
+                        eval_view_into(img, self.size, out[row])
+                    else:
+                        train_view_into(img, params[row, :4], int(params[row, 4]), self.size, out[row])
+
+    @contextlib.contextmanager
+    def _named(self, index: int) -> Iterator[None]:
         try:
-            if view == _EVAL:
-                x, params = load_eval(path, self.size), np.zeros(5, dtype=np.int32)
-            else:
-                x, box, flip = load_train_view(path, seed=seed, view=view, index=index, size=self.size)
-                params = np.append(box, flip).astype(np.int32)
+            yield
         except (OSError, ValueError) as e:
-            raise CamkdError(f"cannot decode {path}: {e}; fix or remove the file") from None
-        return x, torch.from_numpy(params), torch.tensor(pixel_hash(x), dtype=torch.int64)
+            raise CamkdError(f"cannot decode {self.files[index]}: {e}; fix or remove the file") from None
+
+
+def _batch(made: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DataLoader's collate_fn: ``_Images.__getitems__`` already made the batch."""
+    return made
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -162,7 +202,7 @@ class FolderDataset:
         if self._loader is None:
             files = [self.listing.file(i) for i in range(len(self))]
             w = self.workers
-            self._loader = DataLoader(_Images(files, self.size), batch_sampler=self._keys, num_workers=w,
+            self._loader = DataLoader(_Images(files, self.size), batch_sampler=self._keys, collate_fn=_batch, num_workers=w,
                                       pin_memory=device.type == "cuda", persistent_workers=w > 0,
                                       multiprocessing_context="spawn" if w > 0 else None)
         return self._loader
