@@ -5,7 +5,9 @@ student (create_model), the same uint8 training set on the device, padded once; 
 permutation's slice, random crop offsets and flips drawn on the device (torch's generator), one gather,
 normalization, forward, cross-entropy, backward and an SGD step with the run's hyper-parameters, under the
 same precision and memory format. The device is synchronized once, at the end of each epoch (by reading the
-last loss), as camkd reads its sums once per epoch.
+last loss), as camkd reads its sums once per epoch. fp16 steps through torch's GradScaler with the plain
+(unfused) SGD, as a plain loop is written: the scaler then reads its overflow flag on the host at every step.
+Nothing here comes from camkd's own precision code (camkd/precision.py), so the yardstick stays independent.
 """
 
 from __future__ import annotations
