@@ -42,6 +42,7 @@ from camkd.evaluate import evaluate
 from camkd.fit import Hooks
 from camkd.methods import METHODS, required_layers
 from camkd.models import create_model, resolve_arch
+from camkd.precision import Precision
 from camkd.progress import log
 from camkd.store import layout
 
@@ -128,13 +129,15 @@ def _epoch2_rate(cfg: ReferenceProtocolConfig, device: torch.device, store: Path
 
 
 def _evaluation_seconds(cfg: ReferenceProtocolConfig, device: torch.device) -> float:
-    """One evaluation of a fresh student on ``test_samples`` images (the second of two: the first warms up)."""
+    """One evaluation of a fresh student on ``test_samples`` images at the run's precision and memory format (the
+    second of two: the first warms up)."""
     test = load_dataset("synthetic", "test", num_samples=cfg.test_samples, num_classes=cfg.num_classes).to(device)
     torch.manual_seed(0)
-    model = create_model(cfg.student, num_classes=cfg.num_classes, in_channels=3).to(device)
-    evaluate(model, test)
+    precision = Precision.of(cfg.precision, device, channels_last=cfg.channels_last)
+    model = precision.to_memory_format(create_model(cfg.student, num_classes=cfg.num_classes, in_channels=3).to(device))
+    evaluate(model, test, precision=precision)
     t0 = time.perf_counter()
-    evaluate(model, test)  # reads its counts from the device: the time includes the device's work
+    evaluate(model, test, precision=precision)  # reads its counts from the device: the time includes the device's work
     return time.perf_counter() - t0
 
 
