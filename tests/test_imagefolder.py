@@ -215,9 +215,10 @@ def test_camkd_cached_equals_online_on_a_folder(store, folder, tmp_path):
 
     The proof (first half): the live teachers' features equal the stored ones bit for bit in any batch, and their
     logits do too when a batch is one the cache ran (the stored order, --batch-size 8); in the epoch's shuffled
-    batches the logits differ by a few float32 ulp. The conv and BatchNorm layers give the same result for a sample
-    in any batch; the final Linear (an sgemm) does not: a row's accumulation order depends on its place in the batch's
-    matrix (measured: every earlier layer bit-identical, the fc's output 3e-8 apart). That is float non-associativity,
+    batches the logits differ by a few float32 ulp. The conv and BatchNorm layers give a sample the same result
+    anywhere in a batch of this size (measured: also at batch 24; not at batch 1, where another conv kernel runs); the
+    final Linear (an sgemm) does not: a row's accumulation order depends on its place in the batch's matrix
+    (measured: every earlier layer bit-identical, the fc's output 3e-8 apart). That is float non-associativity,
     not a camkd difference: the pixels are proven equal (CRC-32s), the features and heads are the same bytes.
 
     Why lr 0 and not a learning trajectory at 1e-5 as for kd above: CA-MKD's teacher weights (a softmax over the
