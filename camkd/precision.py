@@ -5,9 +5,11 @@ evaluation and the teachers' forward ask. fp32 (the default) enables nothing: no
 scaler, the default layout, eager modules, so its numbers are exactly those of the plain code.
 
 - bf16 / fp16: ``torch.autocast`` on the device's type around the forward passes; losses are taken in
-  float32 from the logits (``.float()``), as in fp32. fp16 adds a gradient scaler (loss scaling with
-  skipped steps on overflow); its SGD is then torch's fused one, which reads the scaler's overflow flag
-  on the device, so the step still never waits on the host.
+  float32 from the logits (``.float()``), as in fp32. Its weight-cast cache is off: with it, BatchNorm
+  micro-batches would share one low-precision copy of each weight and sum their gradients in that
+  precision, which ranks do not, so W ranks would no longer equal W micro-batches bit for bit. fp16 adds
+  a gradient scaler (loss scaling with skipped steps on overflow); its SGD is then torch's fused one,
+  which reads the scaler's overflow flag on the device, so the step still never waits on the host.
 - channels-last: the model's weights and every input batch in NHWC memory format (same values, other
   kernels: float results differ in rounding only).
 - compile: ``torch.compile`` (inductor) of the student and the method's trainable modules; inductor
@@ -64,7 +66,7 @@ class Precision:
         """The context of a forward pass: autocast to bf16/fp16, nothing for fp32."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype, cache_enabled=False)  # see the module doc
 
     @property
     def scales(self) -> bool:

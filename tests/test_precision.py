@@ -2,6 +2,11 @@
 resumes in bf16 and fp16, the layout and compiled runs equal to the default within float tolerance, the store's
 recorded precision, bad input. The fp32 default's exactness is what every other test of the loop already checks."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +81,27 @@ def test_resumed_run_continues_bit_identically(precision, tmp_path):
         assert sc == b["scaler"] and (sc["scale"] < 2.0**16 or sc["_growth_tracker"] > len(losses(resumed))), sc
     else:
         assert "scaler" not in a
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])  # ~20 s each
+def test_two_ranks_equal_one_process_with_two_micro_batches(precision, tmp_path):
+    """The loop's W ranks == W micro-batches promise holds under autocast too, bit for bit: its weight-cast cache is
+    off, so each micro-batch casts the weights and their gradients reach the float32 weights as each rank's do."""
+    base = ["train-teacher", "-m", "resnet8", "-d", "synthetic", "--limit", "64", "--image-size", "8", "--batch-size",
+            "16", "--epochs", "2", "--device", "cpu", "-q", "--deterministic", "--precision", precision]
+    bin_ = Path(sys.executable).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ranks = subprocess.run([str(bin_ / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python",
+                            str(bin_ / "camkd"), *base, "--out", str(tmp_path / "ranks")],
+                           env=env, capture_output=True, text=True, timeout=240)
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    one = subprocess.run([str(bin_ / "camkd"), *base, "--micro-batches", "2", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = (load_checkpoint(tmp_path / name / "last.pth") for name in ("ranks", "one"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a.get("scaler") == b.get("scaler")
 
 
 def test_channels_last_equals_the_default_layout(tmp_path):
