@@ -95,6 +95,21 @@ def test_worker_processes_give_the_same_views(folder):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and np.array_equal(a[2], b[2])
 
 
+def test_a_pass_starts_no_more_workers_than_it_has_batches(folder):
+    """An evaluation of one batch with --workers 2 starts one worker (a second would get nothing and would still be
+    importing torch when training resumes); a longer pass gets the workers it can use, then they stay."""
+    cpu = torch.device("cpu")
+    test = load_dataset("imagefolder", "test", data_dir=folder, image_size=32, workers=2)
+    zero = load_dataset("imagefolder", "test", data_dir=folder, image_size=32, workers=0)
+    (x, y), = test.eval_batches(len(test), cpu)  # one batch, decoded by the one worker
+    assert torch.equal(x, next(zero.eval_batches(len(test), cpu))[0]) and torch.equal(y, test.labels)
+    one = test.loader(cpu, 1)
+    assert one.num_workers == 1 and test.loader(cpu, 1) is one
+    two = test.loader(cpu, 3)
+    assert two.num_workers == 2 and test.loader(cpu, 1) is two and test.loader(cpu, 5) is two
+    assert zero.loader(cpu, 3).num_workers == 0
+
+
 def test_tinyimagenet_lists_the_same_images(folder, tmp_path):
     tiny = load_dataset("tinyimagenet", "train", data_dir=make_tiny(tmp_path / "tiny", folder), workers=0)
     assert (len(tiny), tiny.num_classes, tiny.image_size) == (24, 3, 64)

@@ -20,13 +20,14 @@ as it is.
 Then the store's two ratios, on the same folder and camkd's loader at the largest worker count, with views of
 ``store_image_size`` px (said in the output) and random-init teachers saved to files (speed ignores the weights):
 
-- cache-teachers (``-f none``, two views, ``cache_teachers``'s own samples/s) against plain inference: a loop that
+- cache-teachers (``-f none``, ``VIEWS`` views, ``cache_teachers``'s own samples/s) against plain inference: a loop that
   only runs the same teachers (inference mode) over a fresh loader's batches of the same views, the logits copied to
   the host;
 - distillation from the store (``kd``, ``avg``) against the student alone (``ce``) on that loader: ``distill``'s own
-  images/s record of epoch 2 (the workers up, evaluation excluded).
+  images/s over epochs 2..``EPOCHS`` (the workers up, evaluation excluded).
 
-Both run in interleaved rounds after an untimed warm-up round; medians are reported.
+Both run in interleaved rounds, the order rotated each round (no part always first), after an untimed warm-up round;
+medians are reported.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 TARGET = 1.3  # camkd's images/s over torchvision's, at every worker count (issue 17)
 STORE_TARGETS = {"distill_over_ce": 0.95, "cache_over_inference": 0.90}  # issue 17: logit methods; the store's writer
 METHODS = ("kd", "avg")  # logit methods timed against ce
-VIEWS = 2  # cached views: distill's epoch 2 reads view 2, as every epoch of a run reads its own
+VIEWS = 3  # cached views: distill's epochs 1..3 read views 0..2 (epoch e reads view e - 1)
+EPOCHS = 3  # distill's epochs; 2..EPOCHS are timed (epoch 1 starts the workers)
 
 
 def make_images(root: Path, cfg: DataBenchConfig) -> None:
@@ -203,15 +205,17 @@ def _cache(root: Path, cfg: DataBenchConfig, ckpts: list[str], workers: int, dev
 
 
 def _distill(root: Path, cfg: DataBenchConfig, store: Path, method: str, workers: int, device: torch.device, out: Path) -> float:
-    """distill's images/s record of epoch 2 from the store (the workers up; evaluation excluded)."""
+    """distill's images/s from the store over epochs 2..EPOCHS (the workers up; evaluation excluded): their images over
+    their training time, from the run's per-epoch records."""
     from camkd.config import DataConfig, OptimConfig, RunConfig
     from camkd.distill import DistillConfig, distill
 
     s = distill(DistillConfig(arch=cfg.student, method=method, cache=str(store),
                               data=DataConfig(dataset=None, data_dir=str(root), options={"workers": workers}),
-                              optim=OptimConfig(epochs=2, batch_size=cfg.batch_size, lr=0.01),
+                              optim=OptimConfig(epochs=EPOCHS, batch_size=cfg.batch_size, lr=0.01),
                               run=RunConfig(device=str(device), out=str(out), progress=False)))
-    return s["history"][-1]["images_per_s"]
+    timed = s["history"][1:]
+    return len(timed) / sum(1.0 / h["images_per_s"] for h in timed)  # every epoch trains the same images
 
 
 def _measure_store(root: Path, cfg: DataBenchConfig, device: torch.device, num_classes: int, work: Path) -> dict:
@@ -222,15 +226,15 @@ def _measure_store(root: Path, cfg: DataBenchConfig, device: torch.device, num_c
     ckpts = _teachers(cfg, num_classes, work)
     teachers = load_teachers(ckpts, device=device)
     rounds: dict[str, list[float]] = {}
-    for r in range(cfg.repeats + 1):
-        rates = {"inference": _inference_rate(root, cfg, teachers, workers, device),
-                 "cache": _cache(root, cfg, ckpts, workers, device, work / f"store{r}.zarr")}
+    for r in range(cfg.repeats + 1):  # the order alternates over the rounds, so neither part always comes first
+        rates = {name: _inference_rate(root, cfg, teachers, workers, device) if name == "inference"
+                 else _cache(root, cfg, ckpts, workers, device, work / f"store{r}.zarr") for name in _rotated(("inference", "cache"), r)}
         if r > 0:
             for name, rate in rates.items():
                 rounds.setdefault(name, []).append(rate)
     store = work / "store0.zarr"
     for r in range(cfg.repeats + 1):
-        for method in ("ce", *METHODS):
+        for method in _rotated(("ce", *METHODS), r):  # each method first in some round
             rate = _distill(root, cfg, store, method, workers, device, work / f"run{r}_{method}")
             if r > 0:
                 rounds.setdefault(method, []).append(rate)
@@ -240,6 +244,12 @@ def _measure_store(root: Path, cfg: DataBenchConfig, device: torch.device, num_c
             "train_images_per_s": {k: med[k] for k in ("ce", *METHODS)}, "rounds": rounds,
             "cache_over_inference": med["cache"] / med["inference"],
             "distill_over_ce": {m: med[m] / med["ce"] for m in METHODS}, "targets": STORE_TARGETS}
+
+
+def _rotated(names: tuple[str, ...], r: int) -> tuple[str, ...]:
+    """``names`` starting at the r-th (mod their number): round r's order of the interleaved parts."""
+    k = r % len(names)
+    return names[k:] + names[:k]
 
 
 def _check(cfg: DataBenchConfig) -> None:
@@ -310,7 +320,7 @@ def _store_markdown(s: dict, c: dict) -> list[str]:
     lines = [f"Store parts on the same JPEGs: RandomResizedCrop **{s['image_size']} px** views (the table above: "
              f"{c['image_size']} px), camkd's loader with {s['workers']} workers, {len(s['teachers'])} random-init teachers "
              f"({', '.join(s['teachers'])}) cached with -f none ({VIEWS} views), student {s['student']}, batch {c['batch_size']}; "
-             f"distill rates are epoch 2; median of {c['repeats']} interleaved rounds after a warm-up round.", "",
+             f"distill rates are epochs 2-{EPOCHS}; median of {c['repeats']} interleaved rounds after a warm-up round.", "",
              "| measured (per s, rounds' range) | against (per s, range) | ratio |", "|---|---|---|",
              f"| cache-teachers {rates['cache']:.0f} samples ({span['cache']}) | plain inference of the same teachers "
              f"{rates['inference']:.0f} ({span['inference']}) | **{s['cache_over_inference']:.3f}** "

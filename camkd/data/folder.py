@@ -197,18 +197,22 @@ class FolderDataset:
         return {"path": np.array(ls.paths, dtype=np.dtypes.StringDType()), "size": np.asarray(ls.sizes, dtype=np.int64),
                 "label": np.asarray(ls.labels, dtype=np.int64)}
 
-    def loader(self, device: torch.device) -> DataLoader:
-        """The one DataLoader of this split (made on first use; its workers persist across passes)."""
-        if self._loader is None:
+    def loader(self, device: torch.device, batches: int) -> DataLoader:
+        """The DataLoader of this split for a pass of ``batches`` batches: made on first use with at most one worker
+        per batch, its workers persisting across passes; made again, with more workers (up to ``workers``), only for a
+        longer pass. A worker that would get no batch is not started: a spawned worker takes seconds of CPU to start
+        (it imports torch), and one that outlives the pass that started it (an evaluation of fewer batches than
+        workers) would take them from the training that follows."""
+        w = min(self.workers, batches)
+        if self._loader is None or self._loader.num_workers < w:
             files = [self.listing.file(i) for i in range(len(self))]
-            w = self.workers
             self._loader = DataLoader(_Images(files, self.size), batch_sampler=self._keys, collate_fn=_batch, num_workers=w,
                                       pin_memory=device.type == "cuda", persistent_workers=w > 0,
                                       multiprocessing_context="spawn" if w > 0 else None)
         return self._loader
 
     def _read(self, keys: list[list[tuple[int, int, int]]], device: torch.device) -> Iterator[ViewBatch]:
-        loader = self.loader(device)
+        loader = self.loader(device, len(keys))
         self._keys.batches = keys
         try:
             for x, params, crc in loader:
