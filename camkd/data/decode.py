@@ -29,6 +29,19 @@ is portable C, and Pillow's crops were byte-identical with libjpeg-turbo's SIMD 
 (``JSIMD_FORCENONE=1``, decode 2x slower) or forced to SSE2. The point of the store
 is that the student sees the teacher's pixels on another machine, so Pillow it is.
 
+Measured and not used (same script's files, 2026-12-05, load average 3-4, so rough):
+
+- ``resize(size, box=...)`` (crop and resize in one call): other pixels than crop-then-resize on 599 of 600 views
+  (its filter reads pixels outside the box at the edges, which torchvision's crop does not) and no faster
+  (1.23-1.39 ms against 1.17-1.41 ms per view at 224).
+- ``Image.draft()`` (libjpeg's DCT-domain downscale by 1/2, 1/4 or 1/8 before the resize, as DALI and FFCV do):
+  with a margin that keeps the scaled box at least twice the output side (Pillow's own ``reducing_gap=2`` rule),
+  a 500x375 image's box (at most 500 px wide) is never large enough at 224 px, so it would change pixels only
+  at small outputs (it would apply to about half the boxes at 64 px) and make the views another recipe than
+  torchvision's there. Not worth a second recipe: at 64 px the student's step, not the decode, is the cost.
+- Decoding only the rows down to the box's bottom: Pillow refuses a JPEG tile shorter than the image
+  ("broken data stream"); it is not exposed.
+
 Every view is hashed with :func:`pixel_hash` (CRC-32 of its bytes, stdlib ``zlib``, 4 bytes per view):
 36 us for a 3x224x224 view against about 2 ms to make it (same script: blake2b with an 8-byte
 digest 180-200 us, adler32 53-56 us).
