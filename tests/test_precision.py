@@ -20,6 +20,7 @@ from camkd.distill import distill
 from camkd.errors import CamkdError
 from camkd.precision import Precision, _check_autocast
 from camkd.store import open_store
+from camkd.store.info import cache_info
 from camkd.train import train_teacher
 
 N = 64
@@ -197,6 +198,7 @@ def test_store_records_the_teachers_precision(teachers, bf16_store, tmp_path):
     assert fp32.attrs["teacher_precision"] == "fp32"
     a, b = store.logits(0, torch.device("cpu")), fp32.logits(0, torch.device("cpu"))
     assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0.05, atol=0.05)  # bf16 ran, and near fp32
+    assert "teachers   ran in bf16 (--precision)" in cache_info(bf16_store).splitlines()
     with pytest.raises(CamkdError, match=r"made differently: --precision bf16 in the store, fp32 now"):
         cache(teachers, bf16_store, views=3)
     cache(teachers, tmp_path / "fp32.zarr", views=3, channels_last=True)  # the layout may change: extended

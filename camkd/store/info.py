@@ -37,6 +37,8 @@ def cache_info(path: str | Path) -> str:
         + f", compressor {a['compressor']}, block {a['block_rows']} rows",
     ]
     lines.append(logits_line(store.logits_spec, ds["num_classes"]))
+    layout = ", channels-last" if a.get("teacher_channels_last") else ""
+    lines.append(f"teachers   ran in {a.get('teacher_precision', 'fp32')}{layout} (--precision)")
     for T, stats in (a.get("topk_tail_mass") or {}).items():
         lines.append(f"tail mass  at T={T} per teacher: mean " + ", ".join(f"{x:.2e}" for x in stats["mean"])
                      + "; p99 " + ", ".join(f"{x:.2e}" for x in stats["p99"]) + "; max " + ", ".join(f"{x:.2e}" for x in stats["max"]))
