@@ -51,7 +51,8 @@ def parse_teacher_spec(spec: str) -> tuple[str | None, Path]:
 
 def _infer_shapes(arch: str, state: dict[str, torch.Tensor]) -> tuple[int, int]:
     """num_classes and in_channels of a reference checkpoint, read off its head and first conv."""
-    probe = create_model(arch, num_classes=2, in_channels=3)
+    with torch.device("meta"):  # only its keys and shapes are read: no memory, no initialisation (a ResNet-50 in ms)
+        probe = create_model(arch, num_classes=2, in_channels=3)
     head_keys = [k for k, v in probe.get_head().state_dict().items() if v.ndim == 2]
     first_conv = next(k for k, v in probe.state_dict().items() if v.ndim == 4)
     if not head_keys or head_keys[-1] not in state or first_conv not in state:
