@@ -549,7 +549,7 @@ def bench_protocol_cmd(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Training samples (CIFAR-100-shaped, synthetic; "
                                          "CIFAR-100 has 50,000).")] = _REF.samples,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Steps of epoch 2 to time, extrapolated to the "
-                                                 f"epoch [default: {_REF.steps}].")] = _REF.steps,
+                                                 "epoch.")] = _REF.steps,
     whole_epoch: Annotated[bool, typer.Option("--whole-epoch", help="Time the whole of epoch 2 instead of "
                                               "--steps.")] = False,
     cache_views: Annotated[int, typer.Option("--cache-views", min=1, help="Whole views to time caching over.")] = _REF.cache_views,
