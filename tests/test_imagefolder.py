@@ -321,6 +321,12 @@ def test_changed_folder_is_refused_naming_the_file(cli, one_error, store, folder
     one_error(cli(*args, "--data-dir", copy), r"train/bee/bee_01\.jpg was removed")
     shutil.copy(copy / "train" / "cat" / "cat_00.jpg", copy / "train" / "bee" / "bee_01.jpg")
     one_error(cli(*args, "--data-dir", copy), r"train/bee/bee_01\.jpg was replaced")
+    shutil.copy(folder / "train" / "bee" / "bee_01.jpg", copy / "train" / "bee" / "bee_01.jpg")  # the folder as cached
+    last = sorted((copy / "train").iterdir())[-1]
+    shutil.copy(copy / "train" / "ant" / "ant_00.jpg", last / "zz_last.jpg")  # after every recorded file in path order
+    one_error(cli(*args, "--data-dir", copy), rf"1 file of .* was added since the store was written from the whole "
+              rf"folder \(first: train/{last.name}/zz_last\.jpg\), so the store would leave them out")
+    assert not (tmp_path / "s").exists()
 
 
 def test_other_pixels_stop_distillation_naming_the_file(cli, one_error, store, folder, tmp_path, monkeypatch):

@@ -187,9 +187,10 @@ class FolderDataset:
         return self.listing.paths[i]
 
     def store_attrs(self) -> dict:
-        """The data kind, the decoder and the versions of what touches the pixels, and the classes (by folder name)."""
+        """The data kind, the decoder and the versions of what touches the pixels, the classes (by folder name), and
+        whether the store holds every file of the folder (no --limit: files added later are refused, not left out)."""
         return {"data_kind": "files", "decoder": DECODER, "decoder_versions": decoder_versions(),
-                "classes": list(self.listing.classes)}
+                "classes": list(self.listing.classes), "folder_whole": self.listing.whole}
 
     def store_arrays(self) -> dict[str, np.ndarray]:
         """The file listing: relative path, byte size, label per sample."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from camkd.data.base import limits
 from camkd.errors import CamkdError
+from camkd.words import plural
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 """File endings listed (compared lower-cased, so ``.JPEG`` counts): the JPEG and PNG part of torchvision's
@@ -60,6 +61,7 @@ class Listing:
     sizes: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
+    whole: bool = True  # every file of the folder's split (False: its first N, --limit N)
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -105,7 +107,8 @@ class Listing:
         """
         if not limits(n, len(self), self.name, self.split):
             return self
-        return Listing(self.name, self.root, self.split, self.paths[:n], self.sizes[:n], self.labels[:n], self.classes)
+        return Listing(self.name, self.root, self.split, self.paths[:n], self.sizes[:n], self.labels[:n], self.classes,
+                       whole=False)
 
     def to_dict(self) -> dict:
         """JSON-ready record of the listing (with its fingerprint), for a store to keep; see :meth:`from_dict`."""
@@ -374,6 +377,19 @@ def check_unchanged(recorded: Listing, root: str | Path) -> Listing:
     which = f"the first {len(recorded)} files of {current.root}" if len(whole) > len(recorded) else current.root
     raise CamkdError(f"{which} changed since the store was written: {_differences(recorded, current, set(whole.paths))}; "
                      f"restore the files or rebuild the store from this folder")
+
+
+def check_none_added(recorded: Listing, root: str | Path) -> None:
+    """A store made from every file of its folder (no --limit) refuses the folder once files were added after the
+    recorded ones in path order (an addition among them is :func:`check_unchanged`'s): distilling would silently
+    leave them out. Call it once the recorded files are known unchanged."""
+    whole = LISTERS[recorded.name](root, recorded.split)
+    added = whole.paths[len(recorded):]
+    if added:
+        raise CamkdError(f"{plural(len(added), 'file')} of {whole.root} {'was' if len(added) == 1 else 'were'} added since "
+                         f"the store was written from the whole folder (first: {added[0]}), so the store would leave "
+                         "them out; remove them, rebuild the store from this folder, or cache the first N files with "
+                         "--limit N")
 
 
 def _differences(recorded: Listing, current: Listing, present: set[str]) -> str:

@@ -26,7 +26,9 @@ from camkd.store.location import Location, parse_location
 from camkd.store.runner import TeacherRunner
 
 IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the same weights from anywhere continue a store
-RECORDED_ONLY = ("teacher_channels_last",)  # recorded in the store, not compared: the layout changes kernels, not the math
+# recorded in the store, not compared: the layout changes kernels, not the math; a folder store's whole-folder flag
+# follows from --limit and the folder, both compared through the dataset's fingerprint
+RECORDED_ONLY = ("teacher_channels_last", "folder_whole")
 PRECISION_BEFORE = "fp32"  # the teachers' precision of a store made before it was recorded
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's temporary file of a write that a kill interrupted
 

@@ -20,7 +20,7 @@ import zarr
 
 from camkd.data import DataSplit, Normalization, load_dataset
 from camkd.data.folder import FOLDER_DATASETS
-from camkd.data.listing import Listing, check_unchanged
+from camkd.data.listing import Listing, check_none_added, check_unchanged
 from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
@@ -214,6 +214,8 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
             break
     if train.fingerprint != ds["fingerprint"] and files:
         check_unchanged(store.listing(data_dir), data_dir)
+    if files and train.fingerprint == ds["fingerprint"] and store.attrs.get("folder_whole") and not train.listing.whole:
+        check_none_added(store.listing(data_dir), data_dir)  # the folder has more files than the whole one had
     if train.fingerprint != ds["fingerprint"]:
         raise CamkdError(f"{store.path} was cached from other data than {ds['name']} here (fingerprint {ds['fingerprint'][:12]}, "
                          f"N {ds['n']}); the dataset changed since caching: give the same --data-dir or re-cache")
