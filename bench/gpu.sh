@@ -25,27 +25,34 @@ if ! smi=$(nvidia-smi 2>&1); then
     exit 2
 fi
 
+setup=""
+if [[ ! -x .venv/bin/python ]]; then
+    echo "== setup: .venv is missing; making it (python3 -m venv .venv && pip install -e '.[test]')"
+    t0=$SECONDS
+    if ! { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }; then
+        echo "bench/gpu.sh: making the venv failed (see above); nothing was run" >&2
+        exit 1
+    fi
+    setup="== setup: made .venv in $((SECONDS - t0))s (not counted in the checks' budget)"
+fi
+PY=.venv/bin/python
+CAMKD=.venv/bin/camkd
+if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    built=$($PY -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)
+    if [[ -z $built ]]; then
+        echo "bench/gpu.sh: torch in .venv is a CPU-only build ($($PY -c 'import torch; print(torch.__version__)' 2>&1)); install a CUDA build of torch into .venv; nothing was run" >&2
+    else
+        echo "bench/gpu.sh: torch in .venv is built for CUDA $built but sees no GPU: check that the driver nvidia-smi shows supports CUDA $built and that CUDA_VISIBLE_DEVICES does not hide the GPUs; nothing was run" >&2
+    fi
+    exit 2
+fi
+
 OUT=bench/results/gpu
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 echo "bench/gpu.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname) in $(pwd)"
 echo "$smi" | tee "$OUT/nvidia-smi.txt"
-
-if [[ ! -x .venv/bin/python ]]; then
-    echo "== setup: .venv is missing; making it (python3 -m venv .venv && pip install -e '.[test]')"
-    t0=$SECONDS
-    if ! { python3 -m venv .venv && .venv/bin/pip install -q -e '.[test]'; }; then
-        echo "bench/gpu.sh: making the venv failed (see above); nothing was run"
-        exit 1
-    fi
-    echo "== setup: done in $((SECONDS - t0))s (not counted in the checks' budget)"
-fi
-PY=.venv/bin/python
-CAMKD=.venv/bin/camkd
-if ! $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "bench/gpu.sh: nvidia-smi works but torch in .venv sees no CUDA device ($($PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1)); install a CUDA build of torch"
-    exit 2
-fi
+[[ -n $setup ]] && echo "$setup"
 $PY -c 'import torch, camkd; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), camkd {camkd.__version__}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")'
 
 BUDGET=${CAMKD_GPU_BUDGET_S:-470}

@@ -269,4 +269,10 @@ def test_gpu_script_parses_and_says_so_without_nvidia_smi(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("bench/gpu.sh: nvidia-smi failed (no usable GPU or driver): NVIDIA-SMI has failed because it "
                         "could not communicate with the NVIDIA driver.\n")
+    if (ROOT / ".venv" / "bin" / "python").exists() and not torch.cuda.is_available():
+        smi.write_text("#!" + bash + "\necho 'NVIDIA-SMI 1.0'\n")  # working, yet torch sees no GPU (this machine's case)
+        r = subprocess.run([bash, script], env={"PATH": str(bare)}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert re.fullmatch(r"bench/gpu\.sh: torch in \.venv is (built for CUDA [\d.]+ but sees no GPU: check .*|a CPU-only "
+                            r"build .*); nothing was run\n", r.stderr), r.stderr
     assert sorted(results.rglob("*")) == before and list(tmp_path.iterdir()) == [bare]

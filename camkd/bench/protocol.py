@@ -45,6 +45,7 @@ from camkd.models import create_model, resolve_arch
 from camkd.precision import Precision
 from camkd.progress import log
 from camkd.store import layout
+from camkd.words import plural
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,7 +154,7 @@ def to_markdown(r: dict) -> str:
     c, m, me, p = r["config"], r["machine"], r["measured"], r["projected_seconds"]
     k = f"{c['num_teachers']} x {c['teacher']}"
     timed = (f"{me['timed_steps']} of the {me['steps_per_epoch']} steps of epoch 2 were timed and **extrapolated** to "
-             "the whole epoch" if me["extrapolated"] else f"the whole of epoch 2 ({me['steps_per_epoch']} steps) was timed")
+             "the whole epoch" if me["extrapolated"] else f"the whole of epoch 2 ({plural(me['steps_per_epoch'], 'step')}) was timed")
     target = (f"target: under {r['target_seconds'] // 60} min on one H100"
               + ("" if r["device"]["type"] == "cuda" else "; this is not a GPU figure"))
     return "\n".join([
@@ -192,6 +193,6 @@ def plot(r: dict) -> Figure:
     ax.set_xlabel("projected hours, whole protocol")
     ax.legend(fontsize=8)
     c = r["config"]
-    ax.set_title(f"{c['num_teachers']} x {c['teacher']} -> {c['student']}, {c['epochs']} epochs, on "
-                 f"{device_text(r['device'])}", fontsize=9)
+    ax.set_title(f"{c['num_teachers']} x {c['teacher']} -> {c['student']}, {c['samples']:,} samples, {c['views']} views + "
+                 f"{c['epochs']} epochs, {c['precision']}, on {device_text(r['device'])}", fontsize=9)
     return fig
