@@ -127,8 +127,8 @@ PrecisionOpt = Annotated[PrecisionChoice, typer.Option("--precision", help="Auto
                          "with a gradient scaler; fp32 is exact.")]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Models and input batches in channels-last (NHWC) "
                             "memory format.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the student and the method's trainable parts "
-                       "(needs a C++ compiler on CPU, Triton on CUDA).")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model being trained (and a distillation "
+                       "method's trainable parts); needs a C++ compiler on CPU, Triton on CUDA.")]
 SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun's ranks (CUDA only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
