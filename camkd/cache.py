@@ -113,7 +113,7 @@ def format_cache_summary(s: dict) -> str:
     if s.get("complete"):
         return s["message"]
     lines = [f"cached {s['rows_computed']} sample-views in {s['seconds']:.1f}s ({s['samples_per_s']:.0f} samples/s) -> {s['path']}"]
-    lines.append("teacher top-1 on the cached training views (%): " + ", ".join(s["teachers"]))
+    lines.append("teacher top-1 on the cached training views (%): " + ", ".join(f"t{k} {arch}" for k, arch in enumerate(s["teachers"])))
     for v, accs in enumerate(s["view_accuracy"]):
         lines.append(f"  view {v}: " + "  ".join(f"{a:.2f}" for a in accs))
     lines.append(f"store size {human(s['store_bytes'])}; per sample-view {per_sample_view_text(s['bytes_per_sample_view'])}")

@@ -890,7 +890,7 @@ def test_summary_names_the_methods_a_store_serves(rt, teachers, tmp_path):
 
     _, summary = rt
     text = format_cache_summary(summary)
-    assert "teacher top-1 on the cached training views (%): resnet8, wrn_16_1\n  view 0: " in text, text
+    assert "teacher top-1 on the cached training views (%): t0 resnet8, t1 wrn_16_1\n  view 0: " in text, text
     assert f"serves --method {', '.join(list_methods())}" in text.splitlines()[-1], text
     s = cache_teachers(CacheConfig(teachers=[str(teachers["resnet8"])], dataset="synthetic", limit=64, device="cpu",
                                    progress=False, evaluate=False, features=["none"], out=str(tmp_path / "n.zarr")))
