@@ -84,9 +84,11 @@ def load_run(path: str | Path) -> dict:
     last = records[-1]
     best = max(records, key=lambda r: r["test_top1"])  # the first epoch reaching the best, as fit keeps best.pth
     teacher = "trial" in opts  # TrainConfig; a DistillConfig has a method and a source
+    precision = (opts.get("run") or {}).get("precision", "fp32")  # other than fp32: named beside the method
     row = {
         "run": str(path), "kind": "teacher" if teacher else "student",
-        "method": meta.get("method", "ce") + ("" if teacher else " (online)" if opts.get("online") else ""),
+        "method": meta.get("method", "ce") + ("" if teacher else " (online)" if opts.get("online") else "")
+        + ("" if precision == "fp32" else f" [{precision}]"),
         "arch": meta["arch"], "dataset": meta.get("dataset"), "seed": (opts.get("run") or {}).get("seed"),
         "epochs_done": int(last["epoch"]), "epochs_planned": (opts.get("optim") or {}).get("epochs"),
         "final_top1": last["test_top1"], "best_top1": best["test_top1"], "best_epoch": int(best["epoch"]),

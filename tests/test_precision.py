@@ -19,6 +19,7 @@ from camkd.data.views import normalize
 from camkd.distill import distill
 from camkd.errors import CamkdError
 from camkd.precision import Precision, _check_autocast
+from camkd.report import report
 from camkd.store import open_store
 from camkd.store.info import cache_info
 from camkd.train import train_teacher
@@ -164,6 +165,8 @@ def test_cache_equals_online_under_bf16(method, teachers, bf16_store, tmp_path):
     wa, wb = weights(tmp_path / "cached" / "last.pth"), weights(tmp_path / "online" / "last.pth")
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=1e-5), (method, k)
+    rows = report([tmp_path / "cached", tmp_path / "online"])["runs"]  # a report names the precision beside the method
+    assert sorted(r["method"] for r in rows) == sorted([f"{method} [bf16]", f"{method} (online) [bf16]"])
 
 
 @pytest.mark.slow
