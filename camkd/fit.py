@@ -328,7 +328,6 @@ class _Loop:
         """Load the last checkpoint into the model, the method and the optimizer; returns the epoch to start.
         Every rank reads it (a shared filesystem), so all start equal."""
         ckpt = self.folder.load_last(identity, options=self.meta.get("options"))
-        _check_same_precision(ckpt, self.run.precision, self.folder)
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt.get("method", {}))
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -476,16 +475,6 @@ def compile_trainable_parts(method: Method, precision: Precision) -> None:
         for part in (child if isinstance(child, nn.ModuleList) else [child]):
             if any(True for _ in part.parameters()):
                 precision.compile_in_place(part)
-
-
-def _check_same_precision(ckpt: dict, precision: str, folder: RunFolder) -> None:
-    """--precision changes the numbers a run computes, so a resumed run keeps its run's (a checkpoint from before the
-    option trained in fp32). --channels-last and --compile change kernels only and may differ."""
-    run = ((ckpt.get("meta") or {}).get("options") or {}).get("run") or {}
-    have = run.get("precision", "fp32")
-    if have != precision:
-        raise CamkdError(f"--resume: {folder.last} was made with --precision {have}, this run has --precision {precision}; "
-                         "resume with the same --precision or choose another --out")
 
 
 def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:

@@ -113,6 +113,8 @@ class RunFolder:
         old = meta.get("options") or {}
         for path, flag in FIXED_OPTIONS.items():
             have, want = _dig(old, path), _dig(options or {}, path)
+            if have is _MISSING:
+                have = OPTION_BEFORE.get(path, _MISSING)
             if have is not _MISSING and want is not _MISSING and have != want:
                 raise CamkdError(f"--resume: {self.last} was made with {_given(flag, have)}, this run has {_given(flag, want)}; "
                                  f"resume with the same {flag} (only --epochs may grow; device, ranks and --micro-batches may "
@@ -151,9 +153,10 @@ class RunFolder:
 
 # Options a resumed run must share with the run it continues: they shape the whole trajectory, and the
 # checkpoint records them as the run's. --epochs may grow; the device, the number of ranks and
-# --micro-batches (equal to ranks, bit for bit), --deterministic, progress and the folder may change.
+# --micro-batches (equal to ranks, bit for bit), --deterministic, --channels-last and --compile (other kernels, the
+# same math), progress and the folder may change.
 FIXED_OPTIONS = {
-    ("run", "seed"): "--seed", ("optim", "batch_size"): "--batch-size", ("optim", "lr"): "--lr",
+    ("run", "seed"): "--seed", ("run", "precision"): "--precision", ("optim", "batch_size"): "--batch-size", ("optim", "lr"): "--lr",
     ("optim", "lr_decay_epochs"): "--lr-decay-epochs", ("optim", "lr_decay_rate"): "lr_decay_rate",
     ("optim", "momentum"): "momentum", ("optim", "weight_decay"): "weight_decay", ("optim", "nesterov"): "--nesterov",
     ("optim", "drop_last"): "drop_last", ("aug_seed",): "--aug-seed", ("loss", "gamma"): "--gamma",
@@ -161,6 +164,8 @@ FIXED_OPTIONS = {
     ("loss", "hint_layer"): "--hint-layer", ("data", "limit"): "--limit", ("data", "label_noise"): "--label-noise",
     ("data", "label_noise_seed"): "--label-noise-seed",
 }
+# The value a checkpoint from before an option existed trained with (otherwise an option it lacks is not compared).
+OPTION_BEFORE = {("run", "precision"): "fp32"}
 # What a checkpoint's identity keys are, in the user's words (the options that make them).
 IDENTITY = {
     "arch": "--arch", "method": "--method", "dataset": "--dataset", "label_noise": "--label-noise",
@@ -181,7 +186,9 @@ def _dig(d: dict, path: tuple[str, ...]):
 
 def _given(flag: str, value) -> str:
     """'--limit 64', or 'no --limit' for an option left out (None), as a user would say it."""
-    return f"no {flag}" if value is None else f"{flag} {_short(value)}"
+    if value is None:
+        return f"no {flag}"
+    return f"{flag} {value if isinstance(value, str) else _short(value)}"  # a word as typed: --precision bf16
 
 
 def _differs(have, want) -> str:

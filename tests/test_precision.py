@@ -291,6 +291,18 @@ def test_resume_with_another_precision_is_one_error(cli, one_error, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_a_checkpoint_from_before_the_option_resumes_as_fp32(cli, one_error, tmp_path):
+    out = tmp_path / "r"
+    assert cli(*cli_args(out, "--epochs", "1")).exit_code == 0
+    ckpt = torch.load(out / "last.pth", weights_only=False)
+    del ckpt["meta"]["options"]["run"]["precision"]  # as a checkpoint written before --precision existed
+    torch.save(ckpt, out / "last.pth")
+    one_error(cli(*cli_args(out, "--epochs", "2", "--resume", "--precision", "bf16")),
+              r"--resume: .*last.pth was made with --precision fp32, this run has --precision bf16")
+    r = cli(*cli_args(out, "--epochs", "2", "--resume"))
+    assert r.exit_code == 0, r.output
+
+
 def test_compile_without_a_compiler_is_one_error(cli, one_error, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ on it
     monkeypatch.delenv("CXX", raising=False)
