@@ -84,12 +84,10 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
     loaded only once the checksums pass."""
     def load():
         from camkd.store import open_store
-        from camkd.store.identity import PRECISION_BEFORE
 
         dev = resolve_device(device)
-        attrs = open_store(path).attrs
-        precision = Precision.of(attrs.get("teacher_precision", PRECISION_BEFORE), dev,
-                                 channels_last=bool(attrs.get("teacher_channels_last", False)))
+        name, channels_last = layout.teacher_precision(open_store(path).attrs)
+        precision = Precision.of(name, dev, channels_last=channels_last)
         return runner(load_teachers(teachers, device=dev), dev, precision)
 
     return verify_store(path, load if teachers else None, sample=sample, seed=seed, data_dir=data_dir, repair=repair)

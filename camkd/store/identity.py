@@ -29,7 +29,6 @@ IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the s
 # recorded in the store, not compared: the layout changes kernels, not the math; a folder store's whole-folder flag
 # follows from --limit and the folder, both compared through the dataset's fingerprint
 RECORDED_ONLY = ("teacher_channels_last", "folder_whole")
-PRECISION_BEFORE = "fp32"  # the teachers' precision of a store made before it was recorded
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's temporary file of a write that a kill interrupted
 
 
@@ -76,7 +75,7 @@ def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
     compared = {k: v for k, v in ident.items() if k not in RECORDED_ONLY}
     old = {k: attrs.get(k) for k in compared}
     old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
-    old["teacher_precision"] = attrs.get("teacher_precision", PRECISION_BEFORE)
+    old["teacher_precision"] = layout.teacher_precision(attrs)[0]
     diff = differences(old, compared)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from camkd.store import topk
+from camkd.store.layout import teacher_precision
 from camkd.store.reader import open_store
 from camkd.store.sizes import array_sizes, bytes_per_sample_view, human, per_sample_view_text, walk_arrays
 
@@ -37,8 +38,8 @@ def cache_info(path: str | Path) -> str:
         + f", compressor {a['compressor']}, block {a['block_rows']} rows",
     ]
     lines.append(logits_line(store.logits_spec, ds["num_classes"]))
-    layout = ", channels-last" if a.get("teacher_channels_last") else ""
-    lines.append(f"teachers   ran in {a.get('teacher_precision', 'fp32')}{layout} (--precision)")
+    precision, channels_last = teacher_precision(a)
+    lines.append(f"teachers   ran in {precision}{', channels-last' if channels_last else ''} (--precision)")
     for T, stats in (a.get("topk_tail_mass") or {}).items():
         lines.append(f"tail mass  at T={T} per teacher: mean " + ", ".join(f"{x:.2e}" for x in stats["mean"])
                      + "; p99 " + ", ".join(f"{x:.2e}" for x in stats["p99"]) + "; max " + ", ".join(f"{x:.2e}" for x in stats["max"]))

@@ -71,6 +71,14 @@ AUG_LAYOUTS = {
 CROP_AUG = AUG_LAYOUTS[views.RECIPE]  # the 32-px recipe's (padded crop and flip)
 
 
+PRECISION_BEFORE = "fp32"  # the teachers' precision of a store made before it was recorded
+
+
+def teacher_precision(attrs: dict) -> tuple[str, bool]:
+    """(--precision, --channels-last) the store's teachers ran in; a store from before they were recorded: fp32."""
+    return attrs.get("teacher_precision", PRECISION_BEFORE), bool(attrs.get("teacher_channels_last", False))
+
+
 def aug_layout(augmentation: dict) -> AugLayout:
     """The layout of a store's ``aug`` (and ``pixels``) for its recorded augmentation."""
     recipe = augmentation.get("recipe")
