@@ -49,3 +49,20 @@ def assert_loads_strictly(model: nn.Module, reference: nn.Module, path: Path) ->
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), reference.eval()(x))
+
+
+def two_teachers(root: Path, n: int, *, device: str | None = None) -> list[str]:
+    """resnet8 and wrn_16_1 (seeds 0 and 1) trained one epoch on ``n`` synthetic samples, batch 32, under ``root``
+    (on ``device``; the default device when None); their best.pth paths."""
+    from configs import train_cfg
+
+    from camkd.train import train_teacher
+
+    on = {} if device is None else {"device": device}
+    paths = []
+    for seed, arch in enumerate(("resnet8", "wrn_16_1")):
+        out = root / arch
+        train_teacher(train_cfg(arch=arch, dataset="synthetic", synthetic_samples=n, epochs=1, batch_size=32, seed=seed,
+                                out=str(out), progress=False, **on))
+        paths.append(str(out / "best.pth"))
+    return paths

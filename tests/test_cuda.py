@@ -12,14 +12,14 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from configs import StepRecorder, distill_cfg, train_cfg
-from test_dist import TIMEOUT, VENV_BIN, assert_same_weights, env, seeded_teachers
+from configs import StepRecorder, distill_cfg
+from helpers import two_teachers
+from test_dist import TIMEOUT, VENV_BIN, assert_same_weights, env, reference_store
 
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint
 from camkd.distill import distill
 from camkd.methods import list_methods
-from camkd.train import train_teacher
 
 pytestmark = pytest.mark.cuda
 
@@ -37,14 +37,7 @@ def finite_losses(run) -> bool:
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     """Two teachers trained one epoch on CUDA (camkd checkpoints)."""
-    root = tmp_path_factory.mktemp("cuda_teachers")
-    paths = []
-    for seed, arch in enumerate(("resnet8", "wrn_16_1")):
-        out = root / arch
-        train_teacher(train_cfg(arch=arch, dataset="synthetic", synthetic_samples=N, epochs=1, batch_size=32, seed=seed,
-                                device="cuda", out=str(out), progress=False))
-        paths.append(str(out / "best.pth"))
-    return paths
+    return two_teachers(tmp_path_factory.mktemp("cuda_teachers"), N, device="cuda")
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +120,7 @@ def _one_process(*args) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ref_store(tmp_path_factory):
     """A float32 store of two seeded reference-format teachers, written on CUDA."""
-    work = tmp_path_factory.mktemp("cuda_dist")
-    specs = seeded_teachers(work, ["resnet8", "resnet14"], seed=200)
-    path = work / "s.zarr"
-    cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, aug_seed=3,
-                               features=["penultimate", "hint:2"], dtype="float32", out=str(path), device="cuda",
-                               progress=False, evaluate=False))
-    return path
+    return reference_store(tmp_path_factory.mktemp("cuda_dist"), device="cuda")
 
 
 def test_nccl_ranks_equal_one_process_with_micro_batches(ref_store, tmp_path):

@@ -46,15 +46,19 @@ def seeded_teachers(work: Path, archs: list[str], *, seed: int) -> list[str]:
     return specs
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    work = tmp_path_factory.mktemp("dist")
+def reference_store(work: Path, *, device: str) -> Path:
+    """A float32 store (2 views, penultimate and hint 2) of two seeded reference-format teachers, written on ``device``."""
     specs = seeded_teachers(work, ["resnet8", "resnet14"], seed=200)
     path = work / "s.zarr"
     cache_teachers(CacheConfig(teachers=specs, dataset="synthetic", limit=128, views=2, aug_seed=3,
-                               features=["penultimate", "hint:2"], dtype="float32", out=str(path), device="cpu",
+                               features=["penultimate", "hint:2"], dtype="float32", out=str(path), device=device,
                                progress=False, evaluate=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return reference_store(tmp_path_factory.mktemp("dist"), device="cpu")
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -5,28 +5,21 @@ import os
 import numpy as np
 import pytest
 import torch
-from configs import StepRecorder, distill_cfg, train_cfg
+from configs import StepRecorder, distill_cfg
+from helpers import two_teachers
 
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint
 from camkd.distill import distill
 from camkd.errors import CamkdError
 from camkd.methods import list_methods
-from camkd.train import train_teacher
 
 N = 128
 
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teachers")
-    paths = []
-    for seed, arch in enumerate(("resnet8", "wrn_16_1")):
-        out = root / arch
-        train_teacher(train_cfg(arch=arch, dataset="synthetic", synthetic_samples=N, epochs=1, batch_size=32,
-                                  seed=seed, out=str(out), progress=False))
-        paths.append(str(out / "best.pth"))
-    return paths
+    return two_teachers(tmp_path_factory.mktemp("teachers"), N)
 
 
 @pytest.fixture(scope="module")
