@@ -17,6 +17,7 @@ from camkd.config import LossConfig
 from camkd.data import DataSplit, load_split
 from camkd.device import resolve_device
 from camkd.evaluate import evaluate
+from camkd.memory import check_batch_memory
 from camkd.methods import list_methods, required_layers
 from camkd.precision import Precision
 from camkd.progress import Bar, log
@@ -42,6 +43,7 @@ def cache_teachers(cfg: CacheConfig) -> dict:
         teachers = load_teachers(cfg.teachers, device=device)
         train = _load(cfg, "train", device)
         check_teachers(teachers, train)
+        check_batch_memory(device, train, batch, infer=[t.model for t in teachers], precision=cfg.precision)
         shapes = feature_shapes(teachers, train, layers, device)
     return write_store(cfg, runner(teachers, device, precision), train, layers, shapes, batch, world,
                        lambda: teacher_test_accuracy(cfg, teachers, device, batch, world, precision))
@@ -88,7 +90,7 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
         dev = resolve_device(device)
         name, channels_last = layout.teacher_precision(open_store(path).attrs)
         precision = Precision.of(name, dev, channels_last=channels_last)
-        return runner(load_teachers(teachers, device=dev), dev, precision)
+        return runner(load_teachers(teachers, device=dev, distinct=False), dev, precision)  # checks a store made before
 
     return verify_store(path, load if teachers else None, sample=sample, seed=seed, data_dir=data_dir, repair=repair)
 

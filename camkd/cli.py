@@ -109,7 +109,6 @@ _O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # 
 _SPEED, _ACC, _STORAGE, _DATA = SpeedConfig(), AccuracyConfig(), StorageConfig(), DataBenchConfig()  # stated once in camkd/bench/config.py
 _REF = ReferenceProtocolConfig()
 ProtocolChoice = _choices("Protocol", list(PROTOCOLS))
-_DISTILL_DECAY = [str(e) for e in _O.lr_decay_epochs]
 
 # Options shared across commands (huggingface_hub style aliases).
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files (torchvision's layout).")]
@@ -131,14 +130,8 @@ CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the m
                        "method's trainable parts); needs a C++ compiler on CPU, Triton on CUDA.")]
 SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun's ranks (CUDA only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-EpochsOpt = Annotated[int, typer.Option("--epochs", min=1, help="Training epochs.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=2, help="Global batch size (split over torchrun's ranks).")]
 MicroOpt = Annotated[int, typer.Option("--micro-batches", min=1, help="Split each process's share of a batch into "
                                        "this many BatchNorm micro-batches (W ranks == 1 process with W).")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate [default: 0.05; 0.01 for "
-                                                  "MobileNetV2/ShuffleV1/V2].")]
-DecayOpt = Annotated[list[str], typer.Option("--lr-decay-epochs", metavar="EPOCH", help="Epoch after which lr x 0.1 "
-                                             "(repeat the option, or give a comma-separated list).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
 AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Continue from OUT/last.pth if it exists, else start "
                                              "(for torchrun --max-restarts and preemptible jobs).")]
@@ -233,15 +226,19 @@ _RUN_OPTIONS = {
 }
 
 
-def run_options(fn: Callable) -> Callable:
-    """Give a command the shared run options (``_RUN_OPTIONS``) as its ``run`` parameter."""
+def run_options(fn: Callable | None = None, **own_forms: tuple) -> Callable:
+    """Give a command the shared run options (``_RUN_OPTIONS``) as its ``run`` parameter; ``own_forms`` replace an
+    option's (annotation, default) for this command (``@run_options(seed=(TeacherSeedOpt, None))``)."""
+    if fn is None:
+        return functools.partial(run_options, **own_forms)
+    forms = {**_RUN_OPTIONS, **own_forms}
     own = [p for name, p in inspect.signature(fn, eval_str=True).parameters.items() if name != "run"]
     shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-              for name, (annotation, default) in _RUN_OPTIONS.items()]
+              for name, (annotation, default) in forms.items()]
 
     @functools.wraps(fn)
     def wrapper(**kwargs):
-        run = {name: kwargs.pop(name) for name in _RUN_OPTIONS}
+        run = {name: kwargs.pop(name) for name in forms}
         return fn(**kwargs, run=run)
 
     wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared)
@@ -271,7 +268,8 @@ TeacherEpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help
 TeacherBatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=2, help="Global batch size (split over torchrun's "
                             f"ranks) {_recipe_default('batch_size')}.")]
 TeacherLrOpt = Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Learning rate [default: 0.05, 0.01 for "
-                         "MobileNetV2/ShuffleV1/V2; 0.1 x batch / 256 for image folders].")]
+                         "MobileNetV2/ShuffleV1/V2 and their tv: forms; 0.1 x batch / 256 for image folders, a fifth of "
+                         "it for those].")]
 TeacherDecayOpt = Annotated[Optional[list[str]], typer.Option("--lr-decay-epochs", metavar="EPOCH", help="Epochs after "
                             "which the lr decays (repeat the option, or give a comma-separated list) "
                             f"{_recipe_default('lr_decay_epochs')}.")]
@@ -280,17 +278,24 @@ TeacherDecayRateOpt = Annotated[Optional[float], typer.Option("--lr-decay-rate",
 MomentumOpt = Annotated[Optional[float], typer.Option("--momentum", min=0.0, help=f"SGD momentum {_recipe_default('momentum')}.")]
 WeightDecayOpt = Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="SGD weight decay "
                            f"{_recipe_default('weight_decay')}.")]
+# distill's recipe options are train-teacher's: left out, each comes from the data's recipe (camkd.train.recipe)
+EpochsOpt, BatchOpt, LrOpt, DecayOpt = TeacherEpochsOpt, TeacherBatchOpt, TeacherLrOpt, TeacherDecayOpt
+
+
+TeacherSeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of the model's init and the sample order "
+                           "[default: --trial's number; on --resume the one the checkpoint recorded].")]
 
 
 @app.command("train-teacher")
 @friendly
-@run_options
+@run_options(seed=(TeacherSeedOpt, None))
 def train_teacher_cmd(
     arch: Annotated[str, typer.Option("--arch", "-m", help="Model name, e.g. resnet32x4 (see `camkd models`).")],
     dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Training data.")],
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
-    trial: Annotated[int, typer.Option("--trial", help="Trial number (part of the default --out).")] = 0,
+    trial: Annotated[int, typer.Option("--trial", help="Trial number: part of the default --out, and the run's seed "
+                     "(init, sample order, augmentation) unless --seed / --aug-seed are given.")] = 0,
     epochs: TeacherEpochsOpt = None,
     batch_size: TeacherBatchOpt = None,
     micro_batches: MicroOpt = _TO.micro_batches,
@@ -301,7 +306,8 @@ def train_teacher_cmd(
     weight_decay: WeightDecayOpt = None,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _TO.nesterov,
     limit: LimitOpt = None,
-    aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: --seed].")] = None,
+    aug_seed: Annotated[Optional[int], typer.Option("--aug-seed", help="Seed of the augmentation views [default: the run's "
+                        "seed (--seed, else --trial); on --resume the one the checkpoint recorded].")] = None,
     label_noise: Annotated[float, typer.Option("--label-noise", metavar="RATE", help="Replace this fraction of the "
                            "training labels (in [0, 1)) by a uniformly chosen other class; the test split stays clean.")] = 0.0,
     label_noise_seed: Annotated[int, typer.Option("--label-noise-seed", help="Seed of which labels change and to what.")] = 0,
@@ -446,11 +452,11 @@ def distill_cmd(
     aekd_c: Annotated[Optional[float], typer.Option("--aekd-C", help=f"AEKD's C (nu = 1/(C*K)) [default: {_L.aekd_C:g}].")] = None,
     hint_layer: Annotated[Optional[int], typer.Option("--hint-layer", help="FitNet hint layer index "
                                                       f"[default: {_L.hint_layer}].")] = None,
-    epochs: EpochsOpt = _O.epochs,
+    epochs: EpochsOpt = None,
     lr: LrOpt = None,
-    lr_decay_epochs: DecayOpt = _DISTILL_DECAY,
+    lr_decay_epochs: DecayOpt = None,
     nesterov: Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum.")] = _O.nesterov,
-    batch_size: BatchOpt = _O.batch_size,
+    batch_size: BatchOpt = None,
     micro_batches: MicroOpt = _O.micro_batches,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder [default: "
                                                 "runs/students/ARCH_METHOD_MODE_sSEED].")] = None,
@@ -474,7 +480,9 @@ def distill_cmd(
     run: dict,
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
-    from camkd.distill import DistillConfig, distill
+    from dataclasses import replace
+
+    from camkd.distill import DistillConfig, distill, distill_optim
     from camkd.methods import check_given_options
 
     given = {k: v for k, v in {"gamma": gamma, "alpha": alpha, "beta": beta, "kd_T": kd_t, "aekd_C": aekd_c,
@@ -484,8 +492,8 @@ def distill_cmd(
         arch=arch, method=method.value, cache=cache or None, online=online, teachers=teacher or [], aug_seed=aug_seed,
         feature_memory_mb=feature_memory_mb,
         loss=LossConfig(**given),
-        optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs),
-                          nesterov=nesterov, micro_batches=micro_batches),
+        optim=replace(distill_optim(), epochs=epochs, batch_size=batch_size, lr=lr,  # None: the data's recipe
+                      lr_decay_epochs=_epochs(lr_decay_epochs or []) or None, nesterov=nesterov, micro_batches=micro_batches),
         run=_run_config(out, run),
         data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit,
                         options=_loader_options(image_size, workers)),
@@ -677,15 +685,20 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch.")] = 256,
     device: DeviceOpt = DeviceChoice.auto,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of the split.")] = None,
+    precision: Annotated[Optional[PrecisionChoice], typer.Option("--precision", help="Autocast of the forward [default: "
+                         "the run's --precision (and --channels-last), so a run's last.pth gives its last metrics; fp32 "
+                         "for ARCH=PATH].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
-    """Top-1 / top-5 / loss of a checkpoint on a split (a camkd checkpoint's meta names arch, data and normalization)."""
+    """Top-1 / top-5 / loss of a checkpoint on a split (a camkd checkpoint's meta names arch, data, image size,
+    normalization and precision: last.pth on the test split gives the run's last test_top1 / test_loss)."""
     import json
 
     from camkd.evaluate import evaluate_checkpoint, format_evaluation
 
     r = evaluate_checkpoint(checkpoint, split=split.value, data_dir=_str(data_dir), batch_size=batch_size,
-                            device=device.value, limit=limit, dataset=dataset.value if dataset else None)
+                            device=device.value, limit=limit, dataset=dataset.value if dataset else None,
+                            precision=precision.value if precision else None)
     typer.echo(json.dumps(r) if as_json else format_evaluation(r))
 
 

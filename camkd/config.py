@@ -59,7 +59,7 @@ class RunConfig:
     resume: bool = False
     auto_resume: bool = False  # resume when the folder holds a run, else start (torchrun --max-restarts, preemption)
     device: str = "auto"
-    seed: int = 0  # model init and sample order (the augmentation views have their own seed)
+    seed: int | None = 0  # model init and sample order (the augmentation views have their own seed); train-teacher: None = its --trial
     deterministic: bool = False
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward passes (fp16 with a gradient scaler)
     channels_last: bool = False  # NHWC memory format for the model and its input batches

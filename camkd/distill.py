@@ -14,18 +14,29 @@ import torch
 from torch import nn
 
 from camkd import dist
+from camkd.checkpoint import load_checkpoint
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import DataSplit, check_dataset, load_split
 from camkd.errors import CamkdError
-from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, run_precision, start_run
+from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, run_precision, start_run
+from camkd.memory import check_batch_memory
 from camkd.methods import METHODS, create_method, method_uses_teachers, required_layers, resolve_loss
 from camkd.models import resolve_arch
 from camkd.progress import log
+from camkd.runs import RunFolder
 from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
 from camkd.store.location import parse_location
 from camkd.store.reader import check_expect, load_cached_data
 from camkd.teachers import load_teachers
+from camkd.train import RECIPE_FIELDS, resolve_recipe
+
+
+def distill_optim() -> OptimConfig:
+    """distill's options before the data is known: nesterov, the last partial batch dropped, and every value of
+    :data:`~camkd.train.RECIPE_FIELDS` and ``lr`` None, which the run fills from its data's recipe (train-teacher's,
+    :func:`camkd.train.recipe`: the reference's on 28-32 px data, torchvision's on image folders)."""
+    return replace(OptimConfig(lr=None), **dict.fromkeys(RECIPE_FIELDS))
 
 
 @dataclass
@@ -36,7 +47,7 @@ class DistillConfig:
     method: str = "camkd"
     cache: str | None = None
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=distill_optim)  # values left None: the data's recipe (_resolved)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(dataset=None))  # with a store: only data_dir is used
     online: bool = False
@@ -98,6 +109,8 @@ def _dataset_data(cfg: DistillConfig, device: torch.device) -> TrainData:
 def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[str, ...], train: DataSplit,
                  device: torch.device) -> tuple[LiveTeachers, dict, list[str]]:
     teachers = load_teachers(cfg.teachers, device=device)
+    check_batch_memory(device, train, cfg.optim.batch_size // dist.current().size, train=[cfg.arch], infer=[t.model for t in teachers],
+                       precision=cfg.run.precision, size_option="--image-size" if store is None else "cache-teachers --image-size")
     shas = [t.sha256 for t in teachers]
     if store is not None and shas != [t["sha256"] for t in store.attrs["teachers"]]:
         raise CamkdError(f"--teacher checkpoints differ from the ones {store.path} was made with; pass the same ones in order")
@@ -142,9 +155,16 @@ def _recorded_options(cfg: DistillConfig) -> dict:
     return options
 
 
-def _resolved(cfg: DistillConfig, arch: str) -> DistillConfig:
-    """``cfg`` with every defaulted number the run uses made explicit (the learning rate, the method's beta)."""
-    return replace(cfg, optim=resolve_lr(cfg.optim, arch), loss=resolve_loss(cfg.method, cfg.loss))
+def _resolved(cfg: DistillConfig, arch: str, dataset: str, folder: RunFolder) -> DistillConfig:
+    """``cfg`` with every defaulted number the run uses made explicit, so the checkpoint records them and a resume
+    compares them: the optimizer values left None from ``dataset``'s recipe (on a resume, the ones the checkpoint
+    recorded first: a run made before distill followed the recipe on image folders continues with its numbers), the
+    method's beta."""
+    recorded = None
+    if folder.resume:
+        recorded = ((load_checkpoint(folder.last).get("meta") or {}).get("options") or {}).get("optim")
+    optim = resolve_recipe(cfg.optim, dataset, arch, recorded if isinstance(recorded, dict) else None)
+    return replace(cfg, optim=optim, loss=resolve_loss(cfg.method, cfg.loss))
 
 
 def _warn_kd_on_topk(cfg: DistillConfig, store: TeacherStore | None) -> None:
@@ -159,14 +179,16 @@ def _warn_kd_on_topk(cfg: DistillConfig, store: TeacherStore | None) -> None:
 def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     """Train the student; returns a summary (accuracies, per-epoch records)."""
     arch, layers = _check_options(cfg)
-    cfg = _resolved(cfg, arch)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
 
     source: TeacherSource
     with dist.agree("opening the store and loading the data"):
         store = open_store(cfg.cache) if cfg.cache else None
+        cfg = _resolved(cfg, arch, store.attrs["dataset"]["name"] if store is not None else cfg.data.dataset, folder)
         data = _store_data(store, cfg, device) if store is not None else _dataset_data(cfg, device)
         check_batch_size(cfg.optim.batch_size, len(data.train), parts=world.size * cfg.optim.micro_batches)
+        check_batch_memory(device, data.train, cfg.optim.batch_size // world.size, train=[arch], precision=cfg.run.precision,
+                           size_option="--image-size" if store is None else "cache-teachers --image-size (a store of smaller views)")
         if cfg.online:
             source, shapes, shas = _live_source(cfg, store, layers, data.train, device)
         else:

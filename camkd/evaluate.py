@@ -51,13 +51,17 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
                      path: str = "the checkpoint") -> tuple[DataSplit, str]:
     """The ``split`` a camkd checkpoint's run used, on the CPU, and a few words saying which samples these are.
 
-    The checkpoint's meta names the dataset, classes, channels and normalization, and its saved
+    The checkpoint's meta names the dataset, classes, channels, image size and normalization, and its saved
     options the loader options and data folder (``data_dir`` overrides the folder). ``test`` is the
-    test split the run evaluated on each epoch; ``train`` is the run's training samples (its
+    test split the run evaluated on each epoch, opened with the options the run opened it with: a teacher's or a
+    student's trained from the dataset (``--online`` without a store), their loader options (``--image-size``, a
+    synthetic set's size); a student's trained from a store, the store's (its image size, recorded in the meta:
+    :func:`camkd.store.reader.store_test_options`). ``train`` is the run's training samples (its
     ``--limit``, or for a student trained from a store the store's samples, read through the
     store), checked against the fingerprint the checkpoint recorded. ``limit``: the first N of those.
     """
     from camkd.data import Normalization, load_split
+    from camkd.store.reader import store_test_options
 
     meta = ckpt.get("meta") or {}
     missing = [k for k in ("arch", "dataset", "num_classes", "in_channels") if k not in meta]
@@ -71,17 +75,18 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
     name = meta["dataset"]
     folder = data_dir if data_dir is not None else data.get("data_dir")
     what = "the test split"
-    if data.get("dataset"):  # a teacher, or a student trained --online from the dataset: its own loader options
+    if data.get("dataset") and not opts.get("cache"):  # a teacher, or a student trained --online from the dataset
         loader = dict(data.get("options") or {})
         if split == "train":
             ds = load_split(name, "train", data_dir=folder, limit=data.get("limit"), **loader)
             what = "the run's training samples"
         else:
             ds = load_split(name, "test", data_dir=folder, **loader)
-    else:  # a student trained from a store: the store fixed the samples (synthetic's size among them)
-        loader = {}
-        if name == "synthetic":
-            loader = dict(num_classes=meta["num_classes"], image_size=meta.get("image_size", 32), channels=meta["in_channels"])
+    else:  # a student trained from a store (--online with one too): the store fixed the samples and their size
+        loader = store_test_options(name, num_classes=meta["num_classes"], image_size=meta.get("image_size"),
+                                    in_channels=meta["in_channels"])
+        if (data.get("options") or {}).get("workers") is not None:  # decoding processes: the same pixels, as the run's
+            loader["workers"] = data["options"]["workers"]
         if split == "train":
             ds = _store_train(opts.get("cache"), folder, path)
             what = "the run's training samples (the store's)"
@@ -118,14 +123,17 @@ def _store_train(cache: str | None, data_dir: str | None, path: str) -> DataSpli
 
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str | None = None, batch_size: int = 256,
-                        device: str = "auto", limit: int | None = None, dataset: str | None = None) -> dict:
+                        device: str = "auto", limit: int | None = None, dataset: str | None = None,
+                        precision: str | None = None) -> dict:
     """Top-1 / top-5 (percent) and mean CE loss of a checkpoint (teacher or student) on ``split``.
 
     ``path`` is a camkd checkpoint, or ``ARCH=PATH`` for a reference ``{'model': state_dict}`` file
     (RepDistiller's / CA-MKD's published teachers); a reference file names neither its arch nor its
     data, so it needs the arch and ``dataset`` (evaluated with that dataset's standard normalization,
-    the whole split). With the defaults, ``test`` on a camkd run's ``last.pth`` gives that run's last
-    ``test_top1`` in ``metrics.jsonl`` (the same images, normalization and batch size).
+    the whole split). ``precision``: the forward's (fp32, bf16, fp16); None: the run's recorded ``--precision``
+    and ``--channels-last`` (fp32 for a reference file). With the defaults, ``test`` on a camkd run's ``last.pth``
+    gives that run's last ``test_top1`` and ``test_loss`` in ``metrics.jsonl`` (the same images, image size,
+    normalization, batch size and precision; a ``--compile`` run's were computed by compiled kernels, these are not).
     """
     from camkd.checkpoint import load_checkpoint
     from camkd.device import resolve_device
@@ -142,26 +150,32 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str 
     meta = ckpt.get("meta") or {}
     if not all(k in meta for k in ("arch", "dataset", "num_classes", "in_channels")):
         return _evaluate_reference(ckpt, arch, file, split=split, dataset=dataset, data_dir=data_dir,
-                                   batch_size=batch_size, device=dev, limit=limit)
+                                   batch_size=batch_size, device=dev, limit=limit,
+                                   precision=Precision.of(precision or "fp32", dev))
     if arch is not None and resolve_arch(arch) != resolve_arch(meta["arch"]):
         raise CamkdError(f"{file} is a camkd checkpoint of arch '{meta['arch']}', not '{arch}'; give the path alone")
     if dataset is not None and dataset != meta["dataset"]:
         raise CamkdError(f"{file} was trained on {meta['dataset']}, not {dataset}; leave out --dataset (its meta names the data)")
     data, what = checkpoint_split(ckpt, split, data_dir=data_dir, limit=limit, path=str(file))
+    run = (meta.get("options") or {}).get("run") or {}
+    prec = Precision.of(precision or run.get("precision") or "fp32", dev,
+                        channels_last=bool(run.get("channels_last")))
     model = create_model(resolve_arch(meta["arch"]), num_classes=int(meta["num_classes"]), in_channels=int(meta["in_channels"]))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError:
         raise CamkdError(f"{file} does not fit its own arch '{meta['arch']}': "
                          f"{state_dict_mismatch(model.state_dict(), ckpt['model'])}") from None
-    model.to(dev)
-    acc = evaluate(model, data.to(dev), batch_size=batch_size)
+    model = prec.to_memory_format(model.to(dev))
+    acc = evaluate(model, data.to(dev), batch_size=batch_size, precision=prec)
     return {"checkpoint": str(file), "arch": model.arch, "method": meta.get("method"), "epoch": meta.get("epoch"),
-            "dataset": data.name, "split": split, "samples": len(data), "which": what, "device": str(dev), **acc}
+            "dataset": data.name, "split": split, "samples": len(data), "which": what, "device": str(dev),
+            "precision": prec.name, **acc}
 
 
 def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str, dataset: str | None,
-                        data_dir: str | None, batch_size: int, device: torch.device, limit: int | None) -> dict:
+                        data_dir: str | None, batch_size: int, device: torch.device, limit: int | None,
+                        precision: Precision) -> dict:
     """A checkpoint without camkd meta: the arch from ARCH=PATH, the data from --dataset."""
     from camkd.data import check_dataset, dataset_names, load_split
     from camkd.teachers import load_teacher
@@ -180,16 +194,17 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
     if limit is not None and limit < len(data):
         what = f"the first {limit} of the {split} split"
         data = data.limit(limit)
-    acc = evaluate(teacher.model, data.to(device), batch_size=batch_size)
+    acc = evaluate(teacher.model, data.to(device), batch_size=batch_size, precision=precision)
     epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None  # RepDistiller saves the epoch beside the weights
     return {"checkpoint": str(file), "arch": teacher.arch, "method": None, "epoch": epoch, "dataset": data.name,
             "split": split, "samples": len(data), "which": what + ", the dataset's standard normalization",
-            "device": str(device), **acc}
+            "device": str(device), "precision": precision.name, **acc}
 
 
 def format_evaluation(r: dict) -> str:
     """One line: what was evaluated on what, and its top-1 / top-5 / loss."""
     method = f"{r['method']}, " if r.get("method") else ""
     epoch = f"epoch {r['epoch']}" if r.get("epoch") is not None else "no epoch recorded"
+    precision = f", {r['precision']}" if r.get("precision", "fp32") != "fp32" else ""  # the run's, unless --precision
     return (f"{r['checkpoint']} ({r['arch']}, {method}{epoch}) on {r['dataset']} {r['split']} ({r['samples']} images, "
-            f"{r['which']}): top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
+            f"{r['which']}{precision}): top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")

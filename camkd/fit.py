@@ -30,19 +30,26 @@ from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
 from camkd.methods import Method, StudentOut, TeacherOut
 from camkd.models import create_model
-from camkd.precision import Precision
+from camkd.precision import Precision, zero_momentum_buffers
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
 from camkd.sources import TeacherSource, batch_stream
 from camkd.words import plural
 
 CHECK_EVERY = 200  # steps between reads of the non-finite flag (and of the bar's loss) from the device
-SMALL_LR_ARCHS = ("mobilenetv2", "shufflev1", "shufflev2")
+# the reference's small-lr archs, and their torchvision forms (the same nets, ImageNet's stems)
+SMALL_LR_ARCHS = ("mobilenetv2", "shufflev1", "shufflev2", "tv:mobilenet_v2", "tv:mobilenet_v3_large",
+                  "tv:shufflenet_v2_x0_5", "tv:shufflenet_v2_x1_0")
+
+
+def small_lr(arch: str) -> bool:
+    """Whether ``arch`` takes the reference's small learning rate (a fifth of the others')."""
+    return arch.lower() in SMALL_LR_ARCHS
 
 
 def default_lr(arch: str) -> float:
-    """The reference's learning rate: 0.01 for MobileNetV2/ShuffleV1/ShuffleV2, 0.05 otherwise."""
-    return 0.01 if arch.lower() in SMALL_LR_ARCHS else 0.05
+    """The reference's learning rate: 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 (and their tv: forms), 0.05 otherwise."""
+    return 0.01 if small_lr(arch) else 0.05
 
 
 def lr_at(epoch: int, base_lr: float, decay_epochs: list[int], rate: float = 0.1) -> float:
@@ -278,6 +285,7 @@ class _Loop:
         fused = {"fused": True} if self.precision.scales else {}
         self.opt = torch.optim.SGD(list(model.parameters()) + list(method.parameters()), lr=optim.lr,
                                    momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov, **fused)
+        zero_momentum_buffers(self.opt)  # every parameter's buffer from the first step (fused SGD takes no mix)
         self.scaler = self.precision.scaler()
         self.result = FitResult()
         self.step_total = 0
@@ -331,6 +339,7 @@ class _Loop:
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt.get("method", {}))
         self.opt.load_state_dict(ckpt["optimizer"])
+        zero_momentum_buffers(self.opt)  # a checkpoint from before every buffer was made lacks the late modules' ones
         if "scaler" in ckpt:  # fp16's loss scale and its growth tracker: the resumed run scales as the uninterrupted one
             self.scaler.load_state_dict(ckpt["scaler"])
         r = self.result

@@ -96,6 +96,24 @@ class Precision:
             module.compile()
 
 
+def zero_momentum_buffers(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter of ``opt`` (SGD with momentum) a momentum buffer, zeros where it has none yet.
+
+    torch's SGD makes a parameter's buffer at its first gradient; its fused kernel (fp16) takes either no buffers
+    at all or one for every parameter with a gradient, so a parameter whose first gradient comes after the others'
+    (CA-MKD's embeddings and FitNet's regressors join in epoch 2; a checkpoint saved before they joined) crashed it,
+    and a first step skipped on overflow left its buffers as ``empty_like`` garbage. With dampening 0 a zero buffer is
+    exactly SGD's own first step (buf = momentum * 0 + grad == grad), so every precision gets them, fp32 bit for bit
+    unchanged. Called when the optimizer is built and after every checkpoint load (one from before lacks some)."""
+    for group in opt.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            state = opt.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def _check_autocast(device_type: str, name: str, dtype: torch.dtype) -> None:
     """autocast warns and turns itself off for a dtype the device does not support: refuse that instead."""
     if not torch.amp.is_autocast_available(device_type):

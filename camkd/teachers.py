@@ -8,7 +8,7 @@ stored heads as modules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from camkd.data import DataSplit
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.precision import Precision
+from camkd.runs import FIXED_OPTIONS, OPTION_BEFORE
 from camkd.store import layout
 from camkd.store.reader import TeacherStore
 from camkd.store.runner import TeacherRunner
@@ -35,6 +36,7 @@ class Teacher:
     in_channels: int
     model: nn.Module
     spec: str = ""  # the --teacher argument as given
+    meta: dict = field(default_factory=dict)  # a camkd checkpoint's record of how it was trained (empty for a reference one)
 
     @property
     def short_sha(self) -> str:
@@ -83,7 +85,7 @@ def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
                          "give the right ARCH=PATH") from None
     model.eval().requires_grad_(False).to(device)
     return Teacher(arch=model.arch, path=path, sha256=sha256_file(path), num_classes=num_classes,
-                   in_channels=in_channels, model=model, spec=spec)
+                   in_channels=in_channels, model=model, spec=spec, meta=meta)
 
 
 def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -104,8 +106,9 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Ten
     return ", ".join(parts) or "the weights do not load"
 
 
-def load_teachers(specs: list[str], device: torch.device | str = "cpu") -> list[Teacher]:
-    """Every teacher of ``specs``, refusing the same checkpoint twice (it would double-weight that teacher)."""
+def load_teachers(specs: list[str], device: torch.device | str = "cpu", *, distinct: bool = True) -> list[Teacher]:
+    """Every teacher of ``specs``, refusing the same checkpoint twice (it would double-weight that teacher) and, with
+    ``distinct`` (making a store, distilling online), copies of one teacher (:func:`check_distinct`)."""
     teachers: list[Teacher] = []
     for spec in specs:
         t = load_teacher(spec, device=device)
@@ -113,8 +116,46 @@ def load_teachers(specs: list[str], device: torch.device | str = "cpu") -> list[
             if other.sha256 == t.sha256:
                 raise CamkdError(f"teachers {i + 1} and {len(teachers) + 1} are the same checkpoint (sha256 {t.short_sha}): "
                                  f"{other.spec}, {t.spec}; give each teacher once")
+            if distinct:
+                check_distinct(other, t, i + 1, len(teachers) + 1)
         teachers.append(t)
     return teachers
+
+
+_RETRAIN = "retrain one with another --trial (it seeds the run unless --seed is given) or another --seed and --aug-seed"
+
+
+def check_distinct(a: Teacher, b: Teacher, i: int, j: int) -> None:
+    """Refuse teachers ``i`` and ``j`` when they are one teacher twice: equal weights (every tensor, ``torch.equal``;
+    the first tensor of two different networks already differs, so this is cheap), or camkd records of the same
+    training (:func:`training_record`: a rerun gives equal weights, up to a device's nondeterminism)."""
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    if list(wa) == list(wb) and all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y.to(x.device))
+                                    for x, y in zip(wa.values(), wb.values(), strict=True)):
+        raise CamkdError(f"teachers {i} and {j} have equal weights ({a.spec}, {b.spec}): they are one teacher twice; "
+                         f"{_RETRAIN}")
+    ra, rb = training_record(a.meta), training_record(b.meta)
+    if ra is not None and ra == rb:
+        seeds = f"--seed {ra['--seed']} --aug-seed {ra['--aug-seed']}"
+        raise CamkdError(f"teachers {i} and {j} were trained alike ({a.spec}, {b.spec}: {ra['arch']} on the same data with "
+                         f"{seeds} and the same recipe, to epoch {ra['epoch']}; a rerun gives equal weights); {_RETRAIN}")
+
+
+def training_record(meta: dict) -> dict | None:
+    """What decides a camkd checkpoint's weights, from its meta: arch, method, data (fingerprint, label noise),
+    teachers, the epoch it was saved at and the options that shape the trajectory (:data:`camkd.runs.FIXED_OPTIONS`:
+    seeds, recipe, precision, ...); None for a checkpoint with no such record (a reference one)."""
+    options = meta.get("options")
+    if not isinstance(options, dict) or "epoch" not in meta:
+        return None
+    record = {key: meta.get(key) for key in ("arch", "method", "dataset", "dataset_fingerprint", "label_noise", "teachers",
+                                             "epoch")}
+    for path, flag in FIXED_OPTIONS.items():
+        value: object = options
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        record[flag] = OPTION_BEFORE.get(path) if value is None else value
+    return record
 
 
 @torch.inference_mode()

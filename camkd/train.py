@@ -6,19 +6,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from camkd import dist
+from camkd.checkpoint import load_checkpoint
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.noise import apply_label_noise, check_rate
-from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, start_run
+from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, small_lr, start_run
 from camkd.methods import create_method
 from camkd.models import resolve_arch
+from camkd.progress import log
+from camkd.runs import RunFolder
 from camkd.sources import NoTeachers
 
 RECIPE_FIELDS = ("epochs", "batch_size", "lr_decay_epochs", "lr_decay_rate", "momentum", "weight_decay")
 """The optimizer options whose default depends on the kind of data (and ``lr``, which also depends on the arch)."""
 
 FOLDER_LR_PER_256 = 0.1  # image folders: lr 0.1 per 256 images of the global batch (torchvision's reference)
+FOLDER_SMALL_LR_PER_256 = 0.02  # ... and a fifth of it for the small-lr archs (fit.small_lr), the reference's 0.01 / 0.05
 
 
 def teacher_optim() -> OptimConfig:
@@ -28,7 +32,8 @@ def teacher_optim() -> OptimConfig:
 
 
 def recipe(dataset: str) -> OptimConfig:
-    """The teacher recipe of ``dataset``'s kind, its ``lr`` left None (it depends on the arch or the batch).
+    """The recipe of ``dataset``'s kind (train-teacher's and distill's defaults), its ``lr`` left None (it depends on
+    the arch or the batch). Only the values of :data:`RECIPE_FIELDS` are taken from it.
 
     In-memory 28-32 px data: the reference's (RepDistiller train_teacher.py): 240 epochs of batch 64, decay x0.1
     after 150/180/210, momentum 0.9, weight decay 5e-4. Image folders: torchvision's ImageNet reference: 90 epochs
@@ -40,13 +45,20 @@ def recipe(dataset: str) -> OptimConfig:
     return OptimConfig(nesterov=False, drop_last=False, lr=None)
 
 
-def resolve_recipe(optim: OptimConfig, dataset: str, arch: str) -> OptimConfig:
+def resolve_recipe(optim: OptimConfig, dataset: str, arch: str, recorded: dict | None = None) -> OptimConfig:
     """``optim`` with every value left None taken from ``dataset``'s :func:`recipe`, and the lr made explicit:
-    0.1 x batch / 256 for image folders, the arch's default otherwise (0.05, or 0.01 for MobileNetV2/ShuffleV1/V2)."""
-    base = recipe(dataset)
-    out = replace(optim, **{k: getattr(base, k) for k in RECIPE_FIELDS if getattr(optim, k) is None})
+    0.1 x batch / 256 for image folders (0.02 x batch / 256 for MobileNetV2/ShuffleV1/V2 and their tv: forms), the
+    arch's default otherwise (0.05, or 0.01 for those: :func:`camkd.fit.default_lr`).
+
+    ``recorded``: a resumed run's recorded optimizer values (its checkpoint's ``options.optim``), which fill the values
+    left None before the recipe does: a run continues with the numbers it trained with, also one made before a default
+    changed (distill's on image folders did)."""
+    base, recorded = recipe(dataset), recorded or {}
+    keys = (*RECIPE_FIELDS, "lr")
+    out = replace(optim, **{k: recorded[k] for k in keys if getattr(optim, k) is None and recorded.get(k) is not None})
+    out = replace(out, **{k: getattr(base, k) for k in RECIPE_FIELDS if getattr(out, k) is None})
     if out.lr is None and dataset in FOLDER_DATASETS:
-        out = replace(out, lr=FOLDER_LR_PER_256 * out.batch_size / 256)
+        out = replace(out, lr=(FOLDER_SMALL_LR_PER_256 if small_lr(arch) else FOLDER_LR_PER_256) * out.batch_size / 256)
     return resolve_lr(out, arch)
 
 
@@ -58,9 +70,9 @@ class TrainConfig:
     arch: str
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=teacher_optim)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(seed=None))  # seed None: the trial's (:func:`resolve_seeds`)
     aug_seed: int | None = None  # seed of the augmentation views; None: the run's seed (recorded as that number)
-    trial: int = 0
+    trial: int = 0  # names the default --out and, unless --seed is given, seeds the run
 
     def out_dir(self) -> Path:
         if self.run.out:
@@ -68,15 +80,35 @@ class TrainConfig:
         return Path("runs") / "teachers" / f"{self.arch}_{self.data.dataset}_trial_{self.trial}"
 
 
+def resolve_seeds(cfg: TrainConfig, folder: RunFolder, *, main: bool = True) -> TrainConfig:
+    """``cfg`` with both seeds made explicit numbers (so the checkpoint records them and a resume compares them).
+
+    A seed given (``run.seed``, ``aug_seed`` not None) is used as given. One left None is, on a resume, the one the
+    checkpoint recorded (a run made before ``--trial`` seeded runs recorded seed 0 whatever its trial, and continues
+    with it); otherwise the seed is the trial (``--trial T`` alone: seed T, so trials differ) and the augmentation
+    seed is the seed."""
+    recorded: dict = {}
+    if folder.resume and (cfg.run.seed is None or cfg.aug_seed is None):
+        options = (load_checkpoint(folder.last).get("meta") or {}).get("options") or {}
+        recorded = {"seed": (options.get("run") or {}).get("seed"), "aug_seed": options.get("aug_seed")}
+        recorded = {k: v for k, v in recorded.items() if isinstance(v, int)}
+    seed = cfg.run.seed if cfg.run.seed is not None else recorded.get("seed", cfg.trial)
+    aug_seed = cfg.aug_seed if cfg.aug_seed is not None else recorded.get("aug_seed", seed)
+    if main and cfg.run.seed is None and seed != cfg.trial:
+        log(f"resuming with the seeds {folder.last} recorded, --seed {seed} --aug-seed {aug_seed} (not --trial {cfg.trial}'s: "
+            "the run was started with --seed, or before --trial seeded runs)")
+    return replace(cfg, run=replace(cfg.run, seed=seed), aug_seed=aug_seed)
+
+
 def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
     # the numbers the run uses, defaulted ones made explicit, so the checkpoint records them and a resume compares them
-    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch),
-                  aug_seed=cfg.run.seed if cfg.aug_seed is None else cfg.aug_seed)
+    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch))
     check_rate(cfg.data.label_noise)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
+    cfg = resolve_seeds(cfg, folder, main=world.main)
 
     d = cfg.data
     with dist.agree("loading the data"):

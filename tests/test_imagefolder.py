@@ -230,7 +230,8 @@ def test_camkd_cached_equals_online_on_a_folder(store, folder, tmp_path):
 
     The proof (first half): the live teachers' features equal the stored ones bit for bit in any batch, and their
     logits do too when a batch is one the cache ran (the stored order, --batch-size 8); in the epoch's shuffled
-    batches the logits differ by a few float32 ulp. The conv and BatchNorm layers give a sample the same result
+    batches the logits may differ by a few float32 ulp (whether they do depends on the CPU's sgemm kernel: on some
+    they are equal, so neither is asserted). The conv and BatchNorm layers give a sample the same result
     anywhere in a batch of this size (measured: also at batch 24; not at batch 1, where another conv kernel runs); the
     final Linear (an sgemm) does not: a row's accumulation order depends on its place in the batch's matrix
     (measured: every earlier layer bit-identical, the fc's output 3e-8 apart). That is float non-associativity,
@@ -264,8 +265,6 @@ def test_camkd_cached_equals_online_on_a_folder(store, folder, tmp_path):
                 assert torch.equal(logits, stored[idx])
             else:  # a few ulp of float32 (2**-23 relative)
                 assert torch.allclose(logits, stored[idx], rtol=2**-20, atol=2**-20)
-    assert not all(torch.equal(run_teachers(teachers, normalize(x, spec.norm), {})[0], stored[idx])
-                   for idx, (x, _, _) in zip(shuffled, train.view_batches(spec, 0, shuffled, torch.device("cpu"))))
     steps = []
     for name, kw in (("cached", {}), ("online", {"online": True, "teachers": store["teachers"]})):
         rec = StepRecorder()
@@ -481,12 +480,11 @@ def test_a_limited_store_compares_only_its_files(cli, one_error, store, folder, 
     assert r.exit_code == 0, r.output
     shutil.copy(copy / "train" / "cat" / "cat_01.jpg", copy / "train" / "bee" / "bee_01.jpg")  # replaced among the 12
     line = one_error(cli(*args, "--out", tmp_path / "no"), r"the first 12 files of .* changed since the store was "
-                     r"written: train/bee/bee_01\.jpg was replaced \(\d+ bytes then, \d+ now\) "
-                     r"\(0 added, 0 removed, 1 replaced, 0 relabelled\)")
+                     r"written: train/bee/bee_01\.jpg was replaced \(\d+ bytes then, \d+ now\); restore")
     assert "cat" not in line.split("written:")[1]
     shutil.copy(copy / "train" / "ant" / "ant_00.jpg", copy / "train" / "ant" / "ant_05b.jpg")  # added among the 12
-    one_error(cli(*args, "--out", tmp_path / "no"), r"train/ant/ant_05b\.jpg was added \(1 added, 0 removed, 1 replaced, "
-              r"0 relabelled, 1 past the first 12\)")
+    one_error(cli(*args, "--out", tmp_path / "no"), r"written: train/ant/ant_05b\.jpg was added \(and 1 other change: "
+              r"1 replaced\); so train/\w+/\w+\.jpg is no longer among the first 12 files; restore")
 
 
 def test_dry_run_plans_without_reading_an_image(cli, store, tmp_path):
@@ -504,3 +502,27 @@ def test_dry_run_plans_without_reading_an_image(cli, store, tmp_path):
     assert r.exit_code == 0, r.output
     assert "planned store: 100 views x 2100 samples" in r.output and "files/*" in r.output and "pixels" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
+def test_a_store_cut_short_by_a_bad_file_says_the_folder_changed(cli, one_error, store, folder, tmp_path):
+    """A decode error leaves a partial store; once the bad file is gone the folder holds one file fewer, and the rerun
+    says so (not '--limit', which was never given)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    shutil.copy(__file__, copy / "train" / "ant" / "ant_zz.jpg")  # not an image, listed last of ant/
+    path = tmp_path / "s.zarr"
+    one_error(cli(*_cache_args(copy, path, *store["teachers"])), r"cannot decode .*ant_zz\.jpg")
+    assert path.exists()  # the part already written is kept for a rerun
+    (copy / "train" / "ant" / "ant_zz.jpg").unlink()
+    line = one_error(cli(*_cache_args(copy, path, *store["teachers"])),
+                     r"made differently: the store was started from the \d+ files the folder held then, it holds \d+ now: "
+                     r"the folder changed since the store was started")
+    assert "--limit" not in line
+
+
+def test_cache_verify_names_data_dir_for_a_folder_store(cli, one_error, store):
+    line = one_error(cli("cache-verify", store["path"], *[a for t in store["teachers"] for a in ("-t", t)]),
+                     r"was cached from imagefolder image files: give --data-dir")
+    assert "--dataset" not in line

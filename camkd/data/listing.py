@@ -393,9 +393,10 @@ def check_none_added(recorded: Listing, root: str | Path) -> None:
 
 
 def _differences(recorded: Listing, current: Listing, present: set[str]) -> str:
-    """``train/a/x.jpg was added (1 added, 0 removed, 2 replaced, 0 relabelled)``: the first change in path order, then
-    counts. ``current`` is the folder's first ``len(recorded)`` files and ``present`` every file of the folder: a
-    recorded file that is still there but pushed past the first N (by an addition before it) is named as such."""
+    """``train/a/x.jpg was added (and 2 other changes: 1 removed, 1 replaced)``: the first change in path order in
+    plain words, then how many others of each kind. ``current`` is the folder's first ``len(recorded)`` files and
+    ``present`` every file of the folder: a recorded file that is still there but pushed past the first N (by an
+    addition before it) is said to be so, as a consequence, not counted as a change of its own."""
     then = dict(zip(recorded.paths, zip(recorded.sizes.tolist(), recorded.labels.tolist())))
     now = dict(zip(current.paths, zip(current.sizes.tolist(), current.labels.tolist())))
     gone = then.keys() - now.keys()
@@ -405,9 +406,6 @@ def _differences(recorded: Listing, current: Listing, present: set[str]) -> str:
         "replaced": [],
         "relabelled": [],
     }
-    pushed = [(p, f"{p} is no longer among the first {len(recorded)} files") for p in gone & present]
-    if pushed:
-        changes[f"past the first {len(recorded)}"] = pushed
     for path in then.keys() & now.keys():
         (size_then, label_then), (size_now, label_now) = then[path], now[path]
         if size_then != size_now:
@@ -416,5 +414,13 @@ def _differences(recorded: Listing, current: Listing, present: set[str]) -> str:
             changes["relabelled"].append((path, f"{path} was relabelled ({recorded.classes[label_then]} then, "
                                                 f"{current.classes[label_now]} now)"))
     first = min((item for items in changes.values() for item in items), default=("", "the file order changed"))
-    counts = ", ".join(f"{len(items)} {kind}" for kind, items in changes.items())
-    return f"{first[1]} ({counts})"
+    others = {kind: sum(p != first[0] for p, _ in items) for kind, items in changes.items()}
+    text = first[1]
+    if sum(others.values()):
+        counts = ", ".join(f"{n} {kind}" for kind, n in others.items() if n)
+        text += f" (and {plural(sum(others.values()), 'other change')}: {counts})"
+    pushed = sorted(gone & present)
+    if pushed:
+        text += (f"; so {pushed[0]}{f' and {len(pushed) - 1} more' if len(pushed) > 1 else ''} "
+                 f"{'is' if len(pushed) == 1 else 'are'} no longer among the first {plural(len(recorded), 'file')}")
+    return text

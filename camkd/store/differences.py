@@ -26,8 +26,10 @@ OPTIONS = {
 }
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    """Every difference between a store's identity (``old``) and this run's (``new``), the data's name first."""
+def differences(old: dict, new: dict, *, whole_folders: bool = False) -> list[str]:
+    """Every difference between a store's identity (``old``) and this run's (``new``), the data's name first.
+    ``whole_folders``: both were made from every file of an image folder (no --limit), so another sample count means
+    the folder changed, not the option."""
     if not _feature_dtype_differs(old, new):
         old, new = ({k: v for k, v in d.items() if k != "feature_dtype"} for d in (old, new))
     out = []
@@ -36,7 +38,7 @@ def differences(old: dict, new: dict) -> list[str]:
         if a == b:
             continue
         if key == "dataset":
-            out += _dataset(a or {}, b or {})
+            out += _dataset(a or {}, b or {}, whole_folders)
         elif key == "teachers":
             out += _teachers(a or [], b or [])
         elif key == "features":  # other shapes follow from other teachers, named already
@@ -70,12 +72,16 @@ def _option(key: str, a, b) -> str:
     return f"the store's {key.replace('.', ' ').replace('_', ' ')} is {_short(a)}, this run's {_short(b)}"
 
 
-def _dataset(a: dict, b: dict) -> list[str]:
-    """The name first; a different sample count says --limit and implies the different fingerprint."""
+def _dataset(a: dict, b: dict, whole_folders: bool = False) -> list[str]:
+    """The name first; a different sample count says --limit (or, ``whole_folders``, that the folder changed) and
+    implies the different fingerprint."""
     out = []
     if a.get("name") != b.get("name"):
         out.append(_option("dataset.name", a.get("name"), b.get("name")))
-    if a.get("n") != b.get("n"):
+    if a.get("n") != b.get("n") and whole_folders:
+        out.append(f"the store was started from the {plural(a.get('n') or 0, 'file')} the folder held then, it holds "
+                   f"{b.get('n')} now: the folder changed since the store was started (restore it to finish the store)")
+    elif a.get("n") != b.get("n"):
         out.append(f"the store caches {plural(a.get('n') or 0, 'sample')} (--limit {a.get('n')}), this run has "
                    f"{b.get('n')}")
     elif a.get("fingerprint") != b.get("fingerprint"):

@@ -76,7 +76,8 @@ def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
     old = {k: attrs.get(k) for k in compared}
     old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
     old["teacher_precision"] = layout.teacher_precision(attrs)[0]
-    diff = differences(old, compared)
+    whole = bool(attrs.get("folder_whole")) and bool(ident.get("folder_whole"))  # both without --limit
+    diff = differences(old, compared, whole_folders=whole)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise CamkdError(f"{path} was made differently: {'; '.join(diff[:3])}{more}; use --overwrite to replace it or "

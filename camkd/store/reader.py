@@ -189,16 +189,27 @@ def check_expect(store: TeacherStore, e: Expect) -> None:
                          "rerun the same cache-teachers command to finish it")
 
 
+def store_test_options(name: str, *, num_classes: int, image_size: int | None, in_channels: int | None) -> dict:
+    """The loader options of the test split a store of dataset ``name`` serves, from what the store records of its
+    data (a student trained from the store records the same numbers, so ``camkd evaluate`` reopens this split)."""
+    if name == "synthetic":
+        return {"num_classes": num_classes, "image_size": image_size, "channels": in_channels}
+    if name in FOLDER_DATASETS:  # the store fixes the image size
+        return {"image_size": image_size}
+    return {}
+
+
 def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
                      workers: int | None = None) -> tuple[DataSplit, DataSplit, AugSpec]:
     """The training split a store was made from (checked by fingerprint), its test split, and its augmentation.
     ``workers``: decoding processes of an image-folder dataset (None: its default; refused by in-memory ones)."""
     ds = store.attrs["dataset"]
+    if data_dir is None and ds["name"] in FOLDER_DATASETS:  # said here, in the store's words: no --dataset was given
+        raise CamkdError(f"{store.path} was cached from {ds['name']} image files: give --data-dir, the folder that holds "
+                         "its train/ and val/")
     test_opts: dict = {} if workers is None else {"workers": workers}
-    if ds["name"] == "synthetic":
-        test_opts.update(num_classes=ds["num_classes"], image_size=ds["image_size"], channels=ds["in_channels"])
-    elif ds["name"] in FOLDER_DATASETS:  # the store fixes the image size
-        test_opts["image_size"] = ds["image_size"]
+    test_opts.update(store_test_options(ds["name"], num_classes=ds["num_classes"], image_size=ds.get("image_size"),
+                                  in_channels=ds.get("in_channels")))
     candidates = [test_opts]
     if ds["name"] == "synthetic":  # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
         candidates = [dict(test_opts, num_samples=ds["n"]), test_opts]
