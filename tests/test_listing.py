@@ -99,7 +99,8 @@ def test_fingerprint_is_stable_and_independent_of_the_root(folder, tmp_path):
 
 
 @pytest.mark.parametrize("change, named", [
-    (lambda root: write_image(root / "train" / "ant" / "sub" / "new.jpg", 5), r"train/ant/sub/new\.jpg was added; so \S+ is no longer among the first 10 files; restore"),
+    (lambda root: write_image(root / "train" / "ant" / "sub" / "new.jpg", 5),
+     r"train/ant/sub/new\.jpg was added; so \S+ is no longer among the first 10 files; restore"),
     (lambda root: (root / "train" / "Zebra" / "b.png").unlink(), r"train/Zebra/b\.png was removed; restore"),
     (lambda root: (root / "train" / "cat" / "c.jpg").write_bytes(b"x" * 7), r"train/cat/c\.jpg was replaced \(\d+ bytes then, 7 now\)"),
 ])

@@ -28,8 +28,9 @@ def _equal_weights(a, b) -> bool:
 @pytest.fixture(scope="module")
 def trials(tmp_path_factory):
     """Trials 0 and 1 of one tiny teacher, --trial alone (their last.pth checkpoints, loaded, and their folders)."""
-    from camkd.cli import app
     from typer.testing import CliRunner
+
+    from camkd.cli import app
 
     tmp = tmp_path_factory.mktemp("trials")
 
