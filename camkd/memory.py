@@ -22,44 +22,22 @@ Free memory: on CUDA the driver's free bytes plus what PyTorch's allocator holds
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from camkd.data import DataSplit
+from camkd.device import free_memory
 from camkd.errors import CamkdError
 from camkd.models import create_model
-from camkd.store.sizes import human
-from camkd.words import plural
+from camkd.words import human, plural
 
 HALF = ("bf16", "fp16")
 FLOAT_BYTES = 4  # the normalized input, and activations, in float32
 AT_MOST_PER_VALUE = 100_000
 """Bytes per input value (image side^2 x channels) beyond any model's estimate here (resnet32x4 about 3,300, tv:resnet18
 130): a batch that fits even at this rate is passed without running a model, so small runs pay nothing."""
-
-
-def free_bytes(device: torch.device) -> tuple[int, str] | None:
-    """(free bytes, where they were read) on ``device``; None where camkd cannot tell."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + unused), f"free on {device}"
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available host memory (MemAvailable)"
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free host memory"
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def activation_bytes(model: nn.Module, in_channels: int, size: int) -> tuple[int, int] | None:
@@ -109,7 +87,7 @@ def check_batch_memory(device: torch.device, data: DataSplit, batch: int, *, tra
 
     ``size_option``: what the user lowers to get smaller images (a store's size: another store); the message names
     it when even a batch of 2 does not fit, else ``batch_option`` with the largest batch that does."""
-    free = free_bytes(device)
+    free = free_memory(device)
     if free is None:
         return
     n = min(batch, len(data))

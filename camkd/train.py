@@ -12,6 +12,7 @@ from camkd.data import check_dataset, load_split
 from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.noise import apply_label_noise, check_rate
 from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, small_lr, start_run
+from camkd.memory import check_batch_memory
 from camkd.methods import create_method
 from camkd.models import resolve_arch
 from camkd.progress import log
@@ -117,6 +118,7 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
         train, noise = apply_label_noise(train, d.label_noise, d.label_noise_seed)  # the test split stays clean
         test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
         check_batch_size(cfg.optim.batch_size, len(train), parts=world.size * cfg.optim.micro_batches)
+        check_batch_memory(device, train, cfg.optim.batch_size // world.size, train=[arch], precision=cfg.run.precision)
     model = build_model(arch, train, cfg.run)
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],
                            teacher_feat_shapes={}).to(device)

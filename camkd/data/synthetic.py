@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from camkd.data.base import Dataset, Normalization, register_dataset
+from camkd.device import free_memory
+from camkd.errors import CamkdError
+from camkd.words import human, plural
 
 SYNTH_NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -22,6 +25,7 @@ def make_synthetic(
     *, split: str, num_samples: int, num_classes: int = 10, image_size: int = 32, channels: int = 3, noise: float = 40.0
 ) -> Dataset:
     """Build ``num_samples`` images of ``num_classes`` classes; train and test differ only in their noise."""
+    check_generated_size(num_samples, channels, image_size)
     proto_rng = np.random.default_rng(12345 + 1000 * num_classes + channels)
     colour = proto_rng.uniform(60, 200, size=(num_classes, channels, 1, 1))
     freq = proto_rng.uniform(0.3, 1.6, size=(num_classes, 1, 1, 1))
@@ -37,6 +41,20 @@ def make_synthetic(
     imgs = np.clip(np.rint(imgs), 0, 255).astype(np.uint8)
     norm = SYNTH_NORM if channels == 3 else Normalization((0.5,) * channels, (0.25,) * channels)
     return Dataset("synthetic", split, torch.from_numpy(imgs), torch.from_numpy(labels.astype(np.int64)), num_classes, norm)
+
+
+GENERATION_BYTES = 8 * 2 + 1  # per value: the float64 noise, the float64 sum, the uint8 image kept
+
+
+def check_generated_size(num_samples: int, channels: int, image_size: int) -> None:
+    """Refuse (one CamkdError, before any array is made) a set whose generation cannot fit the free host memory: the
+    whole set is made in memory at once (``--image-size 100000`` asked for hundreds of TB)."""
+    need = num_samples * channels * image_size * image_size * GENERATION_BYTES
+    free = free_memory(torch.device("cpu"))
+    if free is not None and need > free[0]:
+        raise CamkdError(f"--image-size {image_size}: making the synthetic set ({plural(num_samples, 'image')} of "
+                         f"{channels} x {image_size} x {image_size} px, in memory at once) needs about {human(need)}, more "
+                         f"than the {human(free[0])} of {free[1]}; lower --image-size")
 
 
 @register_dataset("synthetic")

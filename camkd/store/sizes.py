@@ -8,6 +8,7 @@ import zarr
 
 from camkd.store import layout
 from camkd.store.location import listed_sizes
+from camkd.words import human  # noqa: F401 - the store's size words (plan, space, info, cache import it here)
 
 
 def walk_arrays(g: zarr.Group) -> Iterator[tuple[str, zarr.Array]]:
@@ -48,11 +49,3 @@ def per_sample_view_text(per: dict[str, float]) -> str:
     """'TOTAL (name SIZE, ...)': what cache-teachers and cache-info print of bytes_per_sample_view."""
     return f"{human(sum(per.values()))} (" + ", ".join(f"{name} {human(v)}" for name, v in per.items()) + ")"
 
-
-def human(n: float) -> str:
-    """A size in the largest unit of 1024 that keeps it at least 1 (20 KB is '20.0 KB', never '0.0 MB')."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024:
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PB"
