@@ -77,11 +77,25 @@ def init(device: torch.device) -> World:
     store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), w.size,
                         is_master=not agent and w.rank == 0, timeout=TIMEOUT)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    _bind_no_group_at_import()
     td.init_process_group(backend=backend, store=td.PrefixStore(f"camkd/attempt_{attempt}", store), rank=w.rank,
                           world_size=w.size, timeout=TIMEOUT)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (srun and Kubernetes manage their own processes)
         stop_with_launcher(w.rank)
     return current()
+
+
+def _bind_no_group_at_import() -> None:
+    """Import, before the group exists, the torch module that binds the default group at import.
+
+    ``torch.distributed.nn.functional`` takes ``group=group.WORLD`` as its functions' defaults, evaluated at import.
+    Imported after the group is made (``torch.use_deterministic_algorithms`` imports it, through inductor's config),
+    those defaults hold the group for the rest of the process: :func:`close` then cannot free it, and its gloo
+    worker threads outlive the interpreter. One of them still releasing the last collective's tensor (which
+    takes the GIL) as the interpreter finalizes ends that rank in C++ ("terminate called without an active
+    exception", SIGABRT) after its ``error:`` line. Imported first, the defaults are None (the default group).
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def stop_with_launcher(rank: int) -> None:
@@ -138,6 +152,30 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     if current().active:
         td.all_reduce(t, op=td.ReduceOp.SUM)
     return t
+
+
+def broadcast_tensors(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors`` on every rank, in place (no-op with one process)."""
+    if current().active:
+        with torch.no_grad():
+            for t in tensors:
+                td.broadcast(t, src=0)
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over ranks in one all-reduce, in place, exactly as DDP does: each rank's
+    gradient times 1 / W, then summed (no-op with one process).
+
+    Every rank must pass the same parameters in the same order (a function of the epoch, never of the rank's data).
+    One without a gradient on this rank adds zeros, as DDP counts a parameter used on another rank only."""
+    w = current()
+    if not w.active or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).mul_(1.0 / w.size)
+    td.all_reduce(flat, op=td.ReduceOp.SUM)
+    for p, g, chunk in zip(params, grads, flat.split([p.numel() for p in params])):
+        p.grad = g.copy_(chunk.view(g.shape))
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

@@ -98,7 +98,7 @@ def check_batch_size(batch_size: int, n: int, *, parts: int = 1) -> None:
 
 
 class Trainee(nn.Module):
-    """The student and the method's trainable parts: one module, so DDP syncs both.
+    """The student and the method's trainable parts: one module, whose call DDP wraps (see :func:`_wrap`).
 
     One call trains on this process's share of a global batch, split into ``parts`` BatchNorm
     micro-batches; batch-level statistics of the method (AEKD) are summed over the parts and,
@@ -140,16 +140,22 @@ class Trainee(nn.Module):
         return results
 
 
-def _wrap(trainee: Trainee, device: torch.device, *, find_unused: bool) -> nn.Module:
-    """DDP over the ranks (it averages gradients and broadcasts rank 0's buffers at each forward).
+def _wrap(trainee: Trainee, device: torch.device) -> nn.Module:
+    """DDP over the ranks: it averages the student's gradients and broadcasts rank 0's buffers (the student's and the
+    method's) at each forward.
 
-    ``find_unused``: some parameters get no gradient in the run's first epoch (CA-MKD's Embeds in epoch 1), so DDP
-    must look for them after each backward."""
+    The method's parameters are left out of it: CA-MKD's Embeds and FitNet's ConvRegs get no gradient in epoch 1, so
+    DDP would have to look for unused parameters after every backward (``find_unused_parameters``, which notes once
+    per rank from epoch 2 that it found none, a C++ warning Python cannot filter). The loop averages their gradients
+    itself (:meth:`_Loop.step`); like DDP, rank 0's values are broadcast here first."""
     if not dist.current().active:
         return trainee
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+    own = {id(p) for p in trainee.method.parameters()}
+    DDP._set_params_and_buffers_to_ignore_for_model(trainee, [n for n, p in trainee.named_parameters() if id(p) in own])
+    dist.broadcast_tensors(list(trainee.method.parameters()))
+    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _buffers(module: nn.Module) -> list[Tensor]:
@@ -310,7 +316,7 @@ class _Loop:
         t_run = time.perf_counter()
         for epoch in range(start_epoch, self.optim.epochs + 1):
             t0 = time.perf_counter()
-            sums = self.train_epoch(self.network(epoch), epoch).reduce()
+            sums = self.train_epoch(self.network(), epoch).reduce()
             _check_no_nonfinite(sums.counts[2], epoch, sums.steps, self.folder)
             train_time = time.perf_counter() - t0
             acc = self.evaluate(test)
@@ -322,14 +328,11 @@ class _Loop:
         self.result.seconds = time.perf_counter() - t_run
         return self.result
 
-    def network(self, epoch: int) -> nn.Module:
-        """The trainee, under torchrun wrapped in DDP once per run, told to look for unused parameters when the
-        run's first epoch has some (CA-MKD's and FitNet's modules join in epoch 2). DDP then notes once per rank,
-        from epoch 2, that it found none (a C++ warning Python cannot filter). A new DDP made when the modules
-        join avoids the note but was seen to abort a rank in C++ ("terminate called without an active
-        exception") in one of five suite runs (the cause not proven), so the one wrapper stays."""
+    def network(self) -> nn.Module:
+        """The trainee, under torchrun wrapped in DDP once per run (:func:`_wrap`): every parameter DDP holds gets a
+        gradient at every step, so it never looks for unused ones, in any epoch."""
         if self._net is None:
-            self._net = _wrap(self.trainee, self.device, find_unused=not self.method.uses_all_parameters(epoch))
+            self._net = _wrap(self.trainee, self.device)
         return self._net
 
     def resume(self, identity: dict) -> int:
@@ -419,6 +422,7 @@ class _Loop:
             if self.hooks.on_step is not None:
                 self.hooks.on_step(epoch, losses)
         self.scaler.scale(total / parts if parts > 1 else total).backward()  # fp32, bf16: no scaling (the loss itself)
+        dist.average_gradients(self.method.trained_parameters(epoch))  # DDP holds the student's only (see _wrap)
         for module, saved in self.trainee.saved:  # as under DDP, only the first slice's BatchNorm statistics persist
             _restore(module, saved)
         self.scaler.step(self.opt)  # fp16: the step is skipped when a gradient overflowed; otherwise opt.step()

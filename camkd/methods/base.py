@@ -141,9 +141,10 @@ class Method(nn.Module):
             raise CamkdError(f"{self.name}: the top-k teacher logits were rebuilt at T={teachers.temperature}, "
                              f"the method distills at T={self.kd_T}")
 
-    def uses_all_parameters(self, epoch: int) -> bool:
-        """Whether every trainable parameter of the method gets a gradient in ``epoch`` (DDP must know)."""
-        return True
+    def trained_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """The method's parameters that get a gradient in ``epoch``: all of them, unless a term that uses them is
+        off then. A function of the epoch alone, so every rank averages the same ones (see ``fit``)."""
+        return list(self.parameters())
 
     @classmethod
     def uses_teachers(cls) -> bool:
@@ -186,9 +187,12 @@ class LogitMethod(Method):
         """(unscaled feature loss, extra diagnostics)."""
         raise NotImplementedError
 
-    def uses_all_parameters(self, epoch: int) -> bool:
-        """The feature term's modules (Embeds, ConvRegs) are unused in epoch 1, where the term is 0."""
-        return epoch > 1 or not (self.feature_loss and self.beta > 0)
+    def trained_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """None in epoch 1 when there is a feature term: it is 0 then, and its modules (Embeds, ConvRegs, the
+        method's only parameters) are not run, so they get no gradient, momentum or weight decay."""
+        if epoch <= 1 and self.feature_loss and self.beta > 0:
+            return []
+        return super().trained_parameters(epoch)
 
     def forward(self, student: StudentOut, teachers: TeacherOut, labels: Tensor, *, epoch: int,
                 stats: Tensor | None = None) -> tuple[Losses, Diagnostics]:
