@@ -181,14 +181,14 @@ def _epochs(values: list[str]) -> list[int]:
 
 def _out_prefix(out: Path | None) -> Path | None:
     """--out PREFIX of a benchmark or report, checked before any work or output (a given .json/.md/.png is dropped)."""
-    from camkd.bench.common import output_prefix
+    from camkd.output import output_prefix
 
     return output_prefix(out) if out is not None else None
 
 
 def _show(r: dict, to_markdown: Callable[[dict], str], plot: Callable, prefix: Path | None) -> None:
     """Print a benchmark's or report's table; with --out also write PREFIX.json, .md and .png and name them."""
-    from camkd.bench.common import write_result
+    from camkd.output import write_result
 
     table = to_markdown(r)
     typer.echo(table)

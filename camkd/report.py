@@ -13,8 +13,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from camkd.bench.common import new_figure
 from camkd.errors import CamkdError
+from camkd.output import new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

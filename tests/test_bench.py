@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from camkd.bench.common import cpu_model, device_info, device_text, output_prefix, write_result
+from camkd.bench.common import cpu_model, device_info, device_text
 from camkd.bench.config import AccuracyConfig, DataBenchConfig, SpeedConfig, StorageConfig
 from camkd.bench.stats import paired, paired_text, t_crit_95
 from camkd.errors import CamkdError
+from camkd.output import output_prefix, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,7 @@ def test_out_is_a_prefix_checked_before_any_work(tmp_path):
 
 
 def test_write_result_writes_the_three_files(tmp_path):
-    from camkd.bench.common import new_figure
+    from camkd.output import new_figure
 
     fig, axes = new_figure(1, 1, (3, 2))
     axes[0][0].plot([1, 2], [3, 4])

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from camkd.bench import accuracy as A
-from camkd.bench.common import cpu_model, write_result
+from camkd.bench.common import cpu_model
 from camkd.bench.teachers import decay_schedule, finished, history, teacher_identity
+from camkd.output import write_result
 
 
 def small(root, **kw) -> A.AccuracyConfig:
@@ -92,7 +93,7 @@ def test_unequal_reuses_the_strong_teacher(equal_run):
 def test_interrupted_student_resumes(equal_run, monkeypatch):
     root, r = equal_run
     import camkd.distill
-    from camkd.fit import Hooks
+    from camkd.job import Hooks
 
     victim = next(p for p in (root / "students").iterdir() if p.name.startswith("avg-s1-"))
     before = [rec["test_top1"] for rec in history(victim)]

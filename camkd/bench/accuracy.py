@@ -51,13 +51,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.common import device_info, device_text, machine
 from camkd.bench.config import PROTOCOLS, AccuracyConfig
 from camkd.bench.stats import RULE, paired
 from camkd.bench.teachers import HASH_CHARS, TeacherSpec, data_fingerprint, decay_schedule, digest, ensure_teacher, finished, history
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
 from camkd.methods import list_methods
+from camkd.output import new_figure
 from camkd.progress import log
 
 if TYPE_CHECKING:

@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.common import device_info, device_text, machine
 from camkd.bench.config import DataBenchConfig
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
+from camkd.output import new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from camkd.bench.common import device_info, device_text, machine, new_figure, random_teachers
+from camkd.bench.common import device_info, device_text, machine, random_teachers
 from camkd.bench.config import ReferenceProtocolConfig
 from camkd.bench.plain import check_precision
 from camkd.cache import CacheConfig, cache_teachers
@@ -42,6 +42,7 @@ from camkd.evaluate import evaluate
 from camkd.fit import Hooks
 from camkd.methods import METHODS, required_layers
 from camkd.models import create_model, resolve_arch
+from camkd.output import new_figure
 from camkd.precision import Precision
 from camkd.progress import log
 from camkd.store import layout

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from camkd.bench.common import device_info, device_text, machine, new_figure, random_teachers
+from camkd.bench.common import device_info, device_text, machine, random_teachers
 from camkd.bench.config import SpeedConfig
 from camkd.bench.plain import autocast, check_precision, plain_images_per_s
 from camkd.cache import CacheConfig, cache_teachers
@@ -40,6 +40,7 @@ from camkd.data.views import AugSpec, augment
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
+from camkd.output import new_figure
 from camkd.progress import log
 from camkd.store import open_store
 from camkd.store.reader import FeatureStream

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from camkd.bench.common import device_info, device_text, machine, new_figure
+from camkd.bench.common import device_info, device_text, machine
 from camkd.bench.config import STORE_OPTIONS, StorageConfig
 from camkd.bench.stats import RULE, paired, paired_text
 from camkd.bench.teachers import HASH_CHARS, TeacherSpec, decay_schedule, digest, ensure_teacher, finished, history
@@ -39,6 +39,7 @@ from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
+from camkd.output import new_figure
 from camkd.progress import log
 from camkd.store import open_store
 from camkd.store.sizes import array_sizes
