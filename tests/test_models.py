@@ -186,6 +186,15 @@ def test_registry_lists_every_arch() -> None:
     assert [n for n in list_models() if not n.startswith("tv:")] == sorted(ALL_ARCHS)  # tv: in test_models_tv.py
 
 
+def test_every_model_is_a_classifier_and_only_the_cifar_zoo_a_cifar_model() -> None:
+    """One base for every kind of model (base.py's contract); CifarModel is the CIFAR zoo's own."""
+    from camkd.models import CifarModel, Classifier
+
+    for arch, cifar in (("resnet8", True), ("ShuffleV2", True), ("tv:shufflenet_v2_x0_5", False)):
+        model = create_model(arch, num_classes=3)
+        assert isinstance(model, Classifier) and isinstance(model, CifarModel) == cifar, arch
+
+
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_forward_features_and_head(arch: str) -> None:
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from helpers import assert_loads_strictly, randomize_buffers
 
 from camkd.errors import CamkdError
 from camkd.models import MODELS, create_model, resolve_arch
-from camkd.models.timm_models import build
+from camkd.models.timm_models import TimmModel, build
 from camkd.teachers import load_teacher
 
 timm = pytest.importorskip("timm")
@@ -85,6 +85,35 @@ def test_train_mode_and_device_moves_reach_timm_own_model() -> None:
     model.to(torch.float64)
     assert all(p.dtype == torch.float64 for p in model.net.parameters())
     assert model.eval()(x.double()).dtype == torch.float64
+
+
+def test_a_model_with_parameters_of_its_own_root() -> None:
+    """A ViT keeps cls_token and pos_embed on its root module: the wrapper's state_dict is timm's (keys and order),
+    its head holds all of it, and what torch replaces on the wrapper alone (.to()'s buffers, assign=True's
+    parameters, functional_call's tensors) is what timm's own module runs on."""
+    from camkd.memory import activation_bytes
+    from camkd.models import CifarModel, Classifier
+
+    torch.manual_seed(5)
+    name = "vit_tiny_patch16_224"
+    reference = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=32, patch_size=8).eval()
+    model = TimmModel(timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, img_size=32, patch_size=8),
+                      arch=f"timm:{name}", num_classes=NUM_CLASSES, in_channels=3).eval()
+    assert isinstance(model, Classifier) and not isinstance(model, CifarModel)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert [n for n, _ in model.named_parameters(recurse=False)] == ["cls_token", "pos_embed"]
+    model.load_state_dict(reference.state_dict(), assign=True)  # new Parameters on the wrapper alone
+    assert model.net.cls_token is not model.cls_token
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x)) and model.net.cls_token is model.cls_token
+        feats, logits = model(x, is_feat=True)
+        head = model.get_head().eval()
+        assert list(head.state_dict()) == list(model.state_dict()) and torch.equal(head(feats[-2]), logits)
+        assert activation_bytes(model, 3, 32) is not None  # functional_call's meta tensors reach timm's module
+        assert torch.equal(model(x), logits) and model.net.pos_embed is model.pos_embed
+        model.to(torch.float64)
+        assert model.net.cls_token.dtype == torch.float64 and model(x.double()).dtype == torch.float64
 
 
 def test_in_channels_and_case() -> None:

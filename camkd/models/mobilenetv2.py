@@ -12,7 +12,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from camkd.models.registry import CifarModel, global_pool, init_weights, register_model
+from camkd.models.cifar import CifarModel, global_pool, init_weights
+from camkd.models.registry import register_model
 
 # (expansion, channels, repeats, first stride); expansion None means "use T".
 _SETTING: tuple[tuple[int | None, int, int, int], ...] = (

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkd.models.registry import CifarModel, global_pool, init_weights, register_model
+from camkd.models.cifar import CifarModel, global_pool, init_weights
+from camkd.models.registry import register_model
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

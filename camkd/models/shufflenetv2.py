@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkd.models.registry import CifarModel, global_pool, register_model
+from camkd.models.cifar import CifarModel, global_pool
+from camkd.models.registry import register_model
 from camkd.models.shufflenetv1 import channel_shuffle
 
 

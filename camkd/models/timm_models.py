@@ -2,9 +2,10 @@
 
 timm is an optional extra (``pip install 'camkd[timm]'``), imported only when a ``timm:`` name is looked
 up: importing camkd.models does not import it. :func:`build` calls ``timm.create_model(name,
-pretrained=False, ...)`` (nothing is ever downloaded) and wraps the model in :class:`TimmModel`, whose
-parameters, buffers and children are the timm model's own (the same dicts), so its ``state_dict`` keys are
-timm's and a timm state_dict loads strictly.
+pretrained=False, ...)`` (nothing is ever downloaded) and wraps the model in :class:`TimmModel`, which registers
+the timm model's own parameters, buffers and children (the same objects, under the same names, in the same order)
+as its own, so its ``state_dict`` keys are timm's and a timm state_dict loads strictly. timm's code runs on the timm
+model (``forward_features``, ``forward_head``, ...), whose root is pointed at the wrapper's state first (:func:`_lend`).
 
 - ``feats``: timm's ``forward_intermediates`` maps (one per stage, so FitNet's hints index real stages)
   where the model has it, then the ``forward_features`` map, then the pooled vector
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from camkd.errors import CamkdError
-from camkd.models.registry import MODELS, CifarModel
+from camkd.models.base import Classifier
+from camkd.models.registry import MODELS
 from camkd.registry import Prefix
 
 PREFIX = "timm:"
@@ -44,12 +46,38 @@ def resolve(name: str) -> str:
     return name.lower()
 
 
-def _share_state(module: nn.Module, net: nn.Module) -> None:
-    """Make ``module``'s parameters, buffers and children ``net``'s own dicts: the same state_dict, moved together."""
-    module._parameters = net._parameters
-    module._buffers = net._buffers
-    module._non_persistent_buffers_set = net._non_persistent_buffers_set
-    module._modules = net._modules
+def _adopt(module: nn.Module, source: nn.Module, children: list[str] | None = None) -> None:
+    """Register ``source``'s own parameters, buffers (persistent or not) and children on ``module``: the same objects
+    under the same names, in ``source``'s order, so ``module``'s state_dict keys and order are ``source``'s and
+    ``.to()``, ``train()`` and ``load_state_dict`` reach the modules timm runs. ``children``: only those children
+    (and no parameters or buffers of ``source``'s own)."""
+    if children is None:
+        persistent = set(source.state_dict(keep_vars=True))
+        for name, param in source.named_parameters(recurse=False, remove_duplicate=False):
+            module.register_parameter(name, param)
+        for name, buf in source.named_buffers(recurse=False, remove_duplicate=False):
+            module.register_buffer(name, buf, persistent=name in persistent)
+        children = [name for name, _ in source.named_modules(remove_duplicate=False) if name and "." not in name]
+    for name in children:
+        module.add_module(name, source.get_submodule(name))
+
+
+def _lend(module: nn.Module, net: nn.Module) -> None:
+    """Point timm's root module ``net`` at ``module``'s training flag, parameters and buffers before timm's code runs.
+
+    ``module`` holds the very objects ``net`` holds (:func:`_adopt`), but torch replaces a module's own tensors on
+    ``module`` alone: ``.to()`` makes new buffer tensors, ``load_state_dict(assign=True)`` new parameters,
+    ``torch.func.functional_call`` (the memory estimate) plain tensors for one call. Such a name is assigned on ``net``
+    again; otherwise nothing is. (Children are never replaced by torch: they stay the same objects.)
+    """
+    net.training = module.training  # the root's flag (its dropout); the children follow train()/eval() themselves
+    for name, value in [*module.named_parameters(recurse=False, remove_duplicate=False),
+                        *module.named_buffers(recurse=False, remove_duplicate=False)]:
+        if getattr(net, name, None) is value:
+            continue
+        if not isinstance(value, nn.Parameter) and name in dict(net.named_parameters(recurse=False)):
+            delattr(net, name)  # a plain tensor in a parameter's place (functional_call): net holds it as an attribute
+        setattr(net, name, value)
 
 
 def _record(called: set[str], child: str, *_: object) -> None:
@@ -80,37 +108,35 @@ def _head_children(net: nn.Module) -> list[str] | None:
 
 
 class TimmHead(nn.Module):
-    """timm's ``forward_head`` (last map -> logits) as a module sharing the model's head children and their keys."""
+    """timm's ``forward_head`` (last map -> logits) as a module holding the model's head children under their keys
+    (all of the model's state where the children are not known)."""
 
-    def __init__(self, net: nn.Module, children: list[str] | None) -> None:
+    def __init__(self, model: TimmModel) -> None:
         super().__init__()
-        self.__dict__["net"] = net  # not a child: its keys would repeat the model's under "net."
-        if children is None:
-            _share_state(self, net)
-        for name in children or []:
-            self.add_module(name, net.get_submodule(name))
+        self.__dict__["net"] = model.net  # not a child: its keys would repeat the model's under "net."
+        _adopt(self, model, model.head_children)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.net.training = self.training  # the root's flag (its dropout); the children follow train()/eval() themselves
+        _lend(self, self.net)
         return self.net.forward_head(x)
 
 
-class TimmModel(CifarModel):
+class TimmModel(Classifier):
     """A timm classifier with the zoo's interface; its parameters, buffers and children (state_dict keys) are timm's."""
 
     def __init__(self, net: nn.Module, *, arch: str, num_classes: int, in_channels: int) -> None:
-        super().__init__(num_classes=num_classes, in_channels=in_channels)
-        self.arch = arch
-        self.__dict__["net"] = net  # not a child: the state below is its own, under timm's keys
-        _share_state(self, net)
+        super().__init__(arch=arch, num_classes=num_classes, in_channels=in_channels)
+        self.__dict__["net"] = net  # not a child: its state is registered below as the wrapper's own, under timm's keys
+        _adopt(self, net)
         self.head_children = _head_children(net)
 
     def get_head(self) -> TimmHead:
-        return TimmHead(self.net, self.head_children)
+        """A new head module sharing this model's parameters (not a child of the model)."""
+        return TimmHead(self)
 
     def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
         net = self.net
-        net.training = self.training
+        _lend(self, net)
         if not is_feat:
             return net.forward_head(net.forward_features(x))
         if hasattr(net, "forward_intermediates"):

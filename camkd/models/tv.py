@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from camkd.errors import CamkdError
-from camkd.models.registry import MODELS, CifarModel
+from camkd.models.base import Classifier, ClassifierHead
+from camkd.models.registry import MODELS
 
 Head = OrderedDict[str, nn.Module]
 
@@ -150,12 +151,11 @@ def _leaves(modules: Iterable[nn.Module]) -> Iterator[nn.Module]:
             yield m
 
 
-class TorchvisionModel(CifarModel):
+class TorchvisionModel(Classifier):
     """A torchvision classifier with the zoo's interface; its children (and state_dict keys) are torchvision's."""
 
     def __init__(self, net: nn.Module, *, arch: str, num_classes: int, in_channels: int) -> None:
-        super().__init__(num_classes=num_classes, in_channels=in_channels)
-        self.arch = arch
+        super().__init__(arch=arch, num_classes=num_classes, in_channels=in_channels)
         self.family = FAMILIES[type(net).__name__]
         for name, child in net.named_children():
             self.add_module(name, child)
@@ -170,7 +170,12 @@ class TorchvisionModel(CifarModel):
         return feats
 
     def head_layers(self) -> Head:
+        """The family's pooling, flatten and classifier, under the model's own names."""
         return self.family.head(self)
+
+    def get_head(self) -> ClassifierHead:
+        """A new head module sharing this model's parameters (not a child of the model)."""
+        return ClassifierHead(self.head_layers())
 
     def forward(self, x: Tensor, is_feat: bool = False) -> Tensor | tuple[list[Tensor], Tensor]:
         feats = self.feature_maps(x)

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkd.models.registry import CifarModel, global_pool, init_weights, register_model
+from camkd.models.cifar import CifarModel, global_pool, init_weights
+from camkd.models.registry import register_model
 
 _CFG: dict[str, tuple[tuple[int, ...], ...]] = {
     "S": ((64,), (128,), (256,), (512,), (512,)),

@@ -12,7 +12,8 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from camkd.models.registry import CifarModel, global_pool, init_weights, register_model
+from camkd.models.cifar import CifarModel, global_pool, init_weights
+from camkd.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
