@@ -18,7 +18,8 @@ from camkd.checkpoint import load_checkpoint
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import DataSplit, check_dataset, load_split
 from camkd.errors import CamkdError
-from camkd.fit import Hooks, TrainData, build_model, check_batch_size, fit, run_precision, start_run
+from camkd.fit import fit
+from camkd.job import Hooks, TrainData, build_model, check_batch_size, run_precision, start_run
 from camkd.memory import check_batch_memory
 from camkd.methods import METHODS, create_method, method_uses_teachers, required_layers, resolve_loss
 from camkd.models import resolve_arch

@@ -6,15 +6,16 @@ never waits on the host: losses, accuracy counts and method diagnostics accumula
 tensors and are read once per epoch (a non-finite loss is caught there, or every
 ``CHECK_EVERY`` steps, and the run stops with the last good checkpoint kept).
 
-Epoch e (1-based) uses view (e - 1) mod V and the seeded order of :mod:`camkd.data.order`.
+Epoch e (1-based) uses view (e - 1) mod V and the seeded order of :mod:`camkd.data.order`, cut once
+into global batches by its :class:`~camkd.epoch_plan.EpochPlan`, which feeds both the data and the
+teacher source. What a job sets up before the loop is in :mod:`camkd.job`; the micro-batched student
+and method one step trains, in :mod:`camkd.trainee`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -23,56 +24,26 @@ import camkd
 from camkd import dist
 from camkd.config import OptimConfig, RunConfig
 from camkd.data import DataSplit
-from camkd.data.order import epoch_order, view_of_epoch
-from camkd.data.views import AugSpec, normalize
-from camkd.device import resolve_device, set_deterministic
+from camkd.data.order import view_of_epoch
+from camkd.data.views import normalize
+from camkd.epoch_plan import EpochPlan, rank_rows
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
-from camkd.methods import Method, StudentOut, TeacherOut
-from camkd.models import create_model
-from camkd.precision import Precision, zero_momentum_buffers
+from camkd.job import Hooks, TrainData, run_precision
+from camkd.methods import Method
+from camkd.precision import zero_momentum_buffers
 from camkd.progress import Bar, log
 from camkd.runs import RunFolder
-from camkd.sources import TeacherSource, batch_stream
+from camkd.sources import TeacherSource
+from camkd.trainee import Trainee, compile_trainable_parts, wrap_ranks
 from camkd.words import plural
 
 CHECK_EVERY = 200  # steps between reads of the non-finite flag (and of the bar's loss) from the device
-# the reference's small-lr archs, and their torchvision forms (the same nets, ImageNet's stems)
-SMALL_LR_ARCHS = ("mobilenetv2", "shufflev1", "shufflev2", "tv:mobilenet_v2", "tv:mobilenet_v3_large",
-                  "tv:shufflenet_v2_x0_5", "tv:shufflenet_v2_x1_0")
-
-
-def small_lr(arch: str) -> bool:
-    """Whether ``arch`` takes the reference's small learning rate (a fifth of the others')."""
-    return arch.lower() in SMALL_LR_ARCHS
-
-
-def default_lr(arch: str) -> float:
-    """The reference's learning rate: 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 (and their tv: forms), 0.05 otherwise."""
-    return 0.01 if small_lr(arch) else 0.05
 
 
 def lr_at(epoch: int, base_lr: float, decay_epochs: list[int], rate: float = 0.1) -> float:
     """Step schedule of the reference: epoch (1-based) e uses base * rate ** #{d : e > d}."""
     return base_lr * rate ** int(sum(epoch > d for d in decay_epochs))
-
-
-@dataclass
-class TrainData:
-    """What the loop trains on: the training split (its labels on the device), the test split, the views."""
-
-    train: DataSplit
-    test: DataSplit
-    spec: AugSpec
-    views: int
-
-
-@dataclass
-class Hooks:
-    """For tests and benchmarks, never part of a user's config."""
-
-    max_steps: int | None = None  # stop after this many steps in all
-    on_step: Callable[[int, dict[str, Tensor]], None] | None = None  # (epoch, losses) after each step
 
 
 @dataclass
@@ -84,90 +55,6 @@ class FitResult:
     seconds: float = 0.0
 
 
-def check_batch_size(batch_size: int, n: int, *, parts: int = 1) -> None:
-    """An epoch must have at least one trainable batch, and each of the ``parts`` slices of a batch
-    (ranks x micro-batches) at least 2 samples, all of one size."""
-    if batch_size < 2:
-        raise CamkdError(f"--batch-size must be at least 2 (BatchNorm needs 2 samples), got {batch_size}")
-    if batch_size % parts or batch_size // parts < 2:
-        raise CamkdError(f"--batch-size {batch_size} does not split into {parts} equal slices of at least 2 "
-                         f"(ranks x --micro-batches); use a multiple of {2 * parts}")
-    if batch_size > n:
-        raise CamkdError(f"--batch-size {batch_size} is larger than the {n} training samples, so no step would run; "
-                         "lower --batch-size" + (" or raise --limit" if n < 64 else ""))
-
-
-class Trainee(nn.Module):
-    """The student and the method's trainable parts: one module, whose call DDP wraps (see :func:`_wrap`).
-
-    One call trains on this process's share of a global batch, split into ``parts`` BatchNorm
-    micro-batches; batch-level statistics of the method (AEKD) are summed over the parts and,
-    under torchrun, over the ranks, so every slice sees the global batch's value.
-    """
-
-    def __init__(self, model: nn.Module, method: Method, student: Callable | None = None) -> None:
-        """``student``: what runs the model's forward (its compiled form under --compile), kept out of the module's
-        children so that no state_dict gains ``_orig_mod.`` keys; the model itself by default."""
-        super().__init__()
-        self.model, self.method = model, method
-        self.__dict__["student"] = student if student is not None else model
-        self.saved: list[tuple[nn.Module, list[Tensor]]] = []  # BatchNorm buffers after the first part's forward
-
-    def forward(self, x: Tensor, tout: TeacherOut, y: Tensor, epoch: int, parts: int, split: bool) -> list[tuple]:
-        m = len(y) // parts
-        outs = []
-        self.saved = []
-        for p in range(parts):
-            if p == 1:
-                self.saved.append((self.model, _buffers(self.model)))
-            sl = slice(p * m, (p + 1) * m)
-            feats, logits = self.student(x[sl], is_feat=True)
-            outs.append((sl, _slice_out(tout, sl), feats, logits))
-        stats = None
-        if split:  # the global batch is split (ranks or micro-batches): its statistics are sums over the slices
-            partial = [self.method.batch_stats(logits.float(), t) for _, t, _, logits in outs]
-            if partial[0] is not None:
-                stats = partial[0]
-                for q in partial[1:]:
-                    stats = stats + q
-                stats = dist.all_sum(stats)
-        results = []
-        for p, (sl, t, feats, logits) in enumerate(outs):
-            if p == 1:
-                self.saved.append((self.method, _buffers(self.method)))
-            losses, info = self.method(StudentOut(logits=logits.float(), feats=feats), t, y[sl], epoch=epoch, stats=stats)
-            results.append((losses, info, logits))
-        return results
-
-
-def _wrap(trainee: Trainee, device: torch.device) -> nn.Module:
-    """DDP over the ranks: it averages the student's gradients and broadcasts rank 0's buffers (the student's and the
-    method's) at each forward.
-
-    The method's parameters are left out of it: CA-MKD's Embeds and FitNet's ConvRegs get no gradient in epoch 1, so
-    DDP would have to look for unused parameters after every backward (``find_unused_parameters``, which notes once
-    per rank from epoch 2 that it found none, a C++ warning Python cannot filter). The loop averages their gradients
-    itself (:meth:`_Loop.step`); like DDP, rank 0's values are broadcast here first."""
-    if not dist.current().active:
-        return trainee
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    own = {id(p) for p in trainee.method.parameters()}
-    DDP._set_params_and_buffers_to_ignore_for_model(trainee, [n for n, p in trainee.named_parameters() if id(p) in own])
-    dist.broadcast_tensors(list(trainee.method.parameters()))
-    return DDP(trainee, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _buffers(module: nn.Module) -> list[Tensor]:
-    return [b.detach().clone() for b in module.buffers()]
-
-
-def _restore(module: nn.Module, saved: list[Tensor]) -> None:
-    with torch.no_grad():
-        for b, v in zip(module.buffers(), saved):
-            b.copy_(v)
-
-
 def _slice_data(batch_data, sl: slice):
     """The rows ``sl`` of a source's per-batch data (streamed features per layer per teacher, or nothing)."""
     if isinstance(batch_data, dict):
@@ -175,48 +62,11 @@ def _slice_data(batch_data, sl: slice):
     return batch_data
 
 
-def start_run(run: RunConfig, out: Path) -> tuple[torch.device, RunFolder, dist.World]:
-    """What every training job does first, on every rank before any collective: the device, the run
-    folder's checks (nothing is created yet), then joining torchrun's group and the kernel settings."""
-    device = dist.device_for(resolve_device(run.device))
-    if run.sync_bn and device.type != "cuda":
-        raise CamkdError("--sync-bn needs CUDA (DDP refuses SyncBatchNorm on CPU); drop --sync-bn or use --device cuda")
-    run_precision(run, device)  # an unsupported --precision or a --compile without its compiler: refused before any work
-    folder = RunFolder(out, resume=run.resume, auto_resume=run.auto_resume)
-    folder.check()
-    world = dist.init(device)
-    set_deterministic(run.deterministic)
-    return device, folder, world
-
-
-def run_precision(run: RunConfig, device: torch.device) -> Precision:
-    """The run's --precision, --channels-last and --compile on ``device``, checked."""
-    return Precision.of(run.precision, device, channels_last=run.channels_last, compile=run.compile)
-
-
-def build_model(arch: str, train: DataSplit, run: RunConfig) -> nn.Module:
-    """The model to train, seeded by ``run.seed``, on the data's device (channels-last with --channels-last, SyncBN
-    with --sync-bn)."""
-    device = train.labels.device
-    torch.manual_seed(run.seed)
-    model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
-    model = run_precision(run, device).to_memory_format(model)
-    if run.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def resolve_lr(optim: OptimConfig, arch: str) -> OptimConfig:
-    """``optim`` with the learning rate the run will use (a defaulted one made explicit), so a run records and a
-    ``--resume`` compares the number it trains with."""
-    return optim if optim.lr is not None else replace(optim, lr=default_lr(arch))
-
-
 def fit(model: nn.Module, method: Method, source: TeacherSource, data: TrainData, *, optim: OptimConfig,
         run: RunConfig, folder: RunFolder, meta: dict, identity: dict, hooks: Hooks | None = None) -> FitResult:
     """Train ``model`` (and ``method``'s parameters) for ``optim.epochs``; checkpoints and metrics go to ``folder``.
 
-    ``optim.lr``: resolved (:func:`resolve_lr`). ``meta``: what every checkpoint records besides epoch and
+    ``optim.lr``: resolved (:func:`camkd.job.resolve_lr`). ``meta``: what every checkpoint records besides epoch and
     accuracy; ``identity``: the part of it a ``--resume`` must match. Under torchrun each rank trains on its
     contiguous slice of every global batch (DDP); with ``optim.micro_batches`` = P each process splits its
     slice into P BatchNorm micro-batches whose gradients are averaged, so W ranks equal one process with W
@@ -329,10 +179,10 @@ class _Loop:
         return self.result
 
     def network(self) -> nn.Module:
-        """The trainee, under torchrun wrapped in DDP once per run (:func:`_wrap`): every parameter DDP holds gets a
-        gradient at every step, so it never looks for unused ones, in any epoch."""
+        """The trainee, under torchrun wrapped in DDP once per run (:func:`camkd.trainee.wrap_ranks`): every parameter
+        DDP holds gets a gradient at every step, so it never looks for unused ones, in any epoch."""
         if self._net is None:
-            self._net = _wrap(self.trainee, self.device)
+            self._net = wrap_ranks(self.trainee, self.device)
         return self._net
 
     def resume(self, identity: dict) -> int:
@@ -354,24 +204,24 @@ class _Loop:
         return start_epoch
 
     def train_epoch(self, net: nn.Module, epoch: int) -> EpochSums:
-        """One pass over this epoch's view in its seeded order; the sums stay on the device."""
+        """One pass over this epoch's view in its seeded order; the sums stay on the device.
+
+        The epoch's plan is made once: this rank's rows of its batches go to the split's ``view_batches`` (which
+        may decode ahead), its batches to the source, and the two are zipped batch by batch."""
         data, source, optim, world = self.data, self.source, self.optim, self.world
-        view = view_of_epoch(epoch, data.views)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(epoch, optim.lr, optim.lr_decay_epochs, optim.lr_decay_rate)
         self.trainee.train()
         n = len(data.train)
-        windows = epoch_order(n, seed=self.run.seed, epoch=epoch, block_rows=source.block_rows,
-                              window_blocks=source.window_blocks)
+        plan = EpochPlan.of(n, seed=self.run.seed, epoch=epoch, views=data.views, batch_size=optim.batch_size,
+                            drop_last=optim.drop_last, slices=self.slices, block_rows=source.block_rows,
+                            window_blocks=source.window_blocks)
         sums = EpochSums.zeros(source.num_teachers, self.device)
-        order = [g for g, _ in batch_stream(((w, {}) for w in windows), optim.batch_size, drop_last=optim.drop_last)]
-        views = data.train.view_batches(data.spec, view, [g[self._mine(g)] for g in order if self._trains(g)], self.device)
+        views = data.train.view_batches(data.spec, plan.view, plan.rank_batches(world.rank, world.size), self.device)
         with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=self.run.progress and world.main) as bar:
-            for gidx, gdata in source.batches(view, windows, optim.batch_size, drop_last=optim.drop_last):
-                if not self._trains(gidx):
-                    continue
-                mine = self._mine(gidx)
-                self.step(net, epoch, view, gidx[mine], _slice_data(gdata, mine), next(views), sums)
+            for gidx, gdata, batch_views in zip(plan.batches, source.batches(plan), views):
+                mine = rank_rows(len(gidx), world.rank, world.size)
+                self.step(net, epoch, plan.view, gidx[mine], _slice_data(gdata, mine), batch_views, sums)
                 status = None
                 if sums.steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps, summed so every rank stops alike
                     _check_no_nonfinite(dist.all_sum(sums.counts[2].clone()), epoch, sums.steps, self.folder)
@@ -381,18 +231,13 @@ class _Loop:
                     break
         return sums
 
-    def _trains(self, gidx) -> bool:
-        """Whether a global batch splits into the slices (a trailing batch that does not is skipped)."""
-        return len(gidx) % self.slices == 0 and len(gidx) // self.slices >= 2
-
-    def _mine(self, gidx) -> slice:
-        """This rank's contiguous rows of a global batch."""
-        per = len(gidx) // self.world.size
-        return slice(self.world.rank * per, (self.world.rank + 1) * per)
-
     def step(self, net: nn.Module, epoch: int, view: int, idx, batch_data, views, sums: EpochSums) -> None:
         """One optimizer step on this process's rows ``idx`` of a global batch, whose uint8 views and their
-        parameters are ``views`` (from the split's view_batches); adds to ``sums``."""
+        parameters are ``views`` (from the split's view_batches); adds to ``sums``.
+
+        The parameters (an image folder's boxes, recomputed by the decoding workers) and pixel hashes are checked
+        against what the store recorded (``check_view``) on purpose: that is the proof that the student sees the
+        image the teachers saw (see :mod:`camkd.epoch_plan`)."""
         data, parts, device = self.data, self.parts, self.device
         it = torch.from_numpy(idx).to(device, non_blocking=True)
         images, params, hashes = views
@@ -422,9 +267,8 @@ class _Loop:
             if self.hooks.on_step is not None:
                 self.hooks.on_step(epoch, losses)
         self.scaler.scale(total / parts if parts > 1 else total).backward()  # fp32, bf16: no scaling (the loss itself)
-        dist.average_gradients(self.method.trained_parameters(epoch))  # DDP holds the student's only (see _wrap)
-        for module, saved in self.trainee.saved:  # as under DDP, only the first slice's BatchNorm statistics persist
-            _restore(module, saved)
+        dist.average_gradients(self.method.trained_parameters(epoch))  # DDP holds the student's only (see wrap_ranks)
+        self.trainee.keep_first_statistics()  # as under DDP, only the first slice's BatchNorm statistics persist
         self.scaler.step(self.opt)  # fp16: the step is skipped when a gradient overflowed; otherwise opt.step()
         self.scaler.update()
         sums.counts[1] += len(idx)
@@ -477,23 +321,6 @@ class _Loop:
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         self.folder.save(state, is_best=r.best_epoch == epoch)
-
-
-def compile_trainable_parts(method: Method, precision: Precision) -> None:
-    """Under --compile, the method's trainable modules (CA-MKD's embeddings, FitNet's regressors: the members of
-    its module lists, or a child module with parameters) compiled in place, so its state_dict keeps its keys."""
-    if not precision.compile:
-        return
-    for child in method.children():
-        for part in (child if isinstance(child, nn.ModuleList) else [child]):
-            if any(True for _ in part.parameters()):
-                precision.compile_in_place(part)
-
-
-def _slice_out(t: TeacherOut, sl: slice) -> TeacherOut:
-    if sl == slice(0, t.logits.shape[0]) or t.logits.shape[0] == 0:
-        return t
-    return t.slice(sl)
 
 
 def _rank_slice(test: DataSplit, world: dist.World) -> DataSplit:

@@ -5,7 +5,8 @@
 * :class:`LiveTeachers`: the teachers re-run on every batch (``--online``, the reference's way).
 
 Each source decides its own streaming (``window_blocks``: None when everything it serves is in
-memory), cuts an epoch's order into batches, and turns a batch into a :class:`TeacherOut`.
+memory), serves the batches of an epoch's plan (:class:`camkd.epoch_plan.EpochPlan`, which the data's
+views are cut from too), and turns a batch into a :class:`TeacherOut`.
 The training loop (fit.py) has no mode branches: it asks the source.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from camkd import dist
 from camkd.data.decode import decoder_versions
+from camkd.epoch_plan import EpochPlan
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
 from camkd.precision import Precision
@@ -38,8 +40,8 @@ class TeacherSource(Protocol):
     block_rows: int  # rows of one streamed block (1: no blocks)
     window_blocks: int | None  # blocks per shuffle window, None: the order is one full permutation
 
-    def batches(self, view: int, windows: list[np.ndarray], batch_size: int, *, drop_last: bool) -> Iterator[tuple[np.ndarray, Any]]:
-        """(indices, opaque per-batch data) in the epoch's order."""
+    def batches(self, plan: EpochPlan) -> Iterator[Any]:
+        """The opaque per-batch data of each of ``plan``'s batches, in order (begins ``plan.view`` when called)."""
 
     def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor, hashes: np.ndarray | None) -> None:
         """Called on every batch with the augmentation parameters the loop replayed and its views' CRC-32s (image
@@ -49,25 +51,28 @@ class TeacherSource(Protocol):
         """The teachers' outputs for the batch (indices on the device, augmented images)."""
 
 
-def batch_stream(windows: Iterator[tuple[np.ndarray, Streamed]], batch_size: int, *,
-                 drop_last: bool) -> Iterator[tuple[np.ndarray, Streamed]]:
-    """Cut windows of (indices, per-row features) into batches; a trailing batch is kept only if
-    ``drop_last`` is false and it has at least 2 rows (BatchNorm cannot train on one)."""
-    cur_idx = np.zeros(0, dtype=np.int64)
-    cur_feat: Streamed = {}
-    pos = 0
-    for rows, feats in windows:
-        if cur_feat:
-            cur_feat = {name: [np.concatenate([a[pos:], b]) for a, b in zip(cur_feat[name], feats[name])] for name in feats}
-        else:
-            cur_feat = dict(feats)
-        cur_idx = np.concatenate([cur_idx[pos:], rows])
-        pos = 0
-        while len(cur_idx) - pos >= batch_size:
-            yield cur_idx[pos : pos + batch_size], {name: [a[pos : pos + batch_size] for a in per] for name, per in cur_feat.items()}
-            pos += batch_size
-    if not drop_last and len(cur_idx) - pos >= 2:
-        yield cur_idx[pos:], {name: [a[pos:] for a in per] for name, per in cur_feat.items()}
+def plan_rows(plan: EpochPlan, windows: Iterator[tuple[np.ndarray, Streamed]]) -> Iterator[Streamed]:
+    """Each of ``plan``'s batches' rows of per-row data streamed in the plan's windows (features per layer per
+    teacher), cut at the plan's positions (``plan.starts``): the epoch is batched once, by the plan."""
+    held: Streamed | None = None  # rows at..end of the epoch's order
+    at = end = 0
+    for start, rows in zip(plan.starts, plan.batches):
+        stop = start + len(rows)
+        while end < stop:
+            got, feats = next(windows)
+            if held is None:
+                held, at = dict(feats), end
+            else:  # rows before this batch are never needed again
+                keep = min(start, end)
+                held = {name: [np.concatenate([a[keep - at :], b]) for a, b in zip(held[name], per)] for name, per in feats.items()}
+                at = keep
+            end += len(got)
+        yield {name: [a[start - at : stop - at] for a in per] for name, per in held.items()}
+
+
+def _in_memory(plan: EpochPlan) -> Iterator[Streamed]:
+    """No per-batch data: everything the source serves is in memory (or computed at the step)."""
+    return ({} for _ in plan.batches)
 
 
 def streamed_window(store: TeacherStore, layers: tuple[str, ...], memory_budget_mb: float, window_blocks: int) -> int | None:
@@ -77,17 +82,13 @@ def streamed_window(store: TeacherStore, layers: tuple[str, ...], memory_budget_
     return None if (not layers or fits) else window_blocks
 
 
-def _in_memory(windows: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Streamed]]:
-    return ((w, {}) for w in windows)
-
-
 class NoTeachers:
     """No teacher outputs: teacher training, and the student trained alone with ``ce``."""
 
     num_teachers, block_rows, window_blocks = 0, 1, None
 
-    def batches(self, view, windows, batch_size, *, drop_last):
-        return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
+    def batches(self, plan):
+        return _in_memory(plan)
 
     def check_view(self, view, idx, params, hashes) -> None:
         """Nothing to check: the images are augmented here and now, not read from a store."""
@@ -191,10 +192,11 @@ class StoreTeachers:
                 self._feats[layer] = [torch.from_numpy(a).to(self.device) for a in self._src.features(layer, view)]
         self._view = view
 
-    def batches(self, view, windows, batch_size, *, drop_last):
-        self._begin_view(view)
-        source = _in_memory(windows) if self.window_blocks is None else iter(FeatureStream(self._src, self.layers, view, windows))
-        return batch_stream(source, batch_size, drop_last=drop_last)
+    def batches(self, plan):
+        self._begin_view(plan.view)
+        if self.window_blocks is None:
+            return _in_memory(plan)
+        return plan_rows(plan, iter(FeatureStream(self._src, self.layers, plan.view, list(plan.windows))))
 
     def close(self) -> None:
         """Delete the staged copies of a remote store (also done at garbage collection and at exit)."""
@@ -251,8 +253,8 @@ class LiveTeachers:
         self.layer_index = {name: layer_index[name] for name in layers}
         self.heads = [t.model.get_head() for t in teachers]
 
-    def batches(self, view, windows, batch_size, *, drop_last):
-        return batch_stream(_in_memory(windows), batch_size, drop_last=drop_last)
+    def batches(self, plan):
+        return _in_memory(plan)
 
     def check_view(self, view, idx, params, hashes) -> None:
         """Nothing to check: the images are augmented here and now, not read from a store."""

@@ -11,7 +11,8 @@ from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, load_split
 from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.noise import apply_label_noise, check_rate
-from camkd.fit import FitResult, Hooks, TrainData, build_model, check_batch_size, fit, resolve_lr, small_lr, start_run
+from camkd.fit import FitResult, fit
+from camkd.job import Hooks, TrainData, build_model, check_batch_size, resolve_lr, small_lr, start_run
 from camkd.memory import check_batch_memory
 from camkd.methods import create_method
 from camkd.models import resolve_arch
@@ -23,7 +24,7 @@ RECIPE_FIELDS = ("epochs", "batch_size", "lr_decay_epochs", "lr_decay_rate", "mo
 """The optimizer options whose default depends on the kind of data (and ``lr``, which also depends on the arch)."""
 
 FOLDER_LR_PER_256 = 0.1  # image folders: lr 0.1 per 256 images of the global batch (torchvision's reference)
-FOLDER_SMALL_LR_PER_256 = 0.02  # ... and a fifth of it for the small-lr archs (fit.small_lr), the reference's 0.01 / 0.05
+FOLDER_SMALL_LR_PER_256 = 0.02  # ... and a fifth of it for the small-lr archs (job.small_lr), the reference's 0.01 / 0.05
 
 
 def teacher_optim() -> OptimConfig:
@@ -49,7 +50,7 @@ def recipe(dataset: str) -> OptimConfig:
 def resolve_recipe(optim: OptimConfig, dataset: str, arch: str, recorded: dict | None = None) -> OptimConfig:
     """``optim`` with every value left None taken from ``dataset``'s :func:`recipe`, and the lr made explicit:
     0.1 x batch / 256 for image folders (0.02 x batch / 256 for MobileNetV2/ShuffleV1/V2 and their tv: forms), the
-    arch's default otherwise (0.05, or 0.01 for those: :func:`camkd.fit.default_lr`).
+    arch's default otherwise (0.05, or 0.01 for those: :func:`camkd.job.default_lr`).
 
     ``recorded``: a resumed run's recorded optimizer values (its checkpoint's ``options.optim``), which fill the values
     left None before the recipe does: a run continues with the numbers it trained with, also one made before a default

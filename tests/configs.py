@@ -4,7 +4,7 @@ from dataclasses import fields
 
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig
-from camkd.fit import Hooks
+from camkd.job import Hooks
 from camkd.train import TrainConfig, teacher_optim
 
 _DATA = {f.name for f in fields(DataConfig)}

@@ -161,7 +161,7 @@ def test_limit_with_a_store_refused(stores, tmp_path):
 
 def test_failure_before_the_first_checkpoint_leaves_no_run_folder(stores, tmp_path):
     """Interrupted in epoch 1 of a new run: no folder; in epoch 2: epoch 1's checkpoint and metrics stay."""
-    from camkd.fit import Hooks
+    from camkd.job import Hooks
 
     def stop_in(epoch_to_stop):
         def on_step(epoch, losses):

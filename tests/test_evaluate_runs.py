@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.distill import DistillConfig, distill, distill_optim
-from camkd.fit import default_lr
+from camkd.job import default_lr
 from camkd.train import resolve_recipe, teacher_optim
 
 SIZE = "16"

@@ -10,8 +10,11 @@ from configs import train_cfg
 
 import camkd.runs
 from camkd.checkpoint import load_checkpoint
+from camkd.data.order import epoch_order
+from camkd.epoch_plan import EpochPlan, rank_rows
 from camkd.errors import CamkdError
 from camkd.fit import all_sum_parts
+from camkd.sources import plan_rows
 from camkd.train import train_teacher
 
 SMALL = dict(arch="resnet8", dataset="synthetic", batch_size=32, lr=0.05, synthetic_samples=384, progress=False,
@@ -70,6 +73,38 @@ def test_all_sum_parts_keeps_order_and_shapes():
     assert [o.shape for o in out] == [p.shape for p in parts] and all(o.dtype == torch.float64 for o in out)
     for o, p in zip(out, parts):
         assert torch.equal(o, p.double())
+
+
+def test_the_epoch_plan_cuts_the_seeded_order_once():
+    plan = EpochPlan.of(50, seed=3, epoch=4, views=3, batch_size=8, drop_last=False, block_rows=4, window_blocks=2)
+    order = np.concatenate(epoch_order(50, seed=3, epoch=4, block_rows=4, window_blocks=2))
+    assert plan.view == 0 and np.array_equal(np.concatenate(plan.windows), order)
+    assert [len(b) for b in plan.batches] == [8] * 6 + [2] and plan.starts == tuple(range(0, 56, 8))
+    assert np.array_equal(np.concatenate(plan.batches), order)
+    windows = [np.arange(5), np.arange(5, 17)]
+    assert [len(b) for b in EpochPlan.cut(0, windows, 8, drop_last=True).batches] == [8, 8]
+    assert [len(b) for b in EpochPlan.cut(0, [np.arange(17)], 8, drop_last=False).batches] == [8, 8]  # 1 row: no batch
+    # a trailing batch that does not split into 4 slices of at least 2 is left out; 2 slices of 3 train
+    assert [len(b) for b in EpochPlan.cut(0, [np.arange(22)], 8, drop_last=False, slices=4).batches] == [8, 8]
+    assert [len(b) for b in EpochPlan.cut(0, [np.arange(22)], 8, drop_last=False, slices=2).batches] == [8, 8, 6]
+    rows = [b[rank_rows(len(b), 1, 2)] for b in plan.batches]
+    assert [list(r) for r in plan.rank_batches(1, 2)] == [list(r) for r in rows] and list(rows[-1]) == [int(order[-1])]
+
+
+def test_streamed_rows_are_cut_where_the_plan_cuts():
+    rng = np.random.default_rng(0)
+    order = rng.permutation(40).astype(np.int64)
+    windows = [order[:3], order[3:21], order[21:22], order[22:]]
+    table = {"hint1": [np.arange(40) * 10, np.arange(40) * 100], "penultimate": [np.arange(80).reshape(40, 2)]}
+    stream = [(w, {name: [a[w] for a in per] for name, per in table.items()}) for w in windows]
+    whole = EpochPlan.cut(1, windows, 6, drop_last=False)
+    gap = EpochPlan(1, whole.windows, whole.batches[:1] + whole.batches[3:], whole.starts[:1] + whole.starts[3:])
+    for plan in (whole, gap):
+        got = list(plan_rows(plan, iter(stream)))
+        assert len(got) == len(plan.batches)
+        for idx, data in zip(plan.batches, got):
+            for name, per in table.items():
+                assert all(np.array_equal(a, t[idx]) for a, t in zip(data[name], per)), name
 
 
 def test_a_finished_run_is_left_untouched(cli, tmp_path):
@@ -147,7 +182,7 @@ def test_without_tensorboard_no_files_and_one_note(tmp_path, monkeypatch, capsys
 
 
 def _stop_in_epoch_1():
-    from camkd.fit import Hooks
+    from camkd.job import Hooks
 
     def on_step(epoch, losses):
         raise KeyboardInterrupt

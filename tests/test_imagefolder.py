@@ -435,7 +435,7 @@ def _same_weights(a, b) -> None:
 
 def test_distill_interrupted_and_resumed_equals_uninterrupted(store, folder, tmp_path):
     """Stopped (as by Ctrl-C) in epoch 2 of a run from a folder store, then --resume: the weights of one whole run."""
-    from camkd.fit import Hooks
+    from camkd.job import Hooks
 
     def stop_in_epoch_2(epoch, losses):
         if epoch == 2:

@@ -33,7 +33,7 @@ from camkd.checkpoint import load_checkpoint  # noqa: E402
 from camkd.cli import app  # noqa: E402
 from camkd.distill import distill  # noqa: E402
 from camkd.errors import CamkdError  # noqa: E402
-from camkd.fit import Hooks  # noqa: E402
+from camkd.job import Hooks  # noqa: E402
 from camkd.models import create_model  # noqa: E402
 from camkd.store import open_store  # noqa: E402
 from camkd.store.location import parse_location, storage_options  # noqa: E402

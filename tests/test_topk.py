@@ -25,6 +25,7 @@ import zarr
 
 from camkd.cache import CacheConfig, cache_teachers, cache_verify
 from camkd.config import LossConfig
+from camkd.epoch_plan import EpochPlan
 from camkd.errors import CamkdError
 from camkd.methods import StudentOut, create_method
 from camkd.methods.aekd import aekd_gradient_sums
@@ -74,7 +75,8 @@ def _batch(path: Path, view: int = 0, rows: int = 64):
     """The first batch of ``view`` as the training loop sees it (StoreTeachers.teacher_outputs), and its labels."""
     store = open_store(path)
     src = StoreTeachers(store, (), torch.device("cpu"), memory_budget_mb=64, temperature=T)
-    idx, data = next(iter(src.batches(view, [np.arange(rows)], rows, drop_last=False)))
+    plan = EpochPlan.cut(view, [np.arange(rows)], rows, drop_last=False)
+    idx, data = plan.batches[0], next(iter(src.batches(plan)))
     labels = torch.from_numpy(store.labels()[idx])
     return src.teacher_outputs(torch.from_numpy(idx), None, data), labels
 

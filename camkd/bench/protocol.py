@@ -39,7 +39,7 @@ from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate
-from camkd.fit import Hooks
+from camkd.job import Hooks
 from camkd.methods import METHODS, required_layers
 from camkd.models import create_model, resolve_arch
 from camkd.output import new_figure
