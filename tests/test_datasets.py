@@ -101,3 +101,24 @@ def test_synthetic_deterministic_and_fingerprint():
 def test_unknown_dataset_lists_names():
     with pytest.raises(CamkdError, match="cifar10, cifar100, fashion-mnist, imagefolder, synthetic, tinyimagenet"):
         load_dataset("imagenet", "train")
+
+
+def test_an_undecodable_file_is_one_line_with_or_without_workers(tmp_path):
+    """A spawned worker's decode error reaches the main process as the file and the reason (not as the DataLoader's
+    traceback text), so the line is the same as where the main process decodes itself."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "ant").mkdir(parents=True)
+        Image.new("RGB", (12, 10), (200, 30, 60)).save(tmp_path / split / "ant" / "a.jpg")
+    bad = tmp_path / "train" / "ant" / "zz.jpg"
+    bad.write_bytes(b"not an image")
+    lines = []
+    for workers in (0, 1):
+        train = load_dataset("imagefolder", "train", data_dir=tmp_path, image_size=8, workers=workers)
+        with pytest.raises(CamkdError) as e:
+            list(train.view_batches(train.aug_spec(0), 0, [[0, 1]], torch.device("cpu")))
+        lines.append(str(e.value))
+    assert lines[0] == lines[1]
+    assert lines[0].startswith(f"cannot decode {bad}: ") and lines[0].endswith("; fix or remove the file")
+    assert "\n" not in lines[0] and "Traceback" not in lines[0]

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from decode_helpers import load_eval, load_train_view, load_view, pixel_hash
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
 
-from camkd.data.decode import decoder_versions, load_eval, load_train_view, load_view, pixel_hash, pixel_hashes
+from camkd.data.decode import decoder_versions, pixel_hashes
 from camkd.data.rrc import rrc_boxes
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from camkd.data import load_dataset
-from camkd.data.views import augment, normalize
+from camkd.data.norm import normalize
+from camkd.data.views import augment
 
 
 def test_view_batches_are_augment_bit_for_bit():

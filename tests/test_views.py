@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from camkd.data import load_dataset
-from camkd.data.views import AugSpec, apply_params, augment, normalize, view_params
+from camkd.data import counter, load_dataset
+from camkd.data.augspec import AugSpec
+from camkd.data.norm import normalize
+from camkd.data.views import apply_params, augment, view_params
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +78,11 @@ def test_cpu_and_cuda_give_identical_images(data):
     cpu, _ = augment(data.images, idx, spec, view=1)
     gpu, _ = augment(data.images.cuda(), idx.cuda(), spec, view=1)
     assert torch.equal(cpu, gpu.cpu())
+
+
+def test_every_hash_field_belongs_to_one_draw():
+    """The one table of counter-hash fields: no two draws share a number (they would draw the same bits), and the
+    numbers the recipes use are the table's (32-px: 0..2, order: 11, RandomResizedCrop: 12 and 16..55)."""
+    numbers = list(counter.FIELDS.values())
+    assert len(set(numbers)) == len(numbers)
+    assert set(numbers) == {0, 1, 2, 11, 12, *range(16, 56)}

@@ -9,6 +9,8 @@ Names: ``cifar100``, ``cifar10``, ``fashion-mnist``, ``synthetic`` (in memory) a
 from __future__ import annotations
 
 from camkd.data import cifar, fashion_mnist, folder, synthetic  # noqa: F401 - registration happens on import
-from camkd.data.base import DATASETS, Dataset, DataSplit, Normalization, check_dataset, dataset_names, load_dataset, load_split
+from camkd.data.base import DATASETS, DataSplit, check_dataset, dataset_names, load_dataset, load_split
+from camkd.data.inmemory import Dataset
+from camkd.data.norm import Normalization
 
 __all__ = ["DATASETS", "DataSplit", "Dataset", "Normalization", "check_dataset", "dataset_names", "load_dataset", "load_split"]

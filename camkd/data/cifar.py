@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camkd.data.base import Dataset, Normalization, register_dataset
+from camkd.data.base import register_dataset
+from camkd.data.inmemory import Dataset
+from camkd.data.norm import Normalization
 from camkd.errors import CamkdError
 
 # The reference's normalization (RepDistiller dataset/cifar100.py); CIFAR-10 uses the usual CIFAR-10 statistics.

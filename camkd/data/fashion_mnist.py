@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camkd.data.base import Dataset, Normalization, register_dataset
+from camkd.data.base import register_dataset
+from camkd.data.inmemory import Dataset
+from camkd.data.norm import Normalization
 from camkd.errors import CamkdError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

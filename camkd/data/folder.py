@@ -1,14 +1,14 @@
 """Image folders as a dataset split: a file listing whose images are decoded in worker processes.
 
-:class:`FolderDataset` is the second implementation of :class:`camkd.data.base.DataSplit` (the first
-holds uint8 images in memory). It holds a :class:`~camkd.data.listing.Listing` (relative path, byte
-size, label per sample; nothing decoded) and an image size. Training views come from
-:func:`camkd.data.decode.train_view_into` (what ``load_train_view`` does, a batch at a time): the
-RandomResizedCrop box and flip of (aug seed, view, index, the image's size), Pillow's one decode + crop
-+ resize path, and the CRC-32 of the uint8 view, all computed in a worker; evaluation images are
-:func:`~camkd.data.decode.eval_view_into`'s resize to round(size / 0.875) + centre crop. A torch DataLoader runs the workers (started with
-"spawn": zarr's event loop and CUDA do not survive fork; persistent across epochs), uint8 batches
-go through pinned memory to the device, and normalization happens there (views.normalize).
+:class:`FolderDataset` is the second implementation of :class:`camkd.data.base.DataSplit` (the first,
+``inmemory.py``, holds uint8 images in memory). It holds a :class:`~camkd.data.listing.Listing` (relative path,
+byte size, label per sample; nothing decoded) and an image size. Training views come from ``rrc.py``'s
+RandomResizedCrop box and flip of (aug seed, view, index, the image's size) and
+:func:`camkd.data.decode.train_view_into` (Pillow's one decode + crop + resize path), with the CRC-32 of the uint8
+view, all computed in a worker a batch at a time; evaluation images are :func:`~camkd.data.decode.eval_view_into`'s
+resize to round(size / 0.875) + centre crop. A torch DataLoader runs the workers (started with "spawn": zarr's event
+loop and CUDA do not survive fork; persistent across epochs), uint8 batches go through pinned memory to the device,
+and normalization happens there (``norm.normalize``).
 
 Registered names: ``imagefolder`` (ImageNet's layout, ``--image-size`` 224 by default) and
 ``tinyimagenet`` (tiny-imagenet-200 as distributed, 64 by default), both with ImageNet's statistics.
@@ -27,17 +27,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from camkd.data.base import Normalization, ViewBatch, register_dataset
+from camkd.data.augspec import AugSpec
+from camkd.data.base import ViewBatch, register_dataset
 from camkd.data.decode import DECODER, decoder_versions, eval_view_into, open_image, pixel_hashes, train_view_into
 from camkd.data.listing import LISTERS, Listing
-from camkd.data.rrc import RECIPE, rrc_boxes
-from camkd.data.views import AugSpec
+from camkd.data.norm import Normalization
+from camkd.data.rrc import PARAMS, RECIPE, rrc_boxes
 from camkd.errors import CamkdError
 
 IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DEFAULT_SIZE = {"imagefolder": 224, "tinyimagenet": 64}
 FOLDER_DATASETS = tuple(DEFAULT_SIZE)  # the names whose data are files (the others are in memory)
-PARAMS = ("top", "left", "height", "width", "flip")  # a folder view's augmentation parameters, in this order
 _EVAL = -1  # the view number of an evaluation image in a worker's key
 _OPEN_AT_ONCE = 64  # files a worker holds open while it makes a batch
 
@@ -47,13 +47,38 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A file a worker could not decode, returned in place of its batch. Why a result, not an exception: the
+    DataLoader re-raises a worker's exception as a new one made from its traceback's text, so the file and the reason
+    would have to be parsed back out of that text; a result reaches the main process as it was made, which raises
+    :meth:`error` (one line, the same with or without workers)."""
+
+    path: str
+    reason: str
+
+    def error(self) -> CamkdError:
+        return CamkdError(f"cannot decode {self.path}: {self.reason}; fix or remove the file")
+
+
+class _Unreadable(Exception):
+    """Raised inside a worker's batch where a file cannot be decoded; ``__getitems__`` turns it into :class:`Undecodable`."""
+
+    def __init__(self, failure: Undecodable) -> None:
+        super().__init__(failure.path)
+        self.failure = failure
+
+
+Made = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Undecodable  # what a worker returns for a batch of keys
+
+
 class _Images(torch.utils.data.Dataset):
     """What a worker process holds: the files and the size. An item is keyed by (aug seed, view, index);
     view -1 is the evaluation image. A batch of keys gives (uint8 [B, 3, S, S], params int32 [B, 5], CRC-32s as
-    int64 [B]), made whole in the worker (``__getitems__``, which the DataLoader calls with a batch's keys): the
-    boxes of a batch come from one :func:`rrc_boxes` call on the images' header sizes, every view is written into
-    the batch's one array (in shared memory in a worker, so it reaches the main process without another copy),
-    and there is no per-sample tensor and no collation copy."""
+    int64 [B]), or :class:`Undecodable` where a file cannot be decoded, made whole in the worker (``__getitems__``,
+    which the DataLoader calls with a batch's keys): the boxes of a batch come from one :func:`rrc_boxes` call on
+    the images' header sizes, every view is written into the batch's one array (in shared memory in a worker, so it
+    reaches the main process without another copy), and there is no per-sample tensor and no collation copy."""
 
     def __init__(self, files: list[str], size: int) -> None:
         self.files, self.size = files, size
@@ -62,17 +87,23 @@ class _Images(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, params, crc = self.__getitems__([key])
+        made = self.__getitems__([key])
+        if isinstance(made, Undecodable):
+            raise made.error()
+        x, params, crc = made
         return x[0], params[0], crc[0]
 
-    def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitems__(self, keys: Sequence[tuple[int, int, int]]) -> Made:
         n, s = len(keys), self.size
         x = torch.empty((n, 3, s, s), dtype=torch.uint8)
         if torch.utils.data.get_worker_info() is not None:
             x.share_memory_()
-        out, params = x.numpy(), np.zeros((n, 5), dtype=np.int32)
-        for lo in range(0, n, _OPEN_AT_ONCE):  # bounded open files for any batch size
-            self._views(keys[lo : lo + _OPEN_AT_ONCE], out[lo : lo + _OPEN_AT_ONCE], params[lo : lo + _OPEN_AT_ONCE])
+        out, params = x.numpy(), np.zeros((n, len(PARAMS)), dtype=np.int32)
+        try:
+            for lo in range(0, n, _OPEN_AT_ONCE):  # bounded open files for any batch size
+                self._views(keys[lo : lo + _OPEN_AT_ONCE], out[lo : lo + _OPEN_AT_ONCE], params[lo : lo + _OPEN_AT_ONCE])
+        except _Unreadable as e:
+            return e.failure
         return x, torch.from_numpy(params), torch.from_numpy(pixel_hashes(out).astype(np.int64))
 
     def _views(self, keys: Sequence[tuple[int, int, int]], out: np.ndarray, params: np.ndarray) -> None:
@@ -101,10 +132,10 @@ class _Images(torch.utils.data.Dataset):
         try:
             yield
         except (OSError, ValueError) as e:
-            raise CamkdError(f"cannot decode {self.files[index]}: {e}; fix or remove the file") from None
+            raise _Unreadable(Undecodable(self.files[index], str(e))) from None
 
 
-def _batch(made: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(made: Made) -> Made:
     """The DataLoader's collate_fn: ``_Images.__getitems__`` already made the batch."""
     return made
 
@@ -215,11 +246,11 @@ class FolderDataset:
     def _read(self, keys: list[list[tuple[int, int, int]]], device: torch.device) -> Iterator[ViewBatch]:
         loader = self.loader(device, len(keys))
         self._keys.batches = keys
-        try:
-            for x, params, crc in loader:
-                yield x.to(device, non_blocking=True), params, crc.numpy().astype(np.uint32)
-        except CamkdError as e:  # from a worker: its message, without the traceback the DataLoader adds
-            raise CamkdError(str(e).rstrip().rsplit("CamkdError: ", 1)[-1]) from None
+        for made in loader:
+            if isinstance(made, Undecodable):
+                raise made.error()
+            x, params, crc = made
+            yield x.to(device, non_blocking=True), params, crc.numpy().astype(np.uint32)
 
     def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
                      device: torch.device) -> Iterator[ViewBatch]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from camkd.data.base import Dataset
+from camkd.data.inmemory import Dataset
 from camkd.errors import CamkdError
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from camkd.data.views import hash_counter
-
-_ORDER_FIELD = 11  # hash field reserved for the epoch order (views use 0..2)
+from camkd.data.counter import ORDER, hash_counter
 
 
 def view_of_epoch(epoch: int, views: int) -> int:
@@ -32,7 +30,7 @@ def epoch_order(n: int, *, seed: int, epoch: int, block_rows: int = 1, window_bl
     seeded shuffled order, grouped ``window_blocks`` at a time, the rows of each group shuffled
     among themselves, so a reader holds one window of blocks at a time.
     """
-    key = int(hash_counter(seed, epoch, np.zeros(1, dtype=np.int64), _ORDER_FIELD)[0] >> np.uint64(1))
+    key = int(hash_counter(seed, epoch, np.zeros(1, dtype=np.int64), ORDER)[0] >> np.uint64(1))
     rng = np.random.default_rng(key)
     if window_blocks is None:
         return [rng.permutation(n).astype(np.int64)]

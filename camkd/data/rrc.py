@@ -9,12 +9,12 @@ The algorithm is torchvision's ``RandomResizedCrop.get_params`` (torchvision 0.2
 
 and, if no try fits, its fallback: the central crop of the whole image clamped to the ratio range.
 The flip is ``RandomHorizontalFlip(0.5)``. Only the source of randomness differs: every draw comes
-from :func:`camkd.data.views.hash_counter` (splitmix64 of (seed, view, index, field)), so a sample's
+from :func:`camkd.data.counter.hash_counter` (splitmix64 of (seed, view, index, field)), so a sample's
 box depends on nothing but (seed, view, index, its image's height and width), whatever the batch,
-its order, the process or the machine. Fields (``views.py`` uses 0..2, ``order.py`` 11):
+its order, the process or the machine. Fields (numbered in ``counter.py``'s one table):
 
-    12                      flip
-    16 + 4 t + 0 / 1 / 2 / 3  try t (0..9): area fraction / log ratio / top / left  (fields 16..55)
+    RRC_FLIP                            flip
+    RRC_TRY0 + 4 t + 0 / 1 / 2 / 3      try t (0..9): area fraction / log ratio / top / left
 
 From a 64-bit hash x:
 
@@ -35,15 +35,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from camkd.data.views import hash_counter, hash_fields
+from camkd.data.counter import RRC_FLIP, RRC_TRIES, RRC_TRY0, hash_counter, hash_fields
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
-TRIES = 10
 RECIPE = "rrc-tv10-fallback+hflip0.5/hash-v1"  # changes whenever a box or flip could change
+PARAMS = ("top", "left", "height", "width", "flip")  # a view's augmentation parameters, in this order (the store's aug)
 
-_FLIP_FIELD = 12
-_TRY_FIELD0 = 16  # try t draws from fields 16 + 4 t + (0 area, 1 log ratio, 2 top, 3 left)
 _SHIFT = np.uint64(32)
 
 
@@ -94,7 +92,7 @@ def rrc_boxes(seed: int, view: int, indices: np.ndarray, heights: np.ndarray | i
     hs, ws = (np.broadcast_to(np.asarray(v, dtype=np.int64), idx.shape) for v in (heights, widths))
     _check(idx, hs, ws, scale, ratio)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    draws = hash_fields(seed, view, idx, _TRY_FIELD0 + np.arange(4 * TRIES)).reshape(idx.size, TRIES, 4)
+    draws = hash_fields(seed, view, idx, RRC_TRY0 + np.arange(4 * RRC_TRIES)).reshape(idx.size, RRC_TRIES, 4)
     target = (hs * ws)[:, None] * (scale[0] + uniform01(draws[..., 0]) * (scale[1] - scale[0]))  # [n, tries]
     r = np.exp(log_r[0] + uniform01(draws[..., 1]) * (log_r[1] - log_r[0]))
     w, h = np.rint(np.sqrt(target * r)), np.rint(np.sqrt(target / r))
@@ -109,7 +107,7 @@ def rrc_boxes(seed: int, view: int, indices: np.ndarray, heights: np.ndarray | i
     unplaced = np.flatnonzero(~ok.any(axis=1))
     if unplaced.size:
         boxes[unplaced] = _fallback(hs[unplaced], ws[unplaced], ratio)
-    flips = (hash_counter(seed, view, idx, _FLIP_FIELD) >> np.uint64(63)).astype(np.uint8)
+    flips = (hash_counter(seed, view, idx, RRC_FLIP) >> np.uint64(63)).astype(np.uint8)
     return boxes.astype(np.int32), flips
 
 

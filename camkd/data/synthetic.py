@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camkd.data.base import Dataset, Normalization, register_dataset
+from camkd.data.base import register_dataset
+from camkd.data.inmemory import Dataset
+from camkd.data.norm import Normalization
 from camkd.device import free_memory
 from camkd.errors import CamkdError
 from camkd.words import human, plural

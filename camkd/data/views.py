@@ -1,4 +1,4 @@
-"""Seeded augmentation views: parameters are a pure function of (seed, view, index).
+"""The 32-px recipe: seeded crop-and-flip views, parameters a pure function of (seed, view, index).
 
 The recipe is the reference's (RepDistiller/CA-MKD CIFAR training transform):
 ``RandomCrop(size, padding=4)`` with zero padding, ``RandomHorizontalFlip(0.5)``,
@@ -6,69 +6,24 @@ then ``ToTensor`` + per-channel ``Normalize``. Fashion-MNIST (28 px) uses the sa
 recipe at its own size: 4-pixel zero padding, a 28-pixel crop (offsets 0..8 on each
 axis) and a horizontal flip. Flipped garments are still garments of the same class.
 
-Parameters come from a counter-based hash (splitmix64 over (seed, view, index, field))
-computed in numpy uint64 arithmetic, which wraps by definition: no global RNG state,
-so the same (seed, view, i) gives the same parameters whatever the batch, order,
-process or device. They are applied batched with one gather on the device; the
-gather only copies bytes, and the normalization is IEEE elementwise arithmetic, so
-the augmented image is bit-identical wherever it is computed.
+Parameters come from the counter hash (:mod:`camkd.data.counter`, fields ``CROP_DX``, ``CROP_DY``,
+``CROP_FLIP``): no global RNG state, so the same (seed, view, i) gives the same parameters whatever
+the batch, order, process or device. They are applied batched with one gather on the device; the
+gather only copies bytes, and the normalization is IEEE elementwise arithmetic, so the augmented
+image is bit-identical wherever it is computed.
 """
 
 from __future__ import annotations
-
-import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from camkd.data.base import Normalization
+from camkd.data.augspec import CROP_RECIPE, AugSpec
+from camkd.data.counter import CROP_DX, CROP_DY, CROP_FLIP, hash_counter
+from camkd.data.norm import normalize
 
-RECIPE = "crop-pad4-zero+hflip0.5+normalize"
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_counter(seed: int, view: int, indices: np.ndarray, field: int) -> np.ndarray:
-    """64-bit hash of (seed, view, index, field) for each index."""
-    key = _mix(np.full(1, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
-    key = _mix(key ^ np.uint64(view))
-    key = _mix(key ^ np.uint64(field))
-    return _mix(key ^ np.asarray(indices, dtype=np.uint64))
-
-
-def hash_fields(seed: int, view: int, indices: np.ndarray, fields: np.ndarray) -> np.ndarray:
-    """:func:`hash_counter` of every index (rows) and field (columns), [n, F] uint64, in one vectorized pass: the
-    per-call overhead of numpy, not the arithmetic, dominates for one image's few draws."""
-    key = _mix(np.full(1, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
-    key = _mix(key ^ np.uint64(view))
-    keys = _mix(key ^ np.asarray(fields, dtype=np.uint64))
-    return _mix(keys[None, :] ^ np.asarray(indices, dtype=np.uint64).reshape(-1, 1))
-
-
-@dataclass(frozen=True)
-class AugSpec:
-    """What makes a set of views: the seed, the recipe, the padding and the normalization."""
-
-    seed: int
-    norm: Normalization
-    padding: int = 4
-    recipe: str = RECIPE
-
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "recipe": self.recipe, "padding": self.padding, "normalization": self.norm.to_dict()}
+RECIPE = CROP_RECIPE  # this recipe's name, as stores record it (AugSpec's default)
 
 
 def view_params(spec: AugSpec, view: int, indices: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -79,27 +34,10 @@ def view_params(spec: AugSpec, view: int, indices: np.ndarray | torch.Tensor) ->
     if idx.size and idx.min() < 0:
         raise ValueError("sample indices must be non-negative")
     span = np.uint64(2 * spec.padding + 1)
-    dx = hash_counter(spec.seed, view, idx, 0) % span
-    dy = hash_counter(spec.seed, view, idx, 1) % span
-    flip = hash_counter(spec.seed, view, idx, 2) >> np.uint64(63)
+    dx = hash_counter(spec.seed, view, idx, CROP_DX) % span
+    dy = hash_counter(spec.seed, view, idx, CROP_DY) % span
+    flip = hash_counter(spec.seed, view, idx, CROP_FLIP) >> np.uint64(63)
     return torch.from_numpy(np.stack([dx, dy, flip], axis=1).astype(np.int16))
-
-
-def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> float32 normalized, as ToTensor (x / 255) then Normalize ((x - m) / s)."""
-    x = images.to(torch.float32, copy=True).div_(255.0)  # in place: the same arithmetic, one float batch allocated
-    mean, std = _norm_tensors(tuple(norm.mean), tuple(norm.std), x.device)
-    return x.sub_(mean).div_(std)
-
-
-@functools.cache
-def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...],
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and std as float32 [1, C, 1, 1] on ``device``, made once per (normalization, device): no host-to-device
-    copy per batch. Ordinary tensors even when first asked for under inference mode (they serve training steps too)."""
-    with torch.inference_mode(False):
-        return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
-                torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 def apply_params(images: torch.Tensor, params: torch.Tensor, padding: int = 4) -> torch.Tensor:

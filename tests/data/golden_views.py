@@ -15,7 +15,8 @@ import torch
 
 from camkd.data.order import epoch_order
 from camkd.data.synthetic import SYNTH_NORM
-from camkd.data.views import AugSpec, apply_params, view_params
+from camkd.data.augspec import AugSpec
+from camkd.data.views import apply_params, view_params
 
 GOLDEN = Path(__file__).with_name("golden_views.json")
 

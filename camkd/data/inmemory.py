@@ -1,0 +1,104 @@
+"""The in-memory split (:class:`Dataset`): uint8 images [N, C, H, W] held whole, a batch one gather on the device.
+
+The first implementation of :class:`camkd.data.base.DataSplit` (``folder.py`` is the second), with its augmentation,
+the 32-px recipe of ``views.py`` (pad 4, crop, flip), as ``folder.py``'s is ``rrc.py``. The CIFAR, Fashion-MNIST and
+synthetic loaders make one; no DataLoader: the split sits in memory and a batch is one gather (airbench's data path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from camkd.data.augspec import AugSpec
+from camkd.data.base import ViewBatch, limits
+from camkd.data.norm import Normalization
+from camkd.data.views import apply_params, view_params
+
+
+@dataclass
+class Dataset:
+    """One split of a dataset, whole in memory (a :class:`~camkd.data.base.DataSplit`)."""
+
+    name: str
+    split: str
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+    num_classes: int
+    norm: Normalization
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must be [N] matching images")
+        self.labels = self.labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over name, split, shape, image bytes and label bytes: identifies the data for the cache."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(f"{self.name}|{self.split}|{tuple(self.images.shape)}|{self.num_classes}".encode())
+            h.update(self.images.detach().cpu().contiguous().numpy().tobytes())
+            h.update(self.labels.detach().cpu().contiguous().numpy().astype("<i8").tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def limit(self, n: int | None) -> Dataset:
+        """The first ``n`` samples (all when ``n`` is None); more than the split holds is refused, not capped."""
+        if not limits(n, len(self), self.name, self.split):
+            return self
+        return Dataset(self.name, self.split, self.images[:n].clone(), self.labels[:n].clone(), self.num_classes, self.norm)
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """Move images and labels to ``device`` once; the fingerprint is kept."""
+        return Dataset(
+            self.name, self.split, self.images.to(device), self.labels.to(device), self.num_classes, self.norm, self._fingerprint
+        )
+
+    def subset(self, lo: int, hi: int) -> Dataset:
+        """Samples lo..hi-1, sharing the images (views, not copies)."""
+        return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.num_classes, self.norm)
+
+    def aug_spec(self, seed: int) -> AugSpec:
+        """The 32-px recipe (views.py): pad 4, crop, flip."""
+        return AugSpec(seed=seed, norm=self.norm)
+
+    def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
+                     device: torch.device) -> Iterator[ViewBatch]:
+        """One gather and crop per batch on the images' device (views.apply_params), lazily; no hashes."""
+        for idx in index_batches:
+            params = view_params(spec, view, idx)
+            on_device = torch.as_tensor(np.asarray(idx, dtype=np.int64)).to(self.images.device, non_blocking=True)
+            yield apply_params(self.images[on_device], params, spec.padding).to(device), params, None
+
+    def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Slices of the images as they are."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start : start + batch_size].to(device), self.labels[start : start + batch_size].to(device)
+
+    def sample_name(self, i: int) -> str:
+        return f"sample {i}"
+
+    def store_attrs(self) -> dict:
+        return {}
+
+    def store_arrays(self) -> dict[str, np.ndarray]:
+        return {}
