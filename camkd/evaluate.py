@@ -14,7 +14,7 @@ from torch import nn
 
 from camkd import dist
 from camkd.data import DataSplit
-from camkd.data.views import normalize
+from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.precision import Precision
 

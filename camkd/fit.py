@@ -24,8 +24,8 @@ import camkd
 from camkd import dist
 from camkd.config import OptimConfig, RunConfig
 from camkd.data import DataSplit
+from camkd.data.norm import normalize
 from camkd.data.order import view_of_epoch
-from camkd.data.views import normalize
 from camkd.epoch_plan import EpochPlan, rank_rows
 from camkd.errors import CamkdError
 from camkd.evaluate import evaluate

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from camkd import dist
 from camkd.config import OptimConfig, RunConfig
 from camkd.data import DataSplit
-from camkd.data.views import AugSpec
+from camkd.data.augspec import AugSpec
 from camkd.device import resolve_device, set_deterministic
 from camkd.errors import CamkdError
 from camkd.models import create_model

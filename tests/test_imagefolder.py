@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from configs import StepRecorder, distill_cfg
+from decode_helpers import load_eval, load_train_view, pixel_hash
 from PIL import Image
 
 from camkd.checkpoint import load_checkpoint
 from camkd.data import load_dataset
-from camkd.data.decode import load_eval, load_train_view, pixel_hash
-from camkd.data.views import normalize
+from camkd.data.norm import normalize
 from camkd.distill import distill
 
 CLASSES = ("ant", "bee", "cat")

@@ -14,8 +14,7 @@ from configs import StepRecorder, distill_cfg, train_cfg
 
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint
-from camkd.data.base import Normalization
-from camkd.data.views import normalize
+from camkd.data.norm import Normalization, normalize
 from camkd.distill import distill
 from camkd.errors import CamkdError
 from camkd.precision import Precision, _check_autocast
@@ -260,7 +259,7 @@ def test_normalize_tensors_are_made_once_and_serve_training():
         first = normalize(images, norm)
     w = torch.ones(3, 1, 1, requires_grad=True)
     (normalize(images, norm) * w).sum().backward()  # no 'inference tensor' error: the cached ones are ordinary
-    from camkd.data.views import _norm_tensors
+    from camkd.data.norm import _norm_tensors
 
     hits = _norm_tensors.cache_info().hits
     assert torch.equal(normalize(images, Normalization((0.25, 0.5, 0.75), (0.5, 0.25, 0.125))), first)

@@ -27,8 +27,9 @@ from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import sha256_file
 from camkd.cli import app
 from camkd.data import load_dataset
+from camkd.data.augspec import AugSpec
 from camkd.data.order import epoch_order as epoch_windows
-from camkd.data.views import AugSpec, augment, view_params
+from camkd.data.views import augment, view_params
 from camkd.errors import CamkdError
 from camkd.models import create_model
 from camkd.store import Expect, layout, open_store

@@ -195,7 +195,7 @@ def _mean(a: np.ndarray) -> float | None:
 def _teacher_test(cfg: AccuracyConfig, teachers: list[str]) -> dict:
     """Each teacher's test top-1 and the pairwise disagreement of their top-1 on the test split."""
     from camkd.data import load_split
-    from camkd.data.views import normalize
+    from camkd.data.norm import normalize
     from camkd.teachers import load_teachers
 
     dev = resolve_device(cfg.device)

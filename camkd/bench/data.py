@@ -88,7 +88,7 @@ class _CamkdPass:
         self.spec, self.device, self.batch, self.view = self.data.aug_spec(0), device, cfg.batch_size, 0
 
     def __call__(self, order: np.ndarray) -> int:
-        from camkd.data.views import normalize
+        from camkd.data.norm import normalize
 
         batches = [order[s : s + self.batch] for s in range(0, len(order), self.batch)]
         n = 0
@@ -179,7 +179,7 @@ def _inference_rate(root: Path, cfg: DataBenchConfig, teachers: list, workers: i
     """Sample-views/s of the teachers alone over a fresh loader's batches of the cached views (what cache-teachers
     computes, nothing written; the loader's start inside the timing, as in cache-teachers)."""
     from camkd.data import load_dataset
-    from camkd.data.views import normalize
+    from camkd.data.norm import normalize
     from camkd.teachers import run_teachers
 
     data = load_dataset("imagefolder", "train", data_dir=root, image_size=cfg.store_image_size, workers=workers)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from camkd.config import OptimConfig
-from camkd.data.base import Dataset
+from camkd.data.inmemory import Dataset
 from camkd.errors import CamkdError
 from camkd.models import create_model
 

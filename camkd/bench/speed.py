@@ -35,8 +35,9 @@ from camkd.bench.plain import autocast, check_precision, plain_images_per_s
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import load_dataset
+from camkd.data.augspec import AugSpec
 from camkd.data.order import epoch_order
-from camkd.data.views import AugSpec, augment
+from camkd.data.views import augment
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError

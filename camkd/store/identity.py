@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from camkd.data import DataSplit
-from camkd.data.views import AugSpec
+from camkd.data.augspec import AugSpec
 from camkd.errors import CamkdError
 from camkd.progress import log
 from camkd.store import layout, schema, topk

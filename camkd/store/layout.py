@@ -66,7 +66,7 @@ class AugLayout:
 
 AUG_LAYOUTS = {
     views.RECIPE: AugLayout(("dx", "dy", "flip"), np.int16, pixels=False),
-    rrc.RECIPE: AugLayout(("top", "left", "height", "width", "flip"), np.int32, pixels=True),
+    rrc.RECIPE: AugLayout(rrc.PARAMS, np.int32, pixels=True),
 }
 CROP_AUG = AUG_LAYOUTS[views.RECIPE]  # the 32-px recipe's (padded crop and flip)
 

@@ -20,7 +20,8 @@ import torch
 import zarr
 
 from camkd.data import DataSplit
-from camkd.data.views import AugSpec, normalize
+from camkd.data.augspec import AugSpec
+from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.progress import Bar
 from camkd.store import layout, topk

@@ -19,9 +19,9 @@ import torch
 import zarr
 
 from camkd.data import DataSplit, Normalization, load_dataset
+from camkd.data.augspec import AugSpec
 from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.listing import Listing, check_none_added, check_unchanged
-from camkd.data.views import AugSpec
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
 from camkd.store.location import Location, parse_location

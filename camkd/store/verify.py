@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from camkd.data.decode import decoder_versions
-from camkd.data.views import normalize
+from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.store import layout, topk
 from camkd.store.location import Location, listed_sizes

@@ -15,7 +15,7 @@ import torch
 
 from camkd import dist
 from camkd.data import DataSplit
-from camkd.data.views import AugSpec
+from camkd.data.augspec import AugSpec
 from camkd.progress import log
 from camkd.store import layout, topk
 from camkd.store.config import CacheConfig
