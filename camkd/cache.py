@@ -24,7 +24,7 @@ from camkd.progress import Bar, log
 from camkd.store import layout
 from camkd.store.config import CacheConfig, batch_size_for, check_options
 from camkd.store.sizes import human, per_sample_view_text
-from camkd.store.verify import VerifyReport, verify_store
+from camkd.store.verify import SAMPLE, VerifyReport, verify_store
 from camkd.store.writer import write_store
 from camkd.teachers import Teacher, check_teachers, feature_shapes, load_teachers, runner
 from camkd.words import plural
@@ -79,7 +79,7 @@ def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: tor
     return out
 
 
-def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = 256, seed: int = 0,
+def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = SAMPLE, seed: int = 0,
                  data_dir: str | None = None, device: str = "auto", repair: bool = False) -> VerifyReport:
     """Check a store (store/verify.py); with ``teachers`` (checkpoint specs, in the store's order) also recompute
     ``sample`` random (view, index) pairs, in the precision and layout the store records for them. The teachers are

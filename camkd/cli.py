@@ -10,64 +10,35 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperArgument, TyperGroup, TyperOption
 
-try:  # recent typer vendors click as typer._click (Abort in typer.exceptions); older releases use click itself
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-    from typer.exceptions import Abort
-except ImportError:  # pragma: no cover
-    from click.exceptions import Abort, ClickException, NoArgsIsHelpError
-
-from camkd.bench.config import PROTOCOLS, AccuracyConfig, DataBenchConfig, ReferenceProtocolConfig, SpeedConfig, StorageConfig
+from camkd.cli_bench import bench_app
+from camkd.cli_shared import (
+    DataDirOpt,
+    DatasetChoice,
+    DeviceChoice,
+    DeviceOpt,
+    DtypeChoice,
+    MethodChoice,
+    OneLineErrors,
+    PlainHelp,
+    PrecisionChoice,
+    QuietOpt,
+    as_str,
+    choices,
+    friendly,
+    out_prefix,
+    show,
+)
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
+from camkd.distill import DistillConfig
 from camkd.errors import CamkdError
-from camkd.precision import PRECISIONS
-
-
-class OneLineErrors(TyperGroup):
-    """Print the parser's usage errors as one ``error:`` line (exit 2) instead of a boxed block."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
-        except NoArgsIsHelpError as e:
-            typer.echo(e.ctx.get_help() if e.ctx else str(e))
-            sys.exit(0)
-        except ClickException as e:
-            ctx = getattr(e, "ctx", None)  # the (sub)command's own help: 'camkd bench speed --help'
-            where = f"; see '{' '.join(['camkd', *ctx.command_path.split()[1:]]) if ctx else 'camkd'} --help'"
-            # one line: a missing choice lists the choices one per line ("Choose from:\n\ta,\n\tb")
-            msg = " ".join(e.format_message().replace("Value error, ", "").split()).rstrip(".").replace(". Choose from:",
-                                                                                                     "; choose from")
-            typer.echo(f"error: {msg[0].lower() + msg[1:] if msg else msg}{where}", err=True)
-            sys.exit(2)
-        except Abort:
-            typer.echo("interrupted", err=True)
-            sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-    def get_command(self, ctx, cmd_name: str):
-        """The command, its parameters named in --help as click names them rather than by typer's Python types
-        (``STORE <str>``, ``RUN <list[Path]>``, ``--arch <str>``, ``--epochs <int range>``): arguments by their
-        metavar (``STORE``, ``RUN...``), options by theirs or else by their name (``--arch ARCH``), choices as
-        ``a|b|c``."""
-        cmd = super().get_command(ctx, cmd_name)
-        for param in getattr(cmd, "params", []):
-            if isinstance(param, TyperArgument) and param.metavar:
-                name = param.metavar + ("..." if param.nargs != 1 else "")
-                param.display_type_rich = lambda ctx: None
-                param._rich_display_name = param._usage_display_name = lambda name=name: name
-            elif isinstance(param, TyperOption) and not param.is_flag and param.metavar is None:
-                desc = param.type_descriptor
-                choices = desc.choices if desc.is_choice else None
-                param.metavar = "|".join(str(getattr(c, "value", c)) for c in choices) if choices else param.name.upper()
-        return cmd
-
+from camkd.evaluate import BATCH_SIZE as EVAL_BATCH_SIZE
+from camkd.store.layout import COMPRESSORS, FEATURE_DTYPES
+from camkd.store.verify import SAMPLE as VERIFY_SAMPLE
 
 app = typer.Typer(
     name="camkd",
@@ -79,25 +50,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+app.add_typer(bench_app, name="bench")
 
+FeatureDtypeChoice = choices("FeatureDtype", list(FEATURE_DTYPES))
+CompressorChoice = choices("Compressor", list(COMPRESSORS))
 
-def _choices(name: str, values: list[str]) -> type[Enum]:
-    """A str Enum built from a registry, so the parser validates and --help lists the names."""
-    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
-
-
-def _registries() -> tuple[type[Enum], type[Enum], type[Enum]]:
-    from camkd.data import dataset_names
-    from camkd.methods import list_methods
-    from camkd.store.layout import DTYPES
-
-    return _choices("Dataset", dataset_names()), _choices("Method", list_methods()), _choices("Dtype", list(DTYPES))
-
-
-DatasetChoice, MethodChoice, DtypeChoice = _registries()
-DeviceChoice = _choices("Device", ["auto", "cpu", "cuda"])
-FeatureDtypeChoice = _choices("FeatureDtype", ["float16", "float32", "int8"])
-CompressorChoice = _choices("Compressor", ["none", "zstd"])
 
 def _teacher_optim() -> OptimConfig:
     from camkd.train import teacher_optim
@@ -106,22 +63,17 @@ def _teacher_optim() -> OptimConfig:
 
 
 _O, _R, _L, _TO = OptimConfig(), RunConfig(), LossConfig(), _teacher_optim()  # the defaults, stated once in config.py / train.py
-_SPEED, _ACC, _STORAGE, _DATA = SpeedConfig(), AccuracyConfig(), StorageConfig(), DataBenchConfig()  # stated once in camkd/bench/config.py
-_REF = ReferenceProtocolConfig()
-ProtocolChoice = _choices("Protocol", list(PROTOCOLS))
+_DISTILL_METHOD = MethodChoice(DistillConfig.method)  # stated once in distill.py
 
 # Options shared across commands (huggingface_hub style aliases).
-DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files (torchvision's layout).")]
 DownloadOpt = Annotated[bool, typer.Option("--download", help="Download the dataset if missing (needs network).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N training samples.", min=1)]
 ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", metavar="N", help="Image folders: train and evaluate "
                          "on N x N views [default: 224 for imagefolder, 64 for tinyimagenet].")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", metavar="N", help="Image folders: processes decoding the "
                        "images, 0 = this one [default: the CPUs, at most 8].")]
-DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the model's init and the sample order.")]
 DeterministicOpt = Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (bit-exact reruns).")]
-PrecisionChoice = _choices("Precision", list(PRECISIONS))
 PrecisionOpt = Annotated[PrecisionChoice, typer.Option("--precision", help="Autocast of the forward passes: bf16, or fp16 "
                          "with a gradient scaler; fp32 is exact.")]
 ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Models and input batches in channels-last (NHWC) "
@@ -129,7 +81,6 @@ ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="Models a
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the model being trained (and a distillation "
                        "method's trainable parts); needs a C++ compiler on CPU, Triton on CUDA.")]
 SyncBnOpt = Annotated[bool, typer.Option("--sync-bn", help="SyncBatchNorm across torchrun's ranks (CUDA only).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 MicroOpt = Annotated[int, typer.Option("--micro-batches", min=1, help="Split each process's share of a batch into "
                                        "this many BatchNorm micro-batches (W ranks == 1 process with W).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
@@ -138,28 +89,6 @@ AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Continue fro
 TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", metavar="CKPT", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH "
                                                "(reference); repeat for each teacher.")]
 OldSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
-
-
-def friendly(fn: Callable) -> Callable:
-    """Turn CamkdError (and Ctrl-C) into one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from camkd import dist
-
-        try:
-            return fn(*args, **kwargs)
-        except CamkdError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; finished work is kept: rerun the same command to continue "
-                       "(train-teacher/distill: add --resume once an epoch has finished)", err=True)
-            raise typer.Exit(code=130) from None
-        finally:
-            dist.close()
-
-    return wrapper
 
 
 def _renamed(old: str, new: str, value) -> None:
@@ -179,28 +108,6 @@ def _epochs(values: list[str]) -> list[int]:
     return out
 
 
-def _out_prefix(out: Path | None) -> Path | None:
-    """--out PREFIX of a benchmark or report, checked before any work or output (a given .json/.md/.png is dropped)."""
-    from camkd.output import output_prefix
-
-    return output_prefix(out) if out is not None else None
-
-
-def _show(r: dict, to_markdown: Callable[[dict], str], plot: Callable, prefix: Path | None) -> None:
-    """Print a benchmark's or report's table; with --out also write PREFIX.json, .md and .png and name them."""
-    from camkd.output import write_result
-
-    table = to_markdown(r)
-    typer.echo(table)
-    if prefix is not None:
-        typer.echo(f"\n-> {', '.join(write_result(r, prefix, table, plot(r)))}")
-
-
-OutOpt = Annotated[Optional[Path], typer.Option("--out", metavar="PREFIX", help="Also write PREFIX.json, PREFIX.md and "
-                                                "PREFIX.png (a .json, .md or .png given is taken off); without it "
-                                                "nothing is written.")]
-
-
 def _main_rank() -> bool:
     from camkd import dist
 
@@ -210,10 +117,6 @@ def _main_rank() -> bool:
 def _loader_options(image_size: int | None, workers: int | None) -> dict:
     """--image-size and --workers as dataset loader options (only those given: a dataset refuses one it does not take)."""
     return {k: v for k, v in (("image_size", image_size), ("workers", workers)) if v is not None}
-
-
-def _str(p: Path | None) -> str | None:
-    return str(p) if p is not None else None
 
 
 # The options every training job (train-teacher, distill) takes, declared once: `run_options` appends them to a
@@ -247,7 +150,7 @@ def run_options(fn: Callable | None = None, **own_forms: tuple) -> Callable:
 
 def _run_config(out: Path | None, run: dict) -> RunConfig:
     """The run part of a job's config from --out and the shared run options."""
-    return RunConfig(out=_str(out), resume=run["resume"], auto_resume=run["auto_resume"], device=run["device"].value,
+    return RunConfig(out=as_str(out), resume=run["resume"], auto_resume=run["auto_resume"], device=run["device"].value,
                      seed=run["seed"], deterministic=run["deterministic"], precision=run["precision"].value,
                      channels_last=run["channels_last"], compile=run["compile"], sync_bn=run["sync_bn"],
                      progress=not run["quiet"])
@@ -286,7 +189,7 @@ TeacherSeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of t
                            "[default: --trial's number; on --resume the one the checkpoint recorded].")]
 
 
-@app.command("train-teacher")
+@app.command("train-teacher", cls=PlainHelp)
 @friendly
 @run_options(seed=(TeacherSeedOpt, None))
 def train_teacher_cmd(
@@ -322,7 +225,7 @@ def train_teacher_cmd(
 
     cfg = TrainConfig(
         arch=arch, trial=trial, aug_seed=aug_seed,
-        data=DataConfig(dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
+        data=DataConfig(dataset=dataset.value, data_dir=as_str(data_dir), download=download, limit=limit,
                         label_noise=label_noise, label_noise_seed=label_noise_seed,
                         options=_loader_options(image_size, workers)),
         optim=OptimConfig(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay_epochs=_epochs(lr_decay_epochs or []) or None,
@@ -336,7 +239,7 @@ def train_teacher_cmd(
                f"{s['seconds']:.0f}s -> {s['out']}")
 
 
-@app.command("cache-teachers")
+@app.command("cache-teachers", cls=PlainHelp)
 @friendly
 def cache_teachers_cmd(
     teacher: TeacherOpt,
@@ -385,9 +288,9 @@ def cache_teachers_cmd(
 
     _renamed("--seed", "--aug-seed", seed)
     kw = {"features": features} if features else {}
-    cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=_str(data_dir), download=download, limit=limit,
+    cfg = CacheConfig(teachers=teacher, dataset=dataset.value, data_dir=as_str(data_dir), download=download, limit=limit,
                       views=views, aug_seed=aug_seed, dtype=dtype.value, batch_size=batch_size, device=device.value,
-                      out=_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
+                      out=as_str(out), overwrite=overwrite, progress=not quiet, evaluate=not no_eval, dry_run=dry_run,
                       feature_dtype=feature_dtype.value if feature_dtype else None, compressor=compressor.value,
                       space_check=not no_space_check, logits=logits, options=_loader_options(image_size, workers),
                       precision=precision.value, channels_last=channels_last, **kw)
@@ -400,7 +303,7 @@ def cache_teachers_cmd(
         typer.echo("\n".join(summary["plan"]) if dry_run else format_cache_summary(summary))
 
 
-@app.command("cache-info")
+@app.command("cache-info", cls=PlainHelp)
 @friendly
 def cache_info_cmd(store: Annotated[str, typer.Argument(metavar="STORE", help="A camkd store: path or URL.")]) -> None:
     """Show a store's provenance, arrays, sizes and completeness."""
@@ -409,13 +312,13 @@ def cache_info_cmd(store: Annotated[str, typer.Argument(metavar="STORE", help="A
     typer.echo(cache_info(store))
 
 
-@app.command("cache-verify")
+@app.command("cache-verify", cls=PlainHelp)
 @friendly
 def cache_verify_cmd(
     store: Annotated[str, typer.Argument(metavar="STORE", help="A camkd store: path or URL.")],
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="The store's teacher checkpoints, in "
                        "order: also recompute a sample with them.")] = None,
-    sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = 256,
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = VERIFY_SAMPLE,
     sample_seed: Annotated[int, typer.Option("--sample-seed", help="Seed of the random sample.")] = 0,
     seed: OldSeedOpt = None,
     repair: Annotated[bool, typer.Option("--repair", help="Mark corrupt blocks unwritten, so rerunning cache-teachers "
@@ -427,21 +330,21 @@ def cache_verify_cmd(
     from camkd.cache import cache_verify
 
     _renamed("--seed", "--sample-seed", seed)
-    report = cache_verify(store, teacher or [], sample=sample, seed=sample_seed, data_dir=_str(data_dir),
+    report = cache_verify(store, teacher or [], sample=sample, seed=sample_seed, data_dir=as_str(data_dir),
                           device=device.value, repair=repair)
     typer.echo("\n".join(report.lines))
     if not report.ok:
         raise typer.Exit(code=1)
 
 
-@app.command("distill")
+@app.command("distill", cls=PlainHelp)
 @friendly
 @run_options
 def distill_cmd(
     arch: Annotated[str, typer.Option("--arch", "-m", help="Student model, e.g. vgg8 (see `camkd models`).")],
     cache: Annotated[Optional[str], typer.Option("--cache", "-c", metavar="PATH|URL", help="Teacher store made by "
                                                  "cache-teachers (a path, or s3://, gs://, file://).")] = None,
-    method: Annotated[MethodChoice, typer.Option("--method", help="Distillation method.")] = MethodChoice.camkd,
+    method: Annotated[MethodChoice, typer.Option("--method", help="Distillation method.")] = _DISTILL_METHOD,
     gamma: Annotated[Optional[float], typer.Option("-r", "--gamma", help="Weight of the cross-entropy term "
                                                    f"[default: {_L.gamma:g}].")] = None,
     alpha: Annotated[Optional[float], typer.Option("-a", "--alpha", help="Weight of the logit distillation term "
@@ -467,7 +370,7 @@ def distill_cmd(
     dataset: Annotated[Optional[DatasetChoice], typer.Option("--dataset", "-d", help="With --online and no --cache: the "
                                                              "data.")] = None,
     aug_seed: Annotated[int, typer.Option("--aug-seed", help="With --online and no --cache: seed of the views (a store "
-                                          "fixes its own).")] = 0,
+                                          "fixes its own).")] = DistillConfig.aug_seed,
     data_dir: DataDirOpt = None,
     limit: LimitOpt = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", metavar="N", help="With --online and no --cache, "
@@ -475,14 +378,14 @@ def distill_cmd(
                           "its own].")] = None,
     workers: WorkersOpt = None,
     feature_memory_mb: Annotated[float, typer.Option("--feature-memory-mb", min=0.0, help="Hold a view's features in "
-                                 "memory up to this size; stream beyond.")] = 4096.0,
+                                 "memory up to this size; stream beyond.")] = DistillConfig.feature_memory_mb,
     *,
     run: dict,
 ) -> None:
     """Train a student from a teacher store (no teacher runs), or with --online from live teachers."""
     from dataclasses import replace
 
-    from camkd.distill import DistillConfig, distill, distill_optim
+    from camkd.distill import distill, distill_optim
     from camkd.methods import check_given_options
 
     given = {k: v for k, v in {"gamma": gamma, "alpha": alpha, "beta": beta, "kd_T": kd_t, "aekd_C": aekd_c,
@@ -495,7 +398,7 @@ def distill_cmd(
         optim=replace(distill_optim(), epochs=epochs, batch_size=batch_size, lr=lr,  # None: the data's recipe
                       lr_decay_epochs=_epochs(lr_decay_epochs or []) or None, nesterov=nesterov, micro_batches=micro_batches),
         run=_run_config(out, run),
-        data=DataConfig(dataset=dataset.value if dataset else None, data_dir=_str(data_dir), limit=limit,
+        data=DataConfig(dataset=dataset.value if dataset else None, data_dir=as_str(data_dir), limit=limit,
                         options=_loader_options(image_size, workers)),
     )
     s = distill(cfg)
@@ -504,151 +407,10 @@ def distill_cmd(
                f"last {s['last_top1']:.2f}%, {s['seconds']:.0f}s -> {s['out']}")
 
 
-bench_app = typer.Typer(help="Benchmarks: speed ratios measured side by side in one run.", no_args_is_help=True, cls=OneLineErrors,
-                        rich_markup_mode=None)
-app.add_typer(bench_app, name="bench")
+SplitChoice = choices("Split", ["test", "train"])
 
 
-BenchPrecisionChoice = _choices("BenchPrecision", ["fp32", "bf16", "fp16"])
-BenchPrecisionOpt = Annotated[BenchPrecisionChoice, typer.Option("--precision", help="Autocast of every run the benchmark "
-                              "makes (fp16 with a gradient scaler).")]
-BenchChannelsLastOpt = Annotated[bool, typer.Option("--channels-last", help="NHWC models and batches in every run the "
-                                 "benchmark makes.")]
-
-
-@bench_app.command("speed")
-@friendly
-def bench_speed_cmd(
-    student: Annotated[str, typer.Option("--student", help="Student model.")] = _SPEED.student,
-    teacher: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = _SPEED.teacher,
-    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = _SPEED.num_teachers,
-    samples: Annotated[int, typer.Option("--samples", min=64, help="Training samples (CIFAR-100-shaped, "
-                                         "synthetic).")] = _SPEED.samples,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _SPEED.batch_size,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved rounds per measurement.")] = _SPEED.repeats,
-    threads: Annotated[list[int], typer.Option("--threads", min=1, metavar="N", help="CPU threads to measure at "
-                                               "(repeat).")] = _SPEED.threads,
-    no_online: Annotated[bool, typer.Option("--no-online", help="Skip the online (teachers re-run) variants.")] = False,
-    ranks: Annotated[list[int], typer.Option("--ranks", min=1, metavar="W", help="torchrun world sizes for the multi-rank "
-                                             "rows (repeat).")] = _SPEED.ranks,
-    no_ranks: Annotated[bool, typer.Option("--no-ranks", help="Skip the multi-rank rows.")] = False,
-    method: Annotated[Optional[list[str]], typer.Option("--method", "-m", metavar="NAME", help="Time only these methods "
-                      "beside ce (repeat; camkd gives its beta=0 and +features rows) [default: every method].")] = None,
-    device: DeviceOpt = _SPEED.device,
-    precision: BenchPrecisionOpt = _SPEED.precision,
-    channels_last: BenchChannelsLastOpt = _SPEED.channels_last,
-    out: OutOpt = None,
-) -> None:
-    """Throughput of the student alone (beside a plain PyTorch loop), cached and online distillation, caching, the
-    reader, torchrun ranks."""
-    from camkd.bench.speed import plot, run_speed, to_markdown
-
-    prefix = _out_prefix(out)
-    r = run_speed(SpeedConfig(student=student, teacher=teacher, num_teachers=num_teachers, samples=samples,
-                              batch_size=batch_size, repeats=repeats, device=device.value, online=not no_online,
-                              threads=list(threads), ranks=[] if no_ranks else list(ranks), methods=method,
-                              precision=precision.value, channels_last=channels_last))
-    _show(r, to_markdown, plot, prefix)
-
-
-@bench_app.command("protocol")
-@friendly
-def bench_protocol_cmd(
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Training samples (CIFAR-100-shaped, synthetic; "
-                                         "CIFAR-100 has 50,000).")] = _REF.samples,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Steps of epoch 2 to time, extrapolated to the "
-                                                 "epoch.")] = _REF.steps,
-    whole_epoch: Annotated[bool, typer.Option("--whole-epoch", help="Time the whole of epoch 2 instead of "
-                                              "--steps.")] = False,
-    cache_views: Annotated[int, typer.Option("--cache-views", min=1, help="Whole views to time caching over.")] = _REF.cache_views,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="The protocol's epochs.")] = _REF.epochs,
-    views: Annotated[int, typer.Option("--views", min=1, help="The protocol's cached views.")] = _REF.views,
-    test_samples: Annotated[int, typer.Option("--test-samples", min=1, help="Images of the evaluation every epoch "
-                                              "makes.")] = _REF.test_samples,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _REF.batch_size,
-    student: Annotated[str, typer.Option("--student", help="Student model.")] = _REF.student,
-    teacher: Annotated[str, typer.Option("--teacher-arch", help="Teacher model.")] = _REF.teacher,
-    num_teachers: Annotated[int, typer.Option("--teachers", "-K", min=1, help="Number of teachers.")] = _REF.num_teachers,
-    device: DeviceOpt = _REF.device,
-    precision: BenchPrecisionOpt = _REF.precision,
-    channels_last: BenchChannelsLastOpt = _REF.channels_last,
-    out: OutOpt = None,
-) -> None:
-    """The reference protocol's time (CA-MKD: 3 x resnet32x4 -> vgg8 on CIFAR-100, 240 epochs), projected from short
-    measurements: 240 views cached + 240 epochs from the store, beside 240 epochs of --online."""
-    from camkd.bench.protocol import plot, run_protocol, to_markdown
-
-    prefix = _out_prefix(out)
-    r = run_protocol(ReferenceProtocolConfig(samples=samples, steps=None if whole_epoch else steps, cache_views=cache_views,
-                                             epochs=epochs, views=views, test_samples=test_samples, batch_size=batch_size,
-                                             student=student, teacher=teacher, num_teachers=num_teachers,
-                                             device=device.value, precision=precision.value, channels_last=channels_last))
-    _show(r, to_markdown, plot, prefix)
-
-
-@bench_app.command("accuracy")
-@friendly
-def bench_accuracy_cmd(
-    protocol: Annotated[ProtocolChoice, typer.Option("--protocol", "-p", help="equal: three teachers of different archs "
-                        "on the full training split; unequal: the same archs, one strong (equal's first teacher, reused), "
-                        "one weak (--weak-limit images), one noisy (--noise labels corrupted).")] = _ACC.protocol,
-    dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Data.")] = _ACC.dataset,
-    data_dir: DataDirOpt = None,
-    teacher_arch: Annotated[list[str], typer.Option("--teacher-arch", metavar="ARCH", help="The three teachers' "
-                            "archs, in order (repeat 3 times).")] = _ACC.teacher_archs,
-    teacher_epochs: Annotated[int, typer.Option("--teacher-epochs", min=1, help="Teacher epochs (lr x0.1 at 62.5/75/87.5 "
-                              "% of them: 5 -> after 3 and 4).")] = _ACC.teacher_epochs,
-    weak_limit: Annotated[int, typer.Option("--weak-limit", min=2, help="unequal: the weak teacher's training images "
-                          "(the first N).")] = _ACC.weak_limit,
-    noise: Annotated[float, typer.Option("--noise", metavar="RATE", help="unequal: the noisy teacher's fraction of "
-                     "corrupted labels.")] = _ACC.noise_rate,
-    noise_seed: Annotated[int, typer.Option("--noise-seed", help="unequal: seed of the corrupted labels.")] = _ACC.noise_seed,
-    student: Annotated[str, typer.Option("--student", help="Student model.")] = _ACC.student,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (lr x0.1 scaled as for the "
-                      "teachers).")] = _ACC.epochs,
-    views: Annotated[Optional[int], typer.Option("--views", "-V", min=1, help="Cached views, cycled over the epochs "
-                     "[default: one per epoch].")] = None,
-    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Stored float type.")] = _ACC.dtype,
-    limit: Annotated[int, typer.Option("--limit", min=0, help="Student training images, the first N (0: all).")] = _ACC.limit,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per method (0 .. N-1).")] = len(_ACC.seeds),
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch.")] = _ACC.batch_size,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Student learning rate.")] = _ACC.lr,
-    methods: Annotated[Optional[list[MethodChoice]], typer.Option("--method", help="Methods to run (repeat) "
-                                                                  "[default: all].")] = None,
-    no_online: Annotated[bool, typer.Option("--no-online", help="Skip camkd --online (seed 0).")] = False,
-    device: DeviceOpt = _ACC.device,
-    root: Annotated[Path, typer.Option("--root", "--work", help="Folder of the content-addressed teachers, stores and "
-                                       "students (reruns reuse and resume).")] = Path(_ACC.root),
-    quiet: QuietOpt = False,
-    out: OutOpt = None,
-) -> None:
-    """Every method over seeds from equal or unequal teachers: mean +- std, paired differences, teachers'
-    accuracy and disagreement, CA-MKD's weights.
-
-    The defaults (below) take about an hour per protocol on a 2-core CPU; each teacher is exactly
-    train-teacher -m ARCH -d DATASET --epochs E --lr-decay-epochs (scaled) --seed 0. The store holds
-    features penultimate and hint:2, so every method runs. On a GPU: --device cuda --limit 0
-    --epochs 30 --teacher-epochs 30 --views 10 (see camkd/bench/accuracy.py for CIFAR-100).
-    """
-    from camkd.bench.accuracy import plot, run_accuracy, to_markdown
-    from camkd.methods import list_methods
-
-    prefix = _out_prefix(out)
-    cfg = AccuracyConfig(protocol=protocol.value, dataset=dataset.value, data_dir=_str(data_dir),
-                         teacher_archs=list(teacher_arch),
-                         teacher_epochs=teacher_epochs, weak_limit=weak_limit, noise_rate=noise, noise_seed=noise_seed,
-                         student=student, epochs=epochs, views=views, dtype=dtype.value, limit=limit or None, seeds=list(range(seeds)),
-                         batch_size=batch_size, lr=lr,
-                         methods=[m.value for m in methods] if methods else list_methods(), online=not no_online,
-                         device=device.value, root=str(root), progress=not quiet)
-    r = run_accuracy(cfg)
-    _show(r, to_markdown, plot, prefix)
-
-
-SplitChoice = _choices("Split", ["test", "train"])
-
-
-@app.command("report")
+@app.command("report", cls=PlainHelp)
 @friendly
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run folders of train-teacher or distill (or a "
@@ -665,12 +427,12 @@ def report_cmd(
     """Compare runs: final/best test top-1, top-5, train loss, images/s and teacher weights, one row per run."""
     from camkd.report import plot, report, to_markdown
 
-    prefix = _out_prefix(out)
+    prefix = out_prefix(out)
     r = report(runs, group=group)
-    _show(r, to_markdown, plot, prefix)
+    show(r, to_markdown, plot, prefix)
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=PlainHelp)
 @friendly
 def evaluate_cmd(
     checkpoint: Annotated[str, typer.Argument(metavar="CKPT", help="A checkpoint of train-teacher or distill (best.pth, "
@@ -682,7 +444,7 @@ def evaluate_cmd(
                                                "samples (checked by fingerprint).")] = SplitChoice.test,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files [default: the "
                                                      "run's].")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch.")] = EVAL_BATCH_SIZE,
     device: DeviceOpt = DeviceChoice.auto,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of the split.")] = None,
     precision: Annotated[Optional[PrecisionChoice], typer.Option("--precision", help="Autocast of the forward [default: "
@@ -696,72 +458,13 @@ def evaluate_cmd(
 
     from camkd.evaluate import evaluate_checkpoint, format_evaluation
 
-    r = evaluate_checkpoint(checkpoint, split=split.value, data_dir=_str(data_dir), batch_size=batch_size,
+    r = evaluate_checkpoint(checkpoint, split=split.value, data_dir=as_str(data_dir), batch_size=batch_size,
                             device=device.value, limit=limit, dataset=dataset.value if dataset else None,
                             precision=precision.value if precision else None)
     typer.echo(json.dumps(r) if as_json else format_evaluation(r))
 
 
-@bench_app.command("storage")
-@friendly
-def bench_storage_cmd(
-    root: Annotated[Path, typer.Option("--root", help="Where teachers, stores and students are kept and reused "
-                                       "(shared with bench accuracy).")] = Path(_STORAGE.root),
-    data_dir: DataDirOpt = None,
-    option: Annotated[list[str], typer.Option("--option", metavar="NAME", help="Store options to compare "
-                                              "(repeat).")] = _STORAGE.options,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Student epochs (= cached views).")] = _STORAGE.epochs,
-    limit: Annotated[int, typer.Option("--limit", min=2, help="Student training images (the first N).")] = _STORAGE.limit,
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Student seeds per option.")] = _STORAGE.seeds,
-    kd_t: Annotated[float, typer.Option("--kd-T", min=0.01, help="Distillation temperature (cached by top-k "
-                                        "stores).")] = _STORAGE.kd_T,
-    device: DeviceOpt = _STORAGE.device,
-    out: OutOpt = None,
-) -> None:
-    """Bytes and CA-MKD student accuracy per store option (dense float32/16, top-k, int8 features), from bench
-    accuracy's equal-protocol teachers."""
-    from camkd.bench.storage import plot, run_storage, to_markdown
-
-    prefix = _out_prefix(out)
-    r = run_storage(StorageConfig(root=str(root), data_dir=_str(data_dir), options=list(option), epochs=epochs,
-                                  limit=limit, seeds=seeds, kd_T=kd_t, device=device.value))
-    _show(r, to_markdown, plot, prefix)
-
-
-@bench_app.command("data")
-@friendly
-def bench_data_cmd(
-    images: Annotated[int, typer.Option("--images", min=1, help="JPEGs to generate (500x375 and 375x500).")] = _DATA.images,
-    classes: Annotated[int, typer.Option("--classes", min=1, help="Class folders they are spread over.")] = _DATA.classes,
-    image_size: Annotated[int, typer.Option("--image-size", min=1, metavar="N", help="Side of the training views.")] = _DATA.image_size,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = _DATA.batch_size,
-    workers: Annotated[list[int], typer.Option("--workers", min=0, metavar="N", help="Worker processes to measure at, "
-                                               "0 = the main process (repeat).")] = _DATA.workers,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Interleaved timed rounds (after a warm-up "
-                                         "round).")] = _DATA.repeats,
-    root: Annotated[Optional[Path], typer.Option("--root", metavar="FOLDER", help="Write the images here and keep them; "
-                    "a folder that already holds train/CLASS/* is measured as it is [default: a temporary folder].")] = None,
-    store_image_size: Annotated[int, typer.Option("--store-image-size", min=1, metavar="N", help="Side of the views in "
-                                "the store parts (cache-teachers, distill; 224 px takes minutes on a CPU).")] = _DATA.store_image_size,
-    teacher_arch: Annotated[list[str], typer.Option("--teacher-arch", metavar="ARCH", help="Random-init teachers the "
-                            "store parts cache (repeat).")] = _DATA.teacher_archs,
-    student: Annotated[str, typer.Option("--student", metavar="ARCH", help="The store parts' student.")] = _DATA.student,
-    device: DeviceOpt = _DATA.device,
-    out: OutOpt = None,
-) -> None:
-    """Training views/s of camkd's image-folder loader against torchvision's ImageFolder + DataLoader (RandomResizedCrop,
-    flip, ToTensor, Normalize) on the same JPEGs and worker counts, side by side; then, on the same JPEGs and camkd's
-    loader at the largest worker count, cache-teachers against plain inference and distill (kd, avg) against ce."""
-    from camkd.bench.data import plot, run_data, to_markdown
-
-    prefix = _out_prefix(out)
-    r = run_data(DataBenchConfig(images=images, classes=classes, image_size=image_size, batch_size=batch_size,
-                                 workers=list(workers), repeats=repeats, root=_str(root), device=device.value,
-                                 store_image_size=store_image_size, teacher_archs=list(teacher_arch), student=student))
-    _show(r, to_markdown, plot, prefix)
-
-
-@app.command("models")
+@app.command("models", cls=PlainHelp)
 def models_cmd() -> None:
     """List the model zoo."""
     from camkd.models import MODELS, list_models
@@ -769,7 +472,7 @@ def models_cmd() -> None:
     typer.echo("\n".join([*list_models(), *MODELS.families()]))
 
 
-@app.command("demo")
+@app.command("demo", cls=PlainHelp)
 @friendly
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo's runs.")] = Path("runs/demo"),

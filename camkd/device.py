@@ -8,6 +8,8 @@ import torch
 
 from camkd.errors import CamkdError
 
+DEVICES = ("auto", "cpu", "cuda")  # what --device takes: auto is cuda when available, else cpu
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a user error."""

@@ -18,9 +18,11 @@ from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.precision import Precision
 
+BATCH_SIZE = 256  # evaluation batch: the loop's every epoch and `camkd evaluate --batch-size`'s default (so they agree)
+
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = 256, precision: Precision | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = BATCH_SIZE, precision: Precision | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean CE loss on un-augmented images.
 
     Counts accumulate on the device and are read once at the end (no per-batch host sync). Under
@@ -122,7 +124,7 @@ def _store_train(cache: str | None, data_dir: str | None, path: str) -> DataSpli
     return train
 
 
-def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str | None = None, batch_size: int = 256,
+def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str | None = None, batch_size: int = BATCH_SIZE,
                         device: str = "auto", limit: int | None = None, dataset: str | None = None,
                         precision: str | None = None) -> dict:
     """Top-1 / top-5 (percent) and mean CE loss of a checkpoint (teacher or student) on ``split``.

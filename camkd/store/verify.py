@@ -27,6 +27,7 @@ from camkd.store.sizes import is_view_array, walk_arrays
 from camkd.words import plural
 
 RERUN = "rerun the same cache-teachers command"
+SAMPLE = 256  # (view, index) pairs a check with teachers recomputes, unless told (cache-verify --sample)
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _repair(path: Location, bad: list[_Damage]) -> None:
         prog[v, b] = 0
 
 
-def verify_store(path: str | Path, teachers: Callable[[], TeacherRunner] | None = None, *, sample: int = 256, seed: int = 0,
+def verify_store(path: str | Path, teachers: Callable[[], TeacherRunner] | None = None, *, sample: int = SAMPLE, seed: int = 0,
                  data_dir: str | None = None, repair: bool = False) -> VerifyReport:
     """Check a store; with ``teachers`` (called once the checksums pass: it loads them) also recompute ``sample``
     random (view, index) pairs of flagged blocks."""
