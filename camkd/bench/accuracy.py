@@ -57,6 +57,7 @@ from camkd.bench.stats import RULE, paired
 from camkd.bench.teachers import HASH_CHARS, TeacherSpec, data_fingerprint, decay_schedule, digest, ensure_teacher, finished, history
 from camkd.device import resolve_device
 from camkd.errors import CamkdError
+from camkd.evaluate import BATCH_SIZE as EVAL_BATCH_SIZE
 from camkd.methods import list_methods
 from camkd.output import new_figure
 from camkd.progress import log
@@ -202,7 +203,7 @@ def _teacher_test(cfg: AccuracyConfig, teachers: list[str]) -> dict:
     test = load_split(cfg.dataset, "test", device=dev, data_dir=cfg.data_dir, **cfg.data_options)
     preds = []
     for t in load_teachers(teachers, device=dev):
-        p = [t.model(normalize(test.images[s:s + 256], test.norm)).argmax(1) for s in range(0, len(test), 256)]
+        p = [t.model(normalize(x, test.norm)).argmax(1) for x, _ in test.eval_batches(EVAL_BATCH_SIZE, dev)]
         preds.append(torch.cat(p).cpu().numpy())
     preds = np.stack(preds)
     y = test.labels.cpu().numpy()
