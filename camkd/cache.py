@@ -88,7 +88,8 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
         from camkd.store import open_store
 
         dev = resolve_device(device)
-        name, channels_last = layout.teacher_precision(open_store(path).attrs)
+        stored = open_store(path).description
+        name, channels_last = stored.precision, stored.channels_last
         precision = Precision.of(name, dev, channels_last=channels_last)
         return runner(load_teachers(teachers, device=dev, distinct=False), dev, precision)  # checks a store made before
 

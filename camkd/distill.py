@@ -28,8 +28,8 @@ from camkd.runs import RunFolder
 from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_layers, streamed_window
 from camkd.store import Expect, TeacherStore, open_store
 from camkd.store.location import parse_location
-from camkd.store.reader import check_expect, load_cached_data
-from camkd.teachers import load_teachers
+from camkd.store.reader import load_cached_data
+from camkd.teachers import check_teachers, load_teachers
 from camkd.train import RECIPE_FIELDS, resolve_recipe
 
 
@@ -92,11 +92,11 @@ def _check_options(cfg: DistillConfig) -> tuple[str, tuple[str, ...]]:
 
 
 def _store_data(store: TeacherStore, cfg: DistillConfig, device: torch.device) -> TrainData:
-    if cfg.data.dataset and cfg.data.dataset != store.attrs["dataset"]["name"]:
-        raise CamkdError(f"{store.path} caches dataset '{store.attrs['dataset']['name']}', not '{cfg.data.dataset}'; "
-                         f"use a store made for {cfg.data.dataset}")
+    """The store's data, checked against it once, by load_cached_data (its fingerprint and augmentation)."""
+    name = store.description.dataset.name
+    if cfg.data.dataset and cfg.data.dataset != name:
+        raise CamkdError(f"{store.path} caches dataset '{name}', not '{cfg.data.dataset}'; use a store made for {cfg.data.dataset}")
     train, test, spec = load_cached_data(store, data_dir=cfg.data.data_dir, workers=cfg.data.options.get("workers"))
-    check_expect(store, Expect(dataset_fingerprint=train.fingerprint, num_classes=train.num_classes, augmentation=spec.to_dict()))
     return TrainData(train.to(device), test.to(device), spec, store.views)
 
 
@@ -113,11 +113,9 @@ def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[s
     check_batch_memory(device, train, cfg.optim.batch_size // dist.current().size, train=[cfg.arch], infer=[t.model for t in teachers],
                        precision=cfg.run.precision, size_option="--image-size" if store is None else "cache-teachers --image-size")
     shas = [t.sha256 for t in teachers]
-    if store is not None and shas != [t["sha256"] for t in store.attrs["teachers"]]:
+    if store is not None and shas != [t.sha256 for t in store.description.teachers]:
         raise CamkdError(f"--teacher checkpoints differ from the ones {store.path} was made with; pass the same ones in order")
-    for t in teachers:
-        if t.num_classes != train.num_classes or t.in_channels != train.in_channels:
-            raise CamkdError(f"teacher {t.path} ({t.num_classes} classes, {t.in_channels} channels) does not fit {train.name}")
+    check_teachers(teachers, train)
     with torch.inference_mode():
         tf = [t.model(torch.zeros(_image_shape(1, train), device=device), is_feat=True)[0] for t in teachers]
     index = {"penultimate": -2, **{f"hint{i}": i for i in range(len(tf[0]))}}
@@ -184,8 +182,8 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
 
     source: TeacherSource
     with dist.agree("opening the store and loading the data"):
-        store = open_store(cfg.cache) if cfg.cache else None
-        cfg = _resolved(cfg, arch, store.attrs["dataset"]["name"] if store is not None else cfg.data.dataset, folder)
+        store = open_store(cfg.cache, Expect()) if cfg.cache else None  # Expect(): a complete store
+        cfg = _resolved(cfg, arch, store.description.dataset.name if store is not None else cfg.data.dataset, folder)
         data = _store_data(store, cfg, device) if store is not None else _dataset_data(cfg, device)
         check_batch_size(cfg.optim.batch_size, len(data.train), parts=world.size * cfg.optim.micro_batches)
         check_batch_memory(device, data.train, cfg.optim.batch_size // world.size, train=[arch], precision=cfg.run.precision,
@@ -199,7 +197,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
                                    window_blocks=cfg.window_blocks,
                                    temperature=cfg.loss.kd_T if method_uses_teachers(cfg.method) else None,
                                    sample_name=data.train.sample_name)
-            shas = [t["sha256"] for t in store.attrs["teachers"]]
+            shas = [t.sha256 for t in store.description.teachers]
     _warn_kd_on_topk(cfg, store)
 
     train = data.train

@@ -212,7 +212,7 @@ class StoreTeachers:
                              f"(first: {self.sample_name(int(idx[row]))}); the store was made by an incompatible camkd; re-cache")
         if self._pixels is not None and not np.array_equal(self._pixels[idx], hashes):
             row = int(np.flatnonzero(self._pixels[idx] != hashes)[0])
-            stored, here = self.store.attrs.get("decoder_versions"), decoder_versions()
+            stored, here = self.store.description.folder.decoder_versions, decoder_versions()
             if stored == here:  # the same decoder, so the file itself changed (its size did not: the listing matched)
                 why = (f"this machine decodes with the store's versions ({_versions(here)}), so the file's content changed "
                        "since the store was written; restore it, or re-cache from this folder")

@@ -234,9 +234,9 @@ def feature_shapes(teachers: list[Teacher], data: DataSplit, layers: dict[str, i
 def stored_heads(store: TeacherStore, device: torch.device | str = "cpu") -> list[nn.Module]:
     """Each teacher's classifier head rebuilt from a store's weights, frozen, eval mode."""
     out = []
-    in_ch = store.attrs["dataset"]["in_channels"]
-    for t, meta in enumerate(store.attrs["teachers"]):
-        head = create_model(meta["arch"], num_classes=meta["num_classes"], in_channels=in_ch).get_head()
+    in_ch = store.description.dataset.in_channels
+    for t, meta in enumerate(store.description.teachers):
+        head = create_model(meta.arch, num_classes=meta.num_classes, in_channels=in_ch).get_head()
         head.load_state_dict(store.head_state(t, list(head.state_dict())))
         out.append(head.eval().requires_grad_(False).to(device))
     return out

@@ -72,7 +72,7 @@ def _store_row(path: Path, kd_T: float) -> dict:
     view_bytes = sum(v for k, v in sizes.items() if k in ("aug", "logits") or k.startswith(("topk/", "features/")))
     row = {"store_bytes": sum(sizes.values()), "logits_per_sample_view": logit_bytes / per,
            "features_per_sample_view": feature_bytes / per, "per_sample_view": view_bytes / per}
-    tail = (store.attrs.get("topk_tail_mass") or {}).get(f"{kd_T:g}")
+    tail = (store.description.topk_tail_mass or {}).get(f"{kd_T:g}")
     if tail is not None:
         row["tail_mass_mean"] = tail["mean"]
         row["tail_mass_max"] = tail["max"]

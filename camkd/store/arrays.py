@@ -16,7 +16,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
-from camkd.store import layout, topk
+import camkd.store.layout as layout
+import camkd.store.topk as topk
 
 CRC = 4  # bytes of the crc32c codec per stored chunk
 INDEX_ENTRY = 16  # a shard's index: (offset, nbytes) uint64 per chunk

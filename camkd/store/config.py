@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+import camkd.store.layout as layout
+import camkd.store.topk as topk
 from camkd.data import check_dataset
 from camkd.errors import CamkdError
-from camkd.store import layout, topk
 from camkd.store.location import Location, parse_location
 
 # teacher batch per device type: large enough to keep the device busy, small enough that the

@@ -7,7 +7,7 @@ and hashes by their first 12 hex digits.
 
 from __future__ import annotations
 
-from camkd.store import layout
+import camkd.store.layout as layout
 from camkd.words import plural
 
 HASH_DIGITS = 12
@@ -17,7 +17,6 @@ OPTIONS = {
     "dataset.name": "--dataset",
     "dataset.image_size": "--image-size",
     "augmentation.seed": "--aug-seed",
-    "augmentation.image_size": "--image-size",
     "dtype": "--dtype",
     "feature_dtype": "--feature-dtype",
     "compressor": "--compressor",

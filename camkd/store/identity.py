@@ -15,17 +15,19 @@ from enum import Enum
 import numpy as np
 import zarr
 
+import camkd.store.layout as layout
+import camkd.store.schema as schema
+import camkd.store.topk as topk
 from camkd.data import DataSplit
 from camkd.data.augspec import AugSpec
 from camkd.errors import CamkdError
 from camkd.progress import log
-from camkd.store import layout, schema, topk
 from camkd.store.config import CacheConfig
+from camkd.store.description import DataIdentity, FolderFields, LayerSpec, StoreDescription, TeacherRecord, read_description
 from camkd.store.differences import differences
 from camkd.store.location import Location, parse_location
 from camkd.store.runner import TeacherRunner
 
-IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the same weights from anywhere continue a store
 # recorded in the store, not compared: the layout changes kernels, not the math; a folder store's whole-folder flag
 # follows from --limit and the folder, both compared through the dataset's fingerprint
 RECORDED_ONLY = ("teacher_channels_last", "folder_whole")
@@ -39,27 +41,25 @@ class Target(Enum):
 
 
 def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, layers: dict, shapes: dict,
-             logits: topk.LogitsSpec) -> dict:
-    """Everything that must match for a store to be continued (not the number of views, not checkpoint paths), and
-    what is recorded beside it (:data:`RECORDED_ONLY`: the teachers' memory format, free to change like the device)."""
-    return {
-        "format_version": layout.FORMAT_VERSION,
-        "dataset": {"name": train.name, "split": train.split, "n": len(train), "fingerprint": train.fingerprint,
-                    "num_classes": train.num_classes, "in_channels": train.in_channels, "image_size": train.image_size},
-        "augmentation": spec.to_dict(),
-        "teachers": [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in teachers.provenance],
-        "teacher_precision": cfg.precision,  # autocast of the teachers' forward: other numbers, so part of the identity
-        "teacher_channels_last": cfg.channels_last,
-        "dtype": cfg.dtype,
-        "feature_dtype": cfg.stored_feature_dtype,
-        "compressor": cfg.compressor,
-        "logits": logits.to_dict(),
-        "features": {name: {"index": idx, "shapes": [list(s) for s in shapes[name]]} for name, idx in layers.items()},
-        **train.store_attrs(),  # image folders: data kind, decoder and its versions, classes (none for in-memory data)
-    }
+             logits: topk.LogitsSpec) -> StoreDescription:
+    """What this run makes: the description of its store before it is written (no views, block rows or accuracy yet).
+    Its :meth:`~StoreDescription.identity` must match for a store to be continued (not the number of views, not
+    checkpoint paths); :data:`RECORDED_ONLY` of it is recorded beside (the teachers' memory format, free to change
+    like the device)."""
+    return StoreDescription(
+        dataset=DataIdentity(name=train.name, split=train.split, n=len(train), fingerprint=train.fingerprint,
+                             num_classes=train.num_classes, in_channels=train.in_channels, image_size=train.image_size),
+        augmentation=spec.to_dict(),
+        teachers=tuple(TeacherRecord.from_attrs(t) for t in teachers.provenance),
+        teacher_precision=cfg.precision,  # autocast of the teachers' forward: other numbers, so part of the identity
+        teacher_channels_last=cfg.channels_last,
+        dtype=cfg.dtype, feature_dtype=cfg.stored_feature_dtype, compressor=cfg.compressor, logits=logits,
+        features={name: LayerSpec(idx, tuple(tuple(s) for s in shapes[name])) for name, idx in layers.items()},
+        folder=FolderFields.from_attrs(train.store_attrs()),  # image folders: data kind, decoder and versions, classes
+    )
 
 
-def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
+def check_target(path: Location, made: StoreDescription, cfg: CacheConfig) -> Target:
     """What this run will do with ``path``, refusing (before any output) a target it must not touch or continue."""
     if not path.exists():
         return Target.CREATE
@@ -71,12 +71,11 @@ def check_target(path: Location, ident: dict, cfg: CacheConfig) -> Target:
         elif not path.is_zarr():
             raise CamkdError(f"{path} holds objects but no Zarr store; refusing to delete them even with --overwrite")
         return Target.RECREATE
-    attrs = _open_existing(path, "r").attrs[layout.ATTRS_KEY]
-    compared = {k: v for k, v in ident.items() if k not in RECORDED_ONLY}
-    old = {k: attrs.get(k) for k in compared}
-    old["teachers"] = [{k: t[k] for k in IDENTITY_TEACHER_KEYS} for t in attrs["teachers"]]
-    old["teacher_precision"] = layout.teacher_precision(attrs)[0]
-    whole = bool(attrs.get("folder_whole")) and bool(ident.get("folder_whole"))  # both without --limit
+    stored = read_description(_open_existing(path, "r"))
+    compared = {k: v for k, v in made.identity().items() if k not in RECORDED_ONLY}
+    old_identity = stored.identity()
+    old = {k: old_identity.get(k) for k in compared}
+    whole = stored.folder.whole and made.folder.whole  # both without --limit
     diff = differences(old, compared, whole_folders=whole)
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
@@ -111,7 +110,7 @@ def _open_existing(path: Location, mode: str) -> zarr.Group:
     return g
 
 
-def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig, teachers: TeacherRunner,
+def open_or_create(path: Location, target: Target, made: StoreDescription, cfg: CacheConfig, teachers: TeacherRunner,
                    samples: dict[str, np.ndarray], shapes: dict, test_acc: list[float] | None, block: int) -> None:
     """Do what check_target decided: delete and create, create, or open (removing temporary files, adding views)."""
     if target is Target.RECREATE:
@@ -124,20 +123,20 @@ def open_or_create(path: Location, target: Target, ident: dict, cfg: CacheConfig
         # no rename on object storage: metadata written in place, marked CREATING until the attrs are written
         # (a rerun after a kill creates it anew); the progress flags make the filling resumable as on disk
         try:
-            schema.create(path, ident, cfg, teachers, samples, shapes, test_acc, block)
+            schema.create(path, made, cfg, teachers, samples, shapes, test_acc, block)
         except OSError as e:
             raise CamkdError(f"cannot create {path}: {e.strerror or e}; rerun the same command") from None
     else:
-        _create_local(path, ident, cfg, teachers, samples, shapes, test_acc, block)
+        _create_local(path, made, cfg, teachers, samples, shapes, test_acc, block)
 
 
 def _continue(path: Location, cfg: CacheConfig) -> None:
     g = _open_existing(path, "r+")
-    attrs = g.attrs[layout.ATTRS_KEY]
+    stored = read_description(g)
     remove_partial_files(path)
-    if cfg.views > attrs["views"]:
-        log(f"extending {path} from {attrs['views']} to {cfg.views} views")
-        schema.append_views(g, cfg.views)
+    if cfg.views > stored.views:
+        log(f"extending {path} from {stored.views} to {cfg.views} views")
+        schema.append_views(g, stored, cfg.views)
 
 
 def remove_partial_files(path: Location) -> None:
@@ -148,8 +147,8 @@ def remove_partial_files(path: Location) -> None:
                 f.unlink(missing_ok=True)
 
 
-def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: TeacherRunner, samples: dict[str, np.ndarray], shapes: dict,
-                  test_acc: list[float] | None, block: int) -> None:
+def _create_local(path: Location, made: StoreDescription, cfg: CacheConfig, teachers: TeacherRunner,
+                  samples: dict[str, np.ndarray], shapes: dict, test_acc: list[float] | None, block: int) -> None:
     """Built under a temporary name and renamed when whole: a run killed while creating leaves no half store."""
     local = path.local_path
     try:
@@ -160,7 +159,7 @@ def _create_local(path: Location, ident: dict, cfg: CacheConfig, teachers: Teach
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        schema.create(parse_location(tmp), ident, cfg, teachers, samples, shapes, test_acc, block)
+        schema.create(parse_location(tmp), made, cfg, teachers, samples, shapes, test_acc, block)
         tmp.rename(local)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from camkd.store import topk
-from camkd.store.layout import teacher_precision
+import camkd.store.topk as topk
+from camkd.store.description import TeacherRecord
 from camkd.store.reader import open_store
 from camkd.store.sizes import array_sizes, bytes_per_sample_view, human, per_sample_view_text, walk_arrays
 
 
-def teacher_line(t: int, meta: dict) -> str:
+def teacher_line(t: int, meta: TeacherRecord) -> str:
     """A teacher's provenance: arch, checkpoint path as given when caching, short sha256, test accuracy."""
-    acc = meta.get("test_accuracy")  # absent: created with --no-eval
+    acc = meta.test_accuracy  # None: created with --no-eval
     acc_text = f"test top-1 {acc:.2f}%" if acc is not None else "test accuracy not evaluated"
-    return f"teacher t{t} {meta['arch']} {meta['path']} sha256 {meta['sha256'][:12]} {acc_text}"
+    return f"teacher t{t} {meta.arch} {meta.path} sha256 {meta.sha256[:12]} {acc_text}"
 
 
 def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
@@ -27,26 +27,25 @@ def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
 def cache_info(path: str | Path) -> str:
     """A human-readable report of attrs, arrays and completeness."""
     store = open_store(path)
-    a = store.attrs
-    ds = a["dataset"]
+    d = store.description
+    ds = d.dataset
     lines = [
-        f"store      {store.path} (format {a['format_version']}, camkd {a['camkd_version']})",
-        f"dataset    {ds['name']} {ds['split']}, N={ds['n']}, {ds['num_classes']} classes, fingerprint {ds['fingerprint'][:16]}",
-        f"views      {a['views']} (seed {a['augmentation']['seed']}, {a['augmentation']['recipe']})",
-        f"dtype      {a['dtype']}, features {a['feature_dtype']}"
-        + (f" ({a['feature_scale']})" if a.get("feature_scale") else "")
-        + f", compressor {a['compressor']}, block {a['block_rows']} rows",
+        f"store      {store.path} (format {d.format_version}, camkd {d.camkd_version})",
+        f"dataset    {ds.name} {ds.split}, N={ds.n}, {ds.num_classes} classes, fingerprint {ds.fingerprint[:16]}",
+        f"views      {d.views} (seed {d.augmentation['seed']}, {d.augmentation['recipe']})",
+        f"dtype      {d.dtype}, features {d.feature_dtype}"
+        + (f" ({d.feature_scale})" if d.feature_scale else "")
+        + f", compressor {d.compressor}, block {d.block_rows} rows",
     ]
-    lines.append(logits_line(store.logits_spec, ds["num_classes"]))
-    precision, channels_last = teacher_precision(a)
-    lines.append(f"teachers   ran in {precision}{', channels-last' if channels_last else ''} (--precision)")
-    for T, stats in (a.get("topk_tail_mass") or {}).items():
+    lines.append(logits_line(d.logits, ds.num_classes))
+    lines.append(f"teachers   ran in {d.precision}{', channels-last' if d.channels_last else ''} (--precision)")
+    for T, stats in (d.topk_tail_mass or {}).items():
         lines.append(f"tail mass  at T={T} per teacher: mean " + ", ".join(f"{x:.2e}" for x in stats["mean"])
                      + "; p99 " + ", ".join(f"{x:.2e}" for x in stats["p99"]) + "; max " + ", ".join(f"{x:.2e}" for x in stats["max"]))
-    lines += [teacher_line(t, meta) for t, meta in enumerate(a["teachers"])]
-    for layer, spec in a["features"].items():
-        lines.append(f"features   {layer} (feat[{spec['index']}]) shapes {[tuple(s) for s in spec['shapes']]}")
-    if not a["features"]:
+    lines += [teacher_line(t, meta) for t, meta in enumerate(d.teachers)]
+    for layer, spec in d.features.items():
+        lines.append(f"features   {layer} (feat[{spec.index}]) shapes {list(spec.shapes)}")
+    if not d.features:
         lines.append("features   none")
     sizes = array_sizes(store.g)
     lines.append("arrays:")

@@ -71,14 +71,6 @@ AUG_LAYOUTS = {
 CROP_AUG = AUG_LAYOUTS[views.RECIPE]  # the 32-px recipe's (padded crop and flip)
 
 
-PRECISION_BEFORE = "fp32"  # the teachers' precision of a store made before it was recorded
-
-
-def teacher_precision(attrs: dict) -> tuple[str, bool]:
-    """(--precision, --channels-last) the store's teachers ran in; a store from before they were recorded: fp32."""
-    return attrs.get("teacher_precision", PRECISION_BEFORE), bool(attrs.get("teacher_channels_last", False))
-
-
 def aug_layout(augmentation: dict) -> AugLayout:
     """The layout of a store's ``aug`` (and ``pixels``) for its recorded augmentation."""
     recipe = augmentation.get("recipe")
@@ -100,14 +92,6 @@ def topk_path(name: str) -> str:
 def logit_arrays(spec: LogitsSpec) -> list[str]:
     """The arrays that hold a store's logits: ``logits``, or the ``topk/`` arrays."""
     return [LOGITS] if spec.kind == "dense" else [topk_path(name) for name in TOPK]
-
-
-def feature_arrays(attrs: dict) -> list[str]:
-    """Every feature array of a store (and the scale arrays of an int8 store), from its attrs."""
-    names = [feature_path(layer, t) for layer, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
-    if attrs["feature_dtype"] == "int8":
-        names += [scale_path(layer, t) for layer, spec in attrs["features"].items() for t in range(len(spec["shapes"]))]
-    return names
 
 
 def staged_prefixes(layers: tuple[str, ...]) -> tuple[str, ...]:

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 import zarr
 
+import camkd.store.layout as layout
+import camkd.store.topk as topk
 from camkd.data import DataSplit
 from camkd.data.augspec import AugSpec
 from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.progress import Bar
-from camkd.store import layout, topk
+from camkd.store.description import StoreDescription
 from camkd.store.location import Location
 from camkd.store.runner import TeacherRunner
 
@@ -32,11 +34,11 @@ from camkd.store.runner import TeacherRunner
 class _Block:
     """Host buffers of one row block (aug, logit arrays, per-layer per-teacher features), filled in place batch by batch."""
 
-    def __init__(self, rows: int, attrs: dict, k: int, c: int, shapes: dict) -> None:
-        np_dtype = layout.DTYPES[attrs["dtype"]]
-        self.dtype = attrs["dtype"]
-        self.spec = topk.LogitsSpec.from_attrs(attrs)
-        aug = layout.aug_layout(attrs["augmentation"])
+    def __init__(self, rows: int, d: StoreDescription, k: int, c: int, shapes: dict) -> None:
+        np_dtype = layout.DTYPES[d.dtype]
+        self.dtype = d.dtype
+        self.spec = d.logits
+        aug = d.aug_layout
         self.aug = np.empty((rows, len(aug.params)), dtype=aug.dtype)
         self.pixels = np.empty(rows, dtype=np.uint32) if aug.pixels else None
         if self.spec.kind == "dense":
@@ -45,9 +47,8 @@ class _Block:
             dt = topk.dtypes(self.spec, c, np_dtype)
             self.logits = {layout.topk_path(name): np.empty((rows,) + shape, dtype=dt[name])
                            for name, shape in topk.shapes(self.spec, k).items()}
-        fdtype = attrs["feature_dtype"]
-        fd = np.float32 if fdtype == "int8" else layout.FEATURE_DTYPES[fdtype]  # int8: quantized by the writer
-        self.feats = {name: [np.empty((rows,) + tuple(s), dtype=fd) for s in shapes[name]] for name in attrs["features"]}
+        fd = np.float32 if d.int8_features else layout.FEATURE_DTYPES[d.feature_dtype]  # int8: quantized by the writer
+        self.feats = {name: [np.empty((rows,) + tuple(s), dtype=fd) for s in shapes[name]] for name in d.features}
         self.pending: Future | None = None  # the write of the block these buffers hold
 
     def put(self, s: int, params: torch.Tensor, hashes: np.ndarray | None, logits: torch.Tensor,
@@ -76,13 +77,11 @@ class _Writer:
     failed write no later block is written, so a flag never follows a failure.
     """
 
-    def __init__(self, g: zarr.Group, attrs: dict, k: int) -> None:
-        self.layer_names, self.k, self.int8 = list(attrs["features"]), k, attrs["feature_dtype"] == "int8"
-        self.logit_names = layout.logit_arrays(topk.LogitsSpec.from_attrs(attrs))
-        # opened once: on object storage each g[name] is a metadata GET
-        self.pixels = layout.aug_layout(attrs["augmentation"]).pixels
-        names = [layout.AUG, layout.PROGRESS] + self.logit_names + layout.feature_arrays(attrs) + ([layout.PIXELS] if self.pixels else [])
-        self.arrays = {name: g[name] for name in names}
+    def __init__(self, g: zarr.Group, d: StoreDescription, k: int) -> None:
+        self.layer_names, self.k, self.int8 = list(d.features), k, d.int8_features
+        self.logit_names = d.logit_arrays()
+        self.pixels = d.keeps_pixels
+        self.arrays = {name: g[name] for name in d.view_arrays()}  # opened once: on object storage each g[name] is a metadata GET
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-writer")
         self.failed = threading.Event()
 
@@ -125,14 +124,14 @@ def _wait(blk: _Block) -> None:
         fut.result()
 
 
-def compute_blocks(g: zarr.Group, path: Location, teachers: TeacherRunner, train: DataSplit, spec: AugSpec, shapes: dict,
-                   batch: int, todo: list[tuple[int, int]], rows_todo: int, *, progress: bool) -> None:
-    """Run the teachers over the unfinished (view, block) units ``todo`` (``rows_todo`` rows) and write each one whole."""
-    attrs = g.attrs[layout.ATTRS_KEY]
-    n, k, block, views = len(train), teachers.num_teachers, attrs["block_rows"], attrs["views"]
-    layers = {name: s["index"] for name, s in attrs["features"].items()}
-    buffers = [_Block(min(block, n), attrs, k, train.num_classes, shapes) for _ in range(2)]
-    writer = _Writer(g, attrs, k)
+def compute_blocks(g: zarr.Group, d: StoreDescription, path: Location, teachers: TeacherRunner, train: DataSplit,
+                   spec: AugSpec, shapes: dict, batch: int, todo: list[tuple[int, int]], rows_todo: int, *, progress: bool) -> None:
+    """Run the teachers over the unfinished (view, block) units ``todo`` (``rows_todo`` rows) of the store ``d``
+    describes and write each one whole."""
+    n, k, block, views = len(train), teachers.num_teachers, d.block_rows, d.views
+    layers = d.layer_indices()
+    buffers = [_Block(min(block, n), d, k, train.num_classes, shapes) for _ in range(2)]
+    writer = _Writer(g, d, k)
     try:
         with Bar("caching", rows_todo, enabled=progress) as bar:
             for i, (v, b) in enumerate(todo):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from camkd.store import layout, topk
+import camkd.store.layout as layout
+import camkd.store.topk as topk
 from camkd.store.arrays import array_specs
 from camkd.store.sizes import human
 from camkd.words import plural

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 import zarr
 
-from camkd.data import DataSplit, Normalization, load_dataset
+import camkd.store.layout as layout
+import camkd.store.topk as topk
+from camkd.data import DataSplit, load_dataset
 from camkd.data.augspec import AugSpec
 from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.listing import Listing, check_none_added, check_unchanged
 from camkd.errors import CamkdError
-from camkd.store import layout, topk
+from camkd.store.description import LayerSpec, read_description
 from camkd.store.location import Location, parse_location
 from camkd.words import plural
 
@@ -49,15 +51,21 @@ class TeacherStore:
     def __init__(self, group: zarr.Group, path: Path | str, location: Location | None = None) -> None:
         self.g, self.path = group, path
         self.location = location if location is not None else parse_location(path)
-        self.attrs: dict = group.attrs[layout.ATTRS_KEY]
-        self.n: int = self.attrs["dataset"]["n"]
-        self.views: int = self.attrs["views"]
-        self.num_teachers: int = len(self.attrs["teachers"])
-        self.num_classes: int = self.attrs["dataset"]["num_classes"]
-        self.block_rows: int = self.attrs["block_rows"]
-        self.layers: dict[str, dict] = self.attrs["features"]
-        self.feature_dtype: str = self.attrs["feature_dtype"]  # int8: dequantized to float32 when read
-        self.logits_spec: topk.LogitsSpec = topk.LogitsSpec.from_attrs(self.attrs)
+        self.description = read_description(group)
+        d = self.description
+        self.n: int = d.dataset.n
+        self.views: int = d.views
+        self.num_teachers: int = d.num_teachers
+        self.num_classes: int = d.dataset.num_classes
+        self.block_rows: int = d.block_rows
+        self.layers: dict[str, LayerSpec] = d.features
+        self.feature_dtype: str = d.feature_dtype  # int8: dequantized to float32 when read
+        self.logits_spec: topk.LogitsSpec = d.logits
+
+    @property
+    def attrs(self) -> dict:
+        """The attrs as stored (what plain zarr shows); camkd itself reads :attr:`description`."""
+        return self.description.to_attrs()
 
     # -- small arrays, read whole ------------------------------------------------------------
     def read_array(self, name: str, sel=slice(None), what: str = "") -> np.ndarray:
@@ -77,13 +85,13 @@ class TeacherStore:
 
     def pixels(self, view: int) -> np.ndarray | None:
         """[N] uint32 CRC-32 of each view the teachers saw (image-folder stores), None where the store keeps none."""
-        return self.read_array(layout.PIXELS, view, f"view {view} ") if layout.aug_layout(self.attrs["augmentation"]).pixels else None
+        return self.read_array(layout.PIXELS, view, f"view {view} ") if self.description.keeps_pixels else None
 
     def listing(self, root: str | Path) -> Listing:
         """The file listing an image-folder store was made from, rooted at ``root`` (its arrays under ``files/``)."""
-        ds = self.attrs["dataset"]
+        ds = self.description.dataset
         path, size, label = (self.read_array(layout.files_path(name)) for name in layout.FILES)
-        return Listing(ds["name"], os.fspath(root), ds["split"], [str(p) for p in path], size, label, self.attrs["classes"])
+        return Listing(ds.name, os.fspath(root), ds.split, [str(p) for p in path], size, label, self.description.folder.classes)
 
     def progress(self) -> np.ndarray:
         return self.read_array(layout.PROGRESS)
@@ -125,7 +133,7 @@ class TeacherStore:
         return {key: torch.from_numpy(self.read_array(layout.head_path(t, key))) for key in keys}
 
     def feature_shapes(self, layer: str) -> list[tuple[int, ...]]:
-        return [tuple(s) for s in self.layers[layer]["shapes"]]
+        return list(self.layers[layer].shapes)
 
     def feature_bytes_per_view(self, layers: tuple[str, ...]) -> int:
         """Bytes of one view's features in memory as read (int8 stores: dequantized float32)."""
@@ -166,17 +174,17 @@ def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:
 
 def check_expect(store: TeacherStore, e: Expect) -> None:
     """Validate an open store against what the caller needs (see open_store)."""
-    ds = store.attrs["dataset"]
+    d, ds = store.description, store.description.dataset
     fix = "re-cache with 'camkd cache-teachers' for this data, or pass the same --dataset/--limit as when caching"
-    if e.dataset_name is not None and ds["name"] != e.dataset_name:
-        raise CamkdError(f"{store.path} caches dataset '{ds['name']}', not '{e.dataset_name}'; {fix}")
-    if e.dataset_fingerprint is not None and ds["fingerprint"] != e.dataset_fingerprint:
-        raise CamkdError(f"{store.path} was cached from other data (fingerprint {ds['fingerprint'][:12]}, now "
-                         f"{e.dataset_fingerprint[:12]}; N {ds['n']}); the dataset or --limit changed; {fix}")
+    if e.dataset_name is not None and ds.name != e.dataset_name:
+        raise CamkdError(f"{store.path} caches dataset '{ds.name}', not '{e.dataset_name}'; {fix}")
+    if e.dataset_fingerprint is not None and ds.fingerprint != e.dataset_fingerprint:
+        raise CamkdError(f"{store.path} was cached from other data (fingerprint {ds.fingerprint[:12]}, now "
+                         f"{e.dataset_fingerprint[:12]}; N {ds.n}); the dataset or --limit changed; {fix}")
     if e.num_classes is not None and store.num_classes != e.num_classes:
         raise CamkdError(f"{store.path} has {store.num_classes} classes, the student needs {e.num_classes}; {fix}")
-    if e.augmentation is not None and store.attrs["augmentation"] != e.augmentation:
-        raise CamkdError(f"{store.path} was cached with augmentation {store.attrs['augmentation']}, asked "
+    if e.augmentation is not None and d.augmentation != e.augmentation:
+        raise CamkdError(f"{store.path} was cached with augmentation {d.augmentation}, asked "
                          f"{e.augmentation}; re-cache with the seed you need (cache-teachers --aug-seed)")
     for layer in e.layers:
         if layer not in store.layers:
@@ -201,41 +209,40 @@ def store_test_options(name: str, *, num_classes: int, image_size: int | None, i
 
 def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
                      workers: int | None = None) -> tuple[DataSplit, DataSplit, AugSpec]:
-    """The training split a store was made from (checked by fingerprint), its test split, and its augmentation.
+    """The training split a store was made from, its test split, and its augmentation: the one place that checks a
+    store against the data here (the fingerprint, and that this camkd replays the store's augmentation).
     ``workers``: decoding processes of an image-folder dataset (None: its default; refused by in-memory ones)."""
-    ds = store.attrs["dataset"]
-    if data_dir is None and ds["name"] in FOLDER_DATASETS:  # said here, in the store's words: no --dataset was given
-        raise CamkdError(f"{store.path} was cached from {ds['name']} image files: give --data-dir, the folder that holds "
+    d, ds = store.description, store.description.dataset
+    if data_dir is None and ds.name in FOLDER_DATASETS:  # said here, in the store's words: no --dataset was given
+        raise CamkdError(f"{store.path} was cached from {ds.name} image files: give --data-dir, the folder that holds "
                          "its train/ and val/")
     test_opts: dict = {} if workers is None else {"workers": workers}
-    test_opts.update(store_test_options(ds["name"], num_classes=ds["num_classes"], image_size=ds.get("image_size"),
-                                  in_channels=ds.get("in_channels")))
+    test_opts.update(store_test_options(ds.name, num_classes=ds.num_classes, image_size=ds.image_size,
+                                        in_channels=ds.in_channels))
     candidates = [test_opts]
-    if ds["name"] == "synthetic":  # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
-        candidates = [dict(test_opts, num_samples=ds["n"]), test_opts]
+    if ds.name == "synthetic":  # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
+        candidates = [dict(test_opts, num_samples=ds.n), test_opts]
     files = data_dir is not None and layout.files_path("path") in store.g  # an image folder: name the first changed file
     for opts in candidates:
         try:
-            train = load_dataset(ds["name"], ds["split"], data_dir=data_dir, limit=ds["n"], **opts)
+            train = load_dataset(ds.name, ds.split, data_dir=data_dir, limit=ds.n, **opts)
         except CamkdError:  # e.g. fewer files than the store's samples
             if files:
                 check_unchanged(store.listing(data_dir), data_dir)
             raise
-        if train.fingerprint == ds["fingerprint"]:
+        if train.fingerprint == ds.fingerprint:
             break
-    if train.fingerprint != ds["fingerprint"] and files:
+    if train.fingerprint != ds.fingerprint and files:
         check_unchanged(store.listing(data_dir), data_dir)
-    if files and train.fingerprint == ds["fingerprint"] and store.attrs.get("folder_whole") and not train.listing.whole:
+    if files and train.fingerprint == ds.fingerprint and d.folder.whole and not train.listing.whole:
         check_none_added(store.listing(data_dir), data_dir)  # the folder has more files than the whole one had
-    if train.fingerprint != ds["fingerprint"]:
-        raise CamkdError(f"{store.path} was cached from other data than {ds['name']} here (fingerprint {ds['fingerprint'][:12]}, "
-                         f"N {ds['n']}); the dataset changed since caching: give the same --data-dir or re-cache")
-    test = load_dataset(ds["name"], "test", data_dir=data_dir, **test_opts)
-    aug = store.attrs["augmentation"]
-    norm = Normalization(tuple(aug["normalization"]["mean"]), tuple(aug["normalization"]["std"]))
-    spec = AugSpec(seed=aug["seed"], norm=norm, padding=aug["padding"], recipe=aug["recipe"])
-    if spec.to_dict() != train.aug_spec(aug["seed"]).to_dict():
-        raise CamkdError(f"{store.path} was cached with augmentation {aug}, which this camkd does not replay; re-cache")
+    if train.fingerprint != ds.fingerprint:
+        raise CamkdError(f"{store.path} was cached from other data than {ds.name} here (fingerprint {ds.fingerprint[:12]}, "
+                         f"N {ds.n}); the dataset changed since caching: give the same --data-dir or re-cache")
+    test = load_dataset(ds.name, "test", data_dir=data_dir, **test_opts)
+    spec = d.aug_spec()
+    if spec.to_dict() != train.aug_spec(spec.seed).to_dict():
+        raise CamkdError(f"{store.path} was cached with augmentation {d.augmentation}, which this camkd does not replay; re-cache")
     return train, test, spec
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import zarr
 
-from camkd.store import layout
+import camkd.store.layout as layout
 from camkd.store.location import listed_sizes
 from camkd.words import human  # noqa: F401 - the store's size words (plan, space, info, cache import it here)
 

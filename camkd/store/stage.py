@@ -37,8 +37,8 @@ from zarr.core.common import concurrent_map
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+import camkd.store.layout as layout
 from camkd.errors import CamkdError
-from camkd.store import layout
 from camkd.store.location import _reason
 from camkd.store.reader import TeacherStore
 from camkd.store.sizes import is_view_array, walk_arrays

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import zarr
 
-from camkd.store import layout, topk
+import camkd.store.layout as layout
+import camkd.store.topk as topk
+from camkd.store.description import write_description
 from camkd.store.location import Location
 from camkd.store.reader import TeacherStore
 from camkd.store.sizes import array_sizes, bytes_per_sample_view
@@ -14,20 +18,21 @@ def _store(g: zarr.Group, path: Location) -> TeacherStore:
     return TeacherStore(g, path.local_path if path.is_local else path.url, path)
 
 
-def record_tail_mass(g: zarr.Group, path: Location) -> None:
+def record_tail_mass(g: zarr.Group, path: Location) -> TeacherStore:
     """A finished top-k store: each teacher's tail mass (mean, 99th percentile, max over every sample-view) per
-    cached temperature, into the attrs (``topk_tail_mass``), so a user sees what k costs."""
+    cached temperature, into the attrs (``topk_tail_mass``), so a user sees what k costs. Returns the store as it is
+    now."""
     store = _store(g, path)
-    attrs = store.attrs
     if store.logits_spec.kind != "topk" or not store.progress().all():
-        return
-    attrs["topk_tail_mass"] = topk.tail_summary(store.read_array(layout.topk_path("log_tail")), store.logits_spec.temperatures)
-    g.attrs[layout.ATTRS_KEY] = attrs
+        return store
+    tail = topk.tail_summary(store.read_array(layout.topk_path("log_tail")), store.logits_spec.temperatures)
+    write_description(g, replace(store.description, topk_tail_mass=tail))
+    return _store(g, path)
 
 
-def summarize(g: zarr.Group, path: Location, rows_done: int, elapsed: float) -> dict:
+def summarize(store: TeacherStore, path: Location, rows_done: int, elapsed: float) -> dict:
     """Per-view teacher accuracy from the stored logits, sizes per array, the layers the store holds."""
-    store = _store(g, path)
+    g = store.g
     labels = store.labels()
     acc = []
     for v in range(store.views):
@@ -36,5 +41,5 @@ def summarize(g: zarr.Group, path: Location, rows_done: int, elapsed: float) -> 
     sizes = array_sizes(g)
     return {"path": str(path), "views": store.views, "n": store.n, "rows_computed": rows_done, "seconds": elapsed,
             "samples_per_s": rows_done / max(elapsed, 1e-9), "view_accuracy": acc,
-            "teachers": [t["arch"] for t in store.attrs["teachers"]], "store_bytes": sum(sizes.values()),
+            "teachers": [t.arch for t in store.description.teachers], "store_bytes": sum(sizes.values()),
             "layers": sorted(store.layers), "bytes_per_sample_view": bytes_per_sample_view(g, sizes, store.n, store.views)}

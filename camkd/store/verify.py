@@ -16,10 +16,12 @@ import numpy as np
 import torch
 import zarr
 
+import camkd.store.layout as layout
+import camkd.store.topk as topk
 from camkd.data.decode import decoder_versions
 from camkd.data.norm import normalize
 from camkd.errors import CamkdError
-from camkd.store import layout, topk
+from camkd.store.description import TeacherRecord
 from camkd.store.location import Location, listed_sizes
 from camkd.store.reader import TeacherStore, load_cached_data, open_store
 from camkd.store.runner import TeacherRunner
@@ -210,9 +212,9 @@ def _topk_checks(store: TeacherStore, v: int, idx: np.ndarray, logits: torch.Ten
     """(recomputed, stored, dtype, None) per top-k array: the stored logits against the recomputed logits of the
     stored classes (a damaged index shows), the kept values against the recomputed top k, the float32 scalars."""
     got = {name: np.asarray(store.g[layout.topk_path(name)].oindex[v, idx]) for name in layout.TOPK}
-    ref = {name: t.numpy() for name, t in topk.compute(logits, labels, store.logits_spec, store.attrs["dtype"]).items()}
+    dtype = store.description.dtype
+    ref = {name: t.numpy() for name, t in topk.compute(logits, labels, store.logits_spec, dtype).items()}
     index = torch.from_numpy(got["index"].astype(np.int64)).clamp(0, logits.shape[-1] - 1)
-    dtype = store.attrs["dtype"]
     values = layout.topk_path("values")
     # the index through the logits it points at (a damaged class index shows), the values against the recomputed top k
     checks = {f"{layout.topk_path('index')} (the recomputed logits of the stored classes)":
@@ -223,15 +225,15 @@ def _topk_checks(store: TeacherStore, v: int, idx: np.ndarray, logits: torch.Ten
     return checks
 
 
-def _check_same_teachers(stored: list[dict], given: list[dict]) -> None:
+def _check_same_teachers(stored: tuple[TeacherRecord, ...], given: list[dict]) -> None:
     """The -t checkpoints are the store's, in its order: else one line saying how many it has and which differs."""
     if len(given) != len(stored):
-        raise CamkdError(f"the store has {plural(len(stored), 'teacher')} ({', '.join(t['arch'] for t in stored)}), "
+        raise CamkdError(f"the store has {plural(len(stored), 'teacher')} ({', '.join(t.arch for t in stored)}), "
                          f"{len(given)} given with -t; pass all of them, in the store's order")
     for k, (s, g) in enumerate(zip(stored, given)):
-        if s["sha256"] != g["sha256"]:
+        if s.sha256 != g["sha256"]:
             raise CamkdError(f"-t number {k + 1} ({g.get('path', g['arch'])}, sha256 {g['sha256'][:12]}) is not the store's "
-                             f"teacher {k + 1} ({s['arch']}, {s.get('checkpoint', '')} sha256 {s['sha256'][:12]}); pass the "
+                             f"teacher {k + 1} ({s.arch}, {s.checkpoint or ''} sha256 {s.sha256[:12]}); pass the "
                              "store's checkpoints in its order")
 
 
@@ -251,14 +253,14 @@ def _sample_pairs(store: TeacherStore, flags: np.ndarray, sample: int, seed: int
 def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, lines: list[str], *, sample: int, seed: int,
                data_dir: str | None) -> bool:
     """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
-    a = store.attrs
-    _check_same_teachers(a["teachers"], teachers.provenance)
+    d = store.description
+    _check_same_teachers(d.teachers, teachers.provenance)
     # an image folder's sample is decoded in this process (a few hundred files: no worker processes to start)
-    workers = 0 if layout.aug_layout(a["augmentation"]).pixels else None
+    workers = 0 if d.keeps_pixels else None
     train, _, spec = load_cached_data(store, data_dir=data_dir, workers=workers)
     train = train.to(teachers.device)
     pairs = _sample_pairs(store, flags, sample, seed)
-    layers = {name: spec_["index"] for name, spec_ in a["features"].items()}
+    layers = d.layer_indices()
     worst: dict[str, tuple[float, str]] = {}
     mismatch = False
     for v in sorted({p[0] for p in pairs}):
@@ -274,13 +276,13 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
                 mismatch = True
                 first = train.sample_name(int(idx[np.flatnonzero(stored_pixels != hashes)[0]]))
                 lines.append(f"MISMATCH: pixels of view {v} differ from the ones the teachers saw (first: {first}); the "
-                             f"store's decoder: {a.get('decoder_versions')}, this machine's: {decoder_versions()}")
+                             f"store's decoder: {d.folder.decoder_versions}, this machine's: {decoder_versions()}")
             else:
                 lines.append(f"pixels of view {v}: {len(idx)} views decoded from the files match the stored CRC-32s")
         logits, feats = teachers.run(normalize(images, spec.norm), layers)
         if store.logits_spec.kind == "dense":
             checks = {layout.LOGITS: (logits.float().cpu().numpy(),
-                                      np.asarray(store.g[layout.LOGITS].oindex[v, idx]).astype(np.float32), a["dtype"], None)}
+                                      np.asarray(store.g[layout.LOGITS].oindex[v, idx]).astype(np.float32), d.dtype, None)}
         else:
             checks = _topk_checks(store, v, idx, logits.float().cpu(), train.labels[torch.from_numpy(idx).to(train.labels.device)].cpu())
         fdtype = store.feature_dtype

@@ -13,12 +13,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+import camkd.store.layout as layout
+import camkd.store.topk as topk
 from camkd import dist
 from camkd.data import DataSplit
 from camkd.data.augspec import AugSpec
 from camkd.progress import log
-from camkd.store import layout, topk
 from camkd.store.config import CacheConfig
+from camkd.store.description import read_description
 from camkd.store.identity import Target, check_target, identity, open_or_create, remove_partial_files
 from camkd.store.location import Location
 from camkd.store.pipeline import compute_blocks
@@ -41,13 +43,13 @@ def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, lay
     """
     lspec = topk.parse_logits(cfg.logits, cfg.kd_T, train.num_classes)
     spec = train.aug_spec(cfg.aug_seed)
-    ident = identity(cfg, teachers, train, spec, layers, shapes, lspec)
+    made = identity(cfg, teachers, train, spec, layers, shapes, lspec)
     path = cfg.out_path([t["arch"] for t in teachers.provenance])
     # decided (and refused, before any output) by every rank before rank 0 changes anything
-    target = check_target(path, ident, cfg)
+    target = check_target(path, made, cfg)
     samples = {layout.LABELS: train.labels.cpu().numpy(),
                **{layout.files_path(name): a for name, a in train.store_arrays().items()}}
-    aug = layout.aug_layout(ident["augmentation"])
+    aug = made.aug_layout
     block, views, done = _block_rows(cfg, teachers.num_teachers, train, shapes, batch, lspec, aug), cfg.views, None
     if target is Target.CONTINUE:
         block, stored_views, done = _stored(path)
@@ -71,15 +73,15 @@ def write_store(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, lay
     test_acc = test_accuracy() if target is not Target.CONTINUE else None
     with dist.agree("creating or opening the store"):
         if world.main:
-            open_or_create(path, target, ident, cfg, teachers, samples, shapes, test_acc, block)
+            open_or_create(path, target, made, cfg, teachers, samples, shapes, test_acc, block)
     return _fill(path, cfg, teachers, train, spec, shapes, batch, world)
 
 
 def _stored(path: Location) -> tuple[int, int, np.ndarray]:
     """A continued store's rows per block, views and progress flags [views, blocks] (bool)."""
     g = path.open_group("r")
-    attrs = g.attrs[layout.ATTRS_KEY]
-    return attrs["block_rows"], attrs["views"], np.asarray(g[layout.PROGRESS][:]).astype(bool)
+    stored = read_description(g)
+    return stored.block_rows, stored.views, np.asarray(g[layout.PROGRESS][:]).astype(bool)
 
 
 def _complete(path: Location, cfg: CacheConfig, views: int, n: int) -> dict:
@@ -103,10 +105,10 @@ def _fill(path: Location, cfg: CacheConfig, teachers: TeacherRunner, train: Data
           batch: int, world: dist.World) -> dict:
     """This rank's share of the unfinished blocks (unit i goes to rank i mod W: one writer per unit), then the summary."""
     g = path.open_group("r+")
-    attrs = g.attrs[layout.ATTRS_KEY]
-    n, block = len(train), attrs["block_rows"]
+    stored = read_description(g)
+    n, block = len(train), stored.block_rows
     done = np.asarray(g[layout.PROGRESS][:])
-    todo = [(v, b) for v in range(attrs["views"]) for b in range(done.shape[1]) if not done[v, b]]
+    todo = [(v, b) for v in range(stored.views) for b in range(done.shape[1]) if not done[v, b]]
     mine = todo[world.rank :: world.size]
     rows = sum(layout.block_slice(b, n, block).stop - layout.block_slice(b, n, block).start for _, b in mine)
     if done.any() and todo and world.main:
@@ -114,10 +116,9 @@ def _fill(path: Location, cfg: CacheConfig, teachers: TeacherRunner, train: Data
     t0 = time.perf_counter()
     with dist.agree("writing the store"):
         if mine:
-            compute_blocks(g, path, teachers, train, spec, shapes, batch, mine, rows, progress=cfg.progress and world.main)
+            compute_blocks(g, stored, path, teachers, train, spec, shapes, batch, mine, rows, progress=cfg.progress and world.main)
     elapsed = time.perf_counter() - t0
     rows_all = int(dist.all_sum(torch.tensor([rows], dtype=torch.int64, device=train.labels.device)).item())
     if not world.main:
         return {"path": str(path), "rows_computed": rows, "seconds": elapsed}
-    record_tail_mass(g, path)
-    return summarize(g, path, rows_all, elapsed)
+    return summarize(record_tail_mass(g, path), path, rows_all, elapsed)
