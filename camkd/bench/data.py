@@ -4,7 +4,7 @@ Both deliver model-ready training batches of RandomResizedCrop + horizontal-flip
 ImageNet's statistics, on the device:
 
 - camkd: ``FolderDataset.view_batches`` (workers decode, crop and resize with Pillow, hash each uint8 view
-  (CRC-32) and send uint8 batches; the batch is normalized on the device by ``views.normalize``);
+  (CRC-32) and send uint8 batches; the batch is normalized on the device by ``norm.normalize``);
 - torchvision: ``ImageFolder`` + ``DataLoader`` with ``RandomResizedCrop`` / ``RandomHorizontalFlip`` /
   ``ToTensor`` / ``Normalize`` per sample in the workers (float32 batches).
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,34 +105,22 @@ class _TorchvisionPass:
         from torch.utils.data import DataLoader
         from torchvision import datasets, transforms
 
-        from camkd.data.folder import IMAGENET_NORM
+        from camkd.data.folder import IMAGENET_NORM, Replay
 
         tf = transforms.Compose([transforms.RandomResizedCrop(cfg.image_size), transforms.RandomHorizontalFlip(),
                                  transforms.ToTensor(), transforms.Normalize(IMAGENET_NORM.mean, IMAGENET_NORM.std)])
         self.folder, self.device, self.batch = datasets.ImageFolder(str(root / "train"), transform=tf), device, cfg.batch_size
-        self.order: list[int] = []
-        self.loader = DataLoader(self.folder, batch_size=cfg.batch_size, sampler=_Replay(self), num_workers=workers,
+        self.replay = Replay()  # the batches of the next pass: one loader, its workers kept across passes
+        self.loader = DataLoader(self.folder, batch_sampler=self.replay, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
     def __call__(self, order: np.ndarray) -> int:
-        self.order = order.tolist()
+        idx = order.tolist()
+        self.replay.batches = [idx[s : s + self.batch] for s in range(0, len(idx), self.batch)]
         n = 0
         for x, _ in self.loader:
             n += len(x.to(self.device, non_blocking=True))
         return n
-
-
-class _Replay(torch.utils.data.Sampler):
-    """The order the next pass reads (set before each pass, so the loader and its workers stay)."""
-
-    def __init__(self, owner: _TorchvisionPass) -> None:
-        self.owner = owner
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.owner.order)
-
-    def __len__(self) -> int:
-        return len(self.owner.order)
 
 
 def _timed(run: Callable[[np.ndarray], int], order: np.ndarray, device: torch.device) -> float:

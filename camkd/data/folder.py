@@ -140,13 +140,15 @@ def _batch(made: Made) -> Made:
     return made
 
 
-class _Keys(torch.utils.data.Sampler):
-    """The batches of keys the next pass of the loader reads (set before each pass; the loader and its workers stay)."""
+class Replay(torch.utils.data.Sampler):
+    """A DataLoader's ``batch_sampler`` that reads the batches set before each pass, so one loader and its
+    (persistent, spawn-started) workers serve every pass: ``replay.batches = [...]`` then iterate the loader.
+    Here a batch is a list of (view, index, seed) keys; the data benchmark replays plain indices through it."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int, int]]] = []
+        self.batches: list[list] = []
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list]:
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -166,7 +168,7 @@ class FolderDataset:
     size: int
     workers: int
     _loader: DataLoader | None = field(default=None, repr=False, compare=False)
-    _keys: _Keys = field(default_factory=_Keys, repr=False, compare=False)
+    _keys: Replay = field(default_factory=Replay, repr=False, compare=False)
 
     @classmethod
     def of(cls, listing: Listing, size: int, workers: int) -> FolderDataset:
