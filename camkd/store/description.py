@@ -6,7 +6,8 @@ format has always had and leaves out what a store does not record (no test accur
 fields for in-memory data), so a description parsed from a store writes back the same bytes. Fields added to
 the format later are optional here and get their old meaning when absent (a store from before
 ``teacher_precision`` ran its teachers in fp32, one before ``folder_whole`` is not known to hold a whole folder).
-Keys this camkd does not know are kept as they are (``extra``).
+Keys this camkd does not know are kept as they are (``extra``). A field the format gains later is added here
+the same way: optional, with a property that gives a store without it its old meaning.
 """
 
 from __future__ import annotations
