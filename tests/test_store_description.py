@@ -4,6 +4,7 @@ the format later read with their old meaning when a store from before them is op
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,3 +83,14 @@ def test_fields_added_later_get_their_old_meaning():
     assert d.to_attrs() == attrs and list(d.to_attrs()) == list(attrs)
     more = replace(d, views=3).to_attrs()
     assert more["views"] == 3 and "teacher_precision" not in more and "folder_whole" not in more
+
+
+def test_no_module_reads_store_attrs_by_key_but_the_description():
+    """Store metadata is read through StoreDescription only; the format check (layout.check_format) and the logits
+    spec's parser (topk.LogitsSpec.from_attrs, called by the description) read the raw attrs before it exists."""
+    root = Path(__file__).resolve().parents[1] / "camkd"
+    allowed = {"store/description.py", "store/layout.py", "store/topk.py"}
+    raw = re.compile(r"""attrs\[['"]|attrs\.get\(['"]""")
+    found = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py")) if str(p.relative_to(root)) not in allowed
+             for i, line in enumerate(p.read_text().splitlines(), 1) if raw.search(line)]
+    assert found == []
