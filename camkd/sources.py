@@ -30,6 +30,7 @@ from camkd.methods import TeacherOut
 from camkd.precision import Precision
 from camkd.store import topk
 from camkd.store.reader import FeatureStream, TeacherStore
+from camkd.store.viewcheck import first_differing_row, pixels_differ_why
 from camkd.teachers import Teacher, prepare, run_teachers, stored_heads
 
 Streamed = dict[str, list[np.ndarray]]
@@ -204,21 +205,15 @@ class StoreTeachers:
             self.stager.close()
 
     def check_view(self, view: int, idx: np.ndarray, params: torch.Tensor, hashes: np.ndarray | None) -> None:
-        """The batch's replayed parameters equal the stored ones, and its views' CRC-32s the stored ones (on the host)."""
-        stored = self._aug[idx]
-        if not np.array_equal(stored, params.numpy()):
-            row = int(np.flatnonzero((stored != params.numpy()).any(axis=1))[0])
+        """The batch's replayed parameters equal the stored ones, and its views' CRC-32s the stored ones (on the host):
+        :mod:`camkd.store.viewcheck`, the check cache-verify runs too."""
+        row = first_differing_row(self._aug[idx], params.numpy())
+        if row is not None:
             raise CamkdError(f"{self.store.path}: the stored augmentation of view {view} differs from its seeded replay "
                              f"(first: {self.sample_name(int(idx[row]))}); the store was made by an incompatible camkd; re-cache")
-        if self._pixels is not None and not np.array_equal(self._pixels[idx], hashes):
-            row = int(np.flatnonzero(self._pixels[idx] != hashes)[0])
-            stored, here = self.store.description.folder.decoder_versions, decoder_versions()
-            if stored == here:  # the same decoder, so the file itself changed (its size did not: the listing matched)
-                why = (f"this machine decodes with the store's versions ({_versions(here)}), so the file's content changed "
-                       "since the store was written; restore it, or re-cache from this folder")
-            else:
-                why = (f"the store's decoder: {_versions(stored)}; this machine's: {_versions(here)}; distill with the "
-                       "store's decoder versions (or re-cache on this machine)")
+        row = None if self._pixels is None else first_differing_row(self._pixels[idx], hashes)
+        if row is not None:
+            why = pixels_differ_why(self.store.description.folder.decoder_versions, decoder_versions())
             raise CamkdError(f"{self.store.path}: the pixels of {self.sample_name(int(idx[row]))} in view {view} differ from "
                              f"the ones the teachers saw; {why}")
 
@@ -263,11 +258,6 @@ class LiveTeachers:
         logits, feats = run_teachers(self.teachers, x, self.layer_index, self.precision)
         feats = {k: [f.clone() for f in v] for k, v in feats.items()}  # out of inference mode, usable by autograd ops
         return TeacherOut(logits=logits.clone(), features=feats, heads=self.heads)
-
-
-def _versions(v: dict | None) -> str:
-    """``pillow 13.0.0, libjpeg_turbo 3.2.0, ...``: decoder versions in one line."""
-    return ", ".join(f"{k} {val}" for k, val in (v or {}).items()) or "not recorded"
 
 
 def check_layers(available: dict[str, list], needed: tuple[str, ...], where: str) -> None:

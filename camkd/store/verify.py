@@ -26,6 +26,7 @@ from camkd.store.location import Location, listed_sizes
 from camkd.store.reader import TeacherStore, load_cached_data, open_store
 from camkd.store.runner import TeacherRunner
 from camkd.store.sizes import is_view_array, walk_arrays
+from camkd.store.viewcheck import first_differing_row, pixels_differ_why
 from camkd.words import plural
 
 RERUN = "rerun the same cache-teachers command"
@@ -267,16 +268,17 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
         idx = np.array([i for vv, i in pairs if vv == v], dtype=np.int64)
         stored_aug = np.asarray(store.g[layout.AUG].oindex[v, idx])
         images, params, hashes = next(train.view_batches(spec, v, [idx], teachers.device))
-        if not np.array_equal(stored_aug, params.numpy()):
+        row = first_differing_row(stored_aug, params.numpy())  # the view check distillation runs (viewcheck)
+        if row is not None:
             mismatch = True
-            lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay")
+            lines.append(f"MISMATCH: augmentation parameters of view {v} differ from the seeded replay (first: "
+                         f"{train.sample_name(int(idx[row]))})")
         if hashes is not None:  # an image-folder store: the views decoded here against the pixels the teachers saw
-            stored_pixels = np.asarray(store.g[layout.PIXELS].oindex[v, idx])
-            if not np.array_equal(stored_pixels, hashes):
+            row = first_differing_row(np.asarray(store.g[layout.PIXELS].oindex[v, idx]), hashes)
+            if row is not None:
                 mismatch = True
-                first = train.sample_name(int(idx[np.flatnonzero(stored_pixels != hashes)[0]]))
-                lines.append(f"MISMATCH: pixels of view {v} differ from the ones the teachers saw (first: {first}); the "
-                             f"store's decoder: {d.folder.decoder_versions}, this machine's: {decoder_versions()}")
+                lines.append(f"MISMATCH: pixels of view {v} differ from the ones the teachers saw (first: "
+                             f"{train.sample_name(int(idx[row]))}); {pixels_differ_why(d.folder.decoder_versions, decoder_versions())}")
             else:
                 lines.append(f"pixels of view {v}: {len(idx)} views decoded from the files match the stored CRC-32s")
         logits, feats = teachers.run(normalize(images, spec.norm), layers)
