@@ -207,7 +207,7 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
                            teacher_feat_shapes={layer: shapes[layer] for layer in layers}, loss=cfg.loss).to(device)
     meta = {"arch": model.arch, "method": cfg.method, "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
-            "teachers": shas, "options": _recorded_options(cfg)}
+            "teachers": shas, "options": _recorded_options(cfg), "reopen": data.test.reopen.to_dict()}  # evaluate's
     identity = {k: meta[k] for k in ("arch", "method", "dataset_fingerprint", "teachers")}
     r = fit(model, method, source, data, optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)
     return {"arch": model.arch, "method": cfg.method, "out": str(folder.path), "last_top1": r.last_top1,

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from camkd import dist
-from camkd.data import DataSplit
+from camkd.data import DataSplit, SplitOptions, dataset_kind
+from camkd.data.base import RUNTIME_OPTIONS
 from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.precision import Precision
@@ -53,17 +54,14 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
                      path: str = "the checkpoint") -> tuple[DataSplit, str]:
     """The ``split`` a camkd checkpoint's run used, on the CPU, and a few words saying which samples these are.
 
-    The checkpoint's meta names the dataset, classes, channels, image size and normalization, and its saved
-    options the loader options and data folder (``data_dir`` overrides the folder). ``test`` is the
-    test split the run evaluated on each epoch, opened with the options the run opened it with: a teacher's or a
-    student's trained from the dataset (``--online`` without a store), their loader options (``--image-size``, a
-    synthetic set's size); a student's trained from a store, the store's (its image size, recorded in the meta:
-    :func:`camkd.store.reader.store_test_options`). ``train`` is the run's training samples (its
-    ``--limit``, or for a student trained from a store the store's samples, read through the
+    The checkpoint's meta names the dataset, classes, channels, image size and normalization, and how its data
+    opens again (``reopen``: :class:`~camkd.data.SplitOptions`, the options the run's splits were opened with, a
+    store's for a student trained from one); its saved options give the data folder (``data_dir`` overrides it) and
+    the decoding processes. ``test`` is the test split the run evaluated on each epoch. ``train`` is the run's
+    training samples (its ``--limit``, or for a student trained from a store the store's samples, read through the
     store), checked against the fingerprint the checkpoint recorded. ``limit``: the first N of those.
     """
-    from camkd.data import Normalization, load_split
-    from camkd.store.reader import store_test_options
+    from camkd.data import Normalization
 
     meta = ckpt.get("meta") or {}
     missing = [k for k in ("arch", "dataset", "num_classes", "in_channels") if k not in meta]
@@ -76,24 +74,17 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
     data = opts.get("data") or {}
     name = meta["dataset"]
     folder = data_dir if data_dir is not None else data.get("data_dir")
+    reopen = SplitOptions.from_dict(meta["reopen"]) if meta.get("reopen") else _reopen_before(meta, opts)
+    runtime = {k: v for k, v in (data.get("options") or {}).items() if k in RUNTIME_OPTIONS and v is not None}
     what = "the test split"
-    if data.get("dataset") and not opts.get("cache"):  # a teacher, or a student trained --online from the dataset
-        loader = dict(data.get("options") or {})
-        if split == "train":
-            ds = load_split(name, "train", data_dir=folder, limit=data.get("limit"), **loader)
-            what = "the run's training samples"
-        else:
-            ds = load_split(name, "test", data_dir=folder, **loader)
-    else:  # a student trained from a store (--online with one too): the store fixed the samples and their size
-        loader = store_test_options(name, num_classes=meta["num_classes"], image_size=meta.get("image_size"),
-                                    in_channels=meta["in_channels"])
-        if (data.get("options") or {}).get("workers") is not None:  # decoding processes: the same pixels, as the run's
-            loader["workers"] = data["options"]["workers"]
-        if split == "train":
-            ds = _store_train(opts.get("cache"), folder, path)
-            what = "the run's training samples (the store's)"
-        else:
-            ds = load_split(name, "test", data_dir=folder, **loader)
+    if split == "test":
+        ds = reopen.load("test", data_dir=folder, **runtime)
+    elif opts.get("cache"):  # a student trained from a store: the store fixed its samples
+        ds = _store_train(opts.get("cache"), folder, path)
+        what = "the run's training samples (the store's)"
+    else:
+        ds = reopen.load("train", data_dir=folder, limit=data.get("limit"), **runtime)
+        what = "the run's training samples"
     if split == "train" and meta.get("dataset_fingerprint") and ds.fingerprint != meta["dataset_fingerprint"]:
         raise CamkdError(f"the {name} training samples here differ from the ones {path} was trained on (fingerprint "
                          f"{meta['dataset_fingerprint'][:12]}); give the --data-dir it was trained with")
@@ -108,6 +99,20 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
             what = f"the first {limit} of {what}"
         ds = ds.limit(limit)
     return ds, what
+
+
+def _reopen_before(meta: dict, opts: dict) -> SplitOptions:
+    """How a checkpoint from before ``reopen`` was recorded opens its data: a run trained from the dataset with its
+    own loader options; one trained from a store with the store's form (what its reader then derived from the data's
+    kind: a generated set's classes, size and channels, an image folder's size)."""
+    name, kind = meta["dataset"], dataset_kind(meta["dataset"])
+    data = opts.get("data") or {}
+    if data.get("dataset") and not opts.get("cache"):
+        return SplitOptions(name, {k: v for k, v in (data.get("options") or {}).items() if k not in RUNTIME_OPTIONS}, kind)
+    form = {"generated": {"num_classes": meta["num_classes"], "image_size": meta.get("image_size"),
+                          "channels": meta["in_channels"]},
+            "files": {"image_size": meta.get("image_size")}}.get(kind, {})
+    return SplitOptions(name, form, kind)
 
 
 def _store_train(cache: str | None, data_dir: str | None, path: str) -> DataSplit:

@@ -8,8 +8,7 @@ from pathlib import Path
 from camkd import dist
 from camkd.checkpoint import load_checkpoint
 from camkd.config import DataConfig, OptimConfig, RunConfig
-from camkd.data import check_dataset, load_split
-from camkd.data.folder import FOLDER_DATASETS
+from camkd.data import check_dataset, dataset_kind, load_split
 from camkd.data.noise import apply_label_noise, check_rate
 from camkd.fit import FitResult, fit
 from camkd.job import Hooks, TrainData, build_model, check_batch_size, resolve_lr, small_lr, start_run
@@ -41,7 +40,7 @@ def recipe(dataset: str) -> OptimConfig:
     after 150/180/210, momentum 0.9, weight decay 5e-4. Image folders: torchvision's ImageNet reference: 90 epochs
     of batch 256, decay x0.1 after 30/60/80, momentum 0.9, weight decay 1e-4. Both: no nesterov, no dropped batch.
     """
-    if dataset in FOLDER_DATASETS:
+    if dataset_kind(dataset) == "files":
         return OptimConfig(epochs=90, batch_size=256, lr=None, lr_decay_epochs=[30, 60, 80], lr_decay_rate=0.1,
                            momentum=0.9, weight_decay=1e-4, nesterov=False, drop_last=False)
     return OptimConfig(nesterov=False, drop_last=False, lr=None)
@@ -59,7 +58,7 @@ def resolve_recipe(optim: OptimConfig, dataset: str, arch: str, recorded: dict |
     keys = (*RECIPE_FIELDS, "lr")
     out = replace(optim, **{k: recorded[k] for k in keys if getattr(optim, k) is None and recorded.get(k) is not None})
     out = replace(out, **{k: getattr(base, k) for k in RECIPE_FIELDS if getattr(out, k) is None})
-    if out.lr is None and dataset in FOLDER_DATASETS:
+    if out.lr is None and dataset_kind(dataset) == "files":
         out = replace(out, lr=(FOLDER_SMALL_LR_PER_256 if small_lr(arch) else FOLDER_LR_PER_256) * out.batch_size / 256)
     return resolve_lr(out, arch)
 
@@ -126,7 +125,8 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     spec = train.aug_spec(cfg.aug_seed)
     meta = {"arch": model.arch, "method": "ce", "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
-            "num_train": len(train), "normalization": train.norm.to_dict(), "label_noise": noise, "options": asdict(cfg)}
+            "num_train": len(train), "normalization": train.norm.to_dict(), "label_noise": noise, "options": asdict(cfg),
+            "reopen": test.reopen.to_dict()}  # how evaluate opens its data again
     identity = {k: meta[k] for k in ("arch", "dataset", "dataset_fingerprint", "label_noise")}
     r: FitResult = fit(model, method, NoTeachers(), TrainData(train, test, spec, views=cfg.optim.epochs),
                        optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)

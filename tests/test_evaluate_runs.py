@@ -148,3 +148,67 @@ def test_small_lr_archs_and_their_torchvision_forms(arch):
         assert resolve_recipe(optim, "imagefolder", arch).lr == 0.02  # a fifth of 0.1 per 256, at batch 256
         assert resolve_recipe(optim, "tinyimagenet", arch).batch_size == 256
     assert default_lr("tv:resnet18") == 0.05 and resolve_recipe(distill_optim(), "imagefolder", "tv:resnet18").lr == 0.1
+
+
+# -- every run and store records how its data opens again (SplitOptions) ---------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_runs_and_stores_record_how_their_data_reopens(runs, kind):
+    """The store and every checkpoint carry the options that reopen the data (16 px, the loader's defaults made
+    explicit); a student from the store records the store's."""
+    from camkd.data import SplitOptions
+    from camkd.store import open_store
+
+    stored = open_store(runs[kind]["store"]).description
+    assert stored.reopen is not None and stored.split_options.options["image_size"] == int(SIZE)
+    for run in RUNS:
+        reopen = SplitOptions.from_dict(torch.load(runs[kind][run] / "last.pth", weights_only=False)["meta"]["reopen"])
+        assert reopen.dataset == kind and reopen.options["image_size"] == int(SIZE)
+        assert reopen.needs_data_dir == (kind != "synthetic") and "workers" not in reopen.options
+    cached = torch.load(runs[kind]["cached"] / "last.pth", weights_only=False)["meta"]["reopen"]
+    assert cached == stored.reopen
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpoint_from_before_reopen_evaluates_as_it_trained(runs, kind, run, tmp_path):
+    """A checkpoint written before ``reopen`` was recorded (the key removed) opens its data as before: evaluate still
+    equals its metrics."""
+    ckpt = torch.load(runs[kind][run] / "last.pth", weights_only=False)
+    del ckpt["meta"]["reopen"]
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "last.pth")
+    got = _evaluate(tmp_path / "old")
+    _agree(got, _last_metrics(runs[kind][run]))
+
+
+def test_a_store_from_before_reopen_serves_its_data(runs, tmp_path):
+    """A store whose attrs lack ``reopen`` (an earlier camkd's) gives its data the old meaning: a student trains from
+    it, and evaluate of that student equals its metrics."""
+    import shutil
+
+    import zarr
+
+    for kind in ("synthetic", "imagefolder"):
+        old = tmp_path / f"{kind}.zarr"
+        shutil.copytree(runs[kind]["store"], old)
+        g = zarr.open_group(str(old), mode="r+")
+        attrs = dict(g.attrs["camkd"])
+        del attrs["reopen"]
+        g.attrs["camkd"] = attrs
+        root = runs[kind]["root"]
+        out = tmp_path / f"{kind}_student"
+        _cli("distill", "-m", "resnet8", "--method", "kd", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "-q",
+             "-c", old, *(("--data-dir", root, "--workers", "0") if root else ()), "--out", out)
+        _agree(_evaluate(out), _last_metrics(out))
+        assert _evaluate(out)["samples"] == _evaluate(runs[kind]["cached"])["samples"]  # the same test split
+
+
+def test_no_reader_of_a_split_branches_on_the_datasets_name():
+    """reader, evaluate and train reopen a split by its recorded options and the data's kind, not by its name."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "camkd"
+    for path in ("store/reader.py", "evaluate.py", "train.py"):
+        text = (root / path).read_text()
+        assert '"synthetic"' not in text and "FOLDER_DATASETS" not in text, path

@@ -9,8 +9,9 @@ Names: ``cifar100``, ``cifar10``, ``fashion-mnist``, ``synthetic`` (in memory) a
 from __future__ import annotations
 
 from camkd.data import cifar, fashion_mnist, folder, synthetic  # noqa: F401 - registration happens on import
-from camkd.data.base import DATASETS, DataSplit, check_dataset, dataset_names, load_dataset, load_split
+from camkd.data.base import DATASETS, DataSplit, SplitOptions, check_dataset, dataset_kind, dataset_names, load_dataset, load_split
 from camkd.data.inmemory import Dataset
 from camkd.data.norm import Normalization
 
-__all__ = ["DATASETS", "DataSplit", "Dataset", "Normalization", "check_dataset", "dataset_names", "load_dataset", "load_split"]
+__all__ = ["DATASETS", "DataSplit", "Dataset", "Normalization", "SplitOptions", "check_dataset", "dataset_kind", "dataset_names",
+           "load_dataset", "load_split"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +35,7 @@ class DataSplit(Protocol):
     labels: torch.Tensor  # int64 [N], on the device the split was moved to
     num_classes: int
     norm: Normalization
+    reopen: SplitOptions | None  # how to open this dataset's splits again (set by load_dataset)
 
     @property
     def fingerprint(self) -> str: ...
@@ -91,10 +93,65 @@ def limits(n: int | None, size: int, name: str, split: str) -> bool:
 Loader = Callable[..., DataSplit]
 DATASETS: Registry[Loader] = Registry("dataset")  # filled by the loader modules, which camkd/data/__init__.py imports
 
+KINDS = ("files", "arrays", "generated")
+"""What a dataset is made of, which decides what ``--data-dir`` is to it and which recipe trains on it: ``files``,
+image files read from ``--data-dir`` (required) at any size, trained with torchvision's recipe; ``arrays``, a
+dataset's array files loaded whole into memory (``--data-dir`` optional: a default place, or ``--download``), the
+reference's 32-px recipe; ``generated``, made in memory (no ``--data-dir``)."""
+_KIND: dict[str, str] = {}
+RUNTIME_OPTIONS = ("workers",)  # how a split is read, not which images it holds: never part of how it is reopened
+FORM_OPTIONS = (("image_size", "image_size"), ("num_classes", "num_classes"), ("channels", "in_channels"))
+"""Loader options that fix the form of a split's images, and the split's attribute that holds the value used (a
+default made explicit, so a split reopens at the size it was opened at even if the default changes)."""
 
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: register a loader ``fn(*, split, data_dir, download, **options) -> Dataset`` under ``name``."""
+
+def register_dataset(name: str, *, kind: str = "arrays") -> Callable[[Loader], Loader]:
+    """Decorator: register a loader ``fn(*, split, data_dir, download, **options) -> Dataset`` under ``name``, a
+    dataset of ``kind`` (:data:`KINDS`)."""
+    if kind not in KINDS:
+        raise ValueError(f"dataset kind {kind!r} is not one of {KINDS}")
+    _KIND[name] = kind
     return DATASETS.register(name)
+
+
+def dataset_kind(name: str) -> str:
+    """The :data:`KINDS` entry of dataset ``name`` (refused, one line, when the name is unknown)."""
+    return _KIND[DATASETS.resolve(name)]
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """What reopens a dataset's splits as a run saw them: the registered name, what ``--data-dir`` is to it (its
+    :data:`KINDS` entry) and the loader options that fix its samples and their form (an image size, a synthetic
+    set's classes, channels and size), defaults made explicit. A store and every checkpoint record it, so a reader
+    (evaluate, the store's reader) opens the test split with it and asks nothing about which dataset it is."""
+
+    dataset: str
+    options: dict
+    kind: str = "arrays"
+
+    @property
+    def needs_data_dir(self) -> bool:
+        return self.kind == "files"
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "kind": self.kind, "options": dict(self.options)}
+
+    @staticmethod
+    def from_dict(d: dict) -> SplitOptions:
+        return SplitOptions(dataset=d["dataset"], options=dict(d.get("options") or {}), kind=d.get("kind", "arrays"))
+
+    def load(self, split: str, *, device: torch.device | str = "cpu", data_dir: str | Path | None = None,
+             limit: int | None = None, **runtime) -> DataSplit:
+        """``split`` opened as recorded; ``runtime``: :data:`RUNTIME_OPTIONS` (how it is read, e.g. ``workers``)."""
+        return load_split(self.dataset, split, device=device, data_dir=data_dir, limit=limit, **self.options, **runtime)
+
+
+def _split_options(name: str, loader: Loader, options: dict, ds: DataSplit) -> SplitOptions:
+    taken = inspect.signature(loader).parameters
+    kept = {k: v for k, v in options.items() if k not in RUNTIME_OPTIONS}
+    kept.update({opt: getattr(ds, attr) for opt, attr in FORM_OPTIONS if opt in taken})
+    return SplitOptions(dataset=name, options=kept, kind=dataset_kind(name))
 
 
 def dataset_names() -> list[str]:
@@ -129,7 +186,7 @@ def load_dataset(
     """Load ``split`` ('train' or 'test') of dataset ``name`` into memory (CPU)."""
     check_dataset(name)
     if data_dir is not None and not download and not Path(data_dir).is_dir():
-        if name == "synthetic":  # generated in memory: no files to find
+        if dataset_kind(name) == "generated":  # made in memory: no files to find
             raise CamkdError("--data-dir does not apply to synthetic data (it is generated, not read from files); drop it")
         raise CamkdError(f"--data-dir {data_dir} does not exist; give the folder that holds the {name} files (or add --download)")
     if split not in ("train", "test"):
@@ -137,6 +194,7 @@ def load_dataset(
     loader = DATASETS.get(name)
     _check_options(name, loader, options)
     ds = loader(split=split, data_dir=Path(data_dir) if data_dir else None, download=download, **options)
+    ds.reopen = _split_options(name, loader, options, ds)
     return ds.limit(limit)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from camkd.data.augspec import AugSpec
-from camkd.data.base import ViewBatch, register_dataset
+from camkd.data.base import SplitOptions, ViewBatch, register_dataset
 from camkd.data.decode import DECODER, decoder_versions, eval_view_into, open_image, pixel_hashes, train_view_into
 from camkd.data.listing import LISTERS, Listing
 from camkd.data.norm import Normalization
@@ -169,6 +169,7 @@ class FolderDataset:
     workers: int
     _loader: DataLoader | None = field(default=None, repr=False, compare=False)
     _keys: Replay = field(default_factory=Replay, repr=False, compare=False)
+    reopen: SplitOptions | None = field(default=None, repr=False, compare=False)  # set by load_dataset
 
     @classmethod
     def of(cls, listing: Listing, size: int, workers: int) -> FolderDataset:
@@ -192,7 +193,8 @@ class FolderDataset:
         return hashlib.sha256(f"{self.listing.fingerprint}|{self.size}".encode()).hexdigest()
 
     def _with(self, listing: Listing, labels: torch.Tensor) -> FolderDataset:
-        return FolderDataset(self.name, self.split, listing, labels, self.num_classes, self.norm, self.size, self.workers)
+        return FolderDataset(self.name, self.split, listing, labels, self.num_classes, self.norm, self.size, self.workers,
+                             reopen=self.reopen)
 
     def limit(self, n: int | None) -> FolderDataset:
         """The first ``n`` files (all when None); the classes stay whole."""
@@ -288,7 +290,7 @@ def load_folder(name: str, split: str, data_dir: Path | None, image_size: int | 
     return FolderDataset.of(LISTERS[name](data_dir, split), size, workers)
 
 
-@register_dataset("imagefolder")
+@register_dataset("imagefolder", kind="files")
 def imagefolder(*, split: str, data_dir: Path | None, download: bool = False, image_size: int | None = None,
                 workers: int | None = None) -> FolderDataset:
     """ImageNet's layout: ROOT/train/CLASS/* and ROOT/val/CLASS/*, classes by sorted folder name."""
@@ -296,7 +298,7 @@ def imagefolder(*, split: str, data_dir: Path | None, download: bool = False, im
     return load_folder("imagefolder", split, data_dir, image_size, workers)
 
 
-@register_dataset("tinyimagenet")
+@register_dataset("tinyimagenet", kind="files")
 def tinyimagenet(*, split: str, data_dir: Path | None, download: bool = False, image_size: int | None = None,
                  workers: int | None = None) -> FolderDataset:
     """tiny-imagenet-200 as distributed (wnids.txt, train/WNID/images/*, val/images/* + val_annotations.txt)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from camkd.data.augspec import AugSpec
-from camkd.data.base import ViewBatch, limits
+from camkd.data.base import SplitOptions, ViewBatch, limits
 from camkd.data.norm import Normalization
 from camkd.data.views import apply_params, view_params
 
@@ -31,6 +31,7 @@ class Dataset:
     num_classes: int
     norm: Normalization
     _fingerprint: str | None = field(default=None, repr=False)
+    reopen: SplitOptions | None = field(default=None, repr=False, compare=False)  # set by load_dataset
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -65,17 +66,20 @@ class Dataset:
         """The first ``n`` samples (all when ``n`` is None); more than the split holds is refused, not capped."""
         if not limits(n, len(self), self.name, self.split):
             return self
-        return Dataset(self.name, self.split, self.images[:n].clone(), self.labels[:n].clone(), self.num_classes, self.norm)
+        return Dataset(self.name, self.split, self.images[:n].clone(), self.labels[:n].clone(), self.num_classes, self.norm,
+                       reopen=self.reopen)
 
     def to(self, device: torch.device | str) -> Dataset:
         """Move images and labels to ``device`` once; the fingerprint is kept."""
         return Dataset(
-            self.name, self.split, self.images.to(device), self.labels.to(device), self.num_classes, self.norm, self._fingerprint
+            self.name, self.split, self.images.to(device), self.labels.to(device), self.num_classes, self.norm, self._fingerprint,
+            reopen=self.reopen,
         )
 
     def subset(self, lo: int, hi: int) -> Dataset:
         """Samples lo..hi-1, sharing the images (views, not copies)."""
-        return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.num_classes, self.norm)
+        return Dataset(self.name, self.split, self.images[lo:hi], self.labels[lo:hi], self.num_classes, self.norm,
+                       reopen=self.reopen)
 
     def aug_spec(self, seed: int) -> AugSpec:
         """The 32-px recipe (views.py): pad 4, crop, flip."""

@@ -59,7 +59,7 @@ def check_generated_size(num_samples: int, channels: int, image_size: int) -> No
                          f"than the {human(free[0])} of {free[1]}; lower --image-size")
 
 
-@register_dataset("synthetic")
+@register_dataset("synthetic", kind="generated")
 def synthetic(
     *,
     split: str,

@@ -18,7 +18,7 @@ from functools import cached_property
 import zarr
 
 import camkd.store.layout as layout
-from camkd.data import Normalization
+from camkd.data import Normalization, SplitOptions, dataset_kind
 from camkd.data.augspec import AugSpec
 from camkd.store.topk import LogitsSpec
 
@@ -154,6 +154,7 @@ class StoreDescription:
     feature_scale: str | None = None  # int8 stores: in words
     teacher_test_accuracy: list[float] | None = None
     topk_tail_mass: dict | None = None  # a finished top-k store's tail mass per temperature (summary.py)
+    reopen: dict | None = None  # SplitOptions.to_dict() of the data (None: a store from before; see split_options)
     extra: dict = field(default_factory=dict)  # keys this camkd does not know, kept as they are
 
     # -- what readers ask -------------------------------------------------------------------------
@@ -206,6 +207,17 @@ class StoreDescription:
         return [layout.AUG, layout.PROGRESS] + self.logit_arrays() + self.feature_arrays() \
             + ([layout.PIXELS] if self.keeps_pixels else [])
 
+    @property
+    def split_options(self) -> SplitOptions:
+        """How to open the store's dataset again (its test split, its training samples): as recorded, or, for a
+        store from before it was recorded, what its reader then derived from the data's kind and recorded form."""
+        if self.reopen is not None:
+            return SplitOptions.from_dict(self.reopen)
+        ds, kind = self.dataset, dataset_kind(self.dataset.name)
+        form = {"generated": {"num_classes": ds.num_classes, "image_size": ds.image_size, "channels": ds.in_channels},
+                "files": {"image_size": ds.image_size}}.get(kind, {})
+        return SplitOptions(dataset=ds.name, options=form, kind=kind)
+
     def layer_indices(self) -> dict[str, int]:
         return {name: spec.index for name, spec in self.features.items()}
 
@@ -227,7 +239,8 @@ class StoreDescription:
         """Parse a store's attrs (checked by layout.check_format first: the required keys are there)."""
         known = {"format_version", "dataset", "augmentation", "teachers", "teacher_precision", "teacher_channels_last",
                  "dtype", "feature_dtype", "compressor", "logits", "features", *FOLDER_KEYS, "views", "block_rows",
-                 "camkd_version", "arrays", "compression", "feature_scale", "teacher_test_accuracy", "topk_tail_mass"}
+                 "camkd_version", "arrays", "compression", "feature_scale", "teacher_test_accuracy", "topk_tail_mass",
+                 "reopen"}
         return StoreDescription(
             dataset=DataIdentity.from_attrs(a["dataset"]), augmentation=a["augmentation"],
             teachers=tuple(TeacherRecord.from_attrs(t) for t in a["teachers"]), dtype=a["dtype"],
@@ -238,6 +251,7 @@ class StoreDescription:
             block_rows=a.get("block_rows"), camkd_version=a.get("camkd_version"), arrays=a.get("arrays"),
             compression=a.get("compression"), feature_scale=a.get("feature_scale"),
             teacher_test_accuracy=a.get("teacher_test_accuracy"), topk_tail_mass=a.get("topk_tail_mass"),
+            reopen=a.get("reopen"),
             extra={k: v for k, v in a.items() if k not in known})
 
     def to_attrs(self) -> dict:
@@ -250,6 +264,7 @@ class StoreDescription:
                     "logits": self.logits.to_dict(),
                     "features": {name: spec.to_attrs() for name, spec in self.features.items()}})
         out.update(self.folder.to_attrs())
+        out.update(_present([("reopen", self.reopen)]))
         out.update(_present((k, getattr(self, k)) for k in ("views", "block_rows", "camkd_version", "arrays", "compression",
                                                              "feature_scale", "teacher_test_accuracy", "topk_tail_mass")))
         out.update(self.extra)

@@ -56,6 +56,7 @@ def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: 
         dtype=cfg.dtype, feature_dtype=cfg.stored_feature_dtype, compressor=cfg.compressor, logits=logits,
         features={name: LayerSpec(idx, tuple(tuple(s) for s in shapes[name])) for name, idx in layers.items()},
         folder=FolderFields.from_attrs(train.store_attrs()),  # image folders: data kind, decoder and versions, classes
+        reopen=train.reopen.to_dict() if train.reopen is not None else None,  # recorded beside, not compared
     )
 
 

@@ -22,7 +22,6 @@ import camkd.store.layout as layout
 import camkd.store.topk as topk
 from camkd.data import DataSplit, load_dataset
 from camkd.data.augspec import AugSpec
-from camkd.data.folder import FOLDER_DATASETS
 from camkd.data.listing import Listing, check_none_added, check_unchanged
 from camkd.errors import CamkdError
 from camkd.store.description import LayerSpec, read_description
@@ -197,35 +196,24 @@ def check_expect(store: TeacherStore, e: Expect) -> None:
                          "rerun the same cache-teachers command to finish it")
 
 
-def store_test_options(name: str, *, num_classes: int, image_size: int | None, in_channels: int | None) -> dict:
-    """The loader options of the test split a store of dataset ``name`` serves, from what the store records of its
-    data (a student trained from the store records the same numbers, so ``camkd evaluate`` reopens this split)."""
-    if name == "synthetic":
-        return {"num_classes": num_classes, "image_size": image_size, "channels": in_channels}
-    if name in FOLDER_DATASETS:  # the store fixes the image size
-        return {"image_size": image_size}
-    return {}
-
-
 def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
                      workers: int | None = None) -> tuple[DataSplit, DataSplit, AugSpec]:
     """The training split a store was made from, its test split, and its augmentation: the one place that checks a
     store against the data here (the fingerprint, and that this camkd replays the store's augmentation).
     ``workers``: decoding processes of an image-folder dataset (None: its default; refused by in-memory ones)."""
     d, ds = store.description, store.description.dataset
-    if data_dir is None and ds.name in FOLDER_DATASETS:  # said here, in the store's words: no --dataset was given
+    reopen = d.split_options  # how the store's data opens again (recorded; a store from before: derived)
+    if data_dir is None and reopen.needs_data_dir:  # said here, in the store's words: no --dataset was given
         raise CamkdError(f"{store.path} was cached from {ds.name} image files: give --data-dir, the folder that holds "
                          "its train/ and val/")
-    test_opts: dict = {} if workers is None else {"workers": workers}
-    test_opts.update(store_test_options(ds.name, num_classes=ds.num_classes, image_size=ds.image_size,
-                                        in_channels=ds.in_channels))
-    candidates = [test_opts]
-    if ds.name == "synthetic":  # a set of exactly n samples (options num_samples), or the first n of the default set (--limit)
-        candidates = [dict(test_opts, num_samples=ds.n), test_opts]
+    runtime: dict = {} if workers is None else {"workers": workers}
+    candidates = [reopen.options]
+    if d.reopen is None and reopen.kind == "generated":  # a store from before: a set of exactly n samples (options
+        candidates = [dict(reopen.options, num_samples=ds.n), reopen.options]  # num_samples), or the first n (--limit)
     files = data_dir is not None and layout.files_path("path") in store.g  # an image folder: name the first changed file
     for opts in candidates:
         try:
-            train = load_dataset(ds.name, ds.split, data_dir=data_dir, limit=ds.n, **opts)
+            train = load_dataset(reopen.dataset, ds.split, data_dir=data_dir, limit=ds.n, **opts, **runtime)
         except CamkdError:  # e.g. fewer files than the store's samples
             if files:
                 check_unchanged(store.listing(data_dir), data_dir)
@@ -239,7 +227,7 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
     if train.fingerprint != ds.fingerprint:
         raise CamkdError(f"{store.path} was cached from other data than {ds.name} here (fingerprint {ds.fingerprint[:12]}, "
                          f"N {ds.n}); the dataset changed since caching: give the same --data-dir or re-cache")
-    test = load_dataset(ds.name, "test", data_dir=data_dir, **test_opts)
+    test = load_dataset(reopen.dataset, "test", data_dir=data_dir, **reopen.options, **runtime)
     spec = d.aug_spec()
     if spec.to_dict() != train.aug_spec(spec.seed).to_dict():
         raise CamkdError(f"{store.path} was cached with augmentation {d.augmentation}, which this camkd does not replay; re-cache")
