@@ -97,18 +97,9 @@ def _half_created(loc: Location) -> bool:
 
 
 def _open_existing(path: Location, mode: str) -> zarr.Group:
-    try:
-        g = path.open_group(mode)
-    except CamkdError:
-        raise
-    except Exception:
-        hint = " or add --overwrite" if path.is_zarr() else ""  # --overwrite deletes only Zarr stores
-        raise CamkdError(f"{path} exists and is not a camkd store; choose another --out{hint}") from None
-    attrs = g.attrs.get(layout.ATTRS_KEY)
-    if not isinstance(attrs, dict) or "format_version" not in attrs:
-        raise CamkdError(f"{path} is a Zarr group but not a camkd store; choose another --out or add --overwrite")
-    layout.check_format(attrs, str(path))
-    return g
+    hint = " or add --overwrite" if path.is_zarr() else ""  # --overwrite deletes only Zarr stores
+    return layout.open_camkd_group(path, mode, str(path), unreadable=f"{path} exists and is not a camkd store; choose "
+                                   f"another --out{hint}", not_camkd="choose another --out or add --overwrite")
 
 
 def open_or_create(path: Location, target: Target, made: StoreDescription, cfg: CacheConfig, teachers: TeacherRunner,

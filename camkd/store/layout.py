@@ -18,6 +18,7 @@ from camkd.data.order import block_slice  # noqa: F401 - the store's blocks are 
 from camkd.errors import CamkdError
 
 if TYPE_CHECKING:
+    from camkd.store.location import Location
     from camkd.store.topk import LogitsSpec
 
 FORMAT_VERSION = 1
@@ -140,6 +141,24 @@ def check_format(attrs: dict, where: str) -> None:
         else f"a pre-release layout (no {', '.join(missing)} recorded)"
     raise CamkdError(f"{where} was written by an earlier camkd ({what}); this camkd reads format {FORMAT_VERSION} only: "
                      f"rebuild it with 'camkd cache-teachers ... --out {where} --overwrite'")
+
+
+def open_camkd_group(loc: Location, mode: str, where: str, *, unreadable: str, not_camkd: str) -> zarr.Group:
+    """The Zarr group of the camkd store at ``loc`` (``where`` in messages), its format checked (:func:`check_format`):
+    the one opening of an existing store, for reading it (reader.open_store) and for continuing it (identity).
+    ``unreadable``: the whole refusal when no Zarr group can be read there; ``not_camkd``: the fix named when the
+    group is not a camkd store (the reader's and the writer's differ)."""
+    try:
+        g = loc.open_group(mode)
+        attrs = g.attrs.get(ATTRS_KEY)
+    except CamkdError:
+        raise
+    except Exception:
+        raise CamkdError(unreadable) from None
+    if not isinstance(attrs, dict) or "format_version" not in attrs:
+        raise CamkdError(f"{where} is a Zarr group but not a camkd store; {not_camkd}")
+    check_format(attrs, where)
+    return g
 
 
 FEATURE_LAYERS_HELP = "none, penultimate or hint:L (L = index into the model's feature list)"

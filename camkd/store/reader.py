@@ -155,16 +155,9 @@ def open_store(path: str | Path, expect: Expect | None = None) -> TeacherStore:
     path = loc.local_path if loc.is_local else loc.url  # never a Path of a URL
     if not loc.exists():
         raise CamkdError(f"store {path} not found; create it with 'camkd cache-teachers --out {path} ...'")
-    try:
-        g = loc.open_group("r")
-        attrs = g.attrs.get(layout.ATTRS_KEY)
-    except CamkdError:
-        raise
-    except Exception:
-        raise CamkdError(f"{path} is not a camkd store (no readable Zarr group); create it with 'camkd cache-teachers'") from None
-    if not isinstance(attrs, dict) or "format_version" not in attrs:
-        raise CamkdError(f"{path} is a Zarr group but not a camkd store; create one with 'camkd cache-teachers'")
-    layout.check_format(attrs, str(path))
+    g = layout.open_camkd_group(loc, "r", str(path), not_camkd="create one with 'camkd cache-teachers'",
+                                unreadable=f"{path} is not a camkd store (no readable Zarr group); create it with "
+                                           "'camkd cache-teachers'")
     store = TeacherStore(g, path, loc)
     if expect is not None:
         check_expect(store, expect)
