@@ -7,7 +7,11 @@
 #   3. camkd bench speed --device cuda in fp32, bf16, bf16 + channels-last,
 # each under its own time limit, so one that fails or hangs does not take the others' time: the script goes on
 # and says at the end which failed. The checks share a budget of CAMKD_GPU_BUDGET_S seconds (default 470: under
-# 8 minutes on one H100); making a missing venv (pip, about 2.5 min) comes before it and is reported apart.
+# 8 minutes on one H100), each step its share of it (30/24/22/12/12 %) plus what earlier steps left unused, so every
+# step runs. The 8 minutes assume .venv exists (with a CUDA build of torch): making a missing one (pip with network
+# access, about 2.5 min and 6 GB) comes before the budget and is reported apart.
+# GPU settings: bench speed times 2,048 samples (32 steps of 64 per epoch, timed after a warm-up epoch) at one
+# thread count, not the CPU default of 384 (6 steps: noise on a GPU); "fp32" on CUDA is labelled with its TF32 use.
 # Results go to bench/results/gpu/: gpu.log (everything printed), nvidia-smi.txt, pytest-cuda.log,
 # protocol.{json,md,png}, speed-fp32.*, speed-bf16.*, speed-bf16-cl.* (each run overwrites them).
 # Exit code: 0 when every step passed, 1 when any failed or ran out of time, 2 without a usable GPU.
@@ -57,16 +61,15 @@ $PY -c 'import torch, camkd; print(f"torch {torch.__version__} (CUDA {torch.vers
 
 BUDGET=${CAMKD_GPU_BUDGET_S:-470}
 DEADLINE=$((SECONDS + BUDGET))
-RESERVE=30  # seconds kept for each step still to come
 OK=() FAILED=()
 
-# step NAME CAP_S STEPS_AFTER CMD...: CMD under timeout, at most CAP_S and what the budget leaves after keeping
-# RESERVE seconds for each of the STEPS_AFTER steps still to come.
+# step NAME SHARE_PCT LATER_PCT CMD...: CMD under timeout, with what the budget leaves after keeping LATER_PCT
+# percent of it for the steps still to come (so a step gets its SHARE_PCT plus what earlier steps did not use).
 step() {
-    local name=$1 cap=$2 after=$3
+    local name=$1 share=$2 later=$3
     shift 3
-    local limit=$((DEADLINE - SECONDS - RESERVE * after))
-    ((limit > cap)) && limit=$cap
+    local limit=$((DEADLINE - SECONDS - BUDGET * later / 100))
+    ((share + later > 100)) && { echo "bench/gpu.sh: shares add up to more than 100%"; exit 1; }
     if ((limit < 20)); then
         echo "== $name: NOT RUN (too little of the ${BUDGET}s budget left)"
         FAILED+=("$name (not run: out of time)")
@@ -89,14 +92,16 @@ step() {
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS (the tier's --deterministic runs)
 
-step "CUDA tier (pytest -m cuda)" 170 4 \
+step "CUDA tier (pytest -m cuda)" 30 70 \
     bash -c "set -o pipefail; $PY -m pytest -q -m cuda -n 4 -p no:cacheprovider -rfEs tests 2>&1 | tee $OUT/pytest-cuda.log"
-step "bench protocol --device cuda" 140 3 $CAMKD bench protocol --device cuda --out "$OUT/protocol"
-step "bench speed --device cuda (fp32)" 110 2 $CAMKD bench speed --device cuda --out "$OUT/speed-fp32"
-step "bench speed --device cuda --precision bf16" 70 1 \
-    $CAMKD bench speed --device cuda --precision bf16 --no-ranks --out "$OUT/speed-bf16"
-step "bench speed --device cuda --precision bf16 --channels-last" 70 0 \
-    $CAMKD bench speed --device cuda --precision bf16 --channels-last --no-ranks --out "$OUT/speed-bf16-cl"
+step "bench protocol --device cuda" 24 46 $CAMKD bench protocol --device cuda --out "$OUT/protocol"
+GPU_SPEED=(--samples 2048 --threads 4)  # enough steps after warm-up to time on a GPU (see the header)
+echo "== bench speed on the GPU: ${GPU_SPEED[*]} (the CPU default is 384 samples, 6 steps per epoch)"
+step "bench speed --device cuda (fp32)" 22 24 $CAMKD bench speed --device cuda "${GPU_SPEED[@]}" --out "$OUT/speed-fp32"
+step "bench speed --device cuda --precision bf16" 12 12 \
+    $CAMKD bench speed --device cuda "${GPU_SPEED[@]}" --precision bf16 --no-ranks --out "$OUT/speed-bf16"
+step "bench speed --device cuda --precision bf16 --channels-last" 12 0 \
+    $CAMKD bench speed --device cuda "${GPU_SPEED[@]}" --precision bf16 --channels-last --no-ranks --out "$OUT/speed-bf16-cl"
 
 echo
 echo "== bench/gpu.sh: $((SECONDS - DEADLINE + BUDGET))s for the checks (budget ${BUDGET}s); results in $OUT/"

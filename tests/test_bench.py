@@ -277,3 +277,14 @@ def test_gpu_script_parses_and_says_so_without_nvidia_smi(tmp_path):
         assert re.fullmatch(r"bench/gpu\.sh: torch in \.venv is (built for CUDA [\d.]+ but sees no GPU: check .*|a CPU-only "
                             r"build .*); nothing was run\n", r.stderr), r.stderr
     assert sorted(results.rglob("*")) == before and list(tmp_path.iterdir()) == [bare]
+
+
+def test_gpu_script_shares_its_budget_so_every_step_runs():
+    """Each step's share and the shares kept for the later steps add up: the first keeps 100 % in view, each
+    later step keeps what the ones after it need, the last keeps nothing (so no step is cut by the ones before)."""
+    text = (ROOT / "bench" / "gpu.sh").read_text()
+    steps = [(int(a), int(b)) for a, b in re.findall(r'^step "[^"]+" (\d+) (\d+)', text, flags=re.M)]
+    assert len(steps) == 5
+    assert steps[0][0] + steps[0][1] == 100 and steps[-1][1] == 0
+    for (_, later), (next_share, next_later) in zip(steps, steps[1:]):
+        assert later == next_share + next_later

@@ -77,6 +77,9 @@ def run_speed(cfg: SpeedConfig) -> dict:
         ckpts = random_teachers(cfg.teacher, cfg.num_teachers, cfg.num_classes, work)
         counts = cfg.threads if device.type == "cpu" else [before]
         results: dict = {"machine": machine(), "device": device_info(device, counts), "config": asdict(cfg), "by_threads": {}}
+        if device.type == "cuda":  # "fp32" on CUDA: cuDNN's convolutions in TF32 unless turned off (torch's defaults)
+            results["config"]["tf32"] = {"convolutions": torch.backends.cudnn.allow_tf32,
+                                         "matmuls": torch.backends.cuda.matmul.allow_tf32}
         for th in counts:
             torch.set_num_threads(th)
             log(f"[bench] {th} thread(s)")
@@ -246,10 +249,20 @@ def _reader_speed(store, repeats: int) -> dict:
             "features_streamed": rate(t_stream, fbytes)}
 
 
+def _tf32_text(tf32: dict | None) -> str:
+    """How float32 ran on CUDA: TF32 (10 mantissa bits) in convolutions and/or matmuls, or full float32."""
+    if not tf32:
+        return ""
+    on = [k for k, v in tf32.items() if v]
+    return f" (TF32 in {' and '.join(on)}; {', '.join(k for k in tf32 if k not in on) or 'nothing'} in full float32)" \
+        if on else " (no TF32: full float32)"
+
+
 def to_markdown(r: dict) -> str:
     m, c = r["machine"], r["config"]
     lines = [f"Device: {device_text(r['device'])}; {m['cores']} cores; torch {m['torch']}; camkd {m['camkd']}; {m['date']}",
-             f"Precision {c.get('precision', 'fp32')}, channels-last {'on' if c.get('channels_last') else 'off'} (every run).",
+             f"Precision {c.get('precision', 'fp32')}{_tf32_text(c.get('tf32'))}, channels-last "
+             f"{'on' if c.get('channels_last') else 'off'} (every run).",
              f"Student {c['student']}, {c['num_teachers']} x {c['teacher']} teachers, {c['samples']} synthetic "
              f"{c['num_classes']}-class 32x32 samples, batch {c['batch_size']}; training rates are epoch 2 (every term "
              f"of every method runs), median of {c['repeats']} interleaved rounds (online: 1 round)."]
