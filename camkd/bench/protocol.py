@@ -14,12 +14,16 @@ synthetic data and random-weight teachers (speed depends on neither the pixels n
 
 Projected: camkd = views x samples / caching rate + epochs x (trained images / from-store rate + evaluation);
 the reference = epochs x (trained images / online rate + evaluation). Start-up, data loading and checkpoints
-are not counted.
+are not counted. The store's files are dropped from the page cache before the timed epoch
+(``posix_fadvise(DONTNEED)``, no privileges needed), so the from-store rate reads the disk as the protocol's
+store would (its features are far larger than memory). The store's bytes per sample-view give the protocol's
+store size for each choice of feature dtype, and how many views of each fit the free space where it runs.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -45,8 +49,9 @@ from camkd.models import create_model, resolve_arch
 from camkd.output import new_figure
 from camkd.precision import Precision
 from camkd.progress import log
-from camkd.store import layout
-from camkd.words import plural
+from camkd.store import layout, open_store
+from camkd.store.sizes import array_sizes, bytes_per_sample_view
+from camkd.words import human, plural
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -90,6 +95,7 @@ def run_protocol(cfg: ReferenceProtocolConfig) -> dict:
                 "steps of epoch 2")
             rates[name] = _epoch2_rate(cfg, device, store, ckpts if online else [], timed, work / name, fast)
         eval_s = _evaluation_seconds(cfg, device)
+        disk = _disk_fit(cfg, store, Path.cwd())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     trained = steps_per_epoch * cfg.batch_size
@@ -108,6 +114,7 @@ def run_protocol(cfg: ReferenceProtocolConfig) -> dict:
                               "distill_all_epochs": cfg.epochs * epoch_store, "camkd_total": camkd_total,
                               "reference_total": reference_total},
         "reference_over_camkd": reference_total / camkd_total,
+        "disk": disk,
         "target_seconds": TARGET_S,
     }
 
@@ -123,11 +130,49 @@ def _epoch2_rate(cfg: ReferenceProtocolConfig, device: torch.device, store: Path
                        hooks=Hooks(max_steps=max_steps))
 
     run(1, cfg.warmup_steps, False)
+    if not teachers:
+        drop_page_cache(store)  # the timed epoch reads the store from the disk, as the protocol's would
     s = run(2, steps, True)
     record = s["history"][-1]
     if record["epoch"] != 2:
         raise CamkdError(f"bench protocol: expected an epoch-2 record, got epoch {record['epoch']}")
     return record["images_per_s"]
+
+
+def drop_page_cache(path: Path) -> int:
+    """Ask the kernel to drop every file under ``path`` from the page cache (clean pages go; nothing needs root), so
+    what reads them next reads the disk; returns how many files. Where posix_fadvise is missing: nothing, 0."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    n = 0
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += 1
+            finally:
+                os.close(fd)
+    return n
+
+
+def _disk_fit(cfg: ReferenceProtocolConfig, store: Path, where: Path) -> dict:
+    """The protocol's store (``cfg.views`` views of ``cfg.samples``) from the measured store's bytes per sample-view:
+    as measured, with int8 features (half of float16's bytes, plus a float32 scale per sample and map), and with
+    logits only (``-f none``: every method but CA-MKD's feature term and FitNet); each with the views that fit the
+    free space of ``where`` (the disk the command ran on)."""
+    st = open_store(store)
+    per = bytes_per_sample_view(st.g, array_sizes(st.g), st.n, st.views)
+    features = sum(v for k, v in per.items() if k.startswith("features/") and not k.endswith("_scale"))
+    rest = sum(per.values()) - features
+    measured = st.description.feature_dtype
+    half = features / 2 if measured == "float16" else features / 4 if measured == "float32" else features
+    options = {f"features {measured}": rest + features, "features int8": rest + half + 4 * cfg.num_teachers,
+               "logits only (-f none)": rest}
+    free = shutil.disk_usage(where).free
+    return {"where": str(where), "free_bytes": free, "options": {
+        name: {"bytes_per_sample_view": b, "protocol_bytes": b * cfg.samples * cfg.views,
+               "views_that_fit": int(free // max(b * cfg.samples, 1))} for name, b in options.items()}}
 
 
 def _evaluation_seconds(cfg: ReferenceProtocolConfig, device: torch.device) -> float:
@@ -178,7 +223,21 @@ def to_markdown(r: dict) -> str:
         f"images/s | **{hms(p['reference_total'])}** ({p['online_epoch']:.1f} s per epoch) |",
         "",
         f"The reference's way takes **{r['reference_over_camkd']:.2f}x** camkd's way.",
+        *_disk_lines(r.get("disk"), c),
     ])
+
+
+def _disk_lines(disk: dict | None, c: dict) -> list[str]:
+    """What the protocol's store would take, and how many views of it fit where the command ran."""
+    if not disk:
+        return []
+    lines = ["", f"The protocol's store ({c['views']} views of {c['samples']} samples) against the "
+                 f"{human(disk['free_bytes'])} free at {disk['where']}:", "",
+             "| store | per sample-view | whole protocol | views that fit |", "|---|---|---|---|"]
+    for name, o in disk["options"].items():
+        fits = "all" if o["views_that_fit"] >= c["views"] else str(o["views_that_fit"])
+        lines.append(f"| {name} | {human(o['bytes_per_sample_view'])} | {human(o['protocol_bytes'])} | {fits} |")
+    return lines
 
 
 def plot(r: dict) -> Figure:
