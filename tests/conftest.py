@@ -9,6 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+# the fixtures several test files share: the store's (two tiny teachers, the round-trip and CLI stores, uninterrupted
+# runs) and the image folder, made once per session (per xdist worker), imported here so that each is made once
+from folder_helpers import folder  # noqa: F401
+from store_helpers import rt, small, teachers, uninterrupted  # noqa: F401
+
 # under pytest-xdist (-n 2) each worker gets one thread, so two workers share the 2 cores without oversubscribing
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from test_imagefolder import make_folder, make_tiny
+from folder_helpers import make_folder, make_tiny
 from typer.testing import CliRunner
 
 from camkd.config import DataConfig, OptimConfig, RunConfig

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from configs import distill_cfg, train_cfg
-from test_imagefolder import make_folder
+from folder_helpers import make_folder
 
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.checkpoint import load_checkpoint

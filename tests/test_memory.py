@@ -5,7 +5,7 @@ distill --online on an image folder, and the synthetic set, which is made in mem
 import time
 
 import pytest
-from test_imagefolder import make_folder
+from folder_helpers import make_folder
 
 from camkd.device import free_memory
 from camkd.memory import activation_bytes

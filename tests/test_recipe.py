@@ -1,7 +1,7 @@
 """train-teacher's recipe per kind of data: the reference's on 28-32 px data, torchvision's on image folders.
 
 The values left out (None) are resolved from the dataset's kind; every given value wins; the run records the
-resolved numbers (tests/test_imagefolder.py checks a folder run's checkpoint, tests/test_train.py the 32-px runs).
+resolved numbers (tests/test_folder_data.py checks a folder run's checkpoint, tests/test_train.py the 32-px runs).
 """
 
 import pytest

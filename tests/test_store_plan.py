@@ -1,5 +1,5 @@
 """Size first: the planned store size equals what is written, a dry run writes nothing, and a store
-that cannot fit is refused before any work (the disk-full tests in test_store.py use a real tmpfs)."""
+that cannot fit is refused before any work (the disk-full tests in test_store_space.py use a real tmpfs)."""
 
 import numpy as np
 import pytest
@@ -63,7 +63,7 @@ def test_plan_equals_the_written_store(specs, tmp_path, limit, features, dtype):
 
 
 def _image(rng: np.random.Generator, label: int) -> Image.Image:
-    """A non-square image: the class's colour plus noise, 40-90 px on each side (as tests/test_imagefolder.py)."""
+    """A non-square image: the class's colour plus noise, 40-90 px on each side (as tests/folder_helpers.py)."""
     h, w = (int(v) for v in rng.integers(40, 91, size=2))
     colour = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]][label], dtype=np.float64)
     return Image.fromarray(np.clip(colour + rng.normal(0, 30, size=(h, w, 3)), 0, 255).astype(np.uint8))

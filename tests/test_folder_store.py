@@ -1,156 +1,23 @@
-"""Image-folder datasets through the one pipeline: training, evaluation, stores, resume, pixel checks, bad input.
+"""Stores of image folders and distillation from them: boxes, pixel CRC-32s and the file listing are stored,
+cached == online, changed files and other decoders are named, resume after kill -9 or Ctrl-C, 2 ranks, --limit,
+--dry-run.
 
-The tests build their own small folders (JPEG and PNG, non-square 40-90 px, 3 classes) in ImageNet's layout and
-in tiny-imagenet-200's, and train at --image-size 32 with the CIFAR zoo's resnet8.
+The tests use small folders (tests/folder_helpers.py), two resnet8 teachers trained once per module at --image-size 32.
 """
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from configs import StepRecorder, distill_cfg
-from decode_helpers import load_eval, load_train_view, pixel_hash
-from PIL import Image
+from folder_helpers import CLASSES, SIZE
 
 from camkd.checkpoint import load_checkpoint
 from camkd.data import load_dataset
 from camkd.data.norm import normalize
 from camkd.distill import distill
 
-CLASSES = ("ant", "bee", "cat")
-SIZE = "32"
-
-
-def _image(rng: np.random.Generator, label: int) -> Image.Image:
-    """A learnable, non-square image: the class's colour plus noise, 40-90 px on each side."""
-    h, w = (int(v) for v in rng.integers(40, 91, size=2))
-    colour = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]][label], dtype=np.float64)
-    a = colour + rng.normal(0, 30, size=(h, w, 3))
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-
-
-def make_folder(root, *, train: int = 8, val: int = 4, seed: int = 0):
-    """ROOT/train/CLASS/*.jpg|png and ROOT/val/CLASS/*: ``train`` and ``val`` images per class, every third a PNG."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train), ("val", val)):
-        for label, cls in enumerate(CLASSES):
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                ext = "png" if i % 3 == 2 else "jpg"
-                _image(rng, label).save(root / split / cls / f"{cls}_{i:02d}.{ext}", quality=90)
-    return root
-
-
-def make_tiny(root, folder):
-    """A tiny-imagenet-200 layout of the same images (JPEGs only, as distributed)."""
-    (root / "wnids.txt").parent.mkdir(parents=True, exist_ok=True)
-    (root / "wnids.txt").write_text("\n".join(CLASSES) + "\n")
-    lines = []
-    for cls in CLASSES:
-        (root / "train" / cls / "images").mkdir(parents=True)
-        for f in sorted((folder / "train" / cls).iterdir()):
-            Image.open(f).convert("RGB").save(root / "train" / cls / "images" / f"{f.stem}.JPEG", quality=90)
-        (root / "val" / "images").mkdir(parents=True, exist_ok=True)
-        for f in sorted((folder / "val" / cls).iterdir()):
-            Image.open(f).convert("RGB").save(root / "val" / "images" / f"val_{f.stem}.JPEG", quality=90)
-            lines.append(f"val_{f.stem}.JPEG\t{cls}\t0\t0\t10\t10")
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("imagefolder") / "data")
-
-
-def test_views_are_the_decoders_and_hashed(folder):
-    train = load_dataset("imagefolder", "train", data_dir=folder, image_size=32, workers=0)
-    assert (len(train), train.num_classes, train.in_channels, train.image_size) == (24, 3, 3, 32)
-    spec = train.aug_spec(5)
-    idx = [np.array([3, 0, 17]), np.array([23, 3])]
-    got = list(train.view_batches(spec, 2, idx, torch.device("cpu")))
-    for batch, (x, params, hashes) in zip(idx, got, strict=True):
-        assert x.dtype == torch.uint8 and x.shape == (len(batch), 3, 32, 32) and params.shape == (len(batch), 5)
-        for row, i in enumerate(batch):
-            ref, box, flip = load_train_view(train.listing.file(int(i)), seed=5, view=2, index=int(i), size=32)
-            assert torch.equal(x[row], ref) and params[row].tolist() == [*box.tolist(), flip]
-            assert hashes[row] == pixel_hash(ref)
-    assert torch.equal(got[0][0][0], got[1][0][1])  # sample 3 is the same view in any batch
-    test = load_dataset("imagefolder", "test", data_dir=folder, image_size=32, workers=0)
-    batches = list(test.eval_batches(5, torch.device("cpu")))
-    assert [len(y) for _, y in batches] == [5, 5, 2]
-    assert torch.equal(batches[2][0][1], load_eval(test.listing.file(11), 32))
-    assert torch.equal(torch.cat([y for _, y in batches]), test.labels)
-
-
-def test_worker_processes_give_the_same_views(folder):
-    """Spawned workers (persistent across passes) decode the very bytes the main process does."""
-    one = load_dataset("imagefolder", "train", data_dir=folder, image_size=32, workers=1)
-    zero = load_dataset("imagefolder", "train", data_dir=folder, image_size=32, workers=0)
-    spec, idx = one.aug_spec(0), [np.arange(0, 12), np.arange(12, 24)]
-    for _ in range(2):  # a second pass reuses the workers
-        for a, b in zip(one.view_batches(spec, 1, idx, torch.device("cpu")), zero.view_batches(spec, 1, idx, torch.device("cpu"))):
-            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and np.array_equal(a[2], b[2])
-
-
-def test_a_pass_starts_no_more_workers_than_it_has_batches(folder):
-    """An evaluation of one batch with --workers 2 starts one worker (a second would get nothing and would still be
-    importing torch when training resumes); a longer pass gets the workers it can use, then they stay."""
-    cpu = torch.device("cpu")
-    test = load_dataset("imagefolder", "test", data_dir=folder, image_size=32, workers=2)
-    zero = load_dataset("imagefolder", "test", data_dir=folder, image_size=32, workers=0)
-    (x, y), = test.eval_batches(len(test), cpu)  # one batch, decoded by the one worker
-    assert torch.equal(x, next(zero.eval_batches(len(test), cpu))[0]) and torch.equal(y, test.labels)
-    one = test.loader(cpu, 1)
-    assert one.num_workers == 1 and test.loader(cpu, 1) is one
-    two = test.loader(cpu, 3)
-    assert two.num_workers == 2 and test.loader(cpu, 1) is two and test.loader(cpu, 5) is two
-    assert zero.loader(cpu, 3).num_workers == 0
-
-
-def test_tinyimagenet_lists_the_same_images(folder, tmp_path):
-    tiny = load_dataset("tinyimagenet", "train", data_dir=make_tiny(tmp_path / "tiny", folder), workers=0)
-    assert (len(tiny), tiny.num_classes, tiny.image_size) == (24, 3, 64)
-    x = next(tiny.eval_batches(4, torch.device("cpu")))[0]
-    assert x.shape == (4, 3, 64, 64) and normalize(x, tiny.norm).dtype == torch.float32
-
-
-def test_train_teacher_and_evaluate_on_a_folder(cli, folder, tmp_path):
-    out = tmp_path / "teacher"
-    r = cli("train-teacher", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", folder, "--image-size", SIZE,
-            "--workers", "0", "--epochs", "2", "--batch-size", "8", "--out", out, "-q")
-    assert r.exit_code == 0, r.output
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [rec["epoch"] for rec in records] == [1, 2]
-    ckpt = torch.load(out / "last.pth", weights_only=False)
-    assert ckpt["meta"]["image_size"] == 32 and ckpt["meta"]["dataset"] == "imagefolder"
-    optim = ckpt["meta"]["options"]["optim"]  # torchvision's recipe, resolved: lr 0.1 x 8 / 256
-    assert (optim["lr"], optim["lr_decay_epochs"], optim["weight_decay"], optim["momentum"]) == (0.003125, [30, 60, 80], 1e-4, 0.9)
-    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
-    r = cli("evaluate", out / "last.pth")
-    assert r.exit_code == 0, r.output
-    assert f"{records[-1]['test_top1']:.2f}%" in r.output
-
-
-def test_bad_input(cli, one_error, folder, tmp_path):
-    base = ("train-teacher", "--arch", "resnet8", "--dataset", "imagefolder", "--epochs", "1", "--out", tmp_path / "r")
-    one_error(cli(*base), r"--data-dir")
-    one_error(cli(*base, "--data-dir", tmp_path / "nope"), r"does not exist")
-    (tmp_path / "empty").mkdir()
-    one_error(cli(*base, "--data-dir", tmp_path / "empty"), r"no train/")
-    one_error(cli(*base, "--data-dir", folder, "--image-size", "0"), r"--image-size must be at least 1")
-    one_error(cli(*base, "--data-dir", folder, "--workers", "-1"), r"--workers must be 0")
-    one_error(cli("train-teacher", "--arch", "resnet8", "--dataset", "cifar10", "--image-size", "64", "--out",
-                  tmp_path / "c"), r"--image-size does not apply to cifar10")
-    broken = make_folder(tmp_path / "broken", train=2, val=1)
-    shutil.copy(__file__, broken / "train" / "ant" / "zz.jpg")  # not an image
-    one_error(cli(*base, "--data-dir", broken, "--image-size", SIZE, "--workers", "0", "--batch-size", "2"),
-              r"cannot decode .*zz\.jpg")
-
-
-# -- stores of image folders ---------------------------------------------------------------------------
 
 def _cache_args(folder, store, *teachers, views: int = 2):
     return ("cache-teachers", *[a for t in teachers for a in ("-t", t)], "--dataset", "imagefolder", "--data-dir", folder,
@@ -373,7 +240,7 @@ def test_cache_verify_recomputes_from_the_files(cli, store, folder):
     assert "match the stored CRC-32s" in r.output and "verdict: OK" in r.output
 
 
-# -- interrupted and resumed, many ranks, --limit ----------------------------------------------------------
+# ---- interrupted and resumed, many ranks, --limit ------------------------------------------------
 
 def _tree(root) -> dict:
     """Every file of a store, by relative path: two stores are byte-identical when these are equal."""
