@@ -52,7 +52,7 @@ class Precision:
             raise CamkdError(f"unknown --precision '{name}'; choose {', '.join(PRECISIONS)}")
         p = cls(name, device.type, channels_last, compile)
         if p.dtype is not None:
-            _check_autocast(device.type, name, p.dtype)
+            _check_autocast(device, name, p.dtype)
         if compile:
             _check_compiler(device.type)
         return p
@@ -114,17 +114,42 @@ def zero_momentum_buffers(opt: torch.optim.Optimizer) -> None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _check_autocast(device_type: str, name: str, dtype: torch.dtype) -> None:
-    """autocast warns and turns itself off for a dtype the device does not support: refuse that instead."""
-    if not torch.amp.is_autocast_available(device_type):
-        raise CamkdError(f"--precision {name}: autocast is not available on {device_type}; use --precision fp32")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.autocast(device_type=device_type, dtype=dtype)
+def _check_autocast(device: torch.device | str, name: str, dtype: torch.dtype) -> None:
+    """Refuse, as one line naming the device, a precision autocast does not support there: autocast warns and turns
+    itself off for some (a dtype the device type does not take), raises for others (bf16 on a GPU without it: a
+    RuntimeError), so both are caught; on CUDA bf16 support is asked of the GPU up front."""
+    device = torch.device(device)
+    if not torch.amp.is_autocast_available(device.type):
+        raise CamkdError(f"--precision {name}: autocast is not available on {device.type}; use --precision fp32")
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available():
+        with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+            if not torch.cuda.is_bf16_supported():  # what autocast asks (of the current device) before it raises
+                raise _unsupported(name, device, "torch.cuda.is_bf16_supported() is False")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.autocast(device_type=device.type, dtype=dtype)
+    except (RuntimeError, AssertionError) as e:  # autocast's refusals: bf16 on an old GPU, a backend without AMP
+        raise _unsupported(name, device, str(e)) from None
     if caught:
-        why = str(caught[0].message).splitlines()[0].rstrip(".")
-        raise CamkdError(f"--precision {name} is not supported on {device_type} ({why}); use --precision "
-                         f"{'bf16' if name == 'fp16' else 'fp16'} or fp32")
+        raise _unsupported(name, device, str(caught[0].message))
+
+
+def _unsupported(name: str, device: torch.device, why: str) -> CamkdError:
+    """The one line refusing --precision ``name`` on ``device``: the device (a GPU by its name), torch's reason (its
+    first sentence), the precisions to use instead."""
+    why = (why.strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    others = {"bf16": "fp16 or fp32", "fp16": "bf16 or fp32"}.get(name, "fp32")
+    return CamkdError(f"--precision {name} is not supported on {_device_words(device)}" + (f" ({why})" if why else "")
+                      + f"; use --precision {others}")
+
+
+def _device_words(device: torch.device) -> str:
+    """``device`` in a message: its type, a GPU also by index and name (when CUDA can say it)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def _check_compiler(device_type: str) -> None:

@@ -17,7 +17,7 @@ from camkd.checkpoint import load_checkpoint
 from camkd.data.norm import Normalization, normalize
 from camkd.distill import distill
 from camkd.errors import CamkdError
-from camkd.precision import Precision, _check_autocast
+from camkd.precision import Precision, _check_autocast, _unsupported
 from camkd.report import report
 from camkd.store import open_store
 from camkd.store.info import cache_info
@@ -249,6 +249,29 @@ def test_fp16_step_never_reads_the_host(monkeypatch):
 def test_unsupported_autocast_dtype_is_one_error():
     with pytest.raises(CamkdError, match=r"--precision fp32x is not supported on cpu \(.*autocast"):
         _check_autocast("cpu", "fp32x", torch.float32)  # CPU autocast takes bf16 and fp16 only
+
+
+def test_an_autocast_that_raises_is_one_error():
+    """torch.autocast raises (not warns) for some devices: bf16 on a GPU without it (a RuntimeError), a backend without
+    AMP (an AssertionError). On the CPU the second is real: PyTorch's unregistered privateuse1 backend, whose autocast
+    is "available" and then refuses; the check turns it into one line naming the device and what to use instead."""
+    with pytest.raises(CamkdError) as e:
+        _check_autocast("privateuseone", "bf16", torch.bfloat16)
+    line = str(e.value)
+    assert "\n" not in line, line
+    assert line.startswith("--precision bf16 is not supported on privateuseone (Tried to use AMP with the `privateuseone` "
+                           "backend"), line
+    assert line.endswith("; use --precision fp16 or fp32"), line
+
+
+def test_a_gpu_without_bf16_is_named_in_one_line():
+    """The refusal autocast's RuntimeError becomes on a GPU without bf16 (torch 2.14's message): its first sentence, no
+    "switch dtype", and the precisions to use instead; fp16's names bf16."""
+    why = "Current CUDA Device does not support bfloat16. Please switch dtype to float16."
+    assert str(_unsupported("bf16", torch.device("cpu"), why)) == (
+        "--precision bf16 is not supported on cpu (Current CUDA Device does not support bfloat16); use --precision fp16 "
+        "or fp32")
+    assert str(_unsupported("fp16", torch.device("cpu"), "")) == "--precision fp16 is not supported on cpu; use --precision bf16 or fp32"
 
 
 def test_normalize_tensors_are_made_once_and_serve_training():
