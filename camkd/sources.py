@@ -33,7 +33,7 @@ from camkd.store.reader import FeatureStream, TeacherStore
 from camkd.store.viewcheck import first_differing_row, pixels_differ_why
 from camkd.teachers import Teacher, prepare, run_teachers, stored_heads
 
-Streamed = dict[str, list[np.ndarray]]
+Streamed = dict[str, list[Any]]  # per layer, per teacher: numpy arrays or tensors
 
 
 class TeacherSource(Protocol):
@@ -54,21 +54,30 @@ class TeacherSource(Protocol):
 
 def plan_rows(plan: EpochPlan, windows: Iterator[tuple[np.ndarray, Streamed]]) -> Iterator[Streamed]:
     """Each of ``plan``'s batches' rows of per-row data streamed in the plan's windows (features per layer per
-    teacher), cut at the plan's positions (``plan.starts``): the epoch is batched once, by the plan."""
-    held: Streamed | None = None  # rows at..end of the epoch's order
-    at = end = 0
+    teacher: numpy arrays or tensors), cut at the plan's positions (``plan.starts``): the epoch is batched once, by
+    the plan. A batch inside one window is a slice of it (no copy); only a batch across windows is concatenated."""
+    held: list[tuple[int, Streamed]] = []  # (where each window begins in the epoch's order, its data), in order
+    end = 0
     for start, rows in zip(plan.starts, plan.batches):
         stop = start + len(rows)
         while end < stop:
             got, feats = next(windows)
-            if held is None:
-                held, at = dict(feats), end
-            else:  # rows before this batch are never needed again
-                keep = min(start, end)
-                held = {name: [np.concatenate([a[keep - at :], b]) for a, b in zip(held[name], per)] for name, per in feats.items()}
-                at = keep
+            held.append((end, feats))
             end += len(got)
-        yield {name: [a[start - at : stop - at] for a in per] for name, per in held.items()}
+        while len(held) > 1 and held[1][0] <= start:  # windows before this batch are never needed again
+            held.pop(0)
+        parts = [(at, feats) for at, feats in held if at < stop]
+        if len(parts) == 1:
+            at, feats = parts[0]
+            yield {name: [a[start - at : stop - at] for a in per] for name, per in feats.items()}
+            continue
+        nxt = [at for at, _ in parts[1:]] + [stop]
+        yield {name: [_cat([feats[name][t][max(start - at, 0) : min(stop, e) - at] for (at, feats), e in zip(parts, nxt)])
+                      for t in range(len(per))] for name, per in parts[0][1].items()}
+
+
+def _cat(pieces: list) -> Any:
+    return torch.cat(pieces) if isinstance(pieces[0], torch.Tensor) else np.concatenate(pieces)
 
 
 def _in_memory(plan: EpochPlan) -> Iterator[Streamed]:
@@ -197,7 +206,7 @@ class StoreTeachers:
         self._begin_view(plan.view)
         if self.window_blocks is None:
             return _in_memory(plan)
-        return plan_rows(plan, iter(FeatureStream(self._src, self.layers, plan.view, list(plan.windows))))
+        return plan_rows(plan, iter(FeatureStream(self._src, self.layers, plan.view, list(plan.windows), device=self.device)))
 
     def close(self) -> None:
         """Delete the staged copies of a remote store (also done at garbage collection and at exit)."""
@@ -221,7 +230,7 @@ class StoreTeachers:
         if self.window_blocks is None:
             feats = {layer: [f[idx].float() for f in per] for layer, per in self._feats.items()}
         else:
-            feats = {layer: [torch.from_numpy(a).to(self.device, non_blocking=True).float() for a in per] for layer, per in data.items()}
+            feats = {layer: [a.float() for a in per] for layer, per in data.items()}  # on the device already (FeatureStream)
         if self.no_logits:
             return TeacherOut(logits=x.new_zeros((len(idx), self.num_teachers, 0)), features=feats, heads=self.heads)
         if self.is_topk:  # the batch's dense teacher term rebuilt on the device (never a whole view's [N, K, C])

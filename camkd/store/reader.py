@@ -2,7 +2,7 @@
 
 Never per-sample zarr reads: logits of a view come in one read; features either whole
 (within a memory budget) or as contiguous row blocks in a seeded shuffled order,
-shuffled within a window of blocks in memory, the next window prefetched by a thread.
+shuffled within a window of blocks in memory, the next windows prefetched by a thread.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 import camkd.store.layout as layout
 import camkd.store.topk as topk
@@ -233,37 +234,103 @@ def _window_blocks(rows: np.ndarray, block_rows: int) -> list[int]:
     return sorted(set((rows // block_rows).tolist()))
 
 
+def dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`camkd.store.layout.dequantize` in torch, on any device: float32 q * scale, the same single float32
+    product per element, so the same values bit for bit."""
+    return q.to(torch.float32) * scale[..., None, None]
+
+
 class FeatureStream:
     """Yields (indices, {layer: [per-teacher arrays]}) windows, loading the next ``prefetch`` windows on a thread.
 
-    At most 1 + ``prefetch`` windows are in memory; a read error re-raises in the consumer; leaving the
-    loop early cancels what is queued and waits for the one read in progress.
+    Each window's blocks are decoded once, by zarr, straight into one preallocated host buffer per (layer, teacher)
+    (pinned when ``device`` is a CUDA device), then the window's rows are gathered in its (shuffled) order:
+    ``device`` None: on the host, into numpy arrays (int8 dequantized by :func:`layout.dequantize`); a torch device:
+    into tensors on it (CUDA: the blocks copied ``non_blocking`` on a side stream, int8 sent as int8 + scales, the
+    rows gathered and dequantized on the device by :func:`dequantize_torch`; the CPU: the buffer indexed once).
+    Values are the store's bit for bit either way. At most 1 + ``prefetch`` windows are in memory besides the
+    buffer; a read error re-raises in the consumer; leaving the loop early cancels what is queued and waits for the
+    one read in progress.
     """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], view: int, windows: list[np.ndarray],
-                 *, prefetch: int = 1) -> None:
+                 *, prefetch: int = 2, device: torch.device | str | None = None) -> None:
         self.store, self.layers, self.view, self.windows = store, layers, view, windows
         self.prefetch = max(prefetch, 1)
+        self.device = torch.device(device) if device is not None else None
+        self._cuda = self.device is not None and self.device.type == "cuda"
+        self._int8 = store.feature_dtype == "int8"
+        self._bufs: dict[str, list[tuple[torch.Tensor, ...]]] | None = None  # made on the loading thread, reused
+        self._copy_stream = None
 
-    def _load(self, rows: np.ndarray) -> dict[str, list[np.ndarray]]:
-        """Read the window's blocks contiguously, then pick its rows in the window's (shuffled) order."""
+    def _arrays(self, layer: str, t: int) -> list[tuple[str, zarr.Array]]:
+        names = [layout.feature_path(layer, t)] + ([layout.scale_path(layer, t)] if self._int8 else [])
+        return [(name, self.store.g[name]) for name in names]
+
+    def _buffers(self) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+        """One host buffer per (layer, teacher) array, as many rows as the largest window's blocks hold."""
+        if self._bufs is None:
+            br, n = self.store.block_rows, self.store.n
+            cap = max((sum(len(range(*layout.block_slice(b, n, br).indices(n))) for b in _window_blocks(w, br))
+                       for w in self.windows if len(w)), default=0)
+            pin = self._cuda and torch.cuda.is_available()  # pinning needs a driver
+            self._arrs = {layer: [self._arrays(layer, t) for t in range(self.store.num_teachers)] for layer in self.layers}
+            self._bufs = {layer: [tuple(torch.empty((cap, *a.shape[2:]), dtype=_torch_dtype(a.dtype), pin_memory=pin)
+                                        for _, a in per) for per in arrs] for layer, arrs in self._arrs.items()}
+        return self._bufs
+
+    def _read_into(self, name: str, arr: zarr.Array, sl: slice, out: np.ndarray) -> None:
+        """Decode rows ``sl`` of ``arr`` into ``out`` (zarr's one copy); a failure is the store's one error line."""
+        try:
+            arr.get_basic_selection((self.view, sl), out=NDBuffer.from_numpy_array(out))
+        except Exception:  # the store's read names the array and the repair; a transient failure is read once more
+            out[...] = self.store.read_array(name, (self.view, sl), f"view {self.view} rows {sl.start}:{sl.stop} ")
+
+    def _load(self, rows: np.ndarray):
+        """Read the window's blocks into the buffer, then pick its rows in the window's (shuffled) order."""
         br, n = self.store.block_rows, self.store.n
         blocks = _window_blocks(rows, br)
         slices = [layout.block_slice(b, n, br) for b in blocks]
+        sizes = [len(range(*sl.indices(n))) for sl in slices]
         # position of each requested row in the concatenation of the window's blocks
         offsets = np.zeros(max(blocks) + 1, dtype=np.int64)
-        offsets[blocks] = np.cumsum([0] + [sl.stop - sl.start for sl in slices[:-1]])
+        offsets[blocks] = np.cumsum([0] + sizes[:-1])
         where = offsets[rows // br] + rows % br
+        m = sum(sizes)
+        bufs = self._buffers()
+        for layer in self.layers:
+            for arrs, held in zip(self._arrs[layer], bufs[layer]):
+                for (name, arr), buf in zip(arrs, held):
+                    at = 0
+                    for sl, size in zip(slices, sizes):
+                        self._read_into(name, arr, sl, buf[at : at + size].numpy())
+                        at += size
+        if self._cuda:
+            return self._to_cuda(bufs, m, where)
         out = {}
         for layer in self.layers:
-            per_teacher: list[list[np.ndarray]] = [[] for _ in range(self.store.num_teachers)]
-            for sl in slices:
-                for t, arr in enumerate(self.store.features(layer, self.view, sl)):
-                    per_teacher[t].append(arr)
-            out[layer] = [(p[0] if len(p) == 1 else np.concatenate(p))[where] for p in per_teacher]
+            got = [tuple(np.take(b[:m].numpy(), where, axis=0) for b in held) for held in bufs[layer]]
+            got = [layout.dequantize(*g) if self._int8 else g[0] for g in got]
+            out[layer] = got if self.device is None else [torch.from_numpy(a) for a in got]
         return out
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, list[np.ndarray]]]]:
+    def _to_cuda(self, bufs, m: int, where: np.ndarray):
+        """The window's blocks (as stored: int8 + scales) copied non_blocking from the pinned buffer on a side stream;
+        returns once the copy is done (the buffer is then free again), the rows still to gather on the device."""
+        with torch.cuda.device(self.device):
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream()
+            with torch.cuda.stream(self._copy_stream):
+                pinned = torch.from_numpy(where).pin_memory()
+                idx = pinned.to(self.device, non_blocking=True)
+                dev = {layer: [tuple(b[:m].to(self.device, non_blocking=True) for b in held)
+                               for held in bufs[layer]] for layer in self.layers}
+                done = torch.cuda.Event()
+                done.record()
+            done.synchronize()  # the pinned buffer may be refilled now
+        return _OnDevice(idx, dev, done, self._int8)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, list]]]:
         pending: deque[tuple[np.ndarray, Future]] = deque()
         windows = iter(self.windows)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="camkd-prefetch") as pool:
@@ -277,7 +344,33 @@ class FeatureStream:
                     if not pending:
                         return
                     rows, fut = pending.popleft()
-                    yield rows, fut.result()
+                    got = fut.result()
+                    yield rows, (got.gather() if isinstance(got, _OnDevice) else got)
             finally:
                 for _, fut in pending:
                     fut.cancel()
+
+
+class _OnDevice:
+    """A window's blocks on a CUDA device, copied on the stream's side stream; ``gather`` runs on the current one."""
+
+    def __init__(self, idx: torch.Tensor, dev: dict[str, list[tuple[torch.Tensor, ...]]], done, int8: bool) -> None:
+        self.idx, self.dev, self.done, self.int8 = idx, dev, done, int8
+
+    def gather(self) -> dict[str, list[torch.Tensor]]:
+        stream = torch.cuda.current_stream(self.idx.device)
+        stream.wait_event(self.done)
+        out = {}
+        for layer, per in self.dev.items():
+            got = []
+            for held in per:
+                for a in (self.idx, *held):
+                    a.record_stream(stream)  # allocated on the copy stream, used on this one
+                g = [a.index_select(0, self.idx) for a in held]
+                got.append(dequantize_torch(*g) if self.int8 else g[0])
+            out[layer] = got
+        return out
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
