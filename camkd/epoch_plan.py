@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from camkd.data.order import epoch_order, view_of_epoch
+from camkd.data.views import EpochRows
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class EpochPlan:
     def rank_batches(self, rank: int, ranks: int) -> list[np.ndarray]:
         """Rank ``rank``'s rows of every batch (what that rank's data loads)."""
         return [b[rank_rows(len(b), rank, ranks)] for b in self.batches]
+
+    def rank_rows(self, rank: int, ranks: int) -> EpochRows:
+        """:meth:`rank_batches` as one array (:class:`~camkd.data.views.EpochRows`), to be copied to the device once
+        per epoch and sliced per step (in-memory data); an image folder's workers still decode it batch by batch."""
+        return EpochRows(self.rank_batches(rank, ranks))
 
 
 def rank_rows(rows: int, rank: int, ranks: int) -> slice:

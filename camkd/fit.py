@@ -207,7 +207,9 @@ class _Loop:
         """One pass over this epoch's view in its seeded order; the sums stay on the device.
 
         The epoch's plan is made once: this rank's rows of its batches go to the split's ``view_batches`` (which
-        may decode ahead), its batches to the source, and the two are zipped batch by batch."""
+        may decode ahead), its batches to the source, and the two are zipped batch by batch. The rows are one array
+        (:class:`~camkd.data.views.EpochRows`) copied to the device once: each step's indices are a slice of that
+        copy, which an in-memory split gathers from too, so no step waits on a copy from the host."""
         data, source, optim, world = self.data, self.source, self.optim, self.world
         for group in self.opt.param_groups:
             group["lr"] = lr_at(epoch, optim.lr, optim.lr_decay_epochs, optim.lr_decay_rate)
@@ -217,11 +219,14 @@ class _Loop:
                             drop_last=optim.drop_last, slices=self.slices, block_rows=source.block_rows,
                             window_blocks=source.window_blocks)
         sums = EpochSums.zeros(source.num_teachers, self.device)
-        views = data.train.view_batches(data.spec, plan.view, plan.rank_batches(world.rank, world.size), self.device)
+        rows = plan.rank_rows(world.rank, world.size)
+        on_device = rows.on(self.device)  # this rank's indices of the whole epoch: one copy
+        views = data.train.view_batches(data.spec, plan.view, rows, self.device)
         with Bar(f"epoch {epoch}/{optim.epochs}", n, enabled=self.run.progress and world.main) as bar:
-            for gidx, gdata, batch_views in zip(plan.batches, source.batches(plan), views):
+            for k, (gidx, gdata, batch_views) in enumerate(zip(plan.batches, source.batches(plan), views)):
                 mine = rank_rows(len(gidx), world.rank, world.size)
-                self.step(net, epoch, plan.view, gidx[mine], _slice_data(gdata, mine), batch_views, sums)
+                self.step(net, epoch, plan.view, rows[k], on_device[rows.rows(k)], _slice_data(gdata, mine), batch_views,
+                          sums)
                 status = None
                 if sums.steps % CHECK_EVERY == 0:  # one read every CHECK_EVERY steps, summed so every rank stops alike
                     _check_no_nonfinite(dist.all_sum(sums.counts[2].clone()), epoch, sums.steps, self.folder)
@@ -231,15 +236,15 @@ class _Loop:
                     break
         return sums
 
-    def step(self, net: nn.Module, epoch: int, view: int, idx, batch_data, views, sums: EpochSums) -> None:
-        """One optimizer step on this process's rows ``idx`` of a global batch, whose uint8 views and their
-        parameters are ``views`` (from the split's view_batches); adds to ``sums``.
+    def step(self, net: nn.Module, epoch: int, view: int, idx, it: Tensor, batch_data, views, sums: EpochSums) -> None:
+        """One optimizer step on this process's rows ``idx`` of a global batch (``it``: the same on the device, a slice
+        of the epoch's one copy), whose uint8 views and their parameters are ``views`` (from the split's view_batches);
+        adds to ``sums``.
 
         The parameters (an image folder's boxes, recomputed by the decoding workers) and pixel hashes are checked
         against what the store recorded (``check_view``) on purpose: that is the proof that the student sees the
         image the teachers saw (see :mod:`camkd.epoch_plan`)."""
         data, parts, device = self.data, self.parts, self.device
-        it = torch.from_numpy(idx).to(device, non_blocking=True)
         images, params, hashes = views
         x = normalize(images, data.spec.norm)
         self.source.check_view(view, idx, params, hashes)  # host arrays only: no wait on the device

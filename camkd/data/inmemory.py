@@ -17,7 +17,7 @@ import torch
 from camkd.data.augspec import AugSpec
 from camkd.data.base import SplitOptions, ViewBatch, limits
 from camkd.data.norm import Normalization
-from camkd.data.views import apply_params, view_params
+from camkd.data.views import EpochParams, EpochRows
 
 
 @dataclass
@@ -87,11 +87,19 @@ class Dataset:
 
     def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
                      device: torch.device) -> Iterator[ViewBatch]:
-        """One gather and crop per batch on the images' device (views.apply_params), lazily; no hashes."""
-        for idx in index_batches:
-            params = view_params(spec, view, idx)
-            on_device = torch.as_tensor(np.asarray(idx, dtype=np.int64)).to(self.images.device, non_blocking=True)
-            yield apply_params(self.images[on_device], params, spec.padding).to(device), params, None
+        """One gather and crop per batch on the images' device (views.apply_params); no hashes.
+
+        The pass's indices and their view parameters are computed once, on the host, and copied to the images' device
+        once (:class:`~camkd.data.views.EpochRows`, whose copy the loop's own is when it passes one, and
+        :class:`~camkd.data.views.EpochParams`); each batch is a slice of those copies, so no step copies from the
+        host. The parameters it yields are slices of the host copy (what a store's view check reads)."""
+        rows = EpochRows.of(index_batches)
+        return self._views(spec, view, rows, device)
+
+    def _views(self, spec: AugSpec, view: int, rows: EpochRows, device: torch.device) -> Iterator[ViewBatch]:
+        params = EpochParams.of(spec, view, rows, self.images.device)
+        for images, host in params.views(self.images, rows, spec.padding):
+            yield images.to(device), host, None
 
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Slices of the images as they are."""
