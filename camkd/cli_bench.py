@@ -230,3 +230,28 @@ def bench_data_cmd(
     show(r, to_markdown, plot, prefix)
 
 
+
+
+@bench_app.command("reader", cls=PlainHelp)
+@friendly
+def bench_reader_cmd(
+    cache: Annotated[str, typer.Option("--cache", "-c", metavar="STORE", help="The store to read (a path or URL).")],
+    view: Annotated[int, typer.Option("--view", min=0, help="The view to read.")] = 0,
+    window_blocks: Annotated[int, typer.Option("--window-blocks", min=1, help="Blocks per shuffle window, as distill "
+                                               "--window-blocks.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Student batch the windows are cut into.")] = 64,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Interleaved rounds (fewer if they pass 30 s).")] = 5,
+    threads: Annotated[int, typer.Option("--threads", min=1, metavar="N", help="CPU threads.")] = 1,
+    images_per_s: Annotated[Optional[float], typer.Option("--images-per-s", min=0.0, metavar="N", help="A student "
+                            "step's images/s: also print the feature rate it needs.")] = None,
+    device: DeviceOpt = _SPEED.device,
+    out: OutOpt = None,
+) -> None:
+    """Streamed features (as distill reads a view over its memory budget) beside plain zarr's whole-view reads of the
+    same store on this disk: MB/s and their ratio, and the rate --images-per-s needs (a minute at most)."""
+    from camkd.bench.reader import ReaderConfig, plot, run_reader, to_markdown
+
+    prefix = out_prefix(out)
+    r = run_reader(ReaderConfig(cache=cache, view=view, window_blocks=window_blocks, batch_size=batch_size, rounds=rounds,
+                                threads=threads, images_per_s=images_per_s, device=device.value))
+    show(r, to_markdown, plot, prefix)
