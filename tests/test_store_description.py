@@ -62,6 +62,9 @@ def test_the_description_is_typed(stores):
     assert k3.topk_tail_mass is not None and "4" in k3.topk_tail_mass and dense.topk_tail_mass is None
     assert not dense.keeps_pixels and dense.aug_spec().to_dict() == dense.augmentation
     assert dense.precision == "fp32" and dense.channels_last is False
+    # made on the CPU: TF32 recorded, off for both ops (written to the attrs, parsed back)
+    assert _stored_attrs(stores["dense"])["teacher_tf32"] == {"conv": False, "matmul": False}
+    assert dense.teacher_tf32 == {"conv": False, "matmul": False} and dense.tf32 is False
     assert not dense.folder.whole and dense.folder.to_attrs() == {}
 
 
@@ -78,11 +81,26 @@ def test_fields_added_later_get_their_old_meaning():
              "some_later_key": [1, 2]}
     d = StoreDescription.from_attrs(attrs)
     assert d.precision == PRECISION_BEFORE == "fp32" and d.channels_last is False and d.folder.whole is False
+    assert d.teacher_tf32 is None and d.tf32 is False and d.tf32_ops == {"conv": False, "matmul": False}  # TF32: off
     assert d.identity()["teacher_precision"] == "fp32"  # compared as fp32 when a run continues it
     assert d.folder.classes == ["a", "b"] and d.extra == {"some_later_key": [1, 2]}
     assert d.to_attrs() == attrs and list(d.to_attrs()) == list(attrs)
     more = replace(d, views=3).to_attrs()
     assert more["views"] == 3 and "teacher_precision" not in more and "folder_whole" not in more
+    assert "teacher_tf32" not in more
+
+
+def test_a_store_made_with_tf32_says_so_and_is_continued_by_a_run_without(stores):
+    """teacher_tf32 as a GPU writes it (cuDNN's default: convolutions in TF32): parsed per op, written back where the
+    format puts it (after the teachers' layout), and not part of the identity a continuing run must match."""
+    attrs = _stored_attrs(stores["dense"])
+    gpu = {**attrs, "teacher_tf32": {"conv": True, "matmul": False}}
+    d = StoreDescription.from_attrs(gpu)
+    assert d.tf32 is True and d.tf32_ops == {"conv": True, "matmul": False}
+    assert json.dumps(d.to_attrs()) == json.dumps(gpu)
+    keys = list(d.to_attrs())
+    assert keys.index("teacher_tf32") == keys.index("teacher_channels_last") + 1
+    assert d.identity() == StoreDescription.from_attrs(attrs).identity()
 
 
 def test_no_module_reads_store_attrs_by_key_but_the_description():

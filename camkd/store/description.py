@@ -5,7 +5,8 @@ reads and writes them only through :class:`StoreDescription`. ``to_attrs`` write
 format has always had and leaves out what a store does not record (no test accuracy after --no-eval, no folder
 fields for in-memory data), so a description parsed from a store writes back the same bytes. Fields added to
 the format later are optional here and get their old meaning when absent (a store from before
-``teacher_precision`` ran its teachers in fp32, one before ``folder_whole`` is not known to hold a whole folder).
+``teacher_precision`` ran its teachers in fp32, one before ``folder_whole`` is not known to hold a whole folder, one
+before ``teacher_tf32`` ran them without TF32, as a CPU does).
 Keys this camkd does not know are kept as they are (``extra``). A field the format gains later is added here
 the same way: optional, with a property that gives a store without it its old meaning.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import torch
 import zarr
 
 import camkd.store.layout as layout
@@ -38,6 +40,39 @@ IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the s
 FOLDER_KEYS = ("data_kind", "decoder", "decoder_versions", "classes", "folder_whole")  # image-folder stores only
 _DATA_KEYS = ("name", "split", "n", "fingerprint", "num_classes", "in_channels", "image_size")
 _TEACHER_KEYS = ("arch", "checkpoint", "path", "sha256", "num_classes", "test_accuracy")
+
+
+TF32_OPS = ("conv", "matmul")  # float32 ops CUDA can run in TF32: cuDNN convolutions, cuBLAS matmuls
+
+
+def tf32_of(device: torch.device | str) -> dict[str, bool]:
+    """Whether float32 convolutions and matmuls on ``device`` run in TF32 (10 mantissa bits) under torch's settings
+    now: on CUDA ``torch.backends.cudnn.allow_tf32`` (on by default) and ``torch.backends.cuda.matmul.allow_tf32``
+    (off by default), or their fp32_precision form; on any other device never (what a store records as
+    ``teacher_tf32``, and what cache-verify's tolerance asks of the verifying machine)."""
+    if torch.device(device).type != "cuda":
+        return dict.fromkeys(TF32_OPS, False)
+    cudnn, cuda, backends = torch.backends.cudnn, torch.backends.cuda, torch.backends
+    # each op's fp32_precision, then its backend's (cuDNN's stands for all of CUDA's), then the global one
+    return {"conv": _tf32(lambda: cudnn.allow_tf32, (lambda: cudnn.conv.fp32_precision, lambda: cudnn.fp32_precision,
+                                                     lambda: backends.fp32_precision)),
+            "matmul": _tf32(lambda: cuda.matmul.allow_tf32, (lambda: cuda.matmul.fp32_precision,
+                                                             lambda: cudnn.fp32_precision, lambda: backends.fp32_precision))}
+
+
+def _tf32(legacy, levels) -> bool:
+    """torch's own answer (allow_tf32), or, where it refuses because the settings mix the legacy and the fp32_precision
+    API (a RuntimeError), the first of ``levels`` (fp32_precision getters, the op's first) that is set ("none": ask the
+    next), as torch resolves it."""
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        pass
+    for level in levels:
+        value = level()
+        if value != "none":
+            return value == "tf32"
+    return False
 
 
 def _present(pairs) -> dict:
@@ -144,6 +179,7 @@ class StoreDescription:
     features: dict[str, LayerSpec]
     teacher_precision: str | None = None  # None: before it was recorded (fp32, see ``precision``)
     teacher_channels_last: bool | None = None
+    teacher_tf32: dict | None = None  # tf32_of the device that made it, per op (None: before it was recorded: off)
     folder: FolderFields = FolderFields()
     format_version: int = layout.FORMAT_VERSION
     views: int | None = None
@@ -167,6 +203,16 @@ class StoreDescription:
     def channels_last(self) -> bool:
         """Whether the teachers ran channels-last (a store from before it was recorded: no)."""
         return bool(self.teacher_channels_last)
+
+    @property
+    def tf32_ops(self) -> dict[str, bool]:
+        """Per op (conv, matmul), whether the teachers' float32 ran in TF32 (a store from before it was recorded: no)."""
+        return {op: bool((self.teacher_tf32 or {}).get(op)) for op in TF32_OPS}
+
+    @property
+    def tf32(self) -> bool:
+        """Whether any of the teachers' float32 ops ran in TF32 (their outputs hold ~10 mantissa bits, not 24)."""
+        return any(self.tf32_ops.values())
 
     @property
     def num_teachers(self) -> int:
@@ -238,7 +284,7 @@ class StoreDescription:
     def from_attrs(a: dict) -> StoreDescription:
         """Parse a store's attrs (checked by layout.check_format first: the required keys are there)."""
         known = {"format_version", "dataset", "augmentation", "teachers", "teacher_precision", "teacher_channels_last",
-                 "dtype", "feature_dtype", "compressor", "logits", "features", *FOLDER_KEYS, "views", "block_rows",
+                 "teacher_tf32", "dtype", "feature_dtype", "compressor", "logits", "features", *FOLDER_KEYS, "views", "block_rows",
                  "camkd_version", "arrays", "compression", "feature_scale", "teacher_test_accuracy", "topk_tail_mass",
                  "reopen"}
         return StoreDescription(
@@ -247,7 +293,7 @@ class StoreDescription:
             feature_dtype=a["feature_dtype"], compressor=a["compressor"], logits=LogitsSpec.from_attrs(a),
             features={name: LayerSpec(s["index"], tuple(tuple(x) for x in s["shapes"])) for name, s in a["features"].items()},
             teacher_precision=a.get("teacher_precision"), teacher_channels_last=a.get("teacher_channels_last"),
-            folder=FolderFields.from_attrs(a), format_version=a["format_version"], views=a.get("views"),
+            teacher_tf32=a.get("teacher_tf32"), folder=FolderFields.from_attrs(a), format_version=a["format_version"], views=a.get("views"),
             block_rows=a.get("block_rows"), camkd_version=a.get("camkd_version"), arrays=a.get("arrays"),
             compression=a.get("compression"), feature_scale=a.get("feature_scale"),
             teacher_test_accuracy=a.get("teacher_test_accuracy"), topk_tail_mass=a.get("topk_tail_mass"),
@@ -259,7 +305,8 @@ class StoreDescription:
         out = {"format_version": self.format_version, "dataset": self.dataset.to_attrs(), "augmentation": self.augmentation,
                "teachers": [t.to_attrs() for t in self.teachers]}
         out.update(_present([("teacher_precision", self.teacher_precision),
-                             ("teacher_channels_last", self.teacher_channels_last)]))
+                             ("teacher_channels_last", self.teacher_channels_last),
+                             ("teacher_tf32", self.teacher_tf32)]))
         out.update({"dtype": self.dtype, "feature_dtype": self.feature_dtype, "compressor": self.compressor,
                     "logits": self.logits.to_dict(),
                     "features": {name: spec.to_attrs() for name, spec in self.features.items()}})

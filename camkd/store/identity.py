@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+from dataclasses import replace
 from enum import Enum
 
 import numpy as np
@@ -23,13 +24,23 @@ from camkd.data.augspec import AugSpec
 from camkd.errors import CamkdError
 from camkd.progress import log
 from camkd.store.config import CacheConfig
-from camkd.store.description import DataIdentity, FolderFields, LayerSpec, StoreDescription, TeacherRecord, read_description
+from camkd.store.description import (
+    DataIdentity,
+    FolderFields,
+    LayerSpec,
+    StoreDescription,
+    TeacherRecord,
+    read_description,
+    tf32_of,
+    write_description,
+)
 from camkd.store.differences import differences
 from camkd.store.location import Location, parse_location
 from camkd.store.runner import TeacherRunner
 
 # recorded in the store, not compared: the layout changes kernels, not the math; a folder store's whole-folder flag
 # follows from --limit and the folder, both compared through the dataset's fingerprint
+# (the teachers' TF32, like the device, is not part of the identity at all: recorded beside, for cache-verify's tolerance)
 RECORDED_ONLY = ("teacher_channels_last", "folder_whole")
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's temporary file of a write that a kill interrupted
 
@@ -53,6 +64,7 @@ def identity(cfg: CacheConfig, teachers: TeacherRunner, train: DataSplit, spec: 
         teachers=tuple(TeacherRecord.from_attrs(t) for t in teachers.provenance),
         teacher_precision=cfg.precision,  # autocast of the teachers' forward: other numbers, so part of the identity
         teacher_channels_last=cfg.channels_last,
+        teacher_tf32=tf32_of(teachers.device),  # float32 in TF32 (CUDA's cuDNN default): cache-verify's tolerance
         dtype=cfg.dtype, feature_dtype=cfg.stored_feature_dtype, compressor=cfg.compressor, logits=logits,
         features={name: LayerSpec(idx, tuple(tuple(s) for s in shapes[name])) for name, idx in layers.items()},
         folder=FolderFields.from_attrs(train.store_attrs()),  # image folders: data kind, decoder and versions, classes
@@ -110,7 +122,7 @@ def open_or_create(path: Location, target: Target, made: StoreDescription, cfg: 
             log(f"{path}: its creation was interrupted; creating it anew")
         path.delete()
     if target is Target.CONTINUE:
-        _continue(path, cfg)
+        _continue(path, cfg, made)
     elif not path.is_local:
         # no rename on object storage: metadata written in place, marked CREATING until the attrs are written
         # (a rerun after a kill creates it anew); the progress flags make the filling resumable as on disk
@@ -122,10 +134,14 @@ def open_or_create(path: Location, target: Target, made: StoreDescription, cfg: 
         _create_local(path, made, cfg, teachers, samples, shapes, test_acc, block)
 
 
-def _continue(path: Location, cfg: CacheConfig) -> None:
+def _continue(path: Location, cfg: CacheConfig, made: StoreDescription) -> None:
     g = _open_existing(path, "r+")
     stored = read_description(g)
     remove_partial_files(path)
+    tf32 = {op: stored.tf32_ops[op] or made.tf32_ops[op] for op in stored.tf32_ops}
+    if tf32 != stored.tf32_ops:  # this run adds blocks computed in TF32: the store says so (cache-verify's tolerance)
+        stored = replace(stored, teacher_tf32=tf32)
+        write_description(g, stored)
     if cfg.views > stored.views:
         log(f"extending {path} from {stored.views} to {cfg.views} views")
         schema.append_views(g, stored, cfg.views)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import camkd.store.topk as topk
-from camkd.store.description import TeacherRecord
+from camkd.store.description import StoreDescription, TeacherRecord
 from camkd.store.reader import open_store
 from camkd.store.sizes import array_sizes, bytes_per_sample_view, human, per_sample_view_text, walk_arrays
 
@@ -24,6 +24,19 @@ def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
             f"--kd-T {', '.join(f'{t:g}' for t in spec.temperatures)}")
 
 
+def tf32_line(d: StoreDescription) -> str:
+    """Whether the teachers' float32 convolutions and matmuls ran in TF32 (cache-verify's float32 tolerance follows)."""
+    ops = d.tf32_ops
+    if d.teacher_tf32 is None:
+        return "tf32       not recorded (a store from before it was): taken as off, float32 throughout"
+    if not any(ops.values()):
+        return "tf32       off: the teachers' convolutions and matmuls ran in float32 throughout"
+    on = " and ".join(w for op, w in (("conv", "convolutions"), ("matmul", "matmuls")) if ops[op])
+    off = " and ".join(w for op, w in (("conv", "convolutions"), ("matmul", "matmuls")) if not ops[op])
+    return (f"tf32       on for {on}{f', off for {off}' if off else ''}: float32 outputs to ~10 mantissa bits "
+            "(cache-verify's tolerance allows for it)")
+
+
 def cache_info(path: str | Path) -> str:
     """A human-readable report of attrs, arrays and completeness."""
     store = open_store(path)
@@ -39,6 +52,7 @@ def cache_info(path: str | Path) -> str:
     ]
     lines.append(logits_line(d.logits, ds.num_classes))
     lines.append(f"teachers   ran in {d.precision}{', channels-last' if d.channels_last else ''} (--precision)")
+    lines.append(tf32_line(d))
     for T, stats in (d.topk_tail_mass or {}).items():
         lines.append(f"tail mass  at T={T} per teacher: mean " + ", ".join(f"{x:.2e}" for x in stats["mean"])
                      + "; p99 " + ", ".join(f"{x:.2e}" for x in stats["p99"]) + "; max " + ", ".join(f"{x:.2e}" for x in stats["max"]))

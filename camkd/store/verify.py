@@ -21,7 +21,7 @@ import camkd.store.topk as topk
 from camkd.data.decode import decoder_versions
 from camkd.data.norm import normalize
 from camkd.errors import CamkdError
-from camkd.store.description import TeacherRecord
+from camkd.store.description import TeacherRecord, tf32_of
 from camkd.store.location import Location, listed_sizes
 from camkd.store.reader import TeacherStore, load_cached_data, open_store
 from camkd.store.runner import TeacherRunner
@@ -56,22 +56,38 @@ class _Damage:
 
 
 SLACK = 1e-4  # float32 slack, relative to 1 + |value|, for batch-size dependent kernels
+# TF32 keeps 10 of float32's 23 mantissa bits (rounding 2^-11 relative per product); a network's outputs then differ
+# with the batch size and the kernels cuDNN picks (cudnn.benchmark) by about 1e-3: a few units of 2^-10
+TF32_RTOL = 4 * 2.0**-10
 
 
-def _tolerance(dtype: str, ref: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+def _tolerance(dtype: str, ref: np.ndarray, scale: np.ndarray | None = None, *, made_tf32: bool = False,
+               here_tf32: bool = False) -> np.ndarray:
     """The dtype's rounding (its machine epsilon x |value|; int8: half the quantization step, scale / 2 per element)
-    plus float32 slack for batch-size dependent kernels."""
+    plus float32 slack for batch-size dependent kernels; when the store's teachers (``made_tf32``, recorded) or this
+    machine (``here_tf32``) ran float32 in TF32, TF32's rounding too: TF32_RTOL x (|value| + its sample's mean |value|),
+    the mean because a value near zero is a sum of larger terms, each rounded to TF32 (an error at their scale)."""
     slack = SLACK * (1.0 + np.abs(ref))
+    if made_tf32 or here_tf32:
+        magnitude = np.abs(ref)
+        slack = slack + TF32_RTOL * (magnitude + magnitude.mean(axis=tuple(range(1, ref.ndim)), keepdims=True))
     if dtype == "int8":
         return scale[..., None, None] / 2 + slack
     eps = float(np.finfo(layout.DTYPES[dtype]).eps)
     return eps * np.abs(ref) + slack
 
 
-def _tolerance_text(dtype: str) -> str:
+def _tolerance_text(dtype: str, tf32: bool = False) -> str:
     """The rule of _tolerance in words, x the recomputed value (what the printed differences were held to)."""
     rounding = "scale/2" if dtype == "int8" else f"{float(np.finfo(layout.DTYPES[dtype]).eps):.3g}|x|"
-    return f"{rounding} + {SLACK:g}(1 + |x|) ({dtype})"
+    tf32_text = f" + {TF32_RTOL:.3g}(|x| + mean |x| of its sample) (TF32)" if tf32 else ""
+    return f"{rounding} + {SLACK:g}(1 + |x|){tf32_text} ({dtype})"
+
+
+def _tf32_line(made: bool, here: bool) -> str:
+    """Why the tolerance holds TF32's rounding: which side ran float32 in TF32."""
+    sides = [w for w, on in (("the store's teachers ran", made), ("this machine runs", here)) if on]
+    return f"TF32: {' and '.join(sides)} float32 convolutions or matmuls in TF32 (10 mantissa bits); the tolerance holds it"
 
 
 def _flags(store: TeacherStore) -> tuple[np.ndarray, list[_Damage]]:
@@ -256,6 +272,9 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
     """Recompute random (view, index) pairs of flagged blocks; appends findings to ``lines``, returns True on a mismatch."""
     d = store.description
     _check_same_teachers(d.teachers, teachers.provenance)
+    tf32 = {"made_tf32": d.tf32, "here_tf32": any(tf32_of(teachers.device).values())}  # the store's record; this machine
+    if any(tf32.values()):
+        lines.append(_tf32_line(tf32["made_tf32"], tf32["here_tf32"]))
     # an image folder's sample is decoded in this process (a few hundred files: no worker processes to start)
     workers = 0 if d.keeps_pixels else None
     train, _, spec = load_cached_data(store, data_dir=data_dir, workers=workers)
@@ -299,10 +318,10 @@ def _recompute(store: TeacherStore, teachers: TeacherRunner, flags: np.ndarray, 
         for name, (ref, got, dtype, scale) in checks.items():
             diff = np.abs(ref - got)
             worst[name] = (max(worst.get(name, (0.0, ""))[0], float(diff.max())), dtype)
-            if (diff > _tolerance(dtype, ref, scale)).any():
+            if (diff > _tolerance(dtype, ref, scale, **tf32)).any():
                 mismatch = True
                 lines.append(f"MISMATCH: {name} view {v} differs by up to {float(diff.max()):.3g} (beyond {dtype} resolution)")
     for name, (w, dtype) in worst.items():
         lines.append(f"{name}: largest difference {w:.3g} over {len(pairs)} (view, index) pairs; tolerance per value x: "
-                     f"{_tolerance_text(dtype)}")
+                     f"{_tolerance_text(dtype, any(tf32.values()))}")
     return mismatch
