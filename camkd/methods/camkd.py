@@ -10,7 +10,8 @@ Logit level (paper Eq. 2-3):
 
 Intermediate level (paper Eq. 4-6): the student's last feature map ``feats[-2]`` is
 resized to teacher k's penultimate map (adaptive average pooling when it is at
-least as large in both dims, else bilinear), mapped by ``Embed_k`` (1x1 conv with
+least as large in both dims, else bilinear; written with ops whose CUDA backward is
+deterministic, :mod:`camkd.methods.resize`), mapped by ``Embed_k`` (1x1 conv with
 bias, BN, ReLU) to the teacher's channels, and sent through teacher k's frozen
 classifier head; the CE of that output against the label gives ``v_kb`` as above,
 *not* detached (gradients reach the embeds through the weights too), and
@@ -22,8 +23,6 @@ Total ``gamma CE + alpha loss_kd + beta loss_inter``; the beta term is 0 in epoc
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from camkd.methods.base import (
     register_method,
 )
 from camkd.methods.functional import confidence_weights, kl_per_sample
+from camkd.methods.resize import Resize
 
 
 def camkd_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, T: float,
@@ -80,47 +80,30 @@ def camkd_inter_loss(
 
 
 class Embed(nn.Module):
-    """CA-MKD ``Embed`` (``convs=False``): 1x1 conv (with bias), BatchNorm, ReLU."""
+    """CA-MKD ``Embed`` (``convs=False``): 1x1 conv (with bias), BatchNorm, ReLU, applied to the student map resized
+    from ``src`` to the teacher's ``size`` (``CalWeight``'s rule: average-pooled down when at least as large in both
+    dims, identity when equal, else bilinear), all in :meth:`forward`, so ``--compile`` compiles the whole path.
 
-    def __init__(self, dim_in: int, dim_out: int) -> None:
+    The resize is :class:`~camkd.methods.resize.Resize` (a deterministic CUDA backward). A bilinear resize runs after
+    the conv, at the student's smaller size: the 1x1 conv and the resize are both linear and act on different axes
+    (channels, positions), so they commute (the bias too: each output's bilinear weights sum to 1); equal to the
+    direct order up to float32 round-off, at 1/(upsampling factor) of the conv's cost. Pooling runs before the conv.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, src: tuple[int, int], size: tuple[int, int]) -> None:
         super().__init__()
         self.conv = nn.Conv2d(dim_in, dim_out, kernel_size=1)
         self.bn = nn.BatchNorm2d(dim_out)
         self.relu = nn.ReLU(inplace=True)
+        down = src[0] >= size[0] and src[1] >= size[1]
+        self.upsampled = not down
+        self.resize = Resize(src, size, "pool" if down else "bilinear", align_corners=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.relu(self.bn(self.conv(x)))
-
-    def forward_upsampled(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        """``forward(resize_to(x, size))`` for a bilinear upsample, with the 1x1 conv at x's smaller size.
-
-        The 1x1 conv and the bilinear resize are both linear and act on different
-        axes (channels, positions), so they commute (the bias too: each output's
-        bilinear weights sum to 1).  The resize is one matmul with its [h*w, H*W]
-        weight matrix.  Equal to the direct order up to float32 round-off, at
-        1/(upsampling factor) of the conv's cost.
-        """
-        B, _, h, w = x.shape
-        m = _upsample_matrix((h, w), size, x.device, x.dtype)  # [h*w, H*W]
-        return self.relu(self.bn((self.conv(x).flatten(2) @ m).view(B, -1, *size)))
-
-
-def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """CA-MKD ``CalWeight``: adaptive avg-pool down (or identity), else bilinear up."""
-    h, w = x.shape[-2:]
-    if (h, w) == size:
-        return x
-    if h >= size[0] and w >= size[1]:
-        return F.adaptive_avg_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-@functools.cache
-def _upsample_matrix(src: tuple[int, int], size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[h*w, H*W] weights of :func:`resize_to`'s bilinear upsample (row i: where source pixel i goes)."""
-    h, w = src
-    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
-    return resize_to(basis, size).reshape(h * w, -1).to(device=device, dtype=dtype)
+        """``x``: the student map [B, C_s, *src] -> [B, C_t, *size]."""
+        if self.upsampled:
+            return self.relu(self.bn(self.resize(self.conv(x))))
+        return self.relu(self.bn(self.conv(self.resize(x))))
 
 
 @register_method("camkd")
@@ -139,7 +122,8 @@ class CAMKD(LogitMethod):
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)
         self.embeds = per_teacher_modules(
-            cfg, lambda s, t: Embed(s[0], t[0]), index=-2, layer="penultimate", method="camkd", enabled=self.beta > 0
+            cfg, lambda s, t: Embed(s[0], t[0], (s[1], s[2]), (t[1], t[2])), index=-2, layer="penultimate",
+            method="camkd", enabled=self.beta > 0,
         )
 
     @classmethod
@@ -155,18 +139,7 @@ class CAMKD(LogitMethod):
         if f_t is None or len(f_t) != self.num_teachers or len(teachers.heads) != self.num_teachers:
             raise CamkdError("camkd needs the teachers' 'penultimate' features and heads for all teachers")
         f_s = student.feats[-2]
-        h, w = f_s.shape[-2:]
-        resized: dict[tuple[int, int], Tensor] = {}
-        embedded, head_logits = [], []
-        for embed, f, head in zip(self.embeds, f_t, teachers.heads, strict=True):
-            size = (f.shape[-2], f.shape[-1])
-            if h < size[0] or w < size[1]:  # bilinear up: the conv runs at the student's size
-                e = embed.forward_upsampled(f_s, size)
-            else:  # pooled down (or same size) once per size
-                if size not in resized:
-                    resized[size] = resize_to(f_s, size)
-                e = embed(resized[size])
-            embedded.append(e)
-            head_logits.append(head(e))
+        embedded = [embed(f_s) for embed in self.embeds]  # each resizes f_s to its teacher's size (Embed.forward)
+        head_logits = [head(e) for head, e in zip(teachers.heads, embedded, strict=True)]
         inter, v = camkd_inter_loss(embedded, f_t, head_logits, labels)
         return inter, {"inter_weights": v.detach().mean(0)}

@@ -31,6 +31,7 @@ from camkd.methods.base import (
     per_teacher_modules,
     register_method,
 )
+from camkd.methods.resize import Resize
 
 
 def fitnet_hint_loss(regressed: list[Tensor], teacher_feats: list[Tensor]) -> Tensor:
@@ -46,7 +47,9 @@ class ConvReg(nn.Module):
     stride-2 conv; ``2 s_H == t_H``: 4x4 stride-2 transposed conv; ``s_H >= t_H``:
     valid conv of kernel ``(1 + s_H - t_H, 1 + s_W - t_W)``; otherwise (student map
     smaller): bilinear resize to the teacher's size, then a 3x3 conv (CA-MKD does
-    this for ``4 s_H == t_H``; any other ratio made the reference fail at the MSE).
+    this for ``4 s_H == t_H``, ``F.interpolate(mode="bilinear", align_corners=False)``; any
+    other ratio made the reference fail at the MSE).  The resize is
+    :class:`~camkd.methods.resize.Resize`: the same map, with a deterministic CUDA backward.
     A pair whose output would not be the teacher's size raises :class:`CamkdError`.
     """
 
@@ -54,7 +57,7 @@ class ConvReg(nn.Module):
         super().__init__()
         s_C, s_H, s_W = s_shape
         t_C, t_H, t_W = t_shape
-        self.resize: tuple[int, int] | None = None
+        self.resize: Resize | None = None
         if s_H == 2 * t_H:
             self.conv: nn.Module = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
             out = ((s_H - 1) // 2 + 1, (s_W - 1) // 2 + 1)
@@ -69,7 +72,7 @@ class ConvReg(nn.Module):
                 self.conv = nn.Conv2d(s_C, t_C, kernel_size=(1 + s_H - t_H, 1 + s_W - t_W))
                 out = (t_H, t_W)
         else:
-            self.resize = (t_H, t_W)
+            self.resize = Resize((s_H, s_W), (t_H, t_W), "bilinear", align_corners=False)  # F.interpolate's settings
             self.conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=1, padding=1)
             out = (t_H, t_W)
         if out != (t_H, t_W):
@@ -82,7 +85,7 @@ class ConvReg(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.resize is not None:
-            x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False)
+            x = self.resize(x)
         return self.relu(self.bn(self.conv(x)))
 
 
