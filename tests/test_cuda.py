@@ -1,8 +1,13 @@
 """The CUDA tier: collected everywhere, skipped without a CUDA device (tests/conftest.py), run by bench/gpu.sh.
 
 What a GPU user relies on, at tiny sizes: the three commands end to end on --device cuda; cached == online on
-CUDA with deterministic kernels; torchrun over nccl with one process per GPU equal to one process with as many
-micro-batches; --sync-bn; the precision and layout options. The 32-px views CPU == CUDA: tests/test_views.py.
+CUDA with deterministic kernels; cache-verify of a store made in TF32; torchrun over nccl with two processes (one
+per GPU) equal to one process with two micro-batches, and --sync-bn normalizing over both (both need 2 GPUs: with
+one, torchrun makes no process group, so they are skipped as not checked); the precision and layout options. The
+32-px views CPU == CUDA: tests/test_views.py.
+
+TF32 is off for everything this module builds in its own process (``no_tf32``, module-scoped and autouse, so it is
+set before the teachers and stores are made), and in the processes it starts (NVIDIA_TF32_OVERRIDE=0).
 """
 
 import json
@@ -16,14 +21,31 @@ from configs import StepRecorder, distill_cfg
 from helpers import two_teachers
 from test_dist import TIMEOUT, VENV_BIN, assert_same_weights, env, reference_store
 
-from camkd.cache import CacheConfig, cache_teachers
+from camkd.cache import CacheConfig, cache_teachers, cache_verify
 from camkd.checkpoint import load_checkpoint
 from camkd.distill import distill
 from camkd.methods import list_methods
+from camkd.store import open_store
+from camkd.store.info import cache_info
 
 pytestmark = pytest.mark.cuda
 
 N = 128
+TF32_OFF = {"conv": False, "matmul": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_tf32():
+    """TF32 off for convolutions and matmuls (float32 products rounded as float32) while this module runs.
+
+    Module-scoped and autouse: pytest sets up a scope's autouse fixtures before the others of that scope, so the
+    module-scoped teachers and stores are made without TF32 too (a function-scoped fixture came after them: the cached
+    outputs were TF32's, the online run fp32's). The settings are restored after the module."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    yield
+    cudnn.allow_tf32, matmul.allow_tf32 = old
 
 
 def metrics(run) -> list[dict]:
@@ -70,22 +92,15 @@ def test_the_three_commands_end_to_end(cli, tmp_path):
     assert [m["epoch"] for m in metrics(tmp_path / "student")] == [1, 2] and finite_losses(tmp_path / "student")
 
 
-@pytest.fixture
-def no_tf32():
-    """TF32 off for convolutions and matmuls during a test (float32 products rounded as float32)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.parametrize("method", sorted(list_methods()))
-def test_cache_equals_online_on_cuda(method, teachers, store, tmp_path, no_tf32):
+def test_cache_equals_online_on_cuda(method, teachers, store, tmp_path):
     """As tests/test_distill.py on the CPU: 2 epochs (every term of every method), step losses within 1e-5 relative.
 
     Deterministic kernels (--deterministic), and TF32 off: with TF32 (PyTorch's default for convolutions on
     Ampere and later) the teachers' outputs depend on the batch size (cache-teachers' 256, the student's 16) at
-    about 1e-3, so the stored and the re-run teachers differ by that much."""
+    about 1e-3, so the stored and the re-run teachers differ by that much. The store's own record says it was made
+    without TF32 (the module's ``no_tf32`` came before the ``store`` fixture)."""
+    assert open_store(store).description.teacher_tf32 == TF32_OFF
     runs = {}
     for name, kw in (("cached", {}), ("online", {"online": True, "teachers": teachers})):
         rec = StepRecorder()
@@ -102,7 +117,33 @@ def test_cache_equals_online_on_cuda(method, teachers, store, tmp_path, no_tf32)
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=1e-4, atol=1e-5), (method, k)
 
 
-DET = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # what deterministic cuBLAS needs, set before CUDA starts
+def test_cache_verify_holds_a_tf32_store(teachers, tmp_path):
+    """A float32 store made with TF32 on (PyTorch's default for convolutions; here matmuls too) records it, cache-info
+    shows it, and cache-verify -t passes it: recomputed without TF32 (this module's setting) and with it, at another
+    batch size than the store's, the differences are TF32's rounding, which the recorded setting lets the tolerance
+    hold (float32's own 1e-4 would call a healthy store damaged)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    path = tmp_path / "tf32.zarr"
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=2, aug_seed=3,
+                                   features=["penultimate", "hint:2"], dtype="float32", device="cuda", out=str(path),
+                                   batch_size=128, progress=False))
+        assert open_store(path).description.teacher_tf32 == {"conv": True, "matmul": True}
+        assert "tf32       on for convolutions and matmuls" in cache_info(path)
+        here_too = cache_verify(path, teachers, sample=N, device="cuda")  # this machine in TF32 as well
+    finally:
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+    assert here_too.ok, here_too.lines
+    rep = cache_verify(path, teachers, sample=N, device="cuda")  # TF32 off here: the store's record widens the bound
+    assert rep.ok, rep.lines
+    assert any(line.startswith("TF32: the store's teachers ran float32") for line in rep.lines), rep.lines
+
+
+DET = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # what deterministic cuBLAS needs, set before CUDA starts
+       "NVIDIA_TF32_OVERRIDE": "0"}  # cuBLAS and cuDNN without TF32 in the processes started here, as in this one
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="not checked: needs 2 GPUs (two nccl ranks, one per "
+                              "GPU; with one GPU torchrun runs one process, which makes no process group)")
 
 
 def _torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
@@ -123,38 +164,47 @@ def ref_store(tmp_path_factory):
     return reference_store(tmp_path_factory.mktemp("cuda_dist"), device="cuda")
 
 
+@TWO_GPUS
 def test_nccl_ranks_equal_one_process_with_micro_batches(ref_store, tmp_path):
-    """torchrun with one process per GPU present (nccl; W = 1 on a one-GPU machine) == one process with W
-    micro-batches, CA-MKD, 2 epochs, deterministic kernels: bit for bit with W <= 2 (a sum of two gradients does
-    not depend on its order), within float tolerance beyond."""
-    w = torch.cuda.device_count()
-    base = ["distill", "-m", "resnet8", "-c", ref_store, "--method", "camkd", "--batch-size", str(16 * w), "--lr", "0.05",
+    """torchrun with 2 processes (nccl, one GPU each) == one process with 2 micro-batches, CA-MKD, 2 epochs,
+    deterministic kernels: bit for bit (a sum of two gradients does not depend on its order), as tests/test_dist.py
+    shows with gloo on the CPU."""
+    base = ["distill", "-m", "resnet8", "-c", ref_store, "--method", "camkd", "--batch-size", "32", "--lr", "0.05",
             "--epochs", "2", "--seed", "7", "--deterministic", "--device", "cuda", "-q"]
-    r = _torchrun(w, *base, "--out", tmp_path / "ranks")
+    r = _torchrun(2, *base, "--out", tmp_path / "ranks")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _one_process(*base, "--micro-batches", w, "--out", tmp_path / "one")
+    r = _one_process(*base, "--micro-batches", 2, "--out", tmp_path / "one")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["world_size"] for m in metrics(tmp_path / "ranks")] == [w, w]
-    if w <= 2:
-        assert_same_weights(tmp_path / "ranks" / "last.pth", tmp_path / "one" / "last.pth")
-    else:
-        a, b = load_checkpoint(tmp_path / "ranks" / "last.pth"), load_checkpoint(tmp_path / "one" / "last.pth")
-        for k in a["model"]:
-            assert torch.allclose(a["model"][k].float(), b["model"][k].float(), rtol=1e-4, atol=1e-5), k
+    assert [m["world_size"] for m in metrics(tmp_path / "ranks")] == [2, 2]
+    assert_same_weights(tmp_path / "ranks" / "last.pth", tmp_path / "one" / "last.pth")
 
 
-def test_sync_bn_runs(ref_store, tmp_path):
-    """--sync-bn on CUDA: under torchrun with one process per GPU, and in one process (SyncBatchNorm without a
-    process group normalizes like BatchNorm)."""
-    w = torch.cuda.device_count()
-    base = ["distill", "-m", "resnet8", "-c", ref_store, "--method", "kd", "--batch-size", str(16 * w), "--epochs", "2",
-            "--device", "cuda", "--sync-bn", "-q"]
-    r = _torchrun(w, *base, "--out", tmp_path / "ranks")
+def _largest_difference(a, b) -> float:
+    """The largest absolute difference between two checkpoints' student weights and buffers."""
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
+
+
+@TWO_GPUS
+def test_sync_bn_normalizes_over_both_ranks(ref_store, tmp_path):
+    """--sync-bn under torchrun with 2 processes (nccl): each BatchNorm normalizes over the whole global batch, so the
+    weights are those of one process training on the whole batch (SyncBatchNorm without a process group is
+    BatchNorm), within float tolerance (other reductions, nondeterministic kernels), and more than ten times closer to
+    them than one process with 2 micro-batches is: what 2 ranks give without --sync-bn, each rank normalizing its own
+    half."""
+    base = ["distill", "-m", "resnet8", "-c", ref_store, "--method", "kd", "--batch-size", "32", "--lr", "0.05",
+            "--epochs", "2", "--seed", "7", "--device", "cuda", "-q"]
+    r = _torchrun(2, *base, "--sync-bn", "--out", tmp_path / "ranks")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [m["epoch"] for m in metrics(tmp_path / "ranks")] == [1, 2] and finite_losses(tmp_path / "ranks")
-    r = _one_process(*base, "--out", tmp_path / "one")
+    r = _one_process(*base, "--sync-bn", "--out", tmp_path / "whole")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert finite_losses(tmp_path / "one")
+    r = _one_process(*base, "--micro-batches", 2, "--out", tmp_path / "halves")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["world_size"] for m in metrics(tmp_path / "ranks")] == [2, 2] and finite_losses(tmp_path / "ranks")
+    synced = _largest_difference(tmp_path / "ranks" / "last.pth", tmp_path / "whole" / "last.pth")
+    halves = _largest_difference(tmp_path / "halves" / "last.pth", tmp_path / "whole" / "last.pth")
+    assert synced * 10 < halves, (synced, halves)
 
 
 @pytest.mark.parametrize("options", [["--precision", "bf16"], ["--precision", "fp16"], ["--channels-last"],
@@ -199,5 +249,8 @@ def test_bench_protocol_on_cuda(cli, tmp_path):
     assert r.exit_code == 0, r.output
     whole = json.loads((tmp_path / "p.json").read_text())
     assert whole["device"]["type"] == "cuda" and whole["device"]["gpu"] == torch.cuda.get_device_name(0)
-    assert r.output.startswith(f"Device: GPU {torch.cuda.get_device_name(0)} (host CPU ")
+    device = f"Device: GPU {torch.cuda.get_device_name(0)} (host CPU "
+    assert (tmp_path / "p.md").read_text().startswith(device)
+    # printed too, after the log lines ("[protocol] caching ...") that stderr mixes into the output
+    assert any(line.startswith(device) for line in r.output.splitlines()), r.output
 
