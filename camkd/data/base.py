@@ -62,7 +62,13 @@ class DataSplit(Protocol):
 
     def view_batches(self, spec: AugSpec, view: int, index_batches: Iterable[Sequence[int]],
                      device: torch.device) -> Iterator[ViewBatch]:
-        """The uint8 training views of each batch of sample indices, in order (see :data:`ViewBatch`)."""
+        """The uint8 training views of each batch of sample indices, in order (see :data:`ViewBatch`).
+
+        The training loop passes a pass's batches as one :class:`~camkd.data.views.EpochRows` (one host array, copied
+        to the device once per epoch); any other iterable of batches is taken too. In memory, the indices and their view
+        parameters are copied to the device once per pass and each step slices them (no copy from the host per step);
+        an image folder's workers decode batch by batch, so its views and boxes arrive per batch (pinned by the
+        DataLoader on CUDA) and it iterates the batches as before."""
 
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 un-augmented images on ``device``, their labels) in order, ``batch_size`` at a time."""
