@@ -29,11 +29,11 @@ from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
 from camkd.precision import Precision
 from camkd.store import topk
-from camkd.store.reader import FeatureStream, TeacherStore
+from camkd.store.reader import BufferPool, FeatureStream, Rows, TeacherStore
 from camkd.store.viewcheck import first_differing_row, pixels_differ_why
 from camkd.teachers import Teacher, prepare, run_teachers, stored_heads
 
-Streamed = dict[str, list[Any]]  # per layer, per teacher: numpy arrays or tensors
+Streamed = dict[str, list[Any]]  # per layer, per teacher: numpy arrays, or Rows (FeatureStream on a device)
 
 
 class TeacherSource(Protocol):
@@ -54,7 +54,7 @@ class TeacherSource(Protocol):
 
 def plan_rows(plan: EpochPlan, windows: Iterator[tuple[np.ndarray, Streamed]]) -> Iterator[Streamed]:
     """Each of ``plan``'s batches' rows of per-row data streamed in the plan's windows (features per layer per
-    teacher: numpy arrays or tensors), cut at the plan's positions (``plan.starts``): the epoch is batched once, by
+    teacher: numpy arrays, or :class:`Rows` the step gathers), cut at the plan's positions (``plan.starts``): the epoch is batched once, by
     the plan. A batch inside one window is a slice of it (no copy); only a batch across windows is concatenated."""
     held: list[tuple[int, Streamed]] = []  # (where each window begins in the epoch's order, its data), in order
     end = 0
@@ -77,7 +77,7 @@ def plan_rows(plan: EpochPlan, windows: Iterator[tuple[np.ndarray, Streamed]]) -
 
 
 def _cat(pieces: list) -> Any:
-    return torch.cat(pieces) if isinstance(pieces[0], torch.Tensor) else np.concatenate(pieces)
+    return Rows.cat(pieces) if isinstance(pieces[0], Rows) else np.concatenate(pieces)
 
 
 def _in_memory(plan: EpochPlan) -> Iterator[Streamed]:
@@ -158,6 +158,7 @@ class StoreTeachers:
         self._feats: dict[str, list[torch.Tensor]] = {}
         self._aug: np.ndarray | None = None  # the current view's stored augmentation and pixel hashes, on the host
         self._pixels: np.ndarray | None = None
+        self._buffers = BufferPool()  # the streamed windows' host buffers, reused epoch after epoch
 
     def prefetch(self, view: int) -> None:
         """Start staging ``view`` of a remote store in the background (nothing for a local store)."""
@@ -206,7 +207,8 @@ class StoreTeachers:
         self._begin_view(plan.view)
         if self.window_blocks is None:
             return _in_memory(plan)
-        return plan_rows(plan, iter(FeatureStream(self._src, self.layers, plan.view, list(plan.windows), device=self.device)))
+        return plan_rows(plan, iter(FeatureStream(self._src, self.layers, plan.view, list(plan.windows), device=self.device,
+                                                  buffers=self._buffers)))
 
     def close(self) -> None:
         """Delete the staged copies of a remote store (also done at garbage collection and at exit)."""
@@ -230,7 +232,8 @@ class StoreTeachers:
         if self.window_blocks is None:
             feats = {layer: [f[idx].float() for f in per] for layer, per in self._feats.items()}
         else:
-            feats = {layer: [a.float() for a in per] for layer, per in data.items()}  # on the device already (FeatureStream)
+            # the window's rows on the device, gathered here as a whole view's are (FeatureStream's Rows)
+            feats = {layer: [a.gather().float() for a in per] for layer, per in data.items()}
         if self.no_logits:
             return TeacherOut(logits=x.new_zeros((len(idx), self.num_teachers, 0)), features=feats, heads=self.heads)
         if self.is_topk:  # the batch's dense teacher term rebuilt on the device (never a whole view's [N, K, C])

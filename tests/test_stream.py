@@ -14,7 +14,7 @@ from camkd.epoch_plan import EpochPlan
 from camkd.models import create_model
 from camkd.sources import StoreTeachers
 from camkd.store import layout, open_store
-from camkd.store.reader import FeatureStream, dequantize_torch
+from camkd.store.reader import BufferPool, FeatureStream, Rows, dequantize_torch
 
 N = 600  # not a multiple of the block rows: the last block is partial
 LAYERS = ("penultimate", "hint1")
@@ -76,15 +76,43 @@ def test_streamed_tensors_equal_the_whole_view(stores, kind, prefetch):
         seen = 0
         for idx, feats in FeatureStream(store, LAYERS, 1, windows, prefetch=prefetch, device="cpu"):
             for layer in LAYERS:
-                for t, a in enumerate(feats[layer]):
+                for t, rows in enumerate(feats[layer]):
                     ref = torch.from_numpy(whole[layer][t][idx])
-                    assert isinstance(a, torch.Tensor) and a.dtype == ref.dtype == (torch.float32 if kind == "i8" else torch.float16)
+                    assert isinstance(rows, Rows) and len(rows) == len(idx)
+                    a = rows.gather()
+                    assert a.dtype == ref.dtype == (torch.float32 if kind == "i8" else torch.float16)
                     assert torch.equal(a, ref), (kind, layer, t)
+                    cut = Rows.cat([rows[5:9], rows[: len(idx) // 2]]).gather()  # slices of the positions, joined
+                    assert torch.equal(cut, torch.cat([ref[5:9], ref[: len(idx) // 2]]))
             seen += len(idx)
         assert seen == store.n
         # the host API yields numpy arrays, the same values
         for idx, feats in FeatureStream(store, LAYERS, 1, windows, prefetch=prefetch):
             assert all(np.array_equal(feats[layer][t], whole[layer][t][idx]) for layer in LAYERS for t in range(2))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_buffers_are_reused_and_never_overwritten_while_held(stores, kind):
+    store = open_store(stores[kind])
+    whole = store.features("hint1", 0)
+    windows = epoch_order(store.n, seed=0, epoch=1, block_rows=store.block_rows, window_blocks=1)
+    pool = BufferPool()
+    # a consumer that keeps every window: the pool makes more buffers, the rows stay right
+    kept = list(FeatureStream(store, ("hint1",), 0, windows, prefetch=1, device="cpu", buffers=pool))
+    assert len({rows.pieces[0][0][0].data_ptr() for _, f in kept for rows in f["hint1"]}) == len(windows) * 2
+    for idx, feats in kept:
+        assert all(torch.equal(rows.gather(), torch.from_numpy(whole[t][idx])) for t, rows in enumerate(feats["hint1"]))
+    del kept, idx, feats
+    assert sum(len(v) for v in pool._free.values()) == len(windows)  # every buffer given back
+    # the next epoch reads into them again
+    first = None
+    for idx, feats in FeatureStream(store, ("hint1",), 0, windows[::-1], prefetch=1, device="cpu", buffers=pool):
+        first = first or feats["hint1"][0].pieces[0][0][0].data_ptr()
+        assert all(torch.equal(rows.gather(), torch.from_numpy(whole[t][idx])) for t, rows in enumerate(feats["hint1"]))
+    assert sum(len(v) for v in pool._free.values()) == len(windows) - 1  # the last window's rows are still held
+    del idx, feats
+    ptrs = {buf["hint1"][0][0].data_ptr() for bufs in pool._free.values() for buf in bufs}
+    assert first in ptrs and sum(len(v) for v in pool._free.values()) == len(windows)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -118,5 +146,6 @@ def test_streamed_on_cuda_equal_the_whole_view(stores, kind):
     for windows in _window_sets(store):
         for idx, feats in FeatureStream(store, LAYERS, 0, windows, device="cuda"):
             for layer in LAYERS:
-                for t, a in enumerate(feats[layer]):
+                for t, rows in enumerate(feats[layer]):
+                    a = rows.gather()
                     assert a.is_cuda and torch.equal(a.cpu(), torch.from_numpy(whole[layer][t][idx])), (kind, layer, t)

@@ -8,6 +8,7 @@ shuffled within a window of blocks in memory, the next windows prefetched by a t
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -240,44 +241,110 @@ def dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(torch.float32) * scale[..., None, None]
 
 
-class FeatureStream:
-    """Yields (indices, {layer: [per-teacher arrays]}) windows, loading the next ``prefetch`` windows on a thread.
+class BufferPool:
+    """The host buffers FeatureStreams decode windows into, kept by their owner across streams (epochs): a buffer is
+    taken for a window and given back once nothing holds its rows (on a GPU: once they are copied there). When every
+    buffer is held, a new one is made, so a consumer that keeps windows gets correct rows, only more memory."""
 
-    Each window's blocks are decoded once, by zarr, straight into one preallocated host buffer per (layer, teacher)
-    (pinned when ``device`` is a CUDA device), then the window's rows are gathered in its (shuffled) order:
-    ``device`` None: on the host, into numpy arrays (int8 dequantized by :func:`layout.dequantize`); a torch device:
-    into tensors on it (CUDA: the blocks copied ``non_blocking`` on a side stream, int8 sent as int8 + scales, the
-    rows gathered and dequantized on the device by :func:`dequantize_torch`; the CPU: the buffer indexed once).
-    Values are the store's bit for bit either way. At most 1 + ``prefetch`` windows are in memory besides the
-    buffer; a read error re-raises in the consumer; leaving the loop early cancels what is queued and waits for the
-    one read in progress.
+    def __init__(self) -> None:
+        self._free: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple, make):
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return make()
+
+    def give(self, key: tuple, buf) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(buf)
+
+
+class _Lease:
+    """A buffer of a pool, given back when the last rows that read it are gone."""
+
+    def __init__(self, pool: BufferPool, key: tuple, buf) -> None:
+        self.pool, self.key, self.buf = pool, key, buf
+
+    def __del__(self) -> None:
+        self.pool.give(self.key, self.buf)
+
+
+class Rows:
+    """Rows of streamed windows, not gathered yet: the step gathers them, as it gathers a whole view's rows. Each
+    piece is one window's blocks as stored (a tensor, or int8 + float32 scales) on the device and the rows' positions
+    in them (a tensor there too); slicing cuts the positions, :meth:`gather` makes the rows (int8: dequantized by
+    :func:`dequantize_torch`), the same values as the whole view's bit for bit."""
+
+    def __init__(self, pieces: list[tuple[tuple[torch.Tensor, ...], torch.Tensor, object]]) -> None:
+        self.pieces = pieces
+
+    def __len__(self) -> int:
+        return sum(len(pos) for _, pos, _ in self.pieces)
+
+    def __getitem__(self, sl: slice) -> Rows:
+        start, stop, step = sl.indices(len(self))
+        if step != 1:
+            raise ValueError("Rows are sliced by contiguous ranges only")
+        out, at = [], 0
+        for arrays, pos, lease in self.pieces:
+            lo, hi = max(start - at, 0), min(stop - at, len(pos))
+            if lo < hi:
+                out.append((arrays, pos[lo:hi], lease))
+            at += len(pos)
+        return Rows(out)
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        return Rows([p for r in parts for p in r.pieces])
+
+    def gather(self) -> torch.Tensor:
+        got = []
+        for arrays, pos, _ in self.pieces:
+            g = [a.index_select(0, pos) for a in arrays]
+            got.append(dequantize_torch(*g) if len(g) == 2 else g[0])
+        return got[0] if len(got) == 1 else torch.cat(got)
+
+
+class FeatureStream:
+    """Yields (indices, {layer: [per-teacher rows]}) windows, loading the next ``prefetch`` windows on a thread.
+
+    Each window's blocks are decoded once, by zarr, straight into a host buffer per (layer, teacher) taken from
+    ``buffers`` (a :class:`BufferPool` its owner keeps across epochs; pinned when ``device`` is a CUDA device).
+    ``device`` None: the window's rows are gathered on the host into numpy arrays (int8 dequantized by
+    :func:`layout.dequantize`). A torch device: :class:`Rows`, gathered by the step (CUDA: the blocks copied
+    ``non_blocking`` from the pinned buffer on a side stream, int8 sent as int8 + scales, gathered and dequantized
+    on the device; the CPU: the buffer itself, indexed once by the step). Values are the store's bit for bit either
+    way. At most 1 + ``prefetch`` windows are read ahead; a read error re-raises in the consumer; leaving the loop
+    early cancels what is queued and waits for the one read in progress.
     """
 
     def __init__(self, store: TeacherStore, layers: tuple[str, ...], view: int, windows: list[np.ndarray],
-                 *, prefetch: int = 2, device: torch.device | str | None = None) -> None:
+                 *, prefetch: int = 2, device: torch.device | str | None = None, buffers: BufferPool | None = None) -> None:
         self.store, self.layers, self.view, self.windows = store, layers, view, windows
         self.prefetch = max(prefetch, 1)
         self.device = torch.device(device) if device is not None else None
         self._cuda = self.device is not None and self.device.type == "cuda"
         self._int8 = store.feature_dtype == "int8"
-        self._bufs: dict[str, list[tuple[torch.Tensor, ...]]] | None = None  # made on the loading thread, reused
+        self.buffers = buffers if buffers is not None else BufferPool()
+        self._arrs = {layer: [self._arrays(layer, t) for t in range(store.num_teachers)] for layer in layers}
+        br, n = store.block_rows, store.n
+        self._cap = max((sum(len(range(*layout.block_slice(b, n, br).indices(n))) for b in _window_blocks(w, br))
+                         for w in windows if len(w)), default=0)
+        self._pin = self._cuda and torch.cuda.is_available()  # pinning needs a driver
+        self._key = (str(store.path), layers, self._cap, self._pin)
         self._copy_stream = None
 
     def _arrays(self, layer: str, t: int) -> list[tuple[str, zarr.Array]]:
         names = [layout.feature_path(layer, t)] + ([layout.scale_path(layer, t)] if self._int8 else [])
         return [(name, self.store.g[name]) for name in names]
 
-    def _buffers(self) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    def _make_buffer(self) -> dict[str, list[tuple[torch.Tensor, ...]]]:
         """One host buffer per (layer, teacher) array, as many rows as the largest window's blocks hold."""
-        if self._bufs is None:
-            br, n = self.store.block_rows, self.store.n
-            cap = max((sum(len(range(*layout.block_slice(b, n, br).indices(n))) for b in _window_blocks(w, br))
-                       for w in self.windows if len(w)), default=0)
-            pin = self._cuda and torch.cuda.is_available()  # pinning needs a driver
-            self._arrs = {layer: [self._arrays(layer, t) for t in range(self.store.num_teachers)] for layer in self.layers}
-            self._bufs = {layer: [tuple(torch.empty((cap, *a.shape[2:]), dtype=_torch_dtype(a.dtype), pin_memory=pin)
-                                        for _, a in per) for per in arrs] for layer, arrs in self._arrs.items()}
-        return self._bufs
+        return {layer: [tuple(torch.empty((self._cap, *a.shape[2:]), dtype=_torch_dtype(a.dtype), pin_memory=self._pin)
+                              for _, a in per) for per in arrs] for layer, arrs in self._arrs.items()}
 
     def _read_into(self, name: str, arr: zarr.Array, sl: slice, out: np.ndarray) -> None:
         """Decode rows ``sl`` of ``arr`` into ``out`` (zarr's one copy); a failure is the store's one error line."""
@@ -287,7 +354,8 @@ class FeatureStream:
             out[...] = self.store.read_array(name, (self.view, sl), f"view {self.view} rows {sl.start}:{sl.stop} ")
 
     def _load(self, rows: np.ndarray):
-        """Read the window's blocks into the buffer, then pick its rows in the window's (shuffled) order."""
+        """Read the window's blocks into a buffer; their rows in the window's (shuffled) order: gathered (numpy), or
+        their positions (:class:`Rows`)."""
         br, n = self.store.block_rows, self.store.n
         blocks = _window_blocks(rows, br)
         slices = [layout.block_slice(b, n, br) for b in blocks]
@@ -297,7 +365,8 @@ class FeatureStream:
         offsets[blocks] = np.cumsum([0] + sizes[:-1])
         where = offsets[rows // br] + rows % br
         m = sum(sizes)
-        bufs = self._buffers()
+        lease = _Lease(self.buffers, self._key, self.buffers.take(self._key, self._make_buffer))
+        bufs = lease.buf
         for layer in self.layers:
             for arrs, held in zip(self._arrs[layer], bufs[layer]):
                 for (name, arr), buf in zip(arrs, held):
@@ -307,12 +376,12 @@ class FeatureStream:
                         at += size
         if self._cuda:
             return self._to_cuda(bufs, m, where)
-        out = {}
-        for layer in self.layers:
-            got = [tuple(np.take(b[:m].numpy(), where, axis=0) for b in held) for held in bufs[layer]]
-            got = [layout.dequantize(*g) if self._int8 else g[0] for g in got]
-            out[layer] = got if self.device is None else [torch.from_numpy(a) for a in got]
-        return out
+        if self.device is None:  # the host API: gathered here, the buffer free again when the lease goes
+            got = {layer: [tuple(np.take(b[:m].numpy(), where, axis=0) for b in held) for held in bufs[layer]]
+                   for layer in self.layers}
+            return {layer: [layout.dequantize(*g) if self._int8 else g[0] for g in per] for layer, per in got.items()}
+        pos = torch.from_numpy(where)
+        return {layer: [Rows([(tuple(b[:m] for b in held), pos, lease)]) for held in bufs[layer]] for layer in self.layers}
 
     def _to_cuda(self, bufs, m: int, where: np.ndarray):
         """The window's blocks (as stored: int8 + scales) copied non_blocking from the pinned buffer on a side stream;
@@ -321,14 +390,13 @@ class FeatureStream:
             if self._copy_stream is None:
                 self._copy_stream = torch.cuda.Stream()
             with torch.cuda.stream(self._copy_stream):
-                pinned = torch.from_numpy(where).pin_memory()
-                idx = pinned.to(self.device, non_blocking=True)
-                dev = {layer: [tuple(b[:m].to(self.device, non_blocking=True) for b in held)
-                               for held in bufs[layer]] for layer in self.layers}
+                pos = torch.from_numpy(where).pin_memory().to(self.device, non_blocking=True)
+                dev = {layer: [tuple(b[:m].to(self.device, non_blocking=True) for b in held) for held in bufs[layer]]
+                       for layer in self.layers}
                 done = torch.cuda.Event()
                 done.record()
-            done.synchronize()  # the pinned buffer may be refilled now
-        return _OnDevice(idx, dev, done, self._int8)
+            done.synchronize()  # the pinned buffer may be refilled now (given back with its lease)
+        return _OnDevice(pos, dev, done)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, dict[str, list]]]:
         pending: deque[tuple[np.ndarray, Future]] = deque()
@@ -345,31 +413,28 @@ class FeatureStream:
                         return
                     rows, fut = pending.popleft()
                     got = fut.result()
-                    yield rows, (got.gather() if isinstance(got, _OnDevice) else got)
+                    yield rows, (got.rows() if isinstance(got, _OnDevice) else got)
             finally:
                 for _, fut in pending:
                     fut.cancel()
 
 
 class _OnDevice:
-    """A window's blocks on a CUDA device, copied on the stream's side stream; ``gather`` runs on the current one."""
+    """A window's blocks on a CUDA device, copied on the stream's side stream; :meth:`rows` hands them to the
+    current stream (which the step gathers them on)."""
 
-    def __init__(self, idx: torch.Tensor, dev: dict[str, list[tuple[torch.Tensor, ...]]], done, int8: bool) -> None:
-        self.idx, self.dev, self.done, self.int8 = idx, dev, done, int8
+    def __init__(self, pos: torch.Tensor, dev: dict[str, list[tuple[torch.Tensor, ...]]], done) -> None:
+        self.pos, self.dev, self.done = pos, dev, done
 
-    def gather(self) -> dict[str, list[torch.Tensor]]:
-        stream = torch.cuda.current_stream(self.idx.device)
+    def rows(self) -> dict[str, list[Rows]]:
+        stream = torch.cuda.current_stream(self.pos.device)
         stream.wait_event(self.done)
-        out = {}
-        for layer, per in self.dev.items():
-            got = []
+        self.pos.record_stream(stream)  # allocated on the copy stream, used on this one
+        for per in self.dev.values():
             for held in per:
-                for a in (self.idx, *held):
-                    a.record_stream(stream)  # allocated on the copy stream, used on this one
-                g = [a.index_select(0, self.idx) for a in held]
-                got.append(dequantize_torch(*g) if self.int8 else g[0])
-            out[layer] = got
-        return out
+                for a in held:
+                    a.record_stream(stream)
+        return {layer: [Rows([(held, self.pos, None)]) for held in per] for layer, per in self.dev.items()}
 
 
 def _torch_dtype(dtype) -> torch.dtype:
