@@ -88,7 +88,11 @@ def wrap_ranks(trainee: Trainee, device: torch.device) -> nn.Module:
 
 def compile_trainable_parts(method: Method, precision: Precision) -> None:
     """Under --compile, the method's trainable modules (CA-MKD's embeddings, FitNet's regressors: the members of
-    its module lists, or a child module with parameters) compiled in place, so its state_dict keeps its keys."""
+    its module lists, or a child module with parameters) compiled in place, so its state_dict keeps its keys.
+
+    ``nn.Module.compile`` compiles the module's call, so a method must reach these modules only by calling them, with
+    all their work in ``forward`` (an Embed's resize to its teacher's size included): a method calling another of their
+    methods would run it eagerly (tests/test_resize.py checks the call is the whole path)."""
     if not precision.compile:
         return
     for child in method.children():
