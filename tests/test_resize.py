@@ -231,3 +231,49 @@ def test_compiled_camkd_equals_eager():
     scale = max(q.grad.abs().max().item() for q in eager.parameters())  # the conv biases' true gradient is 0 (BN)
     for (n, p), q in zip(method.named_parameters(), eager.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6 * scale), n
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a device)
+def feature_term_grads(name: str, device: str) -> list[torch.Tensor]:
+    """The feature term (camkd: pooled, same-size and upsampled Embeds; fitnet: bilinear ConvRegs) on ``device``: its
+    value, the student map's gradient and the method's parameters' gradients, on the CPU (inputs made there, seeded)."""
+    method, student, tout, y = camkd_inputs(*CAMKD_SHAPES["down_same_up"]) if name == "camkd" else fitnet_inputs()
+    method = method.to(device)
+    f_s = student.feats[0].detach().to(device).requires_grad_(True)
+    student = StudentOut(logits=student.logits.to(device), feats=[f_s, f_s.mean((2, 3))])
+    tout = TeacherOut(logits=tout.logits.to(device), features={k: [f.to(device) for f in v] for k, v in tout.features.items()},
+                      heads=[h.to(device) for h in tout.heads])
+    losses, _ = method(student, tout, y.to(device), epoch=2)
+    loss = losses["inter" if name == "camkd" else "hint"]
+    loss.backward()
+    return [loss.detach().cpu(), f_s.grad.cpu(), *(p.grad.cpu() for p in method.parameters())]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["camkd", "fitnet"])
+def test_deterministic_backward_on_cuda(name, monkeypatch):
+    """Under torch.use_deterministic_algorithms (what --deterministic sets, camkd.device.set_deterministic) the feature
+    term's backward runs on CUDA (bilinear interpolate's, the op it replaced, raises there), twice bit for bit the same,
+    and equal to the CPU's to float32 rounding (TF32 off)."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, as set_deterministic sets it
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
+    try:
+        x = torch.randn(2, 3, 4, 4, device="cuda", requires_grad=True)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            F.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False).sum().backward()
+        first, second = feature_term_grads(name, "cuda"), feature_term_grads(name, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = old[2:]
+    cpu = feature_term_grads(name, "cpu")
+    assert len(first) == len(second) == len(cpu)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    scale = max(c.abs().max().item() for c in cpu[2:])  # parameters' gradients (the conv biases' true one is 0: BN)
+    assert torch.allclose(first[0], cpu[0], rtol=1e-5, atol=0)
+    assert torch.allclose(first[1], cpu[1], rtol=1e-4, atol=1e-6 * cpu[1].abs().max().item())
+    for a, c in zip(first[2:], cpu[2:], strict=True):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-6 * scale)
