@@ -15,7 +15,8 @@ The weights are exactly those of torch's kernels (bins ``[floor(o in / out), cei
 bilinear source index ``(o + 0.5) in / out - 0.5`` clamped at 0, or ``o (in - 1) / (out - 1)`` with
 ``align_corners``), computed in float64. :class:`Resize` keeps them in float32 as non-persistent buffers: they follow the
 module to its device, are graph inputs under ``torch.compile``, and add no key to a checkpoint (a float64 copy
-of the module holds float32-rounded weights; the functions give the exact ones).
+of the module holds float32-rounded weights; the functions give the exact ones). On CUDA the float32 matmuls are
+full float32 at torch's default (``torch.backends.cuda.matmul.allow_tf32`` off); under autocast they run in its dtype.
 """
 
 from __future__ import annotations
