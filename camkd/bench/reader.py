@@ -1,6 +1,8 @@
 """`camkd bench reader`: streamed features (FeatureStream through the store source, as distill reads a view that
-exceeds its memory budget) beside plain zarr's whole-view reads of the same arrays, on the user's own store and
-disk, in interleaved rounds; and the rate a student step of ``images_per_s`` needs."""
+exceeds its memory budget, each batch's rows gathered as the step gathers them, in the stored type: the step's cast
+to float32 is left out, as the whole view's) beside plain zarr's whole-view reads of the same arrays, on the user's
+own store and disk, in interleaved rounds; and the rate a student step of ``images_per_s`` needs. On a GPU the
+streamed rows end on the device (copied from pinned memory, gathered there, synchronized at the end of a round)."""
 
 from __future__ import annotations
 
@@ -59,8 +61,10 @@ def run_reader(cfg: ReaderConfig) -> dict:
 
     def streamed() -> float:
         t0 = time.perf_counter()
-        for _ in src.batches(plan):
-            pass
+        for data in src.batches(plan):  # each batch's rows gathered as the step gathers them (in the stored type)
+            for per in data.values():
+                for rows in per:
+                    rows.gather()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
