@@ -149,3 +149,11 @@ def test_streamed_on_cuda_equal_the_whole_view(stores, kind):
                 for t, rows in enumerate(feats[layer]):
                     a = rows.gather()
                     assert a.is_cuda and torch.equal(a.cpu(), torch.from_numpy(whole[layer][t][idx])), (kind, layer, t)
+
+
+@pytest.mark.cuda
+def test_dequantize_on_cuda_equals_numpy_bit_for_bit():
+    q, scale = layout.quantize(np.random.default_rng(1).standard_normal((64, 8, 3, 3)).astype(np.float32))
+    scale[0] = 1e-40  # subnormal products: no flush to zero on the device
+    got = dequantize_torch(torch.from_numpy(q).cuda(), torch.from_numpy(scale).cuda()).cpu()
+    assert torch.equal(_bits(got), _bits(torch.from_numpy(layout.dequantize(q, scale))))
