@@ -339,7 +339,14 @@ class FeatureStream:
 
     def _arrays(self, layer: str, t: int) -> list[tuple[str, zarr.Array]]:
         names = [layout.feature_path(layer, t)] + ([layout.scale_path(layer, t)] if self._int8 else [])
-        return [(name, self.store.g[name]) for name in names]
+        out = []
+        for name in names:
+            try:
+                out.append((name, self.store.g[name]))
+            except Exception:  # the store's read of it says what is wrong and the repair, in one line
+                self.store.read_array(name, (self.view, slice(0, 1)), f"view {self.view} ")
+                raise
+        return out
 
     def _make_buffer(self) -> dict[str, list[tuple[torch.Tensor, ...]]]:
         """One host buffer per (layer, teacher) array, as many rows as the largest window's blocks hold."""
