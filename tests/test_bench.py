@@ -50,11 +50,15 @@ def test_bench_speed_smoke(cli, tmp_path, monkeypatch):
         assert finite_positive(v)
     for v in res["reader"].values():
         assert finite_positive(v["samples_per_s"]) and finite_positive(v["MB_per_s"])
+    assert set(res["cached_over_limit"]) == {"camkd+features"}  # the one chosen method with parts of its own
+    assert finite_positive(med["plain + camkd+features parts"]) and finite_positive(res["cached_over_limit"]["camkd+features"])
     b16, b32 = res["bytes_per_sample_view"]["float16"], res["bytes_per_sample_view"]["float32"]
     assert b32["logits"] > b16["logits"] > 0  # float32 is stored at twice the bytes (plus checksums)
     assert whole["device"] == {"type": "cpu", "cpu": cpu_model(), "threads": [1]}  # measured on this CPU, at 1 thread
     md = out.with_suffix(".md").read_text()
     assert "| ce (the limit) |" in md and "| plain PyTorch loop |" in md and "ce / plain PyTorch loop: **" in md
+    assert "| plain loop + camkd+features's own parts |" in md
+    assert "camkd+features from the store: **" in md and "of the plain loop with its own parts (the cache's cost)" in md
     assert "Precision fp32, channels-last off (every run)." in md and whole["config"]["precision"] == "fp32"
     assert md.startswith(f"Device: CPU ({cpu_model()}, 1 thread);") and "GPU" not in md
     assert [p.name for p in tmp_path.iterdir()] == ["results"]  # nothing but what --out asked for
@@ -89,6 +93,38 @@ def test_plain_loop_times_each_epoch(precision, channels_last):
     assert len(rates) == 2 and all(finite_positive(v) for v in rates)
     with pytest.raises(CamkdError, match=r"unknown --precision 'fp8'; choose fp32, bf16, fp16"):
         plain_images_per_s("resnet8", train, batch_size=16, optim=OptimConfig(), precision="fp8")
+
+
+@pytest.mark.parametrize("method", ["camkd", "fitnet"])
+def test_plain_loop_with_a_methods_own_parts(method, tmp_path):
+    """The limit of a method with trainable parts: the plain loop plus those parts, fed whole views of a tiny store read
+    once; one rate per epoch, and the parts trained (epoch 2 runs the feature term)."""
+    from camkd.bench.common import random_teachers
+    from camkd.bench.plain import own_parts, plain_images_per_s, store_method, teacher_views
+    from camkd.cache import CacheConfig, cache_teachers
+    from camkd.config import LossConfig, OptimConfig
+    from camkd.data import load_dataset
+    from camkd.methods import required_layers
+    from camkd.store import open_store
+
+    ckpts = random_teachers("resnet8", 2, 10, tmp_path)
+    cache_teachers(CacheConfig(teachers=ckpts, dataset="synthetic", options={"num_samples": 48, "num_classes": 10}, views=2,
+                               features=["penultimate", "hint:2"], dtype="float16", device="cpu", out=str(tmp_path / "s.zarr"),
+                               progress=False, evaluate=False))
+    store = open_store(tmp_path / "s.zarr")
+    train = load_dataset("synthetic", "train", num_samples=48, num_classes=10)
+    parts = store_method(method, LossConfig(), "resnet8", train, store)
+    assert own_parts(parts, epoch=2) and not own_parts(parts, epoch=1)  # the feature term is off in epoch 1
+    assert not own_parts(store_method("camkd", LossConfig(beta=0.0), "resnet8", train, store))  # no Embeds without it
+    views = teacher_views(store, required_layers(method, LossConfig()), torch.device("cpu"))
+    assert len(views) == 2 and views[0].logits.dtype == torch.float32 and len(views[0].heads) == 2
+    before = [p.detach().clone() for p in parts.parameters()]
+    rates = plain_images_per_s("resnet8", train, batch_size=16, optim=OptimConfig(lr=0.01), epochs=2, method=parts,
+                               teachers=views)
+    assert len(rates) == 2 and all(finite_positive(v) for v in rates)
+    assert all(not torch.equal(b, p) for b, p in zip(before, parts.parameters()))  # every part trained
+    with pytest.raises(CamkdError, match=r"a method needs its teacher outputs"):
+        plain_images_per_s("resnet8", train, batch_size=16, optim=OptimConfig(), method=parts)
 
 
 def test_the_cli_defaults_are_the_configs(cli, monkeypatch):

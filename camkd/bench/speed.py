@@ -2,7 +2,10 @@
 
 For each thread count: a. the student alone (`ce`), the limit, beside a plain PyTorch loop of the same
 student, data, crop/flip and SGD (camkd/bench/plain.py: what `ce` itself is measured against); b. distillation from the store,
-every method; c. --online (teachers re-run each step) for avg and camkd; d. cache-teachers
+every method, and for each method with trainable parts of its own (camkd+features' Embeds, fitnet's ConvRegs) the
+plain loop plus those parts and its loss on the teachers' outputs held in memory (read once from the same store): that
+method's limit, so the cache's cost (`cached_over_limit`) is told apart from the method's own work; c. --online
+(teachers re-run each step) for avg and camkd; d. cache-teachers
 against the best plain teacher inference (inference_mode, the fastest of several batch sizes);
 e. the reader alone; f. bytes per sample-view.
 
@@ -31,7 +34,7 @@ import torch
 
 from camkd.bench.common import device_info, device_text, machine, random_teachers
 from camkd.bench.config import SpeedConfig
-from camkd.bench.plain import autocast, check_precision, plain_images_per_s
+from camkd.bench.plain import autocast, check_precision, own_parts, plain_images_per_s, store_method, teacher_views
 from camkd.cache import CacheConfig, cache_teachers
 from camkd.config import DataConfig, LossConfig, OptimConfig, RunConfig
 from camkd.data import load_dataset
@@ -41,6 +44,7 @@ from camkd.data.views import augment
 from camkd.device import resolve_device
 from camkd.distill import DistillConfig, distill
 from camkd.errors import CamkdError
+from camkd.methods import required_layers
 from camkd.output import new_figure
 from camkd.progress import log
 from camkd.store import open_store
@@ -54,6 +58,11 @@ METHODS = [("kd", None), ("avg", None), ("ebkd", None), ("aekd", None), ("fitnet
 ONLINE = [("avg", None), ("camkd", None)]
 INFER_BATCHES = (32, 64, 128, 256)
 PLAIN = "plain"  # the plain PyTorch loop's row (camkd/bench/plain.py)
+
+
+def _limit(label: str) -> str:
+    """The row of the plain loop with method ``label``'s own parts (its limit)."""
+    return f"{PLAIN} + {label} parts"
 
 
 def _label(method: str, beta: float | None) -> str:
@@ -159,15 +168,28 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
     # e. the reader alone
     out["reader"] = _reader_speed(open_store(store_path), cfg.repeats)
 
-    # a, b, c. training throughput in epoch 2, interleaved rounds (round 0 warms up); the plain loop right after ce
-    variants = [("ce", None, False), (PLAIN, None, False)] + [(m, b, False) for m, b in _chosen(cfg, METHODS)]
+    # a, b, c. training throughput in epoch 2, interleaved rounds (round 0 warms up); the plain loop right after ce,
+    # a method's limit (the plain loop with its own parts) right after the method
+    store = open_store(store_path)
+    owners = [(m, b) for m, b in _chosen(cfg, METHODS)
+              if own_parts(store_method(m, LossConfig(beta=b), cfg.student, train, store), epoch=2)]
+    layers = tuple(dict.fromkeys(x for m, b in owners for x in required_layers(m, LossConfig(beta=b))))
+    held = teacher_views(store, layers, device) if owners else None  # read once, before any timing
+    variants = [("ce", None, "cached"), (PLAIN, None, "cached")]
+    for m, b in _chosen(cfg, METHODS):
+        variants += [(m, b, "cached")] + ([(m, b, "limit")] if (m, b) in owners else [])
     optim = OptimConfig(epochs=2, batch_size=cfg.batch_size, lr=0.01)
     rates: dict[str, list[float]] = {}
     for r in range(cfg.repeats + 1):
-        for method, beta, online in variants + ([(m, b, True) for m, b in _chosen(cfg, ONLINE)] if cfg.online and r == 1 else []):
-            name = ("online " if online else "") + _label(method, beta)
+        for method, beta, mode in variants + ([(m, b, "online") for m, b in _chosen(cfg, ONLINE)] if cfg.online and r == 1 else []):
+            online = mode == "online"
+            name = _limit(_label(method, beta)) if mode == "limit" else ("online " if online else "") + _label(method, beta)
             if method == PLAIN:  # the same samples, batch, epochs and SGD as ce's run; epoch 2's rate
                 rate = plain_images_per_s(cfg.student, train, batch_size=cfg.batch_size, optim=optim, **fast)[-1]
+            elif mode == "limit":  # the same, plus the method's parts (built afresh, as each distill run builds them)
+                parts = store_method(method, LossConfig(beta=beta), cfg.student, train, store)
+                rate = plain_images_per_s(cfg.student, train, batch_size=cfg.batch_size, optim=optim, method=parts,
+                                          teachers=held, **fast)[-1]
             else:
                 run_dir = work / f"run_{r}_{name.replace(' ', '_')}"
                 s = distill(DistillConfig(arch=cfg.student, method=method, cache=str(store_path), online=online,
@@ -184,7 +206,12 @@ def _run(cfg: SpeedConfig, device: torch.device, ckpts: list[str], work: Path) -
     out["ce_over_plain"] = med["ce"] / med[PLAIN]
     out["rounds"] = {"ce": rates["ce"], PLAIN: rates[PLAIN]}  # the pair's every timed round
     log(f"[bench] ce {out['ce_over_plain']:.3f} of the plain PyTorch loop")
-    out["cached_over_ce"] = {k: v / med["ce"] for k, v in med.items() if k not in ("ce", PLAIN) and not k.startswith("online ")}
+    limits = {_limit(_label(m, b)) for m, b in owners}
+    out["cached_over_ce"] = {k: v / med["ce"] for k, v in med.items()
+                             if k not in ("ce", PLAIN) and k not in limits and not k.startswith("online ")}
+    out["cached_over_limit"] = {_label(m, b): med[_label(m, b)] / med[_limit(_label(m, b))] for m, b in owners}
+    for k, v in out["cached_over_limit"].items():
+        log(f"[bench] {k} from the store {v:.3f} of the plain loop with its own parts")
     out["cached_over_online"] = {k: med[k] / med["online " + k] for k in out["cached_over_ce"] if "online " + k in med}
     out["targets"] = {"ce_over_plain": 0.98, "logit_methods_over_ce": 0.95, "camkd_features_over_ce": 0.85,
                       "cache_over_inference": 0.90}
@@ -275,12 +302,17 @@ def to_markdown(r: dict) -> str:
         for k, ratio in t["cached_over_ce"].items():
             online = t["cached_over_online"].get(k)
             lines.append(f"| {k} | {med[k]:.0f} | {ratio:.3f} | {f'{online:.2f}x' if online else ''} |")
+            if _limit(k) in med:
+                lines.append(f"| plain loop + {k}'s own parts | {med[_limit(k)]:.0f} | {med[_limit(k)] / med['ce']:.3f} | |")
         for k, v in med.items():
             if k.startswith("online "):
                 lines.append(f"| {k} | {v:.1f} | {v / med['ce']:.3f} | |")
         if "ce_over_plain" in t:
             lines += ["", f"ce / plain PyTorch loop: **{t['ce_over_plain']:.3f}** (target 0.98; the same student, samples, "
                           "batch, crop/flip and SGD, epoch 2, interleaved)"]
+        for k, v in t.get("cached_over_limit", {}).items():
+            lines += ["", f"{k} from the store: **{v:.3f}** of the plain loop with its own parts (the cache's cost), "
+                          f"{t['cached_over_ce'][k]:.3f} of ce"]
         ca = t["cache"]
         per_b = ", ".join(f"{b}: {v:.1f}" for b, v in ca["inference_samples_per_s"].items())
         lines += ["", f"cache-teachers {ca['cache_samples_per_s']:.1f} samples/s vs the best plain inference "
@@ -309,11 +341,12 @@ def plot(r: dict) -> Figure:
     for ax, (th, t) in zip(axes[0], runs):
         med = t["train_images_per_s"]
         names = list(med)
-        colors = ["gray" if n in ("ce", PLAIN) else ("tab:red" if n.startswith("online ") else "tab:blue") for n in names]
+        colors = ["gray" if n in ("ce", PLAIN) or n.startswith(f"{PLAIN} + ")
+                  else ("tab:red" if n.startswith("online ") else "tab:blue") for n in names]
         ax.barh(names, [med[n] for n in names], color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("training images/s, epoch 2")
         ax.set_title(f"{th} thread(s)")
     fig.suptitle(f"{r['config']['student']} from {r['config']['num_teachers']} x {r['config']['teacher']} on "
-                 f"{device_text(r['device'])}\n(gray: alone, blue: store, red: --online)", fontsize=10)
+                 f"{device_text(r['device'])}\n(gray: alone, or plain with a method's parts; blue: store, red: --online)", fontsize=10)
     return fig
