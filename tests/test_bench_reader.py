@@ -23,9 +23,12 @@ def test_bench_reader_writes_rates_and_their_ratio(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert "plain zarr, whole view" in r.output and "ratio streamed / plain" in r.output
     got = json.loads((tmp_path / "r.json").read_text())
-    for key in ("plain_zarr_MB_per_s", "streamed_MB_per_s", "ratio", "needed_MB_per_s"):
+    for key in ("plain_zarr_MB_per_s", "streamed_MB_per_s", "ratio", "needed_MB_per_s", "host_side_MB_per_s",
+                "host_side_ratio"):
         assert math.isfinite(got[key]) and got[key] > 0, key
     assert got["ratio"] == got["streamed_MB_per_s"] / got["plain_zarr_MB_per_s"]
+    assert got["host_side_ratio"] == got["host_side_MB_per_s"] / got["plain_zarr_MB_per_s"]
+    assert "host side only" in r.output
     assert got["needed_MB_per_s"] == got["store"]["bytes_per_sample_view"] * 1000 / 2**20
 
 
