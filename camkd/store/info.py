@@ -11,10 +11,14 @@ from camkd.store.sizes import array_sizes, bytes_per_sample_view, human, per_sam
 
 
 def teacher_line(t: int, meta: TeacherRecord) -> str:
-    """A teacher's provenance: arch, checkpoint path as given when caching, short sha256, test accuracy."""
+    """A teacher's provenance: arch, checkpoint path as given when caching (and the published weights' name), short
+    sha256, test accuracy (beside the published top-1 where the weights' library reports one)."""
     acc = meta.test_accuracy  # None: created with --no-eval
     acc_text = f"test top-1 {acc:.2f}%" if acc is not None else "test accuracy not evaluated"
-    return f"teacher t{t} {meta.arch} {meta.path} sha256 {meta.sha256[:12]} {acc_text}"
+    if meta.published_accuracy is not None:
+        acc_text += f", published top-1 {meta.published_accuracy:.2f}%"
+    weights = f" ({meta.weights})" if meta.weights else ""
+    return f"teacher t{t} {meta.arch}{weights} {meta.path} sha256 {meta.sha256[:12]} {acc_text}"
 
 
 def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
