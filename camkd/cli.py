@@ -86,8 +86,9 @@ MicroOpt = Annotated[int, typer.Option("--micro-batches", min=1, help="Split eac
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pth.")]
 AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Continue from OUT/last.pth if it exists, else start "
                                              "(for torchrun --max-restarts and preemptible jobs).")]
-TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", metavar="CKPT", help="Teacher checkpoint: PATH (camkd) or ARCH=PATH "
-                                               "(reference); repeat for each teacher.")]
+TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", metavar="CKPT", help="Teacher checkpoint: PATH (camkd), ARCH=PATH "
+                                               "(reference) or tv:NAME@WEIGHTS (torchvision's published weights, e.g. "
+                                               "tv:resnet50@IMAGENET1K_V2); repeat for each teacher.")]
 OldSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
 
 
