@@ -23,6 +23,7 @@ from camkd.precision import Precision
 from camkd.progress import Bar, log
 from camkd.store import layout
 from camkd.store.config import CacheConfig, batch_size_for, check_options
+from camkd.store.location import parse_location
 from camkd.store.sizes import human, per_sample_view_text
 from camkd.store.verify import SAMPLE, VerifyReport, verify_store
 from camkd.store.writer import write_store
@@ -40,7 +41,10 @@ def cache_teachers(cfg: CacheConfig) -> dict:
     world = dist.init(device)
     batch = batch_size_for(cfg, device)
     with dist.agree("loading the teachers and the data"):
-        teachers = load_teachers(cfg.teachers, device=device)
+        # one teacher twice is refused for a new store; a store that exists fixes its teachers already (one made
+        # before the check, from alike trials, stays extendable: its identity is compared instead)
+        new = cfg.overwrite or not parse_location(cfg.out).exists()
+        teachers = load_teachers(cfg.teachers, device=device, distinct=new)
         train = _load(cfg, "train", device)
         check_teachers(teachers, train)
         check_batch_memory(device, train, batch, infer=[t.model for t in teachers], precision=cfg.precision)

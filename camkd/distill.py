@@ -109,7 +109,7 @@ def _dataset_data(cfg: DistillConfig, device: torch.device) -> TrainData:
 
 def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[str, ...], train: DataSplit,
                  device: torch.device) -> tuple[LiveTeachers, dict, list[str]]:
-    teachers = load_teachers(cfg.teachers, device=device)
+    teachers = load_teachers(cfg.teachers, device=device, distinct=store is None)  # a store fixes its teachers already
     check_batch_memory(device, train, cfg.optim.batch_size // dist.current().size, train=[cfg.arch], infer=[t.model for t in teachers],
                        precision=cfg.run.precision, size_option="--image-size" if store is None else "cache-teachers --image-size")
     shas = [t.sha256 for t in teachers]

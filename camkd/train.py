@@ -105,10 +105,12 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
     arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
-    # the numbers the run uses, defaulted ones made explicit, so the checkpoint records them and a resume compares them
-    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch))
     check_rate(cfg.data.label_noise)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
+    # the numbers the run uses, defaults made explicit so the checkpoint records them and a resume compares them: on a
+    # resume the recorded ones first (a run from before a default changed continues with its own), then the recipe
+    recorded = ((load_checkpoint(folder.last).get("meta") or {}).get("options") or {}).get("optim") if folder.resume else None
+    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch, recorded if isinstance(recorded, dict) else None))
     cfg = resolve_seeds(cfg, folder, main=world.main)
 
     d = cfg.data

@@ -212,3 +212,21 @@ def test_no_reader_of_a_split_branches_on_the_datasets_name():
     for path in ("store/reader.py", "evaluate.py", "train.py"):
         text = (root / path).read_text()
         assert '"synthetic"' not in text and "FOLDER_DATASETS" not in text, path
+
+
+def test_a_store_serves_the_whole_test_split_whatever_its_training_size(tmp_path):
+    """A store made from N generated training samples (options num_samples) serves the dataset's whole test split at
+    its form, as it always has (not N test samples: bench protocol's 50,000 would otherwise be evaluated each epoch)."""
+    from camkd.cache import CacheConfig, cache_teachers
+    from camkd.data import load_split
+    from camkd.models import create_model
+    from camkd.store import open_store
+    from camkd.store.reader import load_cached_data
+
+    torch.manual_seed(0)
+    torch.save({"model": create_model("resnet8", num_classes=10, in_channels=3).state_dict()}, tmp_path / "t.pth")
+    cache_teachers(CacheConfig(teachers=[f"resnet8={tmp_path / 't.pth'}"], dataset="synthetic", views=1, features=["none"],
+                               options={"num_samples": 48, "image_size": 8}, device="cpu", out=str(tmp_path / "s.zarr"),
+                               progress=False, evaluate=False))
+    train, test, _ = load_cached_data(open_store(tmp_path / "s.zarr"))
+    assert len(train) == 48 and len(test) == len(load_split("synthetic", "test", image_size=8)) == 256

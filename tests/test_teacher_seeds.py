@@ -126,3 +126,45 @@ def test_online_distillation_refuses_equal_teachers(cli, one_error, trials, tmp_
                   "-d", "synthetic", "--image-size", "16", "--limit", "16", "--epochs", "1", "--batch-size", "8",
                   "--device", "cpu", "-q", "--out", tmp_path / "student"), r"teachers 1 and 2 have equal weights")
     assert sorted(os.listdir(tmp_path)) == ["copy.pth"]
+
+
+def test_a_store_made_before_from_alike_trials_stays_usable(cli, trials, tmp_path):
+    """A store an earlier camkd made from trials that were trained alike (the old --trial default: equal weights) is
+    extended and distilled --online from as before: the distinctness check is for new stores only (the store's own
+    identity is compared when it is continued). The old store is made here by the writer itself, without the check."""
+    from camkd import dist
+    from camkd.data import load_split
+    from camkd.precision import Precision
+    from camkd.store.config import CacheConfig, check_options
+    from camkd.store.writer import write_store
+    from camkd.teachers import feature_shapes, load_teachers, runner
+
+    (t0, _), (f0, _) = trials
+    torch.save({**t0, "meta": {**t0["meta"], "options": {**t0["meta"]["options"], "trial": 2}}}, tmp_path / "t2.pth")
+    specs = [str(f0 / "last.pth"), str(tmp_path / "t2.pth")]  # equal weights, the records of one training
+    out = tmp_path / "old.zarr"
+    cfg = CacheConfig(teachers=specs, dataset="synthetic", options={"image_size": 16}, limit=16, views=1, features=["none"],
+                      device="cpu", out=str(out), progress=False, evaluate=False)
+    cpu = torch.device("cpu")
+    layers = check_options(cfg)
+    teachers = load_teachers(specs, device=cpu, distinct=False)
+    train = load_split("synthetic", "train", limit=16, image_size=16)
+    write_store(cfg, runner(teachers, cpu, Precision.of("fp32", cpu)), train, layers, feature_shapes(teachers, train, layers, cpu),
+                16, dist.current(), lambda: None)
+    r = cli("cache-teachers", "-t", specs[0], "-t", specs[1], "-d", "synthetic", "--image-size", "16", "--limit", "16",
+            "-V", "2", "-f", "none", "--no-eval", "--device", "cpu", "-q", "-o", out)
+    assert r.exit_code == 0, r.output
+    r = cli("distill", "-m", "resnet8", "--method", "avg", "-c", out, "--online", "-t", specs[0], "-t", specs[1], "--epochs",
+            "1", "--batch-size", "8", "--device", "cpu", "-q", "--out", tmp_path / "student")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_run_from_before_a_default_changed_resumes_with_its_numbers(cli, tmp_path):
+    """train-teacher --resume without --lr continues with the lr the checkpoint recorded, also when today's default
+    differs (the small-lr rule now covers more archs): not refused as another --lr."""
+    out = tmp_path / "r"
+    ckpt = _teacher(cli, out, "--trial", "0")
+    ckpt["meta"]["options"]["optim"]["lr"] = 0.07  # what an earlier default gave
+    torch.save(ckpt, out / "last.pth")
+    resumed = _teacher(cli, out, "--trial", "0", "--resume", epochs=2)
+    assert resumed["meta"]["epoch"] == 2 and resumed["meta"]["options"]["optim"]["lr"] == 0.07

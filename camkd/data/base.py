@@ -106,6 +106,9 @@ dataset's array files loaded whole into memory (``--data-dir`` optional: a defau
 reference's 32-px recipe; ``generated``, made in memory (no ``--data-dir``)."""
 _KIND: dict[str, str] = {}
 RUNTIME_OPTIONS = ("workers",)  # how a split is read, not which images it holds: never part of how it is reopened
+SIZE_OPTIONS = ("num_samples",)
+"""Loader options that set how many samples a split holds: a store's test split is the dataset's whole test split
+at the store's form, without them (as a store made from N generated training samples has always served it)."""
 FORM_OPTIONS = (("image_size", "image_size"), ("num_classes", "num_classes"), ("channels", "in_channels"))
 """Loader options that fix the form of a split's images, and the split's attribute that holds the value used (a
 default made explicit, so a split reopens at the size it was opened at even if the default changes)."""

@@ -24,6 +24,7 @@ import camkd.store.layout as layout
 import camkd.store.topk as topk
 from camkd.data import DataSplit, load_dataset
 from camkd.data.augspec import AugSpec
+from camkd.data.base import SIZE_OPTIONS
 from camkd.data.listing import Listing, check_none_added, check_unchanged
 from camkd.errors import CamkdError
 from camkd.store.description import LayerSpec, read_description
@@ -222,7 +223,8 @@ def load_cached_data(store: TeacherStore, *, data_dir: str | None = None,
     if train.fingerprint != ds.fingerprint:
         raise CamkdError(f"{store.path} was cached from other data than {ds.name} here (fingerprint {ds.fingerprint[:12]}, "
                          f"N {ds.n}); the dataset changed since caching: give the same --data-dir or re-cache")
-    test = load_dataset(reopen.dataset, "test", data_dir=data_dir, **reopen.options, **runtime)
+    test_options = {k: v for k, v in reopen.options.items() if k not in SIZE_OPTIONS}  # the whole test split
+    test = load_dataset(reopen.dataset, "test", data_dir=data_dir, **test_options, **runtime)
     spec = d.aug_spec()
     if spec.to_dict() != train.aug_spec(spec.seed).to_dict():
         raise CamkdError(f"{store.path} was cached with augmentation {d.augmentation}, which this camkd does not replay; re-cache")
@@ -248,7 +250,7 @@ class BufferPool:
 
     def __init__(self) -> None:
         self._free: dict[tuple, list] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a lease freed by the GC inside give() on this thread
 
     def take(self, key: tuple, make):
         with self._lock:
