@@ -105,14 +105,12 @@ def _reopen_before(meta: dict, opts: dict) -> SplitOptions:
     """How a checkpoint from before ``reopen`` was recorded opens its data: a run trained from the dataset with its
     own loader options; one trained from a store with the store's form (what its reader then derived from the data's
     kind: a generated set's classes, size and channels, an image folder's size)."""
-    name, kind = meta["dataset"], dataset_kind(meta["dataset"])
-    data = opts.get("data") or {}
+    name, data = meta["dataset"], opts.get("data") or {}
     if data.get("dataset") and not opts.get("cache"):
-        return SplitOptions(name, {k: v for k, v in (data.get("options") or {}).items() if k not in RUNTIME_OPTIONS}, kind)
-    form = {"generated": {"num_classes": meta["num_classes"], "image_size": meta.get("image_size"),
-                          "channels": meta["in_channels"]},
-            "files": {"image_size": meta.get("image_size")}}.get(kind, {})
-    return SplitOptions(name, form, kind)
+        options = {k: v for k, v in (data.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
+        return SplitOptions(name, options, dataset_kind(name))
+    return SplitOptions.of_form(name, num_classes=meta["num_classes"], image_size=meta.get("image_size"),
+                                in_channels=meta["in_channels"])
 
 
 def _store_train(cache: str | None, data_dir: str | None, path: str) -> DataSplit:

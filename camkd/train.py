@@ -81,18 +81,15 @@ class TrainConfig:
         return Path("runs") / "teachers" / f"{self.arch}_{self.data.dataset}_trial_{self.trial}"
 
 
-def resolve_seeds(cfg: TrainConfig, folder: RunFolder, *, main: bool = True) -> TrainConfig:
+def resolve_seeds(cfg: TrainConfig, options: dict, folder: RunFolder, *, main: bool = True) -> TrainConfig:
     """``cfg`` with both seeds made explicit numbers (so the checkpoint records them and a resume compares them).
 
     A seed given (``run.seed``, ``aug_seed`` not None) is used as given. One left None is, on a resume, the one the
     checkpoint recorded (a run made before ``--trial`` seeded runs recorded seed 0 whatever its trial, and continues
     with it); otherwise the seed is the trial (``--trial T`` alone: seed T, so trials differ) and the augmentation
-    seed is the seed."""
-    recorded: dict = {}
-    if folder.resume and (cfg.run.seed is None or cfg.aug_seed is None):
-        options = (load_checkpoint(folder.last).get("meta") or {}).get("options") or {}
-        recorded = {"seed": (options.get("run") or {}).get("seed"), "aug_seed": options.get("aug_seed")}
-        recorded = {k: v for k, v in recorded.items() if isinstance(v, int)}
+    seed is the seed. ``options``: a resumed run's recorded options ({} for a new run)."""
+    recorded = {"seed": (options.get("run") or {}).get("seed"), "aug_seed": options.get("aug_seed")}
+    recorded = {k: v for k, v in recorded.items() if isinstance(v, int)}
     seed = cfg.run.seed if cfg.run.seed is not None else recorded.get("seed", cfg.trial)
     aug_seed = cfg.aug_seed if cfg.aug_seed is not None else recorded.get("aug_seed", seed)
     if main and cfg.run.seed is None and seed != cfg.trial:
@@ -109,9 +106,10 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     device, folder, world = start_run(cfg.run, cfg.out_dir())
     # the numbers the run uses, defaults made explicit so the checkpoint records them and a resume compares them: on a
     # resume the recorded ones first (a run from before a default changed continues with its own), then the recipe
-    recorded = ((load_checkpoint(folder.last).get("meta") or {}).get("options") or {}).get("optim") if folder.resume else None
-    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch, recorded if isinstance(recorded, dict) else None))
-    cfg = resolve_seeds(cfg, folder, main=world.main)
+    recorded = ((load_checkpoint(folder.last).get("meta") or {}).get("options") or {}) if folder.resume else {}
+    optim = recorded.get("optim")
+    cfg = replace(cfg, optim=resolve_recipe(cfg.optim, cfg.data.dataset, arch, optim if isinstance(optim, dict) else None))
+    cfg = resolve_seeds(cfg, recorded, folder, main=world.main)
 
     d = cfg.data
     with dist.agree("loading the data"):

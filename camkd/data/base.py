@@ -150,6 +150,15 @@ class SplitOptions:
     def from_dict(d: dict) -> SplitOptions:
         return SplitOptions(dataset=d["dataset"], options=dict(d.get("options") or {}), kind=d.get("kind", "arrays"))
 
+    @staticmethod
+    def of_form(dataset: str, *, num_classes: int, image_size: int | None, in_channels: int | None) -> SplitOptions:
+        """What a store or checkpoint from before ``reopen`` was recorded reopens with, from the data's kind and the
+        form it recorded: a generated set's classes, size and channels, an image folder's size, nothing else."""
+        kind = dataset_kind(dataset)
+        form = {"generated": {"num_classes": num_classes, "image_size": image_size, "channels": in_channels},
+                "files": {"image_size": image_size}}.get(kind, {})
+        return SplitOptions(dataset=dataset, options=form, kind=kind)
+
     def load(self, split: str, *, device: torch.device | str = "cpu", data_dir: str | Path | None = None,
              limit: int | None = None, **runtime) -> DataSplit:
         """``split`` opened as recorded; ``runtime``: :data:`RUNTIME_OPTIONS` (how it is read, e.g. ``workers``)."""

@@ -20,7 +20,7 @@ import torch
 import zarr
 
 import camkd.store.layout as layout
-from camkd.data import Normalization, SplitOptions, dataset_kind
+from camkd.data import Normalization, SplitOptions
 from camkd.data.augspec import AugSpec
 from camkd.store.topk import LogitsSpec
 
@@ -261,10 +261,8 @@ class StoreDescription:
         store from before it was recorded, what its reader then derived from the data's kind and recorded form."""
         if self.reopen is not None:
             return SplitOptions.from_dict(self.reopen)
-        ds, kind = self.dataset, dataset_kind(self.dataset.name)
-        form = {"generated": {"num_classes": ds.num_classes, "image_size": ds.image_size, "channels": ds.in_channels},
-                "files": {"image_size": ds.image_size}}.get(kind, {})
-        return SplitOptions(dataset=ds.name, options=form, kind=kind)
+        ds = self.dataset
+        return SplitOptions.of_form(ds.name, num_classes=ds.num_classes, image_size=ds.image_size, in_channels=ds.in_channels)
 
     def layer_indices(self) -> dict[str, int]:
         return {name: spec.index for name, spec in self.features.items()}
