@@ -27,7 +27,7 @@ from camkd.store.location import parse_location
 from camkd.store.sizes import human, per_sample_view_text
 from camkd.store.verify import SAMPLE, VerifyReport, verify_store
 from camkd.store.writer import write_store
-from camkd.teachers import Teacher, check_teachers, feature_shapes, load_teachers, runner
+from camkd.teachers import Teacher, feature_shapes, fit_teachers, keep_rows, load_teachers, runner
 from camkd.words import plural
 
 __all__ = ["CacheConfig", "cache_teachers", "cache_verify", "format_cache_summary"]
@@ -46,7 +46,7 @@ def cache_teachers(cfg: CacheConfig) -> dict:
         new = cfg.overwrite or not parse_location(cfg.out).exists()
         teachers = load_teachers(cfg.teachers, device=device, distinct=new)
         train = _load(cfg, "train", device)
-        check_teachers(teachers, train)
+        fit_teachers(teachers, train, say=log if cfg.progress and world.main else None)
         check_batch_memory(device, train, batch, infer=[t.model for t in teachers], precision=cfg.precision)
         shapes = feature_shapes(teachers, train, layers, device)
     return write_store(cfg, runner(teachers, device, precision), train, layers, shapes, batch, world,
@@ -95,7 +95,11 @@ def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample:
         stored = open_store(path).description
         name, channels_last = stored.precision, stored.channels_last
         precision = Precision.of(name, dev, channels_last=channels_last)
-        return runner(load_teachers(teachers, device=dev, distinct=False), dev, precision)  # checks a store made before
+        loaded = load_teachers(teachers, device=dev, distinct=False)  # checks a store made before
+        for t, record in zip(loaded, stored.teachers):  # restricted to the classes the store kept (classmap.py)
+            if record.class_rows is not None and t.class_rows is None and t.num_classes != record.num_classes:
+                keep_rows(t, list(record.class_rows))
+        return runner(loaded, dev, precision)
 
     return verify_store(path, load if teachers else None, sample=sample, seed=seed, data_dir=data_dir, repair=repair)
 

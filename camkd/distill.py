@@ -29,7 +29,7 @@ from camkd.sources import LiveTeachers, StoreTeachers, TeacherSource, check_laye
 from camkd.store import Expect, TeacherStore, open_store
 from camkd.store.location import parse_location
 from camkd.store.reader import load_cached_data
-from camkd.teachers import check_teachers, load_teachers
+from camkd.teachers import fit_teachers, load_teachers
 from camkd.train import RECIPE_FIELDS, resolve_recipe
 
 
@@ -115,7 +115,7 @@ def _live_source(cfg: DistillConfig, store: TeacherStore | None, layers: tuple[s
     shas = [t.sha256 for t in teachers]
     if store is not None and shas != [t.sha256 for t in store.description.teachers]:
         raise CamkdError(f"--teacher checkpoints differ from the ones {store.path} was made with; pass the same ones in order")
-    check_teachers(teachers, train)
+    fit_teachers(teachers, train, say=log if dist.current().main else None)
     with torch.inference_mode():
         tf = [t.model(torch.zeros(_image_shape(1, train), device=device), is_feat=True)[0] for t in teachers]
     index = {"penultimate": -2, **{f"hint{i}": i for i in range(len(tf[0]))}}

@@ -143,7 +143,8 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str 
     from camkd.checkpoint import load_checkpoint
     from camkd.device import resolve_device
     from camkd.models import create_model, resolve_arch
-    from camkd.teachers import parse_teacher_spec, state_dict_mismatch
+    from camkd.teachers import parse_teacher_spec
+    from camkd.weights import state_dict_mismatch
 
     if batch_size < 1:
         raise CamkdError(f"--batch-size must be at least 1, got {batch_size}")

@@ -10,17 +10,14 @@ stored heads as modules.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from camkd.checkpoint import load_checkpoint, sha256_file
+from camkd.classmap import restrict_classes, subset_rows
 from camkd.data import DataSplit
 from camkd.errors import CamkdError
 from camkd.models import create_model
@@ -29,6 +26,7 @@ from camkd.runs import FIXED_OPTIONS, OPTION_BEFORE
 from camkd.store import layout
 from camkd.store.reader import TeacherStore
 from camkd.store.runner import TeacherRunner
+from camkd.weights import load_published, named_weights_spec, state_dict_mismatch
 
 
 @dataclass
@@ -44,7 +42,9 @@ class Teacher:
     spec: str = ""  # the --teacher argument as given
     meta: dict = field(default_factory=dict)  # a camkd checkpoint's record of how it was trained (empty for a reference one)
     weights: str | None = None  # named published weights, e.g. 'ResNet50_Weights.IMAGENET1K_V2' (None: a file)
-    published_accuracy: float | None = None  # the ImageNet-1K top-1 torchvision reports for those weights
+    published_accuracy: float | None = None  # the ImageNet-1K top-1 the library reports for those weights
+    imagenet1k: bool = False  # 1000 outputs in ImageNet-1k's class order (published ImageNet-1k weights)
+    class_rows: list[int] | None = None  # the rows of its 1000 ImageNet-1k outputs kept for the data (classmap.py)
 
     @property
     def short_sha(self) -> str:
@@ -70,98 +70,18 @@ def _infer_shapes(arch: str, state: dict[str, torch.Tensor]) -> tuple[int, int]:
     return int(state[head_keys[-1]].shape[0]), int(state[first_conv].shape[1])
 
 
-_NAMED = re.compile(r"(tv:[A-Za-z0-9_]+)@([A-Za-z0-9_.]+)")  # tv:NAME@WEIGHTS (no '=': ARCH=PATH is a file)
-_HASH = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub's convention: NAME-<sha256 prefix>.EXT
-
-
-def named_weights_spec(spec: str) -> tuple[str, str] | None:
-    """'tv:NAME@WEIGHTS' -> ('tv:NAME', 'WEIGHTS'); None for a file spec (PATH, ARCH=PATH)."""
-    m = _NAMED.fullmatch(spec.strip())
-    return (m.group(1), m.group(2)) if m else None
-
-
-def resolve_tv_weights(name: str, member: str):
-    """torchvision's weights enum member ``member`` (or ``DEFAULT``) of builder ``name``; one line when unknown."""
-    from camkd.models.tv import NAMES
-
-    if name not in NAMES:
-        raise CamkdError(f"unknown torchvision model {name!r} in tv:{name}@{member}; choose one of: {', '.join(NAMES)}")
-    import torchvision.models
-
-    enum = torchvision.models.get_model_weights(name)
-    key = member.removeprefix(f"{enum.__name__}.")  # 'ResNet50_Weights.IMAGENET1K_V2' is taken too
-    try:
-        return enum[key]
-    except KeyError:
-        valid = [w.name for w in enum] + ["DEFAULT"]
-        raise CamkdError(f"tv:{name} has no weights {member!r}; torchvision's {enum.__name__} are: {', '.join(valid)}") from None
-
-
-def published_sha256_prefix(file_name: str) -> str | None:
-    """The sha256 prefix a torch.hub file name carries ('resnet50-11ad3fa6.pth' -> '11ad3fa6'; 8 hex digits or
-    more), None when it carries none."""
-    m = _HASH.search(file_name)
-    return m.group(1) if m else None
-
-
-def check_published(path: Path, sha256: str, weights_name: str, url: str) -> None:
-    """Refuse a cached file whose sha256 does not start with the prefix in its (torchvision) file name: torch.hub
-    never re-checks a file already in its cache, so this one is not the published weights."""
-    prefix = published_sha256_prefix(path.name)
-    if prefix is not None and not sha256.startswith(prefix):
-        raise CamkdError(f"{path} is not the published {weights_name}: its sha256 starts {sha256[:len(prefix)]}, the "
-                         f"published file's starts {prefix} (its name says so); delete it and fetch it again from {url}")
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception's message as one line (torch.load's run over several)."""
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-
-
-def load_named_teacher(spec: str, arch: str, member: str, *, device: torch.device | str = "cpu") -> Teacher:
-    """torchvision's published weights ``member`` of ``arch`` ('tv:NAME'), from torch.hub's cache (downloaded there when
-    missing), sha256-checked against the prefix in the file name, loaded strictly into camkd's ``tv:`` wrapper for
-    1000 classes."""
-    weights = resolve_tv_weights(arch.removeprefix("tv:"), member)
-    weights_name = f"{type(weights).__name__}.{weights.name}"
-    url = weights.url
-    file_name = Path(urlparse(url).path).name
-    model_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    path = model_dir / file_name
-    if path.is_file():  # checked before it is unpickled
-        check_published(path, sha256_file(path), weights_name, url)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # torch.hub's 'Downloading: ...' line (offline, the error says it)
-            state = torch.hub.load_state_dict_from_url(url, model_dir=str(model_dir), map_location="cpu", progress=False,
-                                                       check_hash=False, file_name=file_name, weights_only=True)
-    except OSError as e:  # no network (URLError is an OSError), a refused download, an unwritable folder
-        if path.is_file():
-            raise CamkdError(f"{path}: cannot read the weights file ({_first_line(e)}); delete it and fetch it again from {url}") from None
-        raise CamkdError(f"{weights_name} is not in torch.hub's cache and could not be downloaded ({_first_line(e)}): put {file_name} "
-                         f"in {model_dir} (fetch it from {url} on a machine with network; TORCH_HOME moves the folder)") from None
-    except Exception as e:  # torch.load's errors on a file that is not a checkpoint have no common type
-        raise CamkdError(f"{path} is not a readable weights file ({type(e).__name__}: {_first_line(e)}); delete it and fetch it again "
-                         f"from {url}") from None
-    sha256 = sha256_file(path)
-    check_published(path, sha256, weights_name, url)  # a file downloaded just now
-    num_classes = len(weights.meta.get("categories") or ()) or 1000
-    model = create_model(arch, num_classes=num_classes, in_channels=3)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        raise CamkdError(f"{path} ({weights_name}) does not fit arch '{arch}': "
-                         f"{state_dict_mismatch(model.state_dict(), state)}") from None
-    model.eval().requires_grad_(False).to(device)
-    acc = (weights.meta.get("_metrics") or {}).get("ImageNet-1K", {}).get("acc@1")
-    return Teacher(arch=model.arch, path=path, sha256=sha256, num_classes=num_classes, in_channels=3, model=model,
-                   spec=spec, weights=weights_name, published_accuracy=None if acc is None else float(acc))
+def load_named_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
+    """Published weights by name (:func:`camkd.weights.load_published`), frozen, on ``device``."""
+    p = load_published(spec)
+    p.model.eval().requires_grad_(False).to(device)
+    return Teacher(arch=p.arch, path=p.path, sha256=p.sha256, num_classes=p.num_classes, in_channels=3, model=p.model,
+                   spec=spec, weights=p.name, published_accuracy=p.published_accuracy, imagenet1k=p.imagenet1k)
 
 
 def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
     """Build the model, load the weights strictly, freeze it, eval mode. ``spec``: PATH, ARCH=PATH or tv:NAME@WEIGHTS."""
-    named = named_weights_spec(spec)
-    if named is not None:
-        return load_named_teacher(spec, *named, device=device)
+    if named_weights_spec(spec) is not None:
+        return load_named_teacher(spec, device=device)
     arch, path = parse_teacher_spec(spec)
     ckpt = load_checkpoint(path)
     meta = ckpt.get("meta") or {}
@@ -184,24 +104,6 @@ def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
     model.eval().requires_grad_(False).to(device)
     return Teacher(arch=model.arch, path=path, sha256=sha256_file(path), num_classes=num_classes,
                    in_channels=in_channels, model=model, spec=spec, meta=meta)
-
-
-def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """What differs between a model's state_dict and a checkpoint's: missing, unexpected and reshaped keys."""
-    missing = sorted(set(own) - set(given))
-    unexpected = sorted(set(given) - set(own))
-    reshaped = sorted(k for k in set(own) & set(given)
-                      if hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(own[k].shape))
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-    if reshaped:
-        k = reshaped[0]
-        parts.append(f"{len(reshaped)} keys with other shapes (e.g. {k}: checkpoint {list(given[k].shape)}, "
-                     f"model {list(own[k].shape)})")
-    return ", ".join(parts) or "the weights do not load"
 
 
 def load_teachers(specs: list[str], device: torch.device | str = "cpu", *, distinct: bool = True) -> list[Teacher]:
@@ -293,13 +195,35 @@ def runner(teachers: list[Teacher], device: torch.device, precision: Precision |
     (in ``precision``: fp32 and the default layout when None)."""
     provenance = [{"arch": t.arch, "checkpoint": t.path.name, "path": str(t.path), "sha256": t.sha256,
                    "num_classes": t.num_classes,
-                   **({"weights": t.weights, "published_accuracy": t.published_accuracy} if t.weights else {})}
+                   **({"weights": t.weights, "published_accuracy": t.published_accuracy} if t.weights else {}),
+                   **({"class_rows": list(t.class_rows)} if t.class_rows is not None else {})}
                   for t in teachers]
     heads = [{key: value.detach().cpu().numpy() for key, value in t.model.get_head().state_dict().items()} for t in teachers]
     precision = precision or Precision(device_type=device.type)
     prepare(teachers, precision)
     return TeacherRunner(provenance=provenance, heads=heads, device=device,
                          run=lambda x, layers: run_teachers(teachers, x, layers, precision))
+
+
+def keep_rows(t: Teacher, rows: list[int]) -> Teacher:
+    """Keep the classifier rows ``rows`` of teacher ``t`` (its 1000 ImageNet-1k outputs -> the data's classes)."""
+    restrict_classes(t.model, rows)
+    t.num_classes, t.class_rows = len(rows), list(rows)
+    return t
+
+
+def fit_teachers(teachers: list[Teacher], data: DataSplit, *, say=None) -> None:
+    """ImageNet-1k teachers on an ImageNet subset keep the rows of the data's classes (classmap.py; ``say`` is told
+    once per teacher), then every teacher is checked against the data (:func:`check_teachers`)."""
+    for i, t in enumerate(teachers):
+        rows = None if t.class_rows is not None else subset_rows(t.num_classes, data.class_names)
+        if rows is not None:
+            keep_rows(t, rows)
+            if say is not None:
+                known = "" if t.imagenet1k else ", taken to be in ImageNet-1k's class order"
+                say(f"teacher {i + 1} ({t.spec}): its 1000 ImageNet-1k outputs{known}, restricted to the {len(rows)} "
+                    f"classes of {data.name}")
+    check_teachers(teachers, data)
 
 
 def check_teachers(teachers: list[Teacher], data: DataSplit) -> None:

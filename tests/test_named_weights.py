@@ -22,7 +22,8 @@ from camkd.checkpoint import sha256_file
 from camkd.errors import CamkdError
 from camkd.store.description import TeacherRecord
 from camkd.store.info import teacher_line
-from camkd.teachers import load_teacher, named_weights_spec, published_sha256_prefix, resolve_tv_weights, runner
+from camkd.teachers import load_teacher, runner
+from camkd.weights import named_weights_spec, published_sha256_prefix, resolve_tv_weights
 
 R18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 R18_FILE = "resnet18-f37072fd.pth"  # the name torchvision's URL ends with

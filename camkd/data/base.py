@@ -46,6 +46,10 @@ class DataSplit(Protocol):
     @property
     def image_size(self) -> int: ...
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The classes' names in label order where the data names them (an image folder's class folders), else None."""
+
     def __len__(self) -> int: ...
 
     def limit(self, n: int | None) -> DataSplit:

@@ -188,6 +188,11 @@ class FolderDataset:
         return self.size
 
     @property
+    def class_names(self) -> tuple[str, ...]:
+        """The class folders' names, in label order (sorted)."""
+        return self.listing.classes
+
+    @property
     def fingerprint(self) -> str:
         """The listing's fingerprint (paths, byte sizes, labels) and the image size."""
         return hashlib.sha256(f"{self.listing.fingerprint}|{self.size}".encode()).hexdigest()

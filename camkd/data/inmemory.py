@@ -52,6 +52,11 @@ class Dataset:
         return int(self.images.shape[-1])
 
     @property
+    def class_names(self) -> None:
+        """Arrays name no classes (their labels are numbers)."""
+        return None
+
+    @property
     def fingerprint(self) -> str:
         """sha256 over name, split, shape, image bytes and label bytes: identifies the data for the cache."""
         if self._fingerprint is None:

@@ -36,10 +36,11 @@ def write_description(g: zarr.Group, d: StoreDescription) -> None:
 
 
 PRECISION_BEFORE = "fp32"  # the teachers' precision of a store made before it was recorded
-IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes")  # not the path: the same weights from anywhere continue a store
+IDENTITY_TEACHER_KEYS = ("arch", "sha256", "num_classes", "class_rows")  # not the path: the same weights from anywhere continue a store
 FOLDER_KEYS = ("data_kind", "decoder", "decoder_versions", "classes", "folder_whole")  # image-folder stores only
 _DATA_KEYS = ("name", "split", "n", "fingerprint", "num_classes", "in_channels", "image_size")
-_TEACHER_KEYS = ("arch", "checkpoint", "path", "sha256", "num_classes", "test_accuracy", "weights", "published_accuracy")
+_TEACHER_KEYS = ("arch", "checkpoint", "path", "sha256", "num_classes", "test_accuracy", "weights", "published_accuracy",
+                 "class_rows")
 
 
 TF32_OPS = ("conv", "matmul")  # float32 ops CUDA can run in TF32: cuDNN convolutions, cuBLAS matmuls
@@ -135,6 +136,7 @@ class TeacherRecord:
     test_accuracy: float | None = None  # None: created with --no-eval
     weights: str | None = None  # named published weights (e.g. 'ResNet50_Weights.IMAGENET1K_V2'); None: a file, or an older store
     published_accuracy: float | None = None  # the top-1 the weights' library reports for them (None: none published)
+    class_rows: list[int] | None = None  # an ImageNet-1k teacher on an ImageNet subset: the rows kept (classmap.py)
     extra: dict = field(default_factory=dict)  # keys this camkd does not know, kept as they are
 
     @staticmethod
