@@ -18,11 +18,12 @@ def _image(rng: np.random.Generator, label: int) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def make_folder(root, *, train: int = 8, val: int = 4, seed: int = 0):
-    """ROOT/train/CLASS/*.jpg|png and ROOT/val/CLASS/*: ``train`` and ``val`` images per class, every third a PNG."""
+def make_folder(root, *, train: int = 8, val: int = 4, seed: int = 0, classes: tuple[str, ...] = CLASSES):
+    """ROOT/train/CLASS/*.jpg|png and ROOT/val/CLASS/*: ``train`` and ``val`` images per class, every third a PNG
+    (``classes``: the folder names, three at most)."""
     rng = np.random.default_rng(seed)
     for split, count in (("train", train), ("val", val)):
-        for label, cls in enumerate(CLASSES):
+        for label, cls in enumerate(classes):
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 ext = "png" if i % 3 == 2 else "jpg"

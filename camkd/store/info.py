@@ -15,10 +15,11 @@ def teacher_line(t: int, meta: TeacherRecord) -> str:
     sha256, test accuracy (beside the published top-1 where the weights' library reports one)."""
     acc = meta.test_accuracy  # None: created with --no-eval
     acc_text = f"test top-1 {acc:.2f}%" if acc is not None else "test accuracy not evaluated"
-    if meta.published_accuracy is not None:
-        acc_text += f", published top-1 {meta.published_accuracy:.2f}%"
+    if meta.published_accuracy is not None:  # the library's figure is over ImageNet-1k's 1000 classes
+        acc_text += f", published top-1 {meta.published_accuracy:.2f}%" + (" (on ImageNet-1k)" if meta.class_rows else "")
     weights = f" ({meta.weights})" if meta.weights else ""
-    return f"teacher t{t} {meta.arch}{weights} {meta.path} sha256 {meta.sha256[:12]} {acc_text}"
+    kept = f" 1000 ImageNet-1k outputs restricted to the data's {len(meta.class_rows)} classes," if meta.class_rows else ""
+    return f"teacher t{t} {meta.arch}{weights} {meta.path} sha256 {meta.sha256[:12]}{kept} {acc_text}"
 
 
 def logits_line(spec: topk.LogitsSpec, num_classes: int) -> str:
