@@ -96,13 +96,43 @@ def run_precision(run: RunConfig, device: torch.device) -> Precision:
     return Precision.of(run.precision, device, channels_last=run.channels_last, compile=run.compile)
 
 
-def build_model(arch: str, train: DataSplit, run: RunConfig) -> nn.Module:
+def build_model(arch: str, train: DataSplit, run: RunConfig, init: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """The model to train, seeded by ``run.seed``, on the data's device (channels-last with --channels-last, SyncBN
-    with --sync-bn)."""
+    with --sync-bn); ``init`` sets its starting weights (published ones: :func:`init_from_published`)."""
     device = train.labels.device
     torch.manual_seed(run.seed)
-    model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels).to(device)
+    model = create_model(arch, num_classes=train.num_classes, in_channels=train.in_channels)
+    if init is not None:
+        init(model)
+    model = model.to(device)
     model = run_precision(run, device).to_memory_format(model)
     if run.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def init_from_published(model: nn.Module, spec: str, train: DataSplit) -> dict:
+    """Start ``model`` (built for ``train``'s classes, seeded) from the published weights ``spec`` (fine-tuning): every
+    tensor but the classifier's is the published one; the classifier is new (its seeded initialization) for the data's
+    classes, unless they are ImageNet wnids and the weights have ImageNet-1k's 1000 outputs, when it keeps their rows
+    (classmap.py). Returns what the run records: the weights' name, file, sha256 and the rows kept (or None)."""
+    from camkd.classmap import classifier, restrict_classes, subset_rows
+    from camkd.weights import load_published, state_dict_mismatch
+
+    if train.in_channels != 3:
+        raise CamkdError(f"{spec} takes 3-channel images but {train.name} has {train.in_channels}; fine-tune on RGB data")
+    p = load_published(spec)
+    rows = subset_rows(p.num_classes, train.class_names)
+    if rows is not None:
+        restrict_classes(p.model, rows)
+    state = p.model.state_dict()
+    if p.model.num_classes != train.num_classes or rows is None:  # a new classifier: drop the published one's tensors
+        fc = classifier(p.model)
+        drop = {name for name, t in p.model.named_parameters() if any(t is q for q in fc.parameters())}
+        state = {k: v for k, v in state.items() if k not in drop}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own_fc = classifier(model)
+    new = {name for name, t in model.named_parameters() if any(t is q for q in own_fc.parameters())}
+    if unexpected or set(missing) - new:
+        raise CamkdError(f"{spec} does not fit {model.arch}: {state_dict_mismatch(model.state_dict(), state)}")
+    return {"name": p.name, "spec": spec, "path": str(p.path), "sha256": p.sha256, "class_rows": rows}

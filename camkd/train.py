@@ -11,13 +11,14 @@ from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, dataset_kind, load_split
 from camkd.data.noise import apply_label_noise, check_rate
 from camkd.fit import FitResult, fit
-from camkd.job import Hooks, TrainData, build_model, check_batch_size, resolve_lr, small_lr, start_run
+from camkd.job import Hooks, TrainData, build_model, check_batch_size, init_from_published, resolve_lr, small_lr, start_run
 from camkd.memory import check_batch_memory
 from camkd.methods import create_method
 from camkd.models import resolve_arch
 from camkd.progress import log
 from camkd.runs import RunFolder
 from camkd.sources import NoTeachers
+from camkd.weights import named_weights_spec
 
 RECIPE_FIELDS = ("epochs", "batch_size", "lr_decay_epochs", "lr_decay_rate", "momentum", "weight_decay")
 """The optimizer options whose default depends on the kind of data (and ``lr``, which also depends on the arch)."""
@@ -100,7 +101,8 @@ def resolve_seeds(cfg: TrainConfig, options: dict, folder: RunFolder, *, main: b
 
 def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     """Train, evaluate each epoch, keep best/last checkpoints and metrics; returns a summary dict."""
-    arch = resolve_arch(cfg.arch)  # cheap checks first: nothing loads before the names are known good
+    named = named_weights_spec(cfg.arch)  # tv:NAME@WEIGHTS / timm:NAME.TAG: fine-tune from published weights
+    arch = resolve_arch(named[0] if named else cfg.arch)  # cheap checks first: nothing loads before the names are known good
     check_dataset(cfg.data.dataset)
     check_rate(cfg.data.label_noise)
     device, folder, world = start_run(cfg.run, cfg.out_dir())
@@ -119,14 +121,28 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
         test = load_split(d.dataset, "test", device=device, data_dir=d.data_dir, download=d.download, **d.options)
         check_batch_size(cfg.optim.batch_size, len(train), parts=world.size * cfg.optim.micro_batches)
         check_batch_memory(device, train, cfg.optim.batch_size // world.size, train=[arch], precision=cfg.run.precision)
-    model = build_model(arch, train, cfg.run)
+    pretrained: dict = {}
+    init = None
+    if named and not folder.resume:  # a resumed run's weights come from its checkpoint
+        def init(m):
+            pretrained.update(init_from_published(m, cfg.arch, train))
+    elif named:
+        pretrained = ((load_checkpoint(folder.last).get("meta") or {}).get("pretrained")) or {}
+    model = build_model(arch, train, cfg.run, init)
+    if pretrained and world.main:
+        rows = pretrained.get("class_rows")
+        head = (f"keeping the rows of the {len(rows)} ImageNet-1k classes of {train.name}" if rows else
+                f"a new classifier for {train.name}'s {train.num_classes} classes")
+        if not folder.resume:
+            log(f"fine-tuning from {pretrained['name']} ({pretrained['path']}, sha256 {pretrained['sha256'][:12]}), {head}")
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],
                            teacher_feat_shapes={}).to(device)
     spec = train.aug_spec(cfg.aug_seed)
     meta = {"arch": model.arch, "method": "ce", "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
             "num_train": len(train), "normalization": train.norm.to_dict(), "label_noise": noise, "options": asdict(cfg),
-            "reopen": test.reopen.to_dict()}  # how evaluate opens its data again
+            "reopen": test.reopen.to_dict(),  # how evaluate opens its data again
+            **({"pretrained": pretrained} if pretrained else {})}  # the published weights it started from
     identity = {k: meta[k] for k in ("arch", "dataset", "dataset_fingerprint", "label_noise")}
     r: FitResult = fit(model, method, NoTeachers(), TrainData(train, test, spec, views=cfg.optim.epochs),
                        optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)

@@ -1,0 +1,114 @@
+"""train-teacher from published weights (issue 25): ``--arch tv:NAME@WEIGHTS`` fine-tunes, with a new classifier for
+the data's classes, or, on an ImageNet subset (wnid class folders), the published classifier's rows of those classes.
+
+Offline, as tests/test_named_weights.py: a temporary TORCH_HOME, downloads fail, and a random-init resnet18 saved
+under a name carrying its own sha256 prefix, torchvision's ResNet18_Weights.IMAGENET1K_V1 record pointed at it.
+With ``--lr 0`` (and so no weight decay step) the trained parameters stay the starting ones, which are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from folder_helpers import make_folder
+
+from camkd.checkpoint import load_checkpoint, sha256_file
+
+pytest.importorskip("timm")  # the wnid list
+
+R18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+@pytest.fixture
+def published(tmp_path, monkeypatch):
+    """The fake published resnet18: (its state_dict, its file)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_network(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("no network (test)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, folder / "tmp.pth")
+    name = f"resnet18-{sha256_file(folder / 'tmp.pth')[:8]}.pth"
+    (folder / "tmp.pth").rename(folder / name)
+    monkeypatch.setattr(R18.value, "url", f"https://download.pytorch.org/models/{name}")
+    return state, folder / name
+
+
+def _train(cli, arch, root, out, *extra):
+    r = cli("train-teacher", "--arch", arch, "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "32",
+            "--workers", "0", "--epochs", "1", "--batch-size", "8", "--lr", "0", "--device", "cpu", "--out", str(out), *extra)
+    assert r.exit_code == 0, r.output
+    return r, load_checkpoint(out / "last.pth")
+
+
+def _params(ckpt) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in ckpt["model"].items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_on_an_imagenet_subset_the_classifier_keeps_the_wnid_rows(cli, published, tmp_path):
+    from timm.data import ImageNetInfo
+
+    state, path = published
+    root = make_folder(tmp_path / "data", classes=WNIDS)
+    r, ckpt = _train(cli, "tv:resnet18@IMAGENET1K_V1", root, tmp_path / "run")
+    rows = [list(ImageNetInfo().label_names()).index(w) for w in WNIDS]
+    assert "fine-tuning from ResNet18_Weights.IMAGENET1K_V1" in r.output and "keeping the rows of the 3 ImageNet-1k" in r.output
+    params = _params(ckpt)
+    assert torch.equal(params["fc.weight"], state["fc.weight"][rows]) and torch.equal(params["fc.bias"], state["fc.bias"][rows])
+    assert all(torch.equal(v, state[k]) for k, v in params.items() if not k.startswith("fc."))
+    meta = ckpt["meta"]
+    assert meta["arch"] == "tv:resnet18" and meta["num_classes"] == 3
+    assert meta["pretrained"] == {"name": "ResNet18_Weights.IMAGENET1K_V1", "spec": "tv:resnet18@IMAGENET1K_V1",
+                                  "path": str(path), "sha256": sha256_file(path), "class_rows": rows}
+    # evaluate equals training for a fine-tuned run
+    e = cli("evaluate", str(tmp_path / "run" / "last.pth"), "--json")
+    assert e.exit_code == 0, e.output
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads(e.output)["top1"] == last["test_top1"]
+
+
+def test_other_classes_get_a_new_seeded_classifier(cli, published, tmp_path):
+    state, _ = published
+    root = make_folder(tmp_path / "data")  # ant, bee, cat: no ImageNet subset
+    r, ckpt = _train(cli, "tv:resnet18@IMAGENET1K_V1", root, tmp_path / "ft", "--seed", "3")
+    assert "a new classifier for imagefolder's 3 classes" in r.output
+    _, scratch = _train(cli, "tv:resnet18", root, tmp_path / "scratch", "--seed", "3")
+    params, fresh = _params(ckpt), _params(scratch)
+    assert params["fc.weight"].shape == (3, 512)
+    assert torch.equal(params["fc.weight"], fresh["fc.weight"]) and torch.equal(params["fc.bias"], fresh["fc.bias"])
+    assert all(torch.equal(v, state[k]) for k, v in params.items() if not k.startswith("fc."))
+    assert ckpt["meta"]["pretrained"]["class_rows"] is None
+
+
+def test_a_resumed_fine_tune_needs_no_weights_file(cli, published, tmp_path):
+    """The weights are the start of a new run only: a resume reads its checkpoint (and keeps the record)."""
+    _, path = published
+    root = make_folder(tmp_path / "data", classes=WNIDS)
+    _train(cli, "tv:resnet18@IMAGENET1K_V1", root, tmp_path / "run")
+    path.unlink()
+    r = cli("train-teacher", "--arch", "tv:resnet18@IMAGENET1K_V1", "--dataset", "imagefolder", "--data-dir", str(root),
+            "--image-size", "32", "--workers", "0", "--epochs", "2", "--batch-size", "8", "--lr", "0", "--device", "cpu",
+            "--out", str(tmp_path / "run"), "--resume")
+    assert r.exit_code == 0, r.output
+    meta = load_checkpoint(tmp_path / "run" / "last.pth")["meta"]
+    assert meta["epoch"] == 2 and meta["pretrained"]["name"] == "ResNet18_Weights.IMAGENET1K_V1"
+
+
+def test_missing_weights_is_one_line_and_leaves_no_run_folder(cli, one_error, published, tmp_path):
+    _, path = published
+    path.unlink()
+    root = make_folder(tmp_path / "data")
+    one_error(cli("train-teacher", "--arch", "tv:resnet18@IMAGENET1K_V1", "--dataset", "imagefolder", "--data-dir", str(root),
+                  "--image-size", "32", "--workers", "0", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run")),
+              r"ResNet18_Weights.IMAGENET1K_V1 is not in torch.hub's cache")
+    assert not (tmp_path / "run").exists()
