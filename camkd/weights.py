@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,10 +165,158 @@ def load_tv(spec: str, arch: str, member: str) -> Published:
                      categories=categories or None, imagenet1k=num_classes == 1000 and "ImageNet-1K" in metrics)
 
 
+_IN1K_TAG = re.compile(r"(?:.*_)?in1k(?:_\d+)?")  # '..._in1k', 'in1k', '..._in1k_384' (a resolution suffix)
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")  # an LFS blob's name in the Hugging Face cache: the file's sha256
+
+
+def _hf_cache_dir() -> Path:
+    """huggingface_hub's cache folder, read from the environment now (its constants are read once, at import):
+    ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.path.expanduser(os.environ[var])))
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
+
+
+def _hf_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set now, or when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _timm_cfg(spec: str, name: str, tag: str):
+    """timm's pretrained config of ``name.tag``; one line listing the model's tags when it has no such tag."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(f"{name}.{tag}", allow_unregistered=False)
+    except (RuntimeError, KeyError, ValueError):
+        cfg = None
+    if cfg is None or cfg.tag != tag:  # an unknown tag; cfg.tag guards a lookup that fell back to the default tag
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{name}.*")]
+        shown = ", ".join(tags[:12]) + (f", ... ({len(tags)} in all)" if len(tags) > 12 else "")
+        raise CamkdError(f"{spec}: timm has no pretrained tag {tag!r} for {name}; "
+                         + (f"its tags are: {shown}" if tags else "timm publishes no weights for it"))
+    return cfg
+
+
+def _timm_eval(spec: str, cfg) -> EvalTransform:
+    """The transform timm evaluates ``cfg``'s weights with (``resolve_data_config`` + ``transforms_imagenet_eval``)."""
+    if cfg.interpolation not in ("bilinear", "bicubic"):
+        raise CamkdError(f"{spec}: timm evaluates these weights with {cfg.interpolation!r} interpolation; camkd has bilinear "
+                         "and bicubic only")
+    crop = int(cfg.input_size[-1])
+    crop_pct = cfg.crop_pct or 0.875  # timm's DEFAULT_CROP_PCT
+    return EvalTransform(crop=crop, resize=math.floor(crop / crop_pct), interpolation=cfg.interpolation,
+                         mean=tuple(float(v) for v in cfg.mean), std=tuple(float(v) for v in cfg.std))
+
+
+def _hf_weights_file(spec: str, hub_id: str, filename: str | None) -> Path:
+    """The weights file of Hugging Face repo ``hub_id`` ('timm/NAME.TAG[@REVISION]') as timm looks for it:
+    ``filename`` when the config names one (its .safetensors alternative first), else model.safetensors, then
+    pytorch_model.bin; from the cache, downloaded there when missing and online."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo_id, _, revision = hub_id.partition("@")
+    if filename is None:
+        names = ["model.safetensors", "pytorch_model.bin"]
+    elif filename.endswith(".bin"):
+        safe = "model.safetensors" if filename == "pytorch_model.bin" else filename[:-4] + ".safetensors"
+        names = [safe, filename]
+    else:
+        names = [filename]
+    cache, offline = _hf_cache_dir(), _hf_offline()
+    why = None
+    for name in names:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # no progress bar
+                return Path(hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache,
+                                            local_files_only=offline))
+        except LocalEntryNotFoundError as e:  # not cached, and offline or the Hub unreachable
+            why = why or ("offline: HF_HUB_OFFLINE is set" if offline else first_line(e))
+        except EntryNotFoundError:  # not in the repo: the next name
+            continue
+        except (OSError, ValueError) as e:  # HTTP errors (a missing or gated repo), an unwritable cache, a bad repo id
+            why = why or first_line(e)
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    raise CamkdError(f"{spec}: {names[0]} of {repo_id} is not in the Hugging Face cache and could not be downloaded "
+                     f"({why or 'the repo has none of ' + ', '.join(names)}): fetch it on a machine with network "
+                     f"(hf download {repo_id} {names[0]}) and copy its cache folder {folder.name} into {cache}, or point "
+                     f"HF_HOME at a cache that holds it")
+
+
 def load_timm(spec: str, arch: str, tag: str) -> Published:
-    """timm's pretrained tag ``tag`` of ``arch`` ('timm:NAME')."""
-    raise CamkdError(f"{spec}: timm's pretrained tags are not supported yet; save the weights as a state_dict and pass "
-                     f"{arch}=FILE")
+    """timm's pretrained tag ``tag`` of ``arch`` ('timm:NAME'), as timm itself loads it.
+
+    - the config: ``timm.models.get_pretrained_cfg('NAME.TAG')``; an unknown tag is one line listing the model's tags;
+    - the file: from the Hugging Face cache (``$HF_HOME/hub``, read when called), repo ``cfg.hf_hub_id``,
+      ``cfg.hf_hub_filename`` or else ``model.safetensors`` then ``pytorch_model.bin`` (timm's order); downloaded
+      there when missing and online; offline (``HF_HUB_OFFLINE=1``) a missing file is one line naming the repo, the
+      file and the folder. A config with only a ``url`` (a few old timm tags, no Hugging Face repo) is refused.
+    - checked: a cached LFS file is a link to ``blobs/<its sha256>``; a file whose sha256 is not its blob's name is
+      refused (the analogue of torchvision's prefix check).
+    - loaded by ``timm.create_model('NAME.TAG', pretrained=True, pretrained_cfg_overlay={'file': path})``: timm's
+      checkpoint filters, strict; the file given wins over every download source, so nothing is fetched then.
+    - ``name``: the Hugging Face repo ('timm/resnet18.a1_in1k'); ``published_accuracy``: None (timm's package
+      carries no accuracy); ``categories``: timm's ``label_names`` when the config has them; ``imagenet1k``: the
+      config has 1000 classes, no label offset, and the tag ends ``in1k`` (optionally ``_RES``, e.g.
+      ``in22k_ft_in1k_384``) -- timm's naming of ImageNet-1k heads; anything else (in21k, in12k, ...) is False.
+    - eval: ``input_size[-1]`` crop (not ``test_input_size``), resize ``floor(crop / crop_pct)`` as timm's
+      ``transforms_imagenet_eval``; its 'squash' and 'border' crop modes (a few tags) are taken as its 'center' mode
+      (shorter side resized, centre crop), which :class:`EvalTransform` describes; interpolations other than bilinear
+      and bicubic are refused. A config without classes (``num_classes`` 0: features only) is refused.
+    """
+    from camkd.models.timm_models import TimmModel, resolve
+
+    name = resolve(arch.removeprefix("timm:"))
+    cfg = _timm_cfg(spec, name, tag)
+    if not cfg.num_classes:
+        raise CamkdError(f"{spec}: these timm weights have no classifier (num_classes 0, a feature extractor); choose a "
+                         "tag with one")
+    if not cfg.hf_hub_id:
+        raise CamkdError(f"{spec}: timm publishes these weights at a URL only ({cfg.url}), not on the Hugging Face Hub; "
+                         f"save them as a state_dict and pass timm:{name}=FILE")
+    evaluation = _timm_eval(spec, cfg)
+    path = _hf_weights_file(spec, cfg.hf_hub_id, cfg.hf_hub_filename)
+    sha256 = sha256_file(path)
+    blob = path.resolve().name
+    if _SHA256_NAME.fullmatch(blob) and blob != sha256:
+        raise CamkdError(f"{path} is not the published {cfg.hf_hub_id}: its sha256 is {sha256[:12]}..., its Hugging Face "
+                         f"cache blob's name (the published file's sha256) {blob[:12]}...; delete it and fetch it again")
+    import timm
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            net = timm.create_model(f"{name}.{tag}", pretrained=True, num_classes=cfg.num_classes,
+                                    pretrained_cfg_overlay=dict(file=str(path)))
+    except RuntimeError as e:  # a strict load of other keys or shapes
+        raise CamkdError(f"{path} ({cfg.hf_hub_id}) does not fit timm:{name}: {_timm_mismatch(name, cfg, path, e)}") from None
+    except Exception as e:  # safetensors' and torch.load's errors on a file that is not a checkpoint have no common type
+        raise CamkdError(f"{path} is not a readable weights file ({type(e).__name__}: {first_line(e)}); delete it and "
+                         f"fetch it again") from None
+    model = TimmModel(net, arch=f"timm:{name}", num_classes=cfg.num_classes, in_channels=3)
+    labels = tuple(cfg.label_names or ())
+    imagenet1k = cfg.num_classes == 1000 and not cfg.label_offset and _IN1K_TAG.fullmatch(tag) is not None
+    return Published(arch=model.arch, spec=spec, name=cfg.hf_hub_id, path=path, sha256=sha256, model=model.eval(),
+                     num_classes=cfg.num_classes, eval=evaluation, published_accuracy=None,
+                     categories=labels if len(labels) == cfg.num_classes else None, imagenet1k=imagenet1k)
+
+
+def _timm_mismatch(name: str, cfg, path: Path, error: Exception) -> str:
+    """What differs between timm's model and the file's state_dict (before timm's filters); else the error's line."""
+    import timm
+    from timm.models import load_state_dict
+
+    try:
+        own = timm.create_model(name, pretrained=False, num_classes=cfg.num_classes).state_dict()
+        return state_dict_mismatch(own, load_state_dict(str(path)))
+    except Exception:  # the description is best effort: the load's own first line
+        return first_line(error)
 
 
 def load_published(spec: str) -> Published:
