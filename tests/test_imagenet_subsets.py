@@ -44,7 +44,8 @@ def test_a_wnid_that_is_not_in_imagenet1k_is_one_line():
         class_rows(["n01440764", "n99999999"])
 
 
-@pytest.mark.parametrize("arch", ["tv:resnet18", "tv:mobilenet_v3_large", "tv:convnext_tiny", "resnet8"])
+@pytest.mark.parametrize("arch", ["tv:resnet18", "tv:mobilenet_v3_large", "tv:convnext_tiny", "resnet8", "timm:resnet10t",
+                                  "timm:convnext_atto"])
 def test_restricted_logits_are_the_full_logits_columns(arch):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=1000, in_channels=3).eval()
