@@ -433,14 +433,20 @@ def report_cmd(
     show(r, to_markdown, plot, prefix)
 
 
+InterpolationChoice = choices("Interpolation", ["bilinear", "bicubic"])
+
+
 @app.command("evaluate", cls=PlainHelp)
 @friendly
 def evaluate_cmd(
     checkpoint: Annotated[str, typer.Argument(metavar="CKPT", help="A checkpoint of train-teacher or distill (best.pth, "
-                                              "last.pth), or ARCH=PATH for a reference {'model': state_dict} file "
-                                              "(RepDistiller's / CA-MKD's teachers; needs --dataset).")],
+                                              "last.pth), ARCH=PATH for a reference {'model': state_dict} file "
+                                              "(RepDistiller's / CA-MKD's teachers; needs --dataset), or published weights "
+                                              "tv:NAME@WEIGHTS / timm:NAME.TAG (needs --dataset, an image folder: "
+                                              "evaluated with the weights' own resize, centre crop and normalization).")],
     dataset: Annotated[Optional[DatasetChoice], typer.Option("--dataset", "-d", help="Only for an ARCH=PATH reference "
-                       "checkpoint: the data it was trained on (its standard normalization) [default: the run's].")] = None,
+                       "checkpoint (the data it was trained on, its standard normalization) or published weights (an image "
+                       "folder: imagefolder, tinyimagenet) [default: the run's].")] = None,
     split: Annotated[SplitChoice, typer.Option("--split", help="test: the run's test split; train: the run's training "
                                                "samples (checked by fingerprint).")] = SplitChoice.test,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder with the dataset files [default: the "
@@ -450,18 +456,31 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N samples of the split.")] = None,
     precision: Annotated[Optional[PrecisionChoice], typer.Option("--precision", help="Autocast of the forward [default: "
                          "the run's --precision (and --channels-last), so a run's last.pth gives its last metrics; fp32 "
-                         "for ARCH=PATH].")] = None,
+                         "for ARCH=PATH and published weights].")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", metavar="N", min=1, help="Image folders: the centre "
+                          "crop, N x N [default: the published weights' crop, or the run's image size]; without --resize "
+                          "the resize keeps the crop / resize ratio.")] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", metavar="N", min=1, help="Image folders: resize the shorter "
+                      "side to N before the centre crop [default: the published weights' resize, or round(crop / 0.875)]."
+                      )] = None,
+    interpolation: Annotated[Optional[InterpolationChoice], typer.Option("--interpolation", help="Image folders: the "
+                             "resize's filter (Pillow's, antialiased) [default: the published weights', or bilinear]."
+                             )] = None,
+    workers: WorkersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Top-1 / top-5 / loss of a checkpoint on a split (a camkd checkpoint's meta names arch, data, image size,
-    normalization and precision: last.pth on the test split gives the run's last test_top1 / test_loss)."""
+    normalization and precision: last.pth on the test split gives the run's last test_top1 / test_loss), or of
+    published weights on an image folder, evaluated as published (ImageNet-1k weights on an ImageNet subset keep the
+    dataset's classes)."""
     import json
 
     from camkd.evaluate import evaluate_checkpoint, format_evaluation
 
     r = evaluate_checkpoint(checkpoint, split=split.value, data_dir=as_str(data_dir), batch_size=batch_size,
                             device=device.value, limit=limit, dataset=dataset.value if dataset else None,
-                            precision=precision.value if precision else None)
+                            precision=precision.value if precision else None, image_size=image_size, resize=resize,
+                            interpolation=interpolation.value if interpolation else None, workers=workers)
     typer.echo(json.dumps(r) if as_json else format_evaluation(r))
 
 

@@ -1,7 +1,8 @@
-"""Top-1 / top-5 accuracy of a model on un-augmented images (teachers, students, checkpoints).
+"""Top-1 / top-5 accuracy of a model on un-augmented images (teachers, students, checkpoints, published weights).
 
 :func:`evaluate` is what the training loop calls each epoch; :func:`evaluate_checkpoint` is
-``camkd evaluate``: a saved checkpoint on the split its run used.
+``camkd evaluate``: a saved checkpoint on the split its run used, or published weights by name
+(``tv:NAME@WEIGHTS``, ``timm:NAME.TAG``) on an image folder with their own eval transform (:func:`evaluate_published`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = BATCH_SIZE,
 
 
 def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, limit: int | None = None,
-                     path: str = "the checkpoint") -> tuple[DataSplit, str]:
+                     path: str = "the checkpoint", workers: int | None = None) -> tuple[DataSplit, str]:
     """The ``split`` a camkd checkpoint's run used, on the CPU, and a few words saying which samples these are.
 
     The checkpoint's meta names the dataset, classes, channels, image size and normalization, and how its data
@@ -59,7 +60,8 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
     store's for a student trained from one); its saved options give the data folder (``data_dir`` overrides it) and
     the decoding processes. ``test`` is the test split the run evaluated on each epoch. ``train`` is the run's
     training samples (its ``--limit``, or for a student trained from a store the store's samples, read through the
-    store), checked against the fingerprint the checkpoint recorded. ``limit``: the first N of those.
+    store), checked against the fingerprint the checkpoint recorded. ``limit``: the first N of those. ``workers``: an
+    image folder's decoding processes instead of the run's.
     """
     from camkd.data import Normalization
 
@@ -76,6 +78,8 @@ def checkpoint_split(ckpt: dict, split: str, *, data_dir: str | None = None, lim
     folder = data_dir if data_dir is not None else data.get("data_dir")
     reopen = SplitOptions.from_dict(meta["reopen"]) if meta.get("reopen") else _reopen_before(meta, opts)
     runtime = {k: v for k, v in (data.get("options") or {}).items() if k in RUNTIME_OPTIONS and v is not None}
+    if workers is not None:
+        runtime["workers"] = workers
     what = "the test split"
     if split == "test":
         ds = reopen.load("test", data_dir=folder, **runtime)
@@ -129,7 +133,8 @@ def _store_train(cache: str | None, data_dir: str | None, path: str) -> DataSpli
 
 def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str | None = None, batch_size: int = BATCH_SIZE,
                         device: str = "auto", limit: int | None = None, dataset: str | None = None,
-                        precision: str | None = None) -> dict:
+                        precision: str | None = None, image_size: int | None = None, resize: int | None = None,
+                        interpolation: str | None = None, workers: int | None = None) -> dict:
     """Top-1 / top-5 (percent) and mean CE loss of a checkpoint (teacher or student) on ``split``.
 
     ``path`` is a camkd checkpoint, or ``ARCH=PATH`` for a reference ``{'model': state_dict}`` file
@@ -139,17 +144,25 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str 
     and ``--channels-last`` (fp32 for a reference file). With the defaults, ``test`` on a camkd run's ``last.pth``
     gives that run's last ``test_top1`` and ``test_loss`` in ``metrics.jsonl`` (the same images, image size,
     normalization, batch size and precision; a ``--compile`` run's were computed by compiled kernels, these are not).
+    ``path`` may also name published weights (``tv:NAME@WEIGHTS``, ``timm:NAME.TAG``): :func:`evaluate_published`.
+    Image folders only: ``image_size`` (the centre crop), ``resize`` (the shorter side before it) and ``interpolation``
+    replace the evaluation geometry (by default the run's image size, resized to round(size / 0.875) bilinear);
+    ``workers``: the decoding processes.
     """
     from camkd.checkpoint import load_checkpoint
     from camkd.device import resolve_device
     from camkd.models import create_model, resolve_arch
     from camkd.teachers import parse_teacher_spec
-    from camkd.weights import state_dict_mismatch
+    from camkd.weights import named_weights_spec, state_dict_mismatch
 
     if batch_size < 1:
         raise CamkdError(f"--batch-size must be at least 1, got {batch_size}")
     if split not in ("train", "test"):
         raise CamkdError(f"unknown split '{split}'; choose train or test")
+    geometry = {"image_size": image_size, "resize": resize, "interpolation": interpolation}
+    if named_weights_spec(str(path)) is not None:
+        return evaluate_published(str(path), split=split, dataset=dataset, data_dir=data_dir, batch_size=batch_size,
+                                  device=device, limit=limit, precision=precision, workers=workers, **geometry)
     dev = resolve_device(device)
     arch, file = parse_teacher_spec(str(path))
     ckpt = load_checkpoint(file)
@@ -157,12 +170,13 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str 
     if not all(k in meta for k in ("arch", "dataset", "num_classes", "in_channels")):
         return _evaluate_reference(ckpt, arch, file, split=split, dataset=dataset, data_dir=data_dir,
                                    batch_size=batch_size, device=dev, limit=limit,
-                                   precision=Precision.of(precision or "fp32", dev))
+                                   precision=Precision.of(precision or "fp32", dev), workers=workers, geometry=geometry)
     if arch is not None and resolve_arch(arch) != resolve_arch(meta["arch"]):
         raise CamkdError(f"{file} is a camkd checkpoint of arch '{meta['arch']}', not '{arch}'; give the path alone")
     if dataset is not None and dataset != meta["dataset"]:
         raise CamkdError(f"{file} was trained on {meta['dataset']}, not {dataset}; leave out --dataset (its meta names the data)")
-    data, what = checkpoint_split(ckpt, split, data_dir=data_dir, limit=limit, path=str(file))
+    data, what = checkpoint_split(ckpt, split, data_dir=data_dir, limit=limit, path=str(file), workers=workers)
+    data, what = _override_geometry(data, what, **geometry)
     run = (meta.get("options") or {}).get("run") or {}
     prec = Precision.of(precision or run.get("precision") or "fp32", dev,
                         channels_last=bool(run.get("channels_last")))
@@ -181,7 +195,7 @@ def evaluate_checkpoint(path: str | Path, *, split: str = "test", data_dir: str 
 
 def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str, dataset: str | None,
                         data_dir: str | None, batch_size: int, device: torch.device, limit: int | None,
-                        precision: Precision) -> dict:
+                        precision: Precision, workers: int | None = None, geometry: dict | None = None) -> dict:
     """A checkpoint without camkd meta: the arch from ARCH=PATH, the data from --dataset."""
     from camkd.data import check_dataset, dataset_names, load_split
     from camkd.teachers import load_teacher
@@ -192,7 +206,7 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
         raise CamkdError(f"{file} has no camkd meta, so it names no data; add --dataset ({', '.join(dataset_names())})")
     check_dataset(dataset)
     teacher = load_teacher(f"{arch}={file}", device=device)  # classes and channels read off the weights, loaded strictly
-    data = load_split(dataset, split, data_dir=data_dir)
+    data = load_split(dataset, split, data_dir=data_dir, **({} if workers is None else {"workers": workers}))
     if data.num_classes != teacher.num_classes or data.in_channels != teacher.in_channels:
         raise CamkdError(f"{file} is a {teacher.num_classes}-class, {teacher.in_channels}-channel {arch}, but {dataset} has "
                          f"{data.num_classes} classes and {data.in_channels} channels; is it the right --dataset?")
@@ -200,6 +214,7 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
     if limit is not None and limit < len(data):
         what = f"the first {limit} of the {split} split"
         data = data.limit(limit)
+    data, what = _override_geometry(data, what, **(geometry or {}))
     acc = evaluate(teacher.model, data.to(device), batch_size=batch_size, precision=precision)
     epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None  # RepDistiller saves the epoch beside the weights
     return {"checkpoint": str(file), "arch": teacher.arch, "method": None, "epoch": epoch, "dataset": data.name,
@@ -207,10 +222,106 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
             "device": str(device), "precision": precision.name, **acc}
 
 
+def _geometry(base: tuple[int, int, str], fraction: float, image_size: int | None, resize: int | None,
+              interpolation: str | None) -> tuple[int, int, str]:
+    """(crop, resize, interpolation): ``base``'s, each replaced where given; a crop given without a resize keeps the
+    base's crop / resize ratio ``fraction`` (round(crop / fraction))."""
+    crop = base[0] if image_size is None else image_size
+    if resize is None:
+        resize = base[1] if image_size is None else round(crop / fraction)
+    return crop, resize, interpolation or base[2]
+
+
+def _describe(crop: int, resize: int, interpolation: str) -> str:
+    return f"resize {resize} {interpolation}, centre crop {crop}"
+
+
+def _override_geometry(data: DataSplit, what: str, *, image_size: int | None = None, resize: int | None = None,
+                       interpolation: str | None = None) -> tuple[DataSplit, str]:
+    """An image folder evaluated at the given geometry (--image-size, --resize, --interpolation), said in ``what``;
+    unchanged when none is given; one line for data held in memory (their images have one size)."""
+    if image_size is None and resize is None and interpolation is None:
+        return data, what
+    with_eval = getattr(data, "with_eval", None)
+    if with_eval is None:
+        given = next(f for f, v in (("--image-size", image_size), ("--resize", resize), ("--interpolation", interpolation))
+                     if v is not None)
+        raise CamkdError(f"{given} applies to image folders (their images are resized and centre-cropped); {data.name} is "
+                         "held in memory at its own size")
+    geometry = _geometry(data.eval_geometry, 0.875, image_size, resize, interpolation)
+    return with_eval(*geometry), f"{what}, {_describe(*geometry)}"
+
+
+def evaluate_published(spec: str, *, split: str = "test", dataset: str | None = None, data_dir: str | None = None,
+                       batch_size: int = BATCH_SIZE, device: str = "auto", limit: int | None = None,
+                       precision: str | None = None, image_size: int | None = None, resize: int | None = None,
+                       interpolation: str | None = None, workers: int | None = None) -> dict:
+    """Top-1 / top-5 (percent) and mean CE loss of published weights (``tv:NAME@WEIGHTS``, ``timm:NAME.TAG``) on
+    ``split`` of an image-folder ``dataset``, evaluated as published: the weights' own eval transform (resize the shorter
+    side, ``interpolation`` antialiased, centre crop) and normalization; ``image_size`` (the crop), ``resize`` and
+    ``interpolation`` override the transform's (a crop alone keeps its crop / resize ratio).
+
+    ImageNet-1k weights on an ImageNet subset (class folders that are ImageNet wnids, fewer than 1000) keep the
+    classifier rows of the dataset's classes (classmap.py), as a teacher does. The accuracy the library publishes
+    (ImageNet-1k val's) is given beside the measured one only on a 1000-class test split."""
+    from camkd.classmap import restrict_classes, subset_rows
+    from camkd.data import Normalization, check_dataset, dataset_names, load_split
+    from camkd.device import resolve_device
+    from camkd.weights import load_published
+
+    folders = [n for n in dataset_names() if dataset_kind(n) == "files"]
+    if dataset is None:
+        raise CamkdError(f"{spec} names published weights, not data: add --dataset ({', '.join(folders)}) and --data-dir, "
+                         "the image folder to evaluate them on")
+    check_dataset(dataset)
+    if dataset_kind(dataset) != "files":
+        raise CamkdError(f"{spec} is evaluated on an image folder with the weights' own resize and centre crop; {dataset} is "
+                         f"held in memory at its own size: use --dataset {' or '.join(folders)} with --data-dir")
+    if batch_size < 1:
+        raise CamkdError(f"--batch-size must be at least 1, got {batch_size}")
+    if split not in ("train", "test"):
+        raise CamkdError(f"unknown split '{split}'; choose train or test")
+    dev = resolve_device(device)
+    p = load_published(spec)
+    e = p.eval
+    crop, size, interp = _geometry((e.crop, e.resize, e.interpolation), e.crop_fraction, image_size, resize, interpolation)
+    options = {"image_size": crop, **({} if workers is None else {"workers": workers})}
+    data = load_split(dataset, split, data_dir=data_dir, **options)
+    rows = subset_rows(p.num_classes, data.class_names)
+    restricted = ""
+    if rows is not None:
+        restrict_classes(p.model, rows)
+        order = "" if p.imagenet1k else ", taken to be in ImageNet-1k's class order"
+        restricted = f", restricted to the dataset's {len(rows)} ImageNet-1k classes{order}"
+    if p.model.num_classes != data.num_classes:
+        raise CamkdError(f"{spec} predicts {p.model.num_classes} classes but {dataset} here has {data.num_classes} "
+                         f"(class folders {', '.join((data.class_names or ())[:3])}...); only ImageNet-1k weights on "
+                         "folders named by ImageNet wnids are restricted to the dataset's classes")
+    what = f"the whole {split} split"
+    if limit is not None and limit < len(data):
+        what = f"the first {limit} of the {split} split"
+        data = data.limit(limit)
+    data = replace(data.with_eval(crop, size, interp), norm=Normalization(tuple(e.mean), tuple(e.std)))
+    if (crop, size, interp) == (e.crop, e.resize, e.interpolation):
+        how = f"the weights' eval transform ({_describe(crop, size, interp)}) and normalization"
+    else:
+        how = f"{_describe(crop, size, interp)} (the weights': {e.describe()}), the weights' normalization"
+    prec = Precision.of(precision or "fp32", dev)
+    model = prec.to_memory_format(p.model.to(dev))
+    acc = evaluate(model, data.to(dev), batch_size=batch_size, precision=prec)
+    published = p.published_accuracy if split == "test" and data.num_classes == 1000 else None
+    return {"checkpoint": spec, "arch": p.arch, "weights": p.name, "weights_file": str(p.path), "sha256": p.sha256,
+            "method": None, "epoch": None, "dataset": data.name, "split": split, "samples": len(data),
+            "which": f"{what}, {how}{restricted}", "device": str(dev), "precision": prec.name,
+            "published_top1": published, **acc}
+
+
 def format_evaluation(r: dict) -> str:
-    """One line: what was evaluated on what, and its top-1 / top-5 / loss."""
+    """One line: what was evaluated on what, and its top-1 / top-5 / loss (and published weights' published top-1)."""
     method = f"{r['method']}, " if r.get("method") else ""
     epoch = f"epoch {r['epoch']}" if r.get("epoch") is not None else "no epoch recorded"
     precision = f", {r['precision']}" if r.get("precision", "fp32") != "fp32" else ""  # the run's, unless --precision
-    return (f"{r['checkpoint']} ({r['arch']}, {method}{epoch}) on {r['dataset']} {r['split']} ({r['samples']} images, "
-            f"{r['which']}{precision}): top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}")
+    what = f"{r['weights']}" if r.get("weights") else f"{r['arch']}, {method}{epoch}"
+    published = f", published top-1 {r['published_top1']:.2f}%" if r.get("published_top1") is not None else ""
+    return (f"{r['checkpoint']} ({what}) on {r['dataset']} {r['split']} ({r['samples']} images, "
+            f"{r['which']}{precision}): top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, loss {r['loss']:.4f}{published}")

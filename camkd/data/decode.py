@@ -26,11 +26,12 @@ import PIL
 import torch
 from PIL import Image, features
 
-from camkd.data.rrc import center_crop_box
+from camkd.data.rrc import EvalCrop, center_crop_box
 
 DECODER = "pillow-rgb+crop+bilinear"  # names the path; the versions come from decoder_versions()
 
 Source = str | os.PathLike | bytes
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}  # evaluation's resize filters
 
 
 def open_image(source: Source) -> Image.Image:
@@ -65,13 +66,25 @@ def train_view_into(img: Image.Image, box: Sequence[int], flip: int, size: int, 
     return _into(_crop_resize(_rgb(img), box, size), flip, out)
 
 
-def eval_view_into(img: Image.Image, size: int, out: np.ndarray, crop_fraction: float = 0.875) -> np.ndarray:
+def eval_view_into(img: Image.Image, size: int, out: np.ndarray, crop_fraction: float = 0.875, *,
+                   resize: int | None = None, interpolation: str = "bilinear") -> np.ndarray:
     """The one evaluation path: torchvision's ``Resize(round(size / crop_fraction))`` + ``CenterCrop(size)`` of the
-    opened image into ``out`` (uint8 [3, size, size]); returns ``out``."""
+    opened image into ``out`` (uint8 [3, size, size]); returns ``out``. ``resize`` (the shorter side's length, at least
+    ``size``) replaces round(size / crop_fraction); ``interpolation``: 'bilinear' or 'bicubic' (Pillow's, antialiased,
+    as torchvision's ``Resize(interpolation=...)`` on a PIL image): a published model's own eval transform."""
     width, height = img.size
-    g = center_crop_box(height, width, size, crop_fraction)
-    resized = _rgb(img).resize((g.resize_w, g.resize_h), Image.Resampling.BILINEAR)
+    g = center_crop_box(height, width, size, crop_fraction) if resize is None else resize_crop_box(height, width, size, resize)
+    resized = _rgb(img).resize((g.resize_w, g.resize_h), INTERPOLATIONS[interpolation])
     return _into(resized.crop((g.left, g.top, g.left + size, g.top + size)), 0, out)
+
+
+def resize_crop_box(h: int, w: int, size: int, resize: int) -> EvalCrop:
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` geometry: the shorter side becomes ``resize``, the longer
+    int(resize * long / short); the crop's offsets are ``CenterCrop``'s. ``resize`` >= ``size`` (the crop inside)."""
+    if h < 1 or w < 1 or size < 1 or resize < size:
+        raise ValueError(f"image {h}x{w}, crop {size} and resize {resize} must be at least 1, the resize at least the crop")
+    rh, rw = (int(resize * h / w), resize) if w <= h else (resize, int(resize * w / h))
+    return EvalCrop(rh, rw, int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)), size)
 
 
 def decoder_versions() -> dict[str, str | None]:

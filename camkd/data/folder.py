@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,15 @@ from torch.utils.data import DataLoader
 
 from camkd.data.augspec import AugSpec
 from camkd.data.base import SplitOptions, ViewBatch, register_dataset
-from camkd.data.decode import DECODER, decoder_versions, eval_view_into, open_image, pixel_hashes, train_view_into
+from camkd.data.decode import (
+    DECODER,
+    INTERPOLATIONS,
+    decoder_versions,
+    eval_view_into,
+    open_image,
+    pixel_hashes,
+    train_view_into,
+)
 from camkd.data.listing import LISTERS, Listing
 from camkd.data.norm import Normalization
 from camkd.data.rrc import PARAMS, RECIPE, rrc_boxes
@@ -80,8 +88,10 @@ class _Images(torch.utils.data.Dataset):
     the images' header sizes, every view is written into the batch's one array (in shared memory in a worker, so it
     reaches the main process without another copy), and there is no per-sample tensor and no collation copy."""
 
-    def __init__(self, files: list[str], size: int) -> None:
+    def __init__(self, files: list[str], size: int, eval_resize: tuple[int, str] | None = None) -> None:
         self.files, self.size = files, size
+        # evaluation's (resize, interpolation) when not the default round(size / 0.875) bilinear
+        self.eval_kw = {} if eval_resize is None else {"resize": eval_resize[0], "interpolation": eval_resize[1]}
 
     def __len__(self) -> int:
         return len(self.files)
@@ -123,7 +133,7 @@ class _Images(torch.utils.data.Dataset):
             for row, ((_, view, index), img) in enumerate(zip(keys, imgs)):
                 with self._named(index):
                     if view == _EVAL:
-                        eval_view_into(img, self.size, out[row])
+                        eval_view_into(img, self.size, out[row], **self.eval_kw)
                     else:
                         train_view_into(img, params[row, :4], int(params[row, 4]), self.size, out[row])
 
@@ -170,6 +180,7 @@ class FolderDataset:
     _loader: DataLoader | None = field(default=None, repr=False, compare=False)
     _keys: Replay = field(default_factory=Replay, repr=False, compare=False)
     reopen: SplitOptions | None = field(default=None, repr=False, compare=False)  # set by load_dataset
+    eval_resize: tuple[int, str] | None = None  # evaluation's (resize, interpolation); None: round(size / 0.875) bilinear
 
     @classmethod
     def of(cls, listing: Listing, size: int, workers: int) -> FolderDataset:
@@ -199,7 +210,24 @@ class FolderDataset:
 
     def _with(self, listing: Listing, labels: torch.Tensor) -> FolderDataset:
         return FolderDataset(self.name, self.split, listing, labels, self.num_classes, self.norm, self.size, self.workers,
-                             reopen=self.reopen)
+                             reopen=self.reopen, eval_resize=self.eval_resize)
+
+    def with_eval(self, crop: int, resize: int, interpolation: str = "bilinear") -> FolderDataset:
+        """A copy evaluated as ``Resize(resize, interpolation)`` + ``CenterCrop(crop)`` (a published model's eval
+        transform) instead of the default resize to round(size / 0.875) bilinear; ``crop`` becomes the image size."""
+        check_size(crop)
+        if resize < crop:
+            raise CamkdError(f"--resize {resize} is smaller than the centre crop {crop}: the crop must lie inside the resized image")
+        if interpolation not in INTERPOLATIONS:
+            raise CamkdError(f"unknown interpolation {interpolation!r}; choose {' or '.join(INTERPOLATIONS)}")
+        return replace(self, size=crop, eval_resize=(resize, interpolation), _loader=None, _keys=Replay())
+
+    @property
+    def eval_geometry(self) -> tuple[int, int, str]:
+        """(crop, resize, interpolation) of this split's evaluation images."""
+        if self.eval_resize is None:
+            return self.size, round(self.size / 0.875), "bilinear"
+        return self.size, *self.eval_resize
 
     def limit(self, n: int | None) -> FolderDataset:
         """The first ``n`` files (all when None); the classes stay whole."""
@@ -247,7 +275,8 @@ class FolderDataset:
         w = min(self.workers, batches)
         if self._loader is None or self._loader.num_workers < w:
             files = [self.listing.file(i) for i in range(len(self))]
-            self._loader = DataLoader(_Images(files, self.size), batch_sampler=self._keys, collate_fn=_batch, num_workers=w,
+            images = _Images(files, self.size, self.eval_resize)
+            self._loader = DataLoader(images, batch_sampler=self._keys, collate_fn=_batch, num_workers=w,
                                       pin_memory=device.type == "cuda", persistent_workers=w > 0,
                                       multiprocessing_context="spawn" if w > 0 else None)
         return self._loader
@@ -268,7 +297,7 @@ class FolderDataset:
         return self._read(keys, device)
 
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Resize to round(size / 0.875) and centre-crop ``size``, by the workers."""
+        """Resize to round(size / 0.875) (or ``eval_resize``'s) and centre-crop ``size``, by the workers."""
         keys = [[(0, _EVAL, i) for i in range(s, min(s + batch_size, len(self)))] for s in range(0, len(self), batch_size)]
         for (x, _, _), k in zip(self._read(keys, device), keys):
             yield x, self.labels[k[0][2] : k[-1][2] + 1].to(device)
