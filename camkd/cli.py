@@ -87,8 +87,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/las
 AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Continue from OUT/last.pth if it exists, else start "
                                              "(for torchrun --max-restarts and preemptible jobs).")]
 TeacherOpt = Annotated[list[str], typer.Option("--teacher", "-t", metavar="CKPT", help="Teacher checkpoint: PATH (camkd), ARCH=PATH "
-                                               "(reference) or tv:NAME@WEIGHTS (torchvision's published weights, e.g. "
-                                               "tv:resnet50@IMAGENET1K_V2); repeat for each teacher.")]
+                                               "(reference), or published weights by name: tv:NAME@WEIGHTS (torchvision's, "
+                                               "e.g. tv:resnet50@IMAGENET1K_V2) or timm:NAME.TAG (e.g. timm:resnet50.a1_in1k); "
+                                               "repeat for each teacher.")]
 OldSeedOpt = Annotated[Optional[int], typer.Option("--seed", hidden=True)]
 
 
@@ -194,7 +195,9 @@ TeacherSeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed of t
 @friendly
 @run_options(seed=(TeacherSeedOpt, None))
 def train_teacher_cmd(
-    arch: Annotated[str, typer.Option("--arch", "-m", help="Model name, e.g. resnet32x4 (see `camkd models`).")],
+    arch: Annotated[str, typer.Option("--arch", "-m", help="Model name, e.g. resnet32x4 (see `camkd models`), or published "
+                                      "weights to fine-tune from: tv:NAME@WEIGHTS, timm:NAME.TAG (a new classifier for the "
+                                      "data's classes; an ImageNet subset keeps their rows).")],
     dataset: Annotated[DatasetChoice, typer.Option("--dataset", "-d", help="Training data.")],
     data_dir: DataDirOpt = None,
     download: DownloadOpt = False,
@@ -367,7 +370,7 @@ def distill_cmd(
     online: Annotated[bool, typer.Option("--online", help="Re-run the teachers every step instead of reading the "
                                          "store.")] = False,
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="With --online: teacher checkpoints "
-                                                         "(repeat).")] = None,
+                                                         "or published weights, as cache-teachers -t (repeat).")] = None,
     dataset: Annotated[Optional[DatasetChoice], typer.Option("--dataset", "-d", help="With --online and no --cache: the "
                                                              "data.")] = None,
     aug_seed: Annotated[int, typer.Option("--aug-seed", help="With --online and no --cache: seed of the views (a store "

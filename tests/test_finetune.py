@@ -112,3 +112,25 @@ def test_missing_weights_is_one_line_and_leaves_no_run_folder(cli, one_error, pu
                   "--image-size", "32", "--workers", "0", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run")),
               r"ResNet18_Weights.IMAGENET1K_V1 is not in torch.hub's cache")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_timm_tag_fine_tunes_too(cli, tmp_path, monkeypatch):
+    """timm:NAME.TAG from a hand-laid Hugging Face cache (tests/test_timm_weights.py): the wnid rows kept, the rest
+    the published tensors."""
+    import safetensors.torch
+    from test_timm_weights import SPEC, put_in_cache, random_state
+    from timm.data import ImageNetInfo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    state = random_state(3)
+    put_in_cache(tmp_path / "hf" / "hub", safetensors.torch.save(state))
+    root = make_folder(tmp_path / "data", classes=WNIDS)
+    r, ckpt = _train(cli, SPEC, root, tmp_path / "run")
+    rows = [list(ImageNetInfo().label_names()).index(w) for w in WNIDS]
+    params = _params(ckpt)
+    assert torch.equal(params["fc.weight"], state["fc.weight"][rows])
+    assert all(torch.equal(v, state[k]) for k, v in params.items() if not k.startswith("fc."))
+    assert ckpt["meta"]["arch"] == "timm:resnet10t" and ckpt["meta"]["pretrained"]["class_rows"] == rows
