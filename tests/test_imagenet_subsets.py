@@ -20,6 +20,7 @@ from camkd.classmap import are_wnids, class_rows, imagenet_wnids, restrict_class
 from camkd.errors import CamkdError
 from camkd.methods.camkd import camkd_kd_loss
 from camkd.models import create_model
+from camkd.models.tv import NAMES as TV_NAMES
 
 timm = pytest.importorskip("timm")
 
@@ -44,8 +45,7 @@ def test_a_wnid_that_is_not_in_imagenet1k_is_one_line():
         class_rows(["n01440764", "n99999999"])
 
 
-@pytest.mark.parametrize("arch", ["tv:resnet18", "tv:mobilenet_v3_large", "tv:convnext_tiny", "resnet8", "timm:resnet10t",
-                                  "timm:convnext_atto"])
+@pytest.mark.parametrize("arch", [*(f"tv:{n}" for n in TV_NAMES), "resnet8", "timm:resnet10t", "timm:convnext_atto"])
 def test_restricted_logits_are_the_full_logits_columns(arch):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=1000, in_channels=3).eval()

@@ -173,3 +173,28 @@ def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, offline, monkeypatch
         load_teacher("tv:resnet18@IMAGENET1K_V1")
     assert "\n" not in str(e.value) and f"{folder / name} is not a readable weights file" in str(e.value)
     assert offline == []
+
+
+@pytest.mark.parametrize("name", __import__("camkd.models.tv", fromlist=["NAMES"]).NAMES)
+def test_every_listed_model_loads_its_default_weights(name, tmp_path, offline, monkeypatch) -> None:
+    """Every tv: model camkd lists: its DEFAULT weights resolve, a file of their shape (random, under a name carrying
+    its sha256 prefix, torchvision's record pointed at it) loads strictly with the weights' provenance and eval
+    transform, and its logits are torchvision's own model's."""
+    from camkd.weights import load_published
+
+    weights = resolve_tv_weights(name, "DEFAULT")
+    folder = _checkpoints(tmp_path)
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(name, weights=None).eval()
+    torch.save(ref.state_dict(), folder / "tmp.pth")
+    file = f"{name}-{sha256_file(folder / 'tmp.pth')[:10]}.pth"
+    (folder / "tmp.pth").rename(folder / file)
+    monkeypatch.setattr(weights.value, "url", f"https://download.pytorch.org/models/{file}")
+    p = load_published(f"tv:{name}@DEFAULT")
+    assert offline == [] and p.num_classes == 1000 and p.imagenet1k and p.path == folder / file
+    assert p.published_accuracy == pytest.approx(weights.meta["_metrics"]["ImageNet-1K"]["acc@1"])
+    t = weights.transforms()
+    assert (p.eval.crop, p.eval.resize, p.eval.interpolation) == (t.crop_size[0], t.resize_size[0], t.interpolation.value)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(p.model.eval()(x), ref(x))
