@@ -79,8 +79,15 @@ def teacher_test_accuracy(cfg: CacheConfig, teachers: list[Teacher], device: tor
             out.append(evaluate(teacher.model, test, batch_size=batch, precision=precision)["top1"])
             bar.update(len(test), f"teacher {t + 1}/{len(teachers)}")
     if show:
-        log("teacher test top-1 (%): " + " / ".join(f"{a:.2f}" for a in out))
+        log("teacher test top-1 (%): " + " / ".join(f"{a:.2f}{_published(t)}" for a, t in zip(out, teachers)))
     return out
+
+
+def _published(t: Teacher) -> str:
+    """The top-1 a named teacher's library publishes, to show beside the measured one (over ImageNet-1k's classes)."""
+    if t.published_accuracy is None:
+        return ""
+    return f" (published {t.published_accuracy:.2f}" + (" on ImageNet-1k)" if t.class_rows is not None else ")")
 
 
 def cache_verify(path: str | Path, teachers: list[str] | None = None, *, sample: int = SAMPLE, seed: int = 0,
