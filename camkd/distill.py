@@ -208,6 +208,10 @@ def distill(cfg: DistillConfig, *, hooks: Hooks | None = None) -> dict:
     meta = {"arch": model.arch, "method": cfg.method, "num_classes": train.num_classes, "in_channels": train.in_channels,
             "image_size": train.image_size, "dataset": train.name, "dataset_fingerprint": train.fingerprint,
             "teachers": shas, "options": _recorded_options(cfg), "reopen": data.test.reopen.to_dict()}  # evaluate's
+    records = source.teachers if cfg.online else store.description.teachers  # Teacher / TeacherRecord: the same fields
+    named = [{"weights": t.weights, "class_rows": None if t.class_rows is None else list(t.class_rows)} for t in records]
+    if any(v is not None for d in named for v in d.values()):  # published weights by name, ImageNet-1k rows kept
+        meta["teacher_weights"] = named
     identity = {k: meta[k] for k in ("arch", "method", "dataset_fingerprint", "teachers")}
     r = fit(model, method, source, data, optim=cfg.optim, run=cfg.run, folder=folder, meta=meta, identity=identity, hooks=hooks)
     return {"arch": model.arch, "method": cfg.method, "out": str(folder.path), "last_top1": r.last_top1,

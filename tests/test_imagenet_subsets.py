@@ -16,6 +16,7 @@ import torch
 import torchvision
 from folder_helpers import make_folder
 
+from camkd.checkpoint import load_checkpoint
 from camkd.classmap import are_wnids, class_rows, imagenet_wnids, restrict_classes, subset_rows
 from camkd.errors import CamkdError
 from camkd.methods.camkd import camkd_kd_loss
@@ -145,6 +146,10 @@ def test_distill_from_the_store_equals_online(subset, tmp_path, cli):
     r = cli("distill", "--online", *[a for t in subset["teachers"] for a in ("-t", t)], "--dataset", "imagefolder",
             "--data-dir", str(subset["root"]), "--image-size", SIZE, *common, "--out", str(tmp_path / "o"))
     assert r.exit_code == 0, r.output
+    rows = class_rows(sorted(WNIDS))
+    for d in "co":  # each run records which outputs its teachers kept
+        meta = load_checkpoint(tmp_path / d / "last.pth")["meta"]
+        assert meta["teacher_weights"] == [{"weights": None, "class_rows": rows}] * 2
     cached, online = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "co")
     assert len(cached) == len(online) == 2
     for a, b in zip(cached, online, strict=True):

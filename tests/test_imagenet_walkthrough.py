@@ -113,7 +113,10 @@ def test_the_subset_walkthrough_runs_as_written(cli, published, tmp_path):
     assert [t.num_classes for t in st.description.teachers] == [3, 3, 3]
     assert all(t.class_rows is not None for t in st.description.teachers)
     assert st.description.teachers[2].weights == "timm/resnet10t.c3_in1k"
-    assert load_checkpoint(tmp_path / "student" / "last.pth")["meta"]["epoch"] == 2
+    meta = load_checkpoint(tmp_path / "student" / "last.pth")["meta"]
+    assert meta["epoch"] == 2
+    assert [t["weights"] for t in meta["teacher_weights"]] == ["ResNet18_Weights.IMAGENET1K_V1",
+                                                               "MobileNet_V3_Large_Weights.IMAGENET1K_V1", "timm/resnet10t.c3_in1k"]
 
 
 def test_the_fine_tuning_walkthrough_runs_as_written(cli, published, tmp_path):
