@@ -46,9 +46,8 @@ def blocks() -> list[list[str]]:
 @pytest.fixture
 def published(tmp_path, monkeypatch):
     """Offline caches holding the swapped-in teachers' fake published files."""
-    from test_timm_weights import put_in_cache, random_state
-
     import safetensors.torch
+    from test_timm_weights import put_in_cache, random_state
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -17,7 +17,8 @@ LAYERS = (
      "runs"),  # vocabulary and plumbing: nothing about data, models or stores
     ("data",),  # datasets, splits, views, the counter hash
     ("store",),  # the Zarr store: layout, description, reading, writing
-    ("models", "methods", "epoch_plan", "weights", "classmap"),  # networks; losses (top-k KL reads the store's logits spec); an epoch's batches; published weights; ImageNet subsets
+    ("models", "methods", "epoch_plan", "weights", "classmap"),  # networks; losses (top-k KL reads the store's logits
+    # spec); an epoch's batches; published weights by name; ImageNet-1k teachers on ImageNet subsets
     ("teachers", "memory", "evaluate", "job", "trainee"),  # teachers run; memory checks; evaluation; a job's setup
     ("sources",),  # teacher outputs while training: none, a store, live teachers
     ("fit",),  # the one loop
