@@ -240,7 +240,8 @@ def _window_blocks(rows: np.ndarray, block_rows: int) -> list[int]:
 def dequantize_torch(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """:func:`camkd.store.layout.dequantize` in torch, on any device: float32 q * scale, the same single float32
     product per element, so the same values bit for bit."""
-    return q.to(torch.float32) * scale[..., None, None]
+    out = q.to(torch.float32)
+    return out.mul_(scale[..., None, None])  # in place: one float32 tensor made, not two
 
 
 class BufferPool:
