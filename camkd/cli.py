@@ -492,7 +492,9 @@ def models_cmd() -> None:
     """List the model zoo."""
     from camkd.models import MODELS, list_models
 
-    typer.echo("\n".join([*list_models(), *MODELS.families()]))
+    typer.echo("\n".join([*list_models(), *MODELS.families(),
+                           "tv:NAME@WEIGHTS, timm:NAME.TAG (published weights by name: teachers, --arch to fine-tune, "
+                           "evaluate; docs/imagenet.md)"]))
 
 
 @app.command("demo", cls=PlainHelp)
