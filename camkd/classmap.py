@@ -47,9 +47,15 @@ def class_rows(classes: Sequence[str]) -> list[int]:
     index = {w: i for i, w in enumerate(imagenet_wnids())}
     unknown = [c for c in classes if c not in index]
     if unknown:
-        raise CamkdError(f"{len(unknown)} of the dataset's {len(classes)} class folders are not ImageNet-1k classes "
-                         f"(e.g. {unknown[0]}); an ImageNet-1k teacher cannot predict them")
+        which = f"class folder {unknown[0]} is" if len(unknown) == 1 else f"{len(unknown)} class folders (e.g. {unknown[0]}) are"
+        raise CamkdError(f"{which} not among ImageNet-1k's 1000 classes, which an ImageNet-1k teacher predicts; keep only "
+                         f"ImageNet-1k classes in the dataset, or use teachers trained on it")
     return [index[c] for c in classes]
+
+
+def not_wnids(classes: Sequence[str] | None) -> list[str]:
+    """The class names that are not wnids."""
+    return [c for c in classes or () if not _WNID.fullmatch(c)]
 
 
 def subset_rows(num_outputs: int, classes: Sequence[str] | None) -> list[int] | None:

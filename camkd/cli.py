@@ -320,8 +320,8 @@ def cache_info_cmd(store: Annotated[str, typer.Argument(metavar="STORE", help="A
 @friendly
 def cache_verify_cmd(
     store: Annotated[str, typer.Argument(metavar="STORE", help="A camkd store: path or URL.")],
-    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="The store's teacher checkpoints, in "
-                       "order: also recompute a sample with them.")] = None,
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", metavar="CKPT", help="The store's teachers (checkpoints or "
+                       "published weights, as cache-teachers -t), in order: also recompute a sample with them.")] = None,
     sample: Annotated[int, typer.Option("--sample", min=1, help="Random (view, index) pairs to recompute.")] = VERIFY_SAMPLE,
     sample_seed: Annotated[int, typer.Option("--sample-seed", help="Seed of the random sample.")] = 0,
     seed: OldSeedOpt = None,

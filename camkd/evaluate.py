@@ -197,8 +197,9 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
                         data_dir: str | None, batch_size: int, device: torch.device, limit: int | None,
                         precision: Precision, workers: int | None = None, geometry: dict | None = None) -> dict:
     """A checkpoint without camkd meta: the arch from ARCH=PATH, the data from --dataset."""
+    from camkd.classmap import subset_rows
     from camkd.data import check_dataset, dataset_names, load_split
-    from camkd.teachers import load_teacher
+    from camkd.teachers import keep_rows, load_teacher
 
     if arch is None:
         raise CamkdError(f"{file} has no camkd meta, so it names no arch; pass it as ARCH=PATH, e.g. resnet32x4={file}")
@@ -207,6 +208,9 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
     check_dataset(dataset)
     teacher = load_teacher(f"{arch}={file}", device=device)  # classes and channels read off the weights, loaded strictly
     data = load_split(dataset, split, data_dir=data_dir, **({} if workers is None else {"workers": workers}))
+    rows = subset_rows(teacher.num_classes, data.class_names)  # a 1000-class file on ImageNet wnids, as a teacher is run
+    if rows is not None:
+        keep_rows(teacher, rows)
     if data.num_classes != teacher.num_classes or data.in_channels != teacher.in_channels:
         raise CamkdError(f"{file} is a {teacher.num_classes}-class, {teacher.in_channels}-channel {arch}, but {dataset} has "
                          f"{data.num_classes} classes and {data.in_channels} channels; is it the right --dataset?")
@@ -214,6 +218,8 @@ def _evaluate_reference(ckpt: dict, arch: str | None, file: Path, *, split: str,
     if limit is not None and limit < len(data):
         what = f"the first {limit} of the {split} split"
         data = data.limit(limit)
+    if rows is not None:
+        what += f", its 1000 outputs restricted to the dataset's {len(rows)} ImageNet-1k classes"
     data, what = _override_geometry(data, what, **(geometry or {}))
     acc = evaluate(teacher.model, data.to(device), batch_size=batch_size, precision=precision)
     epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None  # RepDistiller saves the epoch beside the weights

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from camkd.checkpoint import load_checkpoint, sha256_file
-from camkd.classmap import restrict_classes, subset_rows
+from camkd.classmap import IMAGENET1K, not_wnids, restrict_classes, subset_rows
 from camkd.data import DataSplit
 from camkd.errors import CamkdError
 from camkd.models import create_model
@@ -79,10 +79,14 @@ def load_named_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teac
 
 
 def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
-    """Build the model, load the weights strictly, freeze it, eval mode. ``spec``: PATH, ARCH=PATH or tv:NAME@WEIGHTS."""
+    """Build the model, load the weights strictly, freeze it, eval mode. ``spec``: PATH, ARCH=PATH, tv:NAME@WEIGHTS or
+    timm:NAME.TAG."""
     if named_weights_spec(spec) is not None:
         return load_named_teacher(spec, device=device)
     arch, path = parse_teacher_spec(spec)
+    if arch is None and spec.startswith(("tv:", "timm:")) and not path.exists():  # a model's name, not weights
+        raise CamkdError(f"{spec} names a model, not its weights: give published weights (tv:NAME@WEIGHTS, e.g. "
+                         "tv:resnet50@IMAGENET1K_V2; timm:NAME.TAG, e.g. timm:resnet50.a1_in1k) or a file as ARCH=PATH")
     ckpt = load_checkpoint(path)
     meta = ckpt.get("meta") or {}
     if arch is None:
@@ -230,7 +234,10 @@ def check_teachers(teachers: list[Teacher], data: DataSplit) -> None:
     """Teachers that take the data's images and predict its classes."""
     for t in teachers:
         if t.num_classes != data.num_classes:
-            raise CamkdError(f"teacher {t.path} has {t.num_classes} classes but {data.name} has {data.num_classes}; "
+            odd = not_wnids(data.class_names) if t.num_classes == IMAGENET1K else []
+            hint = (f" (a 1000-class ImageNet-1k teacher keeps a dataset's classes when every class folder is an ImageNet "
+                    f"wnid; {odd[0]} is not)" if odd and len(odd) < data.num_classes else "")
+            raise CamkdError(f"teacher {t.path} has {t.num_classes} classes but {data.name} has {data.num_classes}{hint}; "
                              "use teachers trained on this dataset")
         if t.in_channels != data.in_channels:
             raise CamkdError(f"teacher {t.path} takes {t.in_channels}-channel images but {data.name} has {data.in_channels}")

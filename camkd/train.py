@@ -7,6 +7,7 @@ from pathlib import Path
 
 from camkd import dist
 from camkd.checkpoint import load_checkpoint
+from camkd.classmap import not_wnids
 from camkd.config import DataConfig, OptimConfig, RunConfig
 from camkd.data import check_dataset, dataset_kind, load_split
 from camkd.data.noise import apply_label_noise, check_rate
@@ -131,8 +132,10 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
     model = build_model(arch, train, cfg.run, init)
     if pretrained and world.main:
         rows = pretrained.get("class_rows")
+        odd = not_wnids(train.class_names)
+        why = f" ({odd[0]} is not an ImageNet wnid)" if not rows and odd and len(odd) < train.num_classes else ""
         head = (f"keeping the rows of the {len(rows)} ImageNet-1k classes of {train.name}" if rows else
-                f"a new classifier for {train.name}'s {train.num_classes} classes")
+                f"a new classifier for {train.name}'s {train.num_classes} classes{why}")
         if not folder.resume:
             log(f"fine-tuning from {pretrained['name']} ({pretrained['path']}, sha256 {pretrained['sha256'][:12]}), {head}")
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],

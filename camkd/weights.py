@@ -20,6 +20,7 @@ import io
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -215,12 +216,41 @@ def _timm_eval(spec: str, cfg) -> EvalTransform:
                          mean=tuple(float(v) for v in cfg.mean), std=tuple(float(v) for v in cfg.std))
 
 
+def _hf_endpoint() -> str:
+    """The Hugging Face Hub's address: ``HF_ENDPOINT`` now, else huggingface_hub's (read at its import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """Why ``endpoint`` cannot be reached (a TCP connection, ``timeout`` s at most), None when it can. huggingface_hub
+    retries a failed connection five times with growing waits (about 25 s a file, warnings on stderr): a machine
+    without network hears it from this check at once instead."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:  # no route, refused, name not resolved, timed out
+        return f"{url.hostname}:{port} cannot be reached: {first_line(e)}"
+    return None
+
+
+def _repo_folder(path: Path) -> Path:
+    """The Hugging Face cache folder of a cached file's repo (``models--ORG--NAME``): deleting the file alone is not
+    enough, huggingface_hub links a blob it still finds again."""
+    real = path.resolve()
+    return real.parent.parent if real.parent.name == "blobs" else path.parent
+
+
 def _hf_weights_file(spec: str, hub_id: str, filename: str | None) -> Path:
     """The weights file of Hugging Face repo ``hub_id`` ('timm/NAME.TAG[@REVISION]') as timm looks for it:
     ``filename`` when the config names one (its .safetensors alternative first), else model.safetensors, then
-    pytorch_model.bin; from the cache, downloaded there when missing and online."""
+    pytorch_model.bin. The cache first, without the network (as torch.hub uses a cached file); a file cached nowhere is
+    downloaded there when the Hub can be reached, else one line (offline: ``HF_HUB_OFFLINE``, or no connection)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hf_logging
 
     repo_id, _, revision = hub_id.partition("@")
     if filename is None:
@@ -230,19 +260,28 @@ def _hf_weights_file(spec: str, hub_id: str, filename: str | None) -> Path:
         names = [safe, filename]
     else:
         names = [filename]
-    cache, offline = _hf_cache_dir(), _hf_offline()
-    why = None
-    for name in names:
+    cache, offline, endpoint = _hf_cache_dir(), _hf_offline(), _hf_endpoint()
+    fetch = dict(revision=revision or None, cache_dir=cache, endpoint=endpoint)
+    for name in names:  # the cache: no network
         try:
-            with contextlib.redirect_stderr(io.StringIO()):  # no progress bar
-                return Path(hf_hub_download(repo_id, name, revision=revision or None, cache_dir=cache,
-                                            local_files_only=offline))
-        except LocalEntryNotFoundError as e:  # not cached, and offline or the Hub unreachable
-            why = why or ("offline: HF_HUB_OFFLINE is set" if offline else first_line(e))
-        except EntryNotFoundError:  # not in the repo: the next name
+            return Path(hf_hub_download(repo_id, name, local_files_only=True, **fetch))
+        except (LocalEntryNotFoundError, EntryNotFoundError):
             continue
-        except (OSError, ValueError) as e:  # HTTP errors (a missing or gated repo), an unwritable cache, a bad repo id
-            why = why or first_line(e)
+    why = "offline: HF_HUB_OFFLINE is set" if offline else _unreachable(endpoint)
+    if why is None:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its retry warnings; the error, if any, is ours
+        try:
+            for name in names:
+                try:
+                    with contextlib.redirect_stderr(io.StringIO()):  # no progress bar
+                        return Path(hf_hub_download(repo_id, name, **fetch))
+                except EntryNotFoundError:  # not in the repo: the next name
+                    continue
+                except (LocalEntryNotFoundError, OSError, ValueError) as e:  # HTTP errors (a missing or gated repo),
+                    why = why or first_line(e)  # the connection lost, an unwritable cache, a bad repo id
+        finally:
+            hf_logging.set_verbosity(verbosity)
     folder = cache / f"models--{repo_id.replace('/', '--')}"
     raise CamkdError(f"{spec}: {names[0]} of {repo_id} is not in the Hugging Face cache and could not be downloaded "
                      f"({why or 'the repo has none of ' + ', '.join(names)}): fetch it on a machine with network "
@@ -286,8 +325,9 @@ def load_timm(spec: str, arch: str, tag: str) -> Published:
     sha256 = sha256_file(path)
     blob = path.resolve().name
     if _SHA256_NAME.fullmatch(blob) and blob != sha256:
-        raise CamkdError(f"{path} is not the published {cfg.hf_hub_id}: its sha256 is {sha256[:12]}..., its Hugging Face "
-                         f"cache blob's name (the published file's sha256) {blob[:12]}...; delete it and fetch it again")
+        raise CamkdError(f"{path.resolve()} is not the published {cfg.hf_hub_id}: its sha256 is {sha256[:12]}..., its Hugging "
+                         f"Face cache blob's name (the published file's sha256) {blob[:12]}...; delete {_repo_folder(path)} "
+                         "(huggingface_hub reuses a blob it finds) and fetch it again")
     import timm
 
     try:
@@ -297,8 +337,8 @@ def load_timm(spec: str, arch: str, tag: str) -> Published:
     except RuntimeError as e:  # a strict load of other keys or shapes
         raise CamkdError(f"{path} ({cfg.hf_hub_id}) does not fit timm:{name}: {_timm_mismatch(name, cfg, path, e)}") from None
     except Exception as e:  # safetensors' and torch.load's errors on a file that is not a checkpoint have no common type
-        raise CamkdError(f"{path} is not a readable weights file ({type(e).__name__}: {first_line(e)}); delete it and "
-                         f"fetch it again") from None
+        raise CamkdError(f"{path} is not a readable weights file ({type(e).__name__}: {first_line(e)}); delete "
+                         f"{_repo_folder(path)} and fetch it again") from None
     model = TimmModel(net, arch=f"timm:{name}", num_classes=cfg.num_classes, in_channels=3)
     labels = tuple(cfg.label_names or ())
     imagenet1k = cfg.num_classes == 1000 and not cfg.label_offset and _IN1K_TAG.fullmatch(tag) is not None

@@ -88,6 +88,9 @@ def test_other_classes_get_a_new_seeded_classifier(cli, published, tmp_path):
     assert torch.equal(params["fc.weight"], fresh["fc.weight"]) and torch.equal(params["fc.bias"], fresh["fc.bias"])
     assert all(torch.equal(v, state[k]) for k, v in params.items() if not k.startswith("fc."))
     assert ckpt["meta"]["pretrained"]["class_rows"] is None
+    odd = make_folder(tmp_path / "odd", classes=("cats", "n01440764", "n01443537"))  # a typo'd wnid, say
+    r, _ = _train(cli, "tv:resnet18@IMAGENET1K_V1", odd, tmp_path / "odd_run")
+    assert "a new classifier for imagefolder's 3 classes (cats is not an ImageNet wnid)" in r.output
 
 
 def test_a_resumed_fine_tune_needs_no_weights_file(cli, published, tmp_path):

@@ -42,8 +42,10 @@ def test_rows_are_the_wnids_places_in_imagenet1k():
 
 
 def test_a_wnid_that_is_not_in_imagenet1k_is_one_line():
-    with pytest.raises(CamkdError, match=r"1 of the dataset's 2 class folders are not ImageNet-1k classes \(e.g. n99999999\)"):
+    with pytest.raises(CamkdError, match=r"^class folder n99999999 is not among ImageNet-1k's 1000 classes, .*; keep only"):
         class_rows(["n01440764", "n99999999"])
+    with pytest.raises(CamkdError, match=r"^2 class folders \(e.g. n99999998\) are not among"):
+        class_rows(["n99999998", "n01440764", "n99999999"])
 
 
 @pytest.mark.parametrize("arch", [*(f"tv:{n}" for n in TV_NAMES), "resnet8", "timm:resnet10t", "timm:convnext_atto"])
@@ -165,3 +167,31 @@ def test_a_teacher_of_other_classes_is_refused(subset, tmp_path, cli, one_error)
                   str(subset["root"]), "--image-size", SIZE, "--workers", "0", "--views", "1", "--out", str(tmp_path / "s.zarr")),
               r"has 10 classes but imagefolder has 3")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_evaluate_keeps_the_rows_of_a_1000_class_file(subset, cli):
+    """evaluate ARCH=PATH of a 1000-class file on the wnid folder runs it as cache-teachers did: its top-1 is the one
+    the store recorded for that teacher (the same images, size and evaluation)."""
+    from camkd.store import open_store
+
+    r = cli("evaluate", subset["teachers"][0], "--dataset", "imagefolder", "--data-dir", str(subset["root"]),
+            "--image-size", SIZE, "--workers", "0", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert "restricted to the dataset's 3 ImageNet-1k classes" in out["which"]
+    assert out["top1"] == pytest.approx(open_store(subset["store"]).description.teachers[0].test_accuracy, abs=1e-9)
+
+
+def test_a_folder_not_all_wnids_says_which_is_not(subset, tmp_path, cli, one_error):
+    root = make_folder(tmp_path / "data", classes=("cats", "n01440764", "n02102040"))
+    one_error(cli("cache-teachers", "-t", subset["teachers"][0], "--dataset", "imagefolder", "--data-dir", str(root),
+                  "--image-size", SIZE, "--workers", "0", "--views", "1", "--out", str(tmp_path / "s.zarr")),
+              r"has 1000 classes but imagefolder has 3 \(a 1000-class ImageNet-1k teacher keeps a dataset's classes when "
+              r"every class folder is an ImageNet wnid; cats is not\)")
+
+
+def test_a_model_name_without_weights_is_one_line(subset, tmp_path, cli, one_error):
+    for spec in ("timm:resnet18", "tv:resnet18"):
+        one_error(cli("cache-teachers", "-t", spec, "--dataset", "imagefolder", "--data-dir", str(subset["root"]),
+                      "--image-size", SIZE, "--workers", "0", "--views", "1", "--out", str(tmp_path / "s.zarr")),
+                  rf"^error: {spec} names a model, not its weights: give published weights \(tv:NAME@WEIGHTS")

@@ -113,9 +113,31 @@ def test_tampered_blob_is_refused(offline, tmp_path):
     safetensors.torch.save_file(random_state(), tmp_path / "w.safetensors")
     data = (tmp_path / "w.safetensors").read_bytes()
     put_in_cache(offline, data, blob=hashlib.sha256(b"the published file").hexdigest())
-    with pytest.raises(CamkdError, match="is not the published timm/resnet10t.c3_in1k.*delete it") as e:
+    with pytest.raises(CamkdError, match="is not the published timm/resnet10t.c3_in1k") as e:
         load_published(SPEC)
-    assert "\n" not in str(e.value)
+    # the advice works: the repo's folder, not the snapshot's link (huggingface_hub would link the same blob again)
+    assert "\n" not in str(e.value) and f"delete {offline / 'models--timm--resnet10t.c3_in1k'} " in str(e.value)
+
+
+def test_no_network_is_one_line_at_once(offline, monkeypatch):
+    """Not offline by setting, but the Hub cannot be reached (here: a closed port on 127.0.0.1): one line from the
+    connection check, before huggingface_hub's five retries."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the socket is: nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    tried = []
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", lambda *a, **k: tried.append(a))
+    with pytest.raises(CamkdError) as e:
+        load_published(SPEC)
+    msg = str(e.value)
+    assert "\n" not in msg and f"127.0.0.1:{port} cannot be reached" in msg and REPO in msg and tried == []
 
 
 def test_file_that_does_not_fit_is_one_line(offline, tmp_path):
