@@ -97,7 +97,10 @@ step "CUDA tier (pytest -m cuda)" 30 70 \
 step "bench protocol --device cuda" 24 46 $CAMKD bench protocol --device cuda --out "$OUT/protocol"
 GPU_SPEED=(--samples 2048 --threads 4)  # enough steps after warm-up to time on a GPU (see the header)
 echo "== bench speed on the GPU: ${GPU_SPEED[*]} (the CPU default is 384 samples, 6 steps per epoch)"
-step "bench speed --device cuda (fp32)" 22 24 $CAMKD bench speed --device cuda "${GPU_SPEED[@]}" --out "$OUT/speed-fp32"
+# torchrun rows only with 2 GPUs or more (W = 1 adds nothing on one GPU, and each torchrun start costs seconds)
+RANKS=(--no-ranks); [[ $(nvidia-smi -L | wc -l) -ge 2 ]] && RANKS=(--ranks 2)
+step "bench speed --device cuda (fp32)" 22 24 \
+    $CAMKD bench speed --device cuda "${GPU_SPEED[@]}" "${RANKS[@]}" --out "$OUT/speed-fp32"
 step "bench speed --device cuda --precision bf16" 12 12 \
     $CAMKD bench speed --device cuda "${GPU_SPEED[@]}" --precision bf16 --no-ranks --out "$OUT/speed-bf16"
 step "bench speed --device cuda --precision bf16 --channels-last" 12 0 \

@@ -78,8 +78,9 @@ def init(device: torch.device) -> World:
                         is_master=not agent and w.rank == 0, timeout=TIMEOUT)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _bind_no_group_at_import()
+    bound = {"device_id": torch.device("cuda", w.local_rank)} if backend == "nccl" else {}  # barrier() knows its GPU
     td.init_process_group(backend=backend, store=td.PrefixStore(f"camkd/attempt_{attempt}", store), rank=w.rank,
-                          world_size=w.size, timeout=TIMEOUT)
+                          world_size=w.size, timeout=TIMEOUT, **bound)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (srun and Kubernetes manage their own processes)
         stop_with_launcher(w.rank)
     return current()

@@ -24,6 +24,7 @@ import torch
 
 from camkd import dist
 from camkd.data.decode import decoder_versions
+from camkd.data.views import to_device
 from camkd.epoch_plan import EpochPlan
 from camkd.errors import CamkdError
 from camkd.methods import TeacherOut
@@ -200,7 +201,7 @@ class StoreTeachers:
         self._feats = {}
         if self.window_blocks is None:
             for layer in self.layers:
-                self._feats[layer] = [torch.from_numpy(a).to(self.device) for a in self._src.features(layer, view)]
+                self._feats[layer] = [to_device(torch.from_numpy(a), self.device) for a in self._src.features(layer, view)]
         self._view = view
 
     def batches(self, plan):

@@ -71,6 +71,28 @@ def test_normalize_matches_totensor_normalize(data):
     assert torch.equal(x, (data.images[:4].float() / 255 - mean) / std)
 
 
+def _every_byte() -> torch.Tensor:
+    return torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+
+
+def test_normalize_divides_truly():
+    """x / 255 is IEEE float32 division of every byte value (numpy's), not x * (1 / 255) (126 of 256 values differ)."""
+    from camkd.data.norm import Normalization
+
+    x = normalize(_every_byte(), Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    true = np.arange(256, dtype=np.float32) / np.float32(255)
+    assert np.array_equal(x[0, 0].flatten().numpy(), true)
+    assert not np.array_equal(true, np.arange(256, dtype=np.float32) * (np.float32(1) / np.float32(255)))
+
+
+@pytest.mark.cuda
+def test_normalize_is_the_same_on_cuda(data):
+    """Every byte value, normalized on CUDA and on the CPU, bit for bit (CUDA divides by a host scalar as a
+    multiplication by its reciprocal: the divisor is a device tensor)."""
+    x = _every_byte()
+    assert torch.equal(normalize(x, data.norm), normalize(x.cuda(), data.norm).cpu())
+
+
 @pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py); the rest of the CUDA tier: tests/test_cuda.py
 def test_cpu_and_cuda_give_identical_images(data):
     spec = spec_for(data)

@@ -26,6 +26,7 @@ from camkd.data import DataSplit, load_dataset
 from camkd.data.augspec import AugSpec
 from camkd.data.base import SIZE_OPTIONS
 from camkd.data.listing import Listing, check_none_added, check_unchanged
+from camkd.data.views import to_device
 from camkd.errors import CamkdError
 from camkd.store.description import LayerSpec, read_description
 from camkd.store.location import Location, parse_location
@@ -113,7 +114,7 @@ class TeacherStore:
         """One view's logits [N, K, C] in the stored dtype, in one read (a dense store; see :meth:`topk`)."""
         if self.logits_spec.kind != "dense":
             raise CamkdError(f"{self.path} keeps top-{self.logits_spec.k} logits, not dense ones; read them with topk()")
-        return torch.from_numpy(self.read_array(layout.LOGITS, view, f"view {view} ")).to(device)
+        return to_device(torch.from_numpy(self.read_array(layout.LOGITS, view, f"view {view} ")), torch.device(device))
 
     def topk(self, view: int, T: float, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """One view's top-k arrays (store/topk.py) on ``device``, ``lse`` and ``log_tail`` at temperature T
@@ -126,7 +127,7 @@ class TeacherStore:
                 a = np.ascontiguousarray(a[..., j])
             elif name == "index":
                 a = a.astype(np.int64)
-            out[name] = torch.from_numpy(a).to(device)
+            out[name] = to_device(torch.from_numpy(a), torch.device(device))
         return out
 
     def head_state(self, t: int, keys: list[str]) -> dict[str, torch.Tensor]:
