@@ -84,6 +84,10 @@ def load_teacher(spec: str, *, device: torch.device | str = "cpu") -> Teacher:
     if named_weights_spec(spec) is not None:
         return load_named_teacher(spec, device=device)
     arch, path = parse_teacher_spec(spec)
+    named_arch = named_weights_spec(arch) if arch else None
+    if named_arch is not None:  # ARCH=FILE with a weights name as the arch
+        raise CamkdError(f"{spec}: ARCH=FILE takes a model's name, and {arch} names published weights; write "
+                         f"{named_arch[0]}={path} (the file replaces the published weights)")
     if arch is None and spec.startswith(("tv:", "timm:")) and not path.exists():  # a model's name, not weights
         raise CamkdError(f"{spec} names a model, not its weights: give published weights (tv:NAME@WEIGHTS, e.g. "
                          "tv:resnet50@IMAGENET1K_V2; timm:NAME.TAG, e.g. timm:resnet50.a1_in1k) or a file as ARCH=PATH")

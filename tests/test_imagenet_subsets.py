@@ -195,3 +195,7 @@ def test_a_model_name_without_weights_is_one_line(subset, tmp_path, cli, one_err
         one_error(cli("cache-teachers", "-t", spec, "--dataset", "imagefolder", "--data-dir", str(subset["root"]),
                       "--image-size", SIZE, "--workers", "0", "--views", "1", "--out", str(tmp_path / "s.zarr")),
                   rf"^error: {spec} names a model, not its weights: give published weights \(tv:NAME@WEIGHTS")
+    file = subset["teachers"][0].split("=", 1)[1]
+    one_error(cli("cache-teachers", "-t", f"timm:resnet18.a1_in1k={file}", "--dataset", "imagefolder", "--data-dir",
+                  str(subset["root"]), "--image-size", SIZE, "--workers", "0", "--views", "1", "--out", str(tmp_path / "s.zarr")),
+              rf"ARCH=FILE takes a model's name, and timm:resnet18.a1_in1k names published weights; write timm:resnet18={file}")
