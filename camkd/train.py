@@ -135,7 +135,8 @@ def train_teacher(cfg: TrainConfig, *, hooks: Hooks | None = None) -> dict:
         odd = not_wnids(train.class_names)
         why = f" ({odd[0]} is not an ImageNet wnid)" if not rows and odd and len(odd) < train.num_classes else ""
         head = (f"keeping the rows of the {len(rows)} ImageNet-1k classes of {train.name}" if rows else
-                f"a new classifier for {train.name}'s {train.num_classes} classes{why}")
+                "keeping its classifier (the data's classes are its own)" if pretrained.get("classifier") == "published"
+                else f"a new classifier for {train.name}'s {train.num_classes} classes{why}")
         if not folder.resume:
             log(f"fine-tuning from {pretrained['name']} ({pretrained['path']}, sha256 {pretrained['sha256'][:12]}), {head}")
     method = create_method("ce", num_classes=train.num_classes, num_teachers=1, student_feat_shapes=[],

@@ -69,12 +69,27 @@ def test_on_an_imagenet_subset_the_classifier_keeps_the_wnid_rows(cli, published
     meta = ckpt["meta"]
     assert meta["arch"] == "tv:resnet18" and meta["num_classes"] == 3
     assert meta["pretrained"] == {"name": "ResNet18_Weights.IMAGENET1K_V1", "spec": "tv:resnet18@IMAGENET1K_V1",
-                                  "path": str(path), "sha256": sha256_file(path), "class_rows": rows}
+                                  "path": str(path), "sha256": sha256_file(path), "class_rows": rows,
+                                  "classifier": "published"}
     # evaluate equals training for a fine-tuned run
     e = cli("evaluate", str(tmp_path / "run" / "last.pth"), "--json")
     assert e.exit_code == 0, e.output
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert json.loads(e.output)["top1"] == last["test_top1"]
+
+
+def test_imagenet_itself_keeps_the_whole_classifier(cli, published, tmp_path):
+    """1000 wnid folders (ImageNet-1k's classes): the published classifier is the data's, kept whole."""
+    from test_evaluate_published import _write_images
+    from timm.data import ImageNetInfo
+
+    state, _ = published
+    root = _write_images(tmp_path / "in1k", ImageNetInfo().label_names(), per_class=1, sizes=(8, 12))
+    r, ckpt = _train(cli, "tv:resnet18@IMAGENET1K_V1", root, tmp_path / "run", "--limit", "16", "--image-size", "16")
+    assert "keeping its classifier (the data's classes are its own)" in r.output
+    params = _params(ckpt)
+    assert all(torch.equal(v, state[k]) for k, v in params.items())  # every tensor, the classifier too
+    assert ckpt["meta"]["pretrained"]["classifier"] == "published" and ckpt["meta"]["pretrained"]["class_rows"] is None
 
 
 def test_other_classes_get_a_new_seeded_classifier(cli, published, tmp_path):
@@ -87,7 +102,7 @@ def test_other_classes_get_a_new_seeded_classifier(cli, published, tmp_path):
     assert params["fc.weight"].shape == (3, 512)
     assert torch.equal(params["fc.weight"], fresh["fc.weight"]) and torch.equal(params["fc.bias"], fresh["fc.bias"])
     assert all(torch.equal(v, state[k]) for k, v in params.items() if not k.startswith("fc."))
-    assert ckpt["meta"]["pretrained"]["class_rows"] is None
+    assert ckpt["meta"]["pretrained"]["class_rows"] is None and ckpt["meta"]["pretrained"]["classifier"] == "new"
     odd = make_folder(tmp_path / "odd", classes=("cats", "n01440764", "n01443537"))  # a typo'd wnid, say
     r, _ = _train(cli, "tv:resnet18@IMAGENET1K_V1", odd, tmp_path / "odd_run")
     assert "a new classifier for imagefolder's 3 classes (cats is not an ImageNet wnid)" in r.output
