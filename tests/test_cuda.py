@@ -49,6 +49,19 @@ def no_tf32():
     cudnn.allow_tf32, matmul.allow_tf32 = old
 
 
+@pytest.fixture(autouse=True)
+def same_kernel_settings():
+    """Each test starts from the module's settings and leaves them so: a run with --deterministic (set_deterministic)
+    changes torch's global flags for the rest of the process, and a test that starts no run (the plain loop, a
+    cache_teachers call) would otherwise inherit whichever test ran before it on this xdist worker."""
+    cudnn = torch.backends.cudnn
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           cudnn.deterministic, cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+    cudnn.deterministic, cudnn.benchmark = old[2], old[3]
+
+
 def metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -69,9 +82,12 @@ def store(teachers, tmp_path_factory):
     online runs' by ~1e-6 relative even without TF32, which the MSE feature terms amplify against 1e-5)."""
     path = tmp_path_factory.mktemp("cuda_store") / "s.zarr"
     set_deterministic(True)
-    cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=2, aug_seed=3,
-                               features=["penultimate", "hint:2"], dtype="float32", device="cuda", out=str(path),
-                               progress=False))
+    try:
+        cache_teachers(CacheConfig(teachers=teachers, dataset="synthetic", options={"num_samples": N}, views=2,
+                                   aug_seed=3, features=["penultimate", "hint:2"], dtype="float32", device="cuda",
+                                   out=str(path), progress=False))
+    finally:
+        set_deterministic(False)  # what train_teacher left (cuDNN autotuning): the tests set their own
     return str(path)
 
 
