@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
-
-from camkd.checkpoint import sha256_file
+from weights_helpers import fake_published, offline_torch_hub
 
 R18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 SPEC = "tv:resnet18@IMAGENET1K_V1"
@@ -32,29 +30,13 @@ WNIDS = ("n01440764", "n01443537", "n01484850")  # tench, goldfish, great white 
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch) -> list[str]:
     """Every test: a temporary TORCH_HOME; a download attempt fails as with no network and records its URL."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    tried: list[str] = []
-
-    def no_network(url, dst, *args, **kwargs):
-        tried.append(url)
-        raise urllib.error.URLError("no network (test)")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tried
+    return offline_torch_hub(tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def published(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
     """A random-init resnet18 state_dict accepted as R18 IMAGENET1K_V1 (its file name carries its sha256 prefix)."""
-    folder = tmp_path / "torch" / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    state = torchvision.models.resnet18(weights=None).state_dict()
-    torch.save(state, folder / "tmp.pth")
-    name = f"resnet18-{sha256_file(folder / 'tmp.pth')[:8]}.pth"
-    (folder / "tmp.pth").rename(folder / name)
-    monkeypatch.setattr(R18.value, "url", f"https://download.pytorch.org/models/{name}")
-    return state
+    return fake_published(tmp_path, monkeypatch, R18, "resnet18")[0]
 
 
 def _write_images(root: Path, classes, per_class: int, seed: int = 0, sizes=(40, 91)) -> Path:

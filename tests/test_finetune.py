@@ -9,12 +9,12 @@ With ``--lr 0`` (and so no weight decay step) the trained parameters stay the st
 from __future__ import annotations
 
 import json
-import urllib.error
 
 import pytest
 import torch
 import torchvision
 from folder_helpers import make_folder
+from weights_helpers import fake_published, offline_torch_hub
 
 from camkd.checkpoint import load_checkpoint, sha256_file
 
@@ -27,21 +27,8 @@ WNIDS = ("n01440764", "n01443537", "n01484850")
 @pytest.fixture
 def published(tmp_path, monkeypatch):
     """The fake published resnet18: (its state_dict, its file)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def no_network(url, dst, *args, **kwargs):
-        raise urllib.error.URLError("no network (test)")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    folder = tmp_path / "torch" / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    torch.manual_seed(7)
-    state = torchvision.models.resnet18(weights=None).state_dict()
-    torch.save(state, folder / "tmp.pth")
-    name = f"resnet18-{sha256_file(folder / 'tmp.pth')[:8]}.pth"
-    (folder / "tmp.pth").rename(folder / name)
-    monkeypatch.setattr(R18.value, "url", f"https://download.pytorch.org/models/{name}")
-    return state, folder / name
+    offline_torch_hub(tmp_path, monkeypatch)
+    return fake_published(tmp_path, monkeypatch, R18, "resnet18", seed=7)
 
 
 def _train(cli, arch, root, out, *extra):

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 import shlex
-import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from folder_helpers import make_folder
+from weights_helpers import fake_published, offline_torch_hub
 
-from camkd.checkpoint import load_checkpoint, sha256_file
+from camkd.checkpoint import load_checkpoint
 from camkd.store import open_store
 
 timm = pytest.importorskip("timm")
@@ -49,24 +49,14 @@ def published(tmp_path, monkeypatch):
     import safetensors.torch
     from test_timm_weights import put_in_cache, random_state
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    offline_torch_hub(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
 
-    def no_network(url, dst, *args, **kwargs):
-        raise urllib.error.URLError("no network (test)")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    folder = tmp_path / "torch" / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
     for i, (_, weights, builder) in enumerate(v for v in SWAP.values() if v[1] is not None):
-        torch.manual_seed(i)
-        torch.save(torchvision.models.get_model(builder, weights=None).state_dict(), folder / "tmp.pth")
-        name = f"{builder}-{sha256_file(folder / 'tmp.pth')[:8]}.pth"
-        (folder / "tmp.pth").rename(folder / name)
-        monkeypatch.setattr(weights.value, "url", f"https://download.pytorch.org/models/{name}")
+        fake_published(tmp_path, monkeypatch, weights, builder, seed=i)
     put_in_cache(tmp_path / "hf" / "hub", safetensors.torch.save(random_state(5)))
 
 

@@ -11,12 +11,12 @@ the download itself, and that the real published files pass the sha256 check and
 
 from __future__ import annotations
 
-import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from weights_helpers import fake_published, offline_torch_hub
 
 from camkd.checkpoint import sha256_file
 from camkd.errors import CamkdError
@@ -32,15 +32,7 @@ R18_FILE = "resnet18-f37072fd.pth"  # the name torchvision's URL ends with
 @pytest.fixture(autouse=True)
 def offline(tmp_path, monkeypatch) -> list[str]:
     """Every test: a temporary TORCH_HOME; a download attempt fails as with no network and records its URL."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    tried: list[str] = []
-
-    def no_network(url, dst, *args, **kwargs):
-        tried.append(url)
-        raise urllib.error.URLError("no network (test)")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tried
+    return offline_torch_hub(tmp_path, monkeypatch)
 
 
 def _checkpoints(tmp_path: Path) -> Path:
@@ -123,16 +115,12 @@ def test_a_file_that_is_not_the_published_one_is_refused(tmp_path, offline) -> N
 
 def test_published_weights_load_with_their_provenance(tmp_path, offline, monkeypatch) -> None:
     """The whole path on a file whose sha256 matches its name (torchvision's record pointed at that name)."""
-    folder = _checkpoints(tmp_path)
-    state = _random_resnet18(folder / "tmp.pth")
-    sha = sha256_file(folder / "tmp.pth")
-    name = f"resnet18-{sha[:8]}.pth"
-    (folder / "tmp.pth").rename(folder / name)
-    monkeypatch.setattr(R18.value, "url", f"https://download.pytorch.org/models/{name}")
+    state, path = fake_published(tmp_path, monkeypatch, R18, "resnet18")
+    sha = sha256_file(path)
 
     t = load_teacher("tv:resnet18@DEFAULT")
     assert offline == []
-    assert (t.arch, t.num_classes, t.in_channels, t.path, t.sha256) == ("tv:resnet18", 1000, 3, folder / name, sha)
+    assert (t.arch, t.num_classes, t.in_channels, t.path, t.sha256) == ("tv:resnet18", 1000, 3, path, sha)
     assert t.weights == "ResNet18_Weights.IMAGENET1K_V1" and t.published_accuracy == pytest.approx(69.758)
     assert all(torch.equal(t.model.state_dict()[k], v) for k, v in state.items())
     ref = torchvision.models.resnet18(weights=None).eval()
@@ -183,15 +171,11 @@ def test_every_listed_model_loads_its_default_weights(name, tmp_path, offline, m
     from camkd.weights import load_published
 
     weights = resolve_tv_weights(name, "DEFAULT")
-    folder = _checkpoints(tmp_path)
-    torch.manual_seed(0)
+    state, path = fake_published(tmp_path, monkeypatch, weights, name, prefix=10)
     ref = torchvision.models.get_model(name, weights=None).eval()
-    torch.save(ref.state_dict(), folder / "tmp.pth")
-    file = f"{name}-{sha256_file(folder / 'tmp.pth')[:10]}.pth"
-    (folder / "tmp.pth").rename(folder / file)
-    monkeypatch.setattr(weights.value, "url", f"https://download.pytorch.org/models/{file}")
+    ref.load_state_dict(state)
     p = load_published(f"tv:{name}@DEFAULT")
-    assert offline == [] and p.num_classes == 1000 and p.imagenet1k and p.path == folder / file
+    assert offline == [] and p.num_classes == 1000 and p.imagenet1k and p.path == path
     assert p.published_accuracy == pytest.approx(weights.meta["_metrics"]["ImageNet-1K"]["acc@1"])
     t = weights.transforms()
     assert (p.eval.crop, p.eval.resize, p.eval.interpolation) == (t.crop_size[0], t.resize_size[0], t.interpolation.value)
