@@ -76,6 +76,12 @@ def classifier(model: nn.Module) -> nn.Linear:
     return found[-1]
 
 
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys of the model's classifier's parameters (weight, bias)."""
+    fc = classifier(model)
+    return {name for name, t in model.named_parameters() if any(t is q for q in fc.parameters())}
+
+
 @torch.no_grad()
 def restrict_classes(model: nn.Module, rows: Sequence[int]) -> nn.Module:
     """Keep the classifier rows ``rows`` (in that order), in place: the module objects stay (the wrappers' heads and

@@ -19,6 +19,7 @@ from camkd.data.base import RUNTIME_OPTIONS
 from camkd.data.norm import normalize
 from camkd.errors import CamkdError
 from camkd.precision import Precision
+from camkd.weights import describe_geometry
 
 BATCH_SIZE = 256  # evaluation batch: the loop's every epoch and `camkd evaluate --batch-size`'s default (so they agree)
 
@@ -238,10 +239,6 @@ def _geometry(base: tuple[int, int, str], fraction: float, image_size: int | Non
     return crop, resize, interpolation or base[2]
 
 
-def _describe(crop: int, resize: int, interpolation: str) -> str:
-    return f"resize {resize} {interpolation}, centre crop {crop}"
-
-
 def _override_geometry(data: DataSplit, what: str, *, image_size: int | None = None, resize: int | None = None,
                        interpolation: str | None = None) -> tuple[DataSplit, str]:
     """An image folder evaluated at the given geometry (--image-size, --resize, --interpolation), said in ``what``;
@@ -255,7 +252,7 @@ def _override_geometry(data: DataSplit, what: str, *, image_size: int | None = N
         raise CamkdError(f"{given} applies to image folders (their images are resized and centre-cropped); {data.name} is "
                          "held in memory at its own size")
     geometry = _geometry(data.eval_geometry, 0.875, image_size, resize, interpolation)
-    return with_eval(*geometry), f"{what}, {_describe(*geometry)}"
+    return with_eval(*geometry), f"{what}, {describe_geometry(*geometry)}"
 
 
 def evaluate_published(spec: str, *, split: str = "test", dataset: str | None = None, data_dir: str | None = None,
@@ -309,9 +306,9 @@ def evaluate_published(spec: str, *, split: str = "test", dataset: str | None = 
         data = data.limit(limit)
     data = replace(data.with_eval(crop, size, interp), norm=Normalization(tuple(e.mean), tuple(e.std)))
     if (crop, size, interp) == (e.crop, e.resize, e.interpolation):
-        how = f"the weights' eval transform ({_describe(crop, size, interp)}) and normalization"
+        how = f"the weights' eval transform ({describe_geometry(crop, size, interp)}) and normalization"
     else:
-        how = f"{_describe(crop, size, interp)} (the weights': {e.describe()}), the weights' normalization"
+        how = f"{describe_geometry(crop, size, interp)} (the weights': {e.describe()}), the weights' normalization"
     prec = Precision.of(precision or "fp32", dev)
     model = prec.to_memory_format(p.model.to(dev))
     acc = evaluate(model, data.to(dev), batch_size=batch_size, precision=prec)

@@ -116,7 +116,7 @@ def init_from_published(model: nn.Module, spec: str, train: DataSplit) -> dict:
     tensor but the classifier's is the published one; the classifier is new (its seeded initialization) for the data's
     classes, unless they are ImageNet wnids and the weights have ImageNet-1k's 1000 outputs, when it keeps their rows
     (classmap.py). Returns what the run records: the weights' name, file, sha256 and the rows kept (or None)."""
-    from camkd.classmap import IMAGENET1K, are_wnids, classifier, restrict_classes, subset_rows
+    from camkd.classmap import IMAGENET1K, are_wnids, classifier_keys, restrict_classes, subset_rows
     from camkd.weights import load_published, state_dict_mismatch
 
     if train.in_channels != 3:
@@ -130,13 +130,10 @@ def init_from_published(model: nn.Module, spec: str, train: DataSplit) -> dict:
     whole = rows is None and p.num_classes == train.num_classes == IMAGENET1K and are_wnids(train.class_names)
     state = p.model.state_dict()
     if rows is None and not whole:  # a new classifier: drop the published one's tensors
-        fc = classifier(p.model)
-        drop = {name for name, t in p.model.named_parameters() if any(t is q for q in fc.parameters())}
+        drop = classifier_keys(p.model)
         state = {k: v for k, v in state.items() if k not in drop}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    own_fc = classifier(model)
-    new = {name for name, t in model.named_parameters() if any(t is q for q in own_fc.parameters())}
-    if unexpected or set(missing) - new:
+    if unexpected or set(missing) - classifier_keys(model):
         raise CamkdError(f"{spec} does not fit {model.arch}: {state_dict_mismatch(model.state_dict(), state)}")
     return {"name": p.name, "spec": spec, "path": str(p.path), "sha256": p.sha256, "class_rows": rows,
             "classifier": "new" if rows is None and not whole else "published"}

@@ -53,7 +53,12 @@ class EvalTransform:
         return self.crop / self.resize
 
     def describe(self) -> str:
-        return f"resize {self.resize} {self.interpolation}, centre crop {self.crop}"
+        return describe_geometry(self.crop, self.resize, self.interpolation)
+
+
+def describe_geometry(crop: int, resize: int, interpolation: str) -> str:
+    """An evaluation geometry in words: 'resize 232 bilinear, centre crop 224'."""
+    return f"resize {resize} {interpolation}, centre crop {crop}"
 
 
 @dataclass
