@@ -199,3 +199,19 @@ def test_a_model_name_without_weights_is_one_line(subset, tmp_path, cli, one_err
     one_error(cli("cache-teachers", "-t", f"timm:resnet18.a1_in1k={file}", "--dataset", "imagefolder", "--data-dir",
                   str(subset["root"]), "--image-size", SIZE, "--workers", "0", "--views", "1", "--out", str(tmp_path / "s.zarr")),
               rf"ARCH=FILE takes a model's name, and timm:resnet18.a1_in1k names published weights; write timm:resnet18={file}")
+
+
+@pytest.mark.parametrize("method", ["aekd", "avg", "ebkd", "kd"])
+def test_every_method_the_store_serves_distils_through_epoch_2(subset, tmp_path, cli, method):
+    """The other methods from the restricted teachers' store (camkd: above; fitnet needs a hint layer, not stored),
+    two epochs, and evaluate equals the run's own last metrics."""
+    out = tmp_path / method
+    r = cli("distill", "--cache", str(subset["store"]), "--data-dir", str(subset["root"]), "--arch", "resnet8",
+            "--method", method, "--workers", "0", "--batch-size", "8", "--epochs", "2", "--device", "cpu", "-q",
+            "--out", str(out))
+    assert r.exit_code == 0, r.output
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["epoch"] == 2
+    e = cli("evaluate", str(out / "last.pth"), "--workers", "0", "--json")
+    assert e.exit_code == 0, e.output
+    assert json.loads(e.output)["top1"] == last["test_top1"]
